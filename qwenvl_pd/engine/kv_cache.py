@@ -1,0 +1,15 @@
+"""The KV region of one instance: [layers, 2 (K/V), blocks, block_size, kv_heads, head_dim]."""
+import torch
+
+from qwenvl_pd.config import TextConfig
+
+
+def allocate_kv_cache(cfg: TextConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
+                      device: torch.device | str = "cpu") -> torch.Tensor:
+    return torch.zeros(cfg.num_layers, 2, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim,
+                       dtype=dtype, device=device)
+
+
+def blocks_for_memory(cfg: TextConfig, block_size: int, dtype: torch.dtype, budget_bytes: int) -> int:
+    per_block = cfg.num_layers * 2 * block_size * cfg.num_kv_heads * cfg.head_dim * dtype.itemsize
+    return max(1, budget_bytes // per_block)

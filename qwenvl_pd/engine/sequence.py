@@ -1,0 +1,44 @@
+"""A request as the engine sees it: tokens, positions, KV blocks and the state of its sampling."""
+from dataclasses import dataclass, field
+from enum import Enum
+
+import torch
+
+from qwenvl_pd.model.vision import VisionEmbeds
+from qwenvl_pd.sampling_params import SamplingParams
+
+
+class FinishReason(str, Enum):
+    STOP = "stop"
+    LENGTH = "length"
+
+
+@dataclass
+class Sequence:
+    request_id: str
+    token_ids: list[int]
+    prompt_positions: torch.Tensor  # [3, prompt_len] M-RoPE positions of the prompt
+    mrope_delta: int                # decode position = token index + delta, on all three rows
+    params: SamplingParams
+    vision: VisionEmbeds | None = None  # embeddings of the prompt's placeholders, in order
+    block_ids: list[int] = field(default_factory=list)
+    num_computed: int = 0           # tokens whose K/V are in the cache
+    finish_reason: FinishReason | None = None
+    prompt_len: int = field(init=False)
+
+    def __post_init__(self):
+        self.prompt_len = len(self.token_ids)
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[self.prompt_len:]
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def positions(self, start: int, end: int) -> torch.Tensor:
+        """M-RoPE positions [3, end-start] of tokens start..end-1."""
+        head = self.prompt_positions[:, start:min(end, self.prompt_len)]
+        tail = torch.arange(max(start, self.prompt_len), end) + self.mrope_delta
+        return torch.cat([head, tail.expand(3, -1)], dim=1)

@@ -1,0 +1,36 @@
+"""The interface every model family implements."""
+import torch
+from torch import nn
+
+from qwenvl_pd.config import ModelConfig
+from qwenvl_pd.model.layers.attention import AttentionMetadata
+from qwenvl_pd.model.text import TextModel, VisualInjection
+from qwenvl_pd.model.vision import VisionEmbeds, encode
+
+
+class VisionLanguageModel(nn.Module):
+    """language_model(), vision_tower() locate the parts; the family decides the attribute names,
+    which are the checkpoint's own so that loading is a name map."""
+
+    config: ModelConfig
+
+    def language_model(self) -> TextModel:
+        raise NotImplementedError
+
+    def vision_tower(self) -> nn.Module:
+        raise NotImplementedError
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
+                meta: AttentionMetadata, visual: VisualInjection | None = None) -> torch.Tensor:
+        return self.language_model()(input_ids, positions, kv_cache, meta, visual)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [N, hidden] -> logits [N, vocab] in float32."""
+        return self.lm_head(hidden).float()
+
+    def encode_vision(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> VisionEmbeds:
+        return encode(self.vision_tower(), pixel_values, grid_thw)
+
+    def tie_weights(self) -> None:
+        if self.config.text.tie_word_embeddings:
+            self.lm_head.weight = self.language_model().embed_tokens.weight

@@ -1,0 +1,88 @@
+"""The Qwen2/Qwen3 decoder shared by every family: HF parameter names, paged KV, flat token batch."""
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from qwenvl_pd.config import TextConfig
+from qwenvl_pd.model.layers.attention import AttentionMetadata, paged_attention, write_kv
+from qwenvl_pd.model.layers.mlp import GatedMLP
+from qwenvl_pd.model.layers.moe import SparseMoE
+from qwenvl_pd.model.layers.norm import RMSNorm
+from qwenvl_pd.model.layers.rotary import MRotaryEmbedding, apply_rotary
+
+
+@dataclass
+class VisualInjection:
+    """Vision embeddings to place at the multimodal placeholder positions of one forward."""
+    mask: torch.Tensor                    # [T] bool, True at image/video pad tokens
+    embeds: torch.Tensor                  # [mask.sum(), hidden]
+    deepstack: torch.Tensor | None = None  # [num_deepstack, mask.sum(), hidden], Qwen3-VL only
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        h, d = cfg.hidden_size, cfg.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, d
+        self.q_proj = nn.Linear(h, cfg.num_heads * d, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(h, cfg.num_kv_heads * d, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(h, cfg.num_kv_heads * d, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(cfg.num_heads * d, h, bias=False)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
+        self.qk_norm = cfg.qk_norm
+
+    def forward(self, x, rope, cache, meta: AttentionMetadata):
+        q = self.q_proj(x).view(-1, self.num_heads, self.head_dim)  # [T, heads, d]
+        k = self.k_proj(x).view(-1, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(-1, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        write_kv(cache, k, v, meta.slot_mapping)
+        out = paged_attention(q, cache, meta, self.head_dim ** -0.5)
+        return self.o_proj(out.flatten(1))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: TextConfig, index: int):
+        super().__init__()
+        self.self_attn = Attention(cfg)
+        if cfg.is_moe_layer(index):
+            self.mlp = SparseMoE(cfg.hidden_size, cfg.moe_intermediate_size,
+                                 cfg.num_experts, cfg.num_experts_per_tok)
+        else:
+            self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, rope, cache, meta):
+        x = x + self.self_attn(self.input_layernorm(x), rope, cache, meta)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class TextModel(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.rotary = MRotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.mrope_section,
+                                       cfg.mrope_interleaved)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
+                meta: AttentionMetadata, visual: VisualInjection | None = None) -> torch.Tensor:
+        """input_ids [T], positions [3, T], kv_cache [layers, 2, blocks, block_size, kv_heads, d]
+        -> hidden states [T, hidden]."""
+        x = self.embed_tokens(input_ids)
+        if visual is not None:
+            x = x.masked_scatter(visual.mask[:, None], visual.embeds.to(x.dtype))
+        rope = self.rotary(positions, x.dtype)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, rope, kv_cache[i], meta)
+            if visual is not None and visual.deepstack is not None and i < visual.deepstack.shape[0]:
+                # DeepStack: early layers get the vision tower's intermediate features added back
+                x = x.index_put((visual.mask,), visual.deepstack[i].to(x.dtype), accumulate=True)
+        return self.norm(x)

@@ -1,0 +1,151 @@
+"""Tiny random-weight checkpoints in exactly the layout of the released Hugging Face ones.
+
+No weights can be downloaded on the machines this project is tested on; these checkpoints carry
+the real Qwen vocabulary, tokenizer, chat template and processor settings, so every loading path
+is the one a real checkpoint takes.
+"""
+import json
+import math
+from importlib import resources
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from qwenvl_pd.config import ModelConfig
+from qwenvl_pd.model.registry import MODELS
+from qwenvl_pd.model.tokenizer_files import write_tokenizer
+
+ARCHS = ("qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
+TOKENS = dict(bos_token_id=151643, eos_token_id=151645, vision_start_token_id=151652,
+              vision_end_token_id=151653, vision_token_id=151654, image_token_id=151655,
+              video_token_id=151656)
+_TEXT = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
+             num_key_value_heads=2, rms_norm_eps=1e-6, hidden_act="silu", initializer_range=0.02,
+             attention_dropout=0.0, use_cache=True)
+
+
+def _qwen2_5_vl() -> dict:
+    return {
+        "architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl",
+        **TOKENS, **_TEXT, "vocab_size": 152064, "max_position_embeddings": 32768,
+        "max_window_layers": 3, "use_sliding_window": False, "sliding_window": 32768,
+        "rope_theta": 1000000.0, "rope_scaling": {"type": "mrope", "mrope_section": [4, 6, 6]},
+        "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+        "vision_config": {
+            "depth": 4, "hidden_act": "silu", "hidden_size": 64, "intermediate_size": 128,
+            "num_heads": 2, "in_chans": 3, "out_hidden_size": 128, "patch_size": 14,
+            "spatial_merge_size": 2, "spatial_patch_size": 14, "window_size": 112,
+            "fullatt_block_indexes": [1, 3], "tokens_per_second": 2, "temporal_patch_size": 2,
+        },
+    }
+
+
+def _qwen3_vl(moe: bool) -> dict:
+    text = {**_TEXT, "model_type": "qwen3_vl_moe_text" if moe else "qwen3_vl_text",
+            "bos_token_id": 151643, "eos_token_id": 151645, "head_dim": 32, "vocab_size": 151936,
+            "max_position_embeddings": 262144, "attention_bias": False, "dtype": "bfloat16",
+            "rope_scaling": {"mrope_interleaved": True, "mrope_section": [6, 5, 5], "rope_type": "default"},
+            "rope_theta": 5000000, "tie_word_embeddings": not moe}
+    if moe:
+        text.update(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=48,
+                    decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=True)
+    arch = "Qwen3VLMoeForConditionalGeneration" if moe else "Qwen3VLForConditionalGeneration"
+    return {
+        "architectures": [arch], "model_type": "qwen3_vl_moe" if moe else "qwen3_vl",
+        "image_token_id": 151655, "video_token_id": 151656, "vision_start_token_id": 151652,
+        "vision_end_token_id": 151653, "tie_word_embeddings": not moe, "text_config": text,
+        "vision_config": {
+            "model_type": "qwen3_vl", "deepstack_visual_indexes": [1, 2], "depth": 4,
+            "hidden_act": "gelu_pytorch_tanh", "hidden_size": 64, "in_channels": 3,
+            "initializer_range": 0.02, "intermediate_size": 128, "num_heads": 2,
+            "num_position_embeddings": 2304, "out_hidden_size": 128, "patch_size": 16,
+            "spatial_merge_size": 2, "temporal_patch_size": 2,
+        },
+    }
+
+
+def _preprocessor(arch: str) -> tuple[dict, dict | None]:
+    if arch == "qwen2_5_vl":
+        return ({"min_pixels": 3136, "max_pixels": 1003520, "patch_size": 14,
+                 "temporal_patch_size": 2, "merge_size": 2,
+                 "image_mean": [0.48145466, 0.4578275, 0.40821073],
+                 "image_std": [0.26862954, 0.26130258, 0.27577711],
+                 "image_processor_type": "Qwen2VLImageProcessor",
+                 "processor_class": "Qwen2_5_VLProcessor"}, None)
+    common = {"patch_size": 16, "temporal_patch_size": 2, "merge_size": 2,
+              "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
+              "processor_class": "Qwen3VLProcessor"}
+    image = {**common, "size": {"longest_edge": 1048576, "shortest_edge": 65536},
+             "image_processor_type": "Qwen2VLImageProcessorFast"}
+    video = {**common, "size": {"longest_edge": 1048576, "shortest_edge": 4096}, "fps": 2,
+             "min_frames": 4, "max_frames": 768, "do_sample_frames": True,
+             "video_processor_type": "Qwen3VLVideoProcessor"}
+    return image, video
+
+
+def make_tiny(arch: str, out: str | Path, seed: int = 0) -> Path:
+    """Write a tiny checkpoint of `arch` into `out` and return its path."""
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    config = _qwen2_5_vl() if arch == "qwen2_5_vl" else _qwen3_vl(arch == "qwen3_vl_moe")
+    _write_json(out / "config.json", config)
+    _write_json(out / "generation_config.json",
+                {"bos_token_id": 151643, "eos_token_id": [151645, 151643], "pad_token_id": 151643,
+                 "do_sample": False})
+    image, video = _preprocessor(arch)
+    _write_json(out / "preprocessor_config.json", image)
+    if video:
+        _write_json(out / "video_preprocessor_config.json", video)
+    _write_tokenizer(out, arch)
+    _write_weights(out, ModelConfig.from_hf(out), seed)
+    return out
+
+
+def _write_tokenizer(out: Path, arch: str) -> None:
+    family = "qwen2_5_vl" if arch == "qwen2_5_vl" else "qwen3_vl"
+    write_tokenizer(out, family)
+    template = resources.files("qwenvl_pd.model").joinpath(f"templates/{family}.jinja").read_text()
+    _write_json(out / "chat_template.json", {"chat_template": template})
+    tok_cfg = json.loads((out / "tokenizer_config.json").read_text())
+    _write_json(out / "tokenizer_config.json", {**tok_cfg, "chat_template": template})
+
+
+def _write_weights(out: Path, config: ModelConfig, seed: int) -> None:
+    cls, _ = MODELS[config.family]
+    with torch.device("meta"):
+        shapes = {n: p.shape for n, p in cls(config).named_parameters()}
+    if config.text.tie_word_embeddings:
+        shapes.pop("lm_head.weight")  # tied checkpoints ship no lm_head
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {n: _init(n, s, gen) for n, s in shapes.items()}
+    names = sorted(tensors)
+    shards = [names[: len(names) // 2], names[len(names) // 2:]]
+    weight_map, total = {}, 0
+    for i, shard in enumerate(shards, 1):
+        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file({n: tensors[n].contiguous() for n in shard}, str(out / fname), metadata={"format": "pt"})
+        for n in shard:
+            weight_map[n] = fname
+            total += tensors[n].numel() * tensors[n].element_size()
+    _write_json(out / "model.safetensors.index.json",
+                {"metadata": {"total_size": total}, "weight_map": weight_map})
+
+
+def _init(name: str, shape: torch.Size, gen: torch.Generator) -> torch.Tensor:
+    # Scales keep activations O(1) through the stack and logits spread over a few units, so
+    # greedy decoding has clear winners and float32 reruns agree token for token.
+    if len(shape) == 1:
+        base = 1.0 if name.endswith("weight") and "norm" in name or "ln_q" in name else 0.0
+        return base + 0.1 * torch.randn(shape, generator=gen)
+    if "embed_tokens" in name or "pos_embed" in name:
+        return torch.randn(shape, generator=gen)
+    fan_in = shape[1] if "experts" in name else math.prod(shape[1:])
+    scale = 3.0 if name.endswith("lm_head.weight") or "embed_tokens" in name else 1.0
+    return torch.randn(shape, generator=gen) * (scale / math.sqrt(fan_in))
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
