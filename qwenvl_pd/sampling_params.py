@@ -11,6 +11,7 @@ class SamplingParams:
     min_p: float = 0.0
     seed: int | None = None
     max_tokens: int | None = 16
+    max_completion_tokens: int | None = None  # the OpenAI name; wins over max_tokens when set
     min_tokens: int = 0
     stop: list[str] | str | None = None
     stop_token_ids: list[int] = field(default_factory=list)
@@ -22,6 +23,8 @@ class SamplingParams:
     skip_special_tokens: bool = True
 
     def __post_init__(self):
+        if self.max_completion_tokens is not None:
+            self.max_tokens = self.max_completion_tokens
         checks = [
             (self.n >= 1, "n must be >= 1"),
             (self.temperature >= 0, "temperature must be >= 0"),

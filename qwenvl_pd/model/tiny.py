@@ -143,7 +143,8 @@ def _init(name: str, shape: torch.Size, gen: torch.Generator) -> torch.Tensor:
     if "embed_tokens" in name or "pos_embed" in name:
         return torch.randn(shape, generator=gen)
     fan_in = shape[1] if "experts" in name else math.prod(shape[1:])
-    scale = 3.0 if name.endswith("lm_head.weight") or "embed_tokens" in name else 1.0
+    # o_proj and down_proj larger: with tied embeddings the residual otherwise repeats the input token
+    scale = 3.0 if name.endswith(("lm_head.weight", "o_proj.weight", "down_proj.weight", "down_proj")) else 1.0
     return torch.randn(shape, generator=gen) * (scale / math.sqrt(fan_in))
 
 

@@ -1,0 +1,85 @@
+"""Our models against transformers' on the same tiny checkpoints: prefill logits and greedy tokens."""
+import numpy as np
+import pytest
+import torch
+import transformers
+from PIL import Image
+
+from qwenvl_pd import LLM, SamplingParams
+from qwenvl_pd.engine.model_runner import ScheduledChunk
+from qwenvl_pd.engine.sequence import Sequence
+
+ARCHS = ["qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"]
+IMG = "<|vision_start|><|image_pad|><|vision_end|>"
+VID = "<|vision_start|><|video_pad|><|vision_end|>"
+
+
+def _image(w, h, seed):
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+
+
+def _chat(body: str) -> str:
+    return f"<|im_start|>user\n{body}<|im_end|>\n<|im_start|>assistant\n"
+
+
+CASES = {
+    "text": ("Write a haiku about the sea.", {}),
+    "one_image": (f"{IMG}What is in the picture?", {"image": [_image(96, 80, 1)]}),
+    "two_images": (f"{IMG}{IMG}Compare them.", {"image": [_image(64, 120, 2), _image(150, 60, 3)]}),
+    "video": (f"{VID}What happens?", {"video": [[_image(64, 64, 10 + i) for i in range(8)]]}),
+}
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def pair(request, tiny_dirs):
+    path = tiny_dirs[request.param]
+    ours = LLM(model=str(path), max_model_len=2048)
+    ref = transformers.AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
+    return request.param, ours, ref
+
+
+def _ref_inputs(prompt):
+    ids = torch.tensor([prompt.token_ids])
+    # transformers 5 places M-RoPE from the modality type of each token (0 text, 1 image, 2 video)
+    types = (ids == 151655).long() + 2 * (ids == 151656).long()
+    kw = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "mm_token_type_ids": types}
+    if prompt.images is not None:
+        kw.update(pixel_values=prompt.images.pixel_values, image_grid_thw=prompt.images.image_grid_thw)
+    if prompt.videos is not None:
+        kw.update(pixel_values_videos=prompt.videos.pixel_values_videos,
+                  video_grid_thw=prompt.videos.video_grid_thw)
+        if prompt.videos.second_per_grid_ts is not None:
+            kw["second_per_grid_ts"] = torch.tensor(prompt.videos.second_per_grid_ts)
+    return kw
+
+
+def _our_prefill_logits(llm: LLM, prompt) -> torch.Tensor:
+    seq = Sequence("t", list(prompt.token_ids), prompt.positions, prompt.mrope_delta,
+                   SamplingParams(), prompt.encode_vision(llm.model))
+    n = len(seq.token_ids)
+    seq.block_ids = llm.free_blocks[: (n + llm.block_size - 1) // llm.block_size]
+    with torch.inference_mode():
+        ids, pos, meta, visual = llm.runner.prepare([ScheduledChunk(seq, n)])
+        hidden = llm.model(ids, pos, llm.runner.kv_cache, meta, visual)
+        return llm.model.compute_logits(hidden)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_prefill_logits_and_greedy_tokens_match(pair, case):
+    arch, ours, ref = pair
+    body, mm = CASES[case]
+    request = {"prompt": _chat(body), "multi_modal_data": mm}
+    prompt = ours.inputs.process(request)
+
+    with torch.inference_mode():
+        ref_logits = ref(**_ref_inputs(prompt)).logits[0]
+    diff = (_our_prefill_logits(ours, prompt) - ref_logits).abs().max().item()
+    assert diff <= 1e-4, f"{arch}/{case}: max abs logit diff {diff}"
+
+    out = ours.generate([request], SamplingParams(max_tokens=32, temperature=0, ignore_eos=True))
+    with torch.inference_mode():
+        gen = ref.generate(**_ref_inputs(prompt), max_new_tokens=32, do_sample=False,
+                           eos_token_id=None, pad_token_id=151643)
+    expected = gen[0, len(prompt.token_ids):].tolist()
+    assert out[0].outputs[0].token_ids == expected
