@@ -62,9 +62,8 @@ def _vision_positions(start: int, grid: tuple[int, int, int], merge: int, step) 
     t, h, w = grid[0], grid[1] // merge, grid[2] // merge
     tpos = (torch.arange(t) * step).long() + start  # scale first, then offset (as transformers)
     hpos, wpos = torch.arange(h) + start, torch.arange(w) + start
-    shape = (t, h, w)
-    rows = (tpos.view(t, 1, 1).expand(shape), hpos.view(1, h, 1).expand(shape), wpos.view(1, 1, w).expand(shape))
-    return torch.stack(rows).reshape(3, -1)
+    grid_t, grid_h, grid_w = torch.meshgrid(tpos, hpos, wpos, indexing="ij")  # each [t, h', w']
+    return torch.stack([grid_t, grid_h, grid_w]).reshape(3, -1)
 
 
 def _check_runs(runs, kind: int, groups: list, merge: int, name: str) -> None:

@@ -1,9 +1,6 @@
-"""Vision preprocessing for Qwen2.5-VL and Qwen3-VL (dense and MoE).
-
-Config from a checkpoint, smart-resize, pixel patches and grid_thw, and placeholder expansion on
-token ids. Images follow transformers' PIL backend (`Qwen2VLImageProcessorPil`) bit for bit, so the
-vision encoder sees exactly the tensors the reference model sees. Videos live in `video.py`.
-"""
+"""Vision preprocessing for Qwen2.5-VL and Qwen3-VL (dense and MoE): checkpoint config,
+smart-resize, pixel patches + grid_thw, placeholder expansion on token ids. Images follow
+transformers' PIL backend (Qwen2VLImageProcessorPil) bit for bit. Videos live in video.py."""
 
 from __future__ import annotations
 
@@ -67,8 +64,6 @@ class VisionPreprocessConfig:
         return _config_from_dicts(image, str(image_file), video, str(video_file))
 
 
-# ---------------------------------------------------------------- config parsing
-
 
 def _load_json(file: Path) -> dict[str, Any]:
     if not file.is_file():
@@ -84,13 +79,13 @@ def _load_json(file: Path) -> dict[str, Any]:
 
 def _lookup(d: dict, keys: Sequence[str], default: Any, file: str) -> tuple[str, Any]:
     # first present key wins; "size.x" reads the nested size dict (Qwen3-VL style)
+    size = d.get("size") or {}
+    if not isinstance(size, dict):
+        raise ValueError(f"{file}: key 'size' must be an object, got {size!r}")
     for key in keys:
-        outer, _, inner = key.partition(".")
-        holder = d.get(outer) if inner else d
-        if inner and holder is not None and not isinstance(holder, dict):
-            raise ValueError(f"{file}: key {outer!r} must be an object, got {holder!r}")
-        if holder is not None and (inner or outer) in holder:
-            return key, holder[inner or outer]
+        holder, name = (size, key[5:]) if key.startswith("size.") else (d, key)
+        if name in holder:
+            return key, holder[name]
     return keys[0], default
 
 
@@ -122,37 +117,43 @@ def _budget(d: dict, file: str, lo_default: int, hi_default: int) -> tuple[int, 
     return lo, hi
 
 
+def _same_as_image(src: dict, src_file: str, image_file: str, fields: dict) -> None:
+    # one config serves images and videos: the video processor must agree on patches and stats
+    for key, want in fields.items():
+        got = (_floats(src, key, want, src_file, key == "image_std") if isinstance(want, tuple)
+               else _int(src, (key,), want, src_file))
+        if got != want:
+            raise ValueError(f"{src_file}: key {key!r} differs from {image_file} ({want}); unsupported")
+
+
+def _frame_fields(d: dict, file: str) -> tuple[float, int, int]:
+    fps = d.get("fps")
+    fps = 2.0 if fps is None else fps  # saved configs write null when no rate was set
+    if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not fps > 0:
+        raise ValueError(f"{file}: key 'fps' must be a positive number, got {fps!r}")
+    lo, hi = _int(d, ("min_frames",), 4, file), _int(d, ("max_frames",), 768, file)
+    if hi < lo:
+        raise ValueError(f"{file}: key 'max_frames' ({hi}) is below 'min_frames' ({lo})")
+    return float(fps), lo, hi
+
+
 def _config_from_dicts(image: dict, image_file: str, video: dict | None, video_file: str):
-    patch = _int(image, ("patch_size",), 14, image_file)
-    merge = _int(image, ("merge_size",), 2, image_file)
+    patch, merge = _int(image, ("patch_size",), 14, image_file), _int(image, ("merge_size",), 2, image_file)
     temporal = _int(image, ("temporal_patch_size",), 2, image_file)
     lo, hi = _budget(image, image_file, 56 * 56, 28 * 28 * 1280)
     mean = _floats(image, "image_mean", CLIP_MEAN, image_file, positive=False)
     std = _floats(image, "image_std", CLIP_STD, image_file, positive=True)
     # without a video file transformers builds the video processor from preprocessor_config.json
     src, src_file = (video, video_file) if video is not None else (image, image_file)
-    for key, want in (("patch_size", patch), ("merge_size", merge), ("temporal_patch_size", temporal)):
-        if _int(src, (key,), want, src_file) != want:
-            raise ValueError(f"{src_file}: key {key!r} differs from {image_file} ({want}); unsupported")
-    for key, want in (("image_mean", mean), ("image_std", std)):
-        if _floats(src, key, want, src_file, positive=key == "image_std") != want:
-            raise ValueError(f"{src_file}: key {key!r} differs from {image_file}; unsupported")
+    _same_as_image(src, src_file, image_file, {"patch_size": patch, "merge_size": merge,
+                                               "temporal_patch_size": temporal, "image_mean": mean,
+                                               "image_std": std})
     f2 = (patch * merge) ** 2
     vlo, vhi = (lo, hi) if video is None else _budget(video, video_file, 128 * f2, 768 * f2)
-    fps = src.get("fps", 2.0)
-    if fps is None:
-        fps = 2.0  # saved configs write null when no rate was set; sample at the reference default
-    if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not fps > 0:
-        raise ValueError(f"{src_file}: key 'fps' must be a positive number, got {fps!r}")
-    min_frames = _int(src, ("min_frames",), 4, src_file)
-    max_frames = _int(src, ("max_frames",), 768, src_file)
-    if max_frames < min_frames:
-        raise ValueError(f"{src_file}: key 'max_frames' ({max_frames}) is below 'min_frames' ({min_frames})")
-    return VisionPreprocessConfig(patch, merge, temporal, lo, hi, mean, std, vlo, vhi, float(fps),
-                                  min_frames, max_frames)
+    fps, min_frames, max_frames = _frame_fields(src, src_file)
+    return VisionPreprocessConfig(patch, merge, temporal, lo, hi, mean, std, vlo, vhi, fps, min_frames,
+                                  max_frames)
 
-
-# ---------------------------------------------------------------- resize
 
 
 def check_aspect_ratio(height: int, width: int) -> None:
@@ -194,8 +195,6 @@ def num_vision_tokens(grid: Sequence[int], merge_size: int) -> int:
     return t * h * w // merge_size**2
 
 
-# ---------------------------------------------------------------- pixels
-
 
 def to_rgb(img: Image.Image) -> Image.Image:
     # transparency is composited onto white, as transformers' convert_to_rgb does
@@ -221,12 +220,13 @@ def load_image(src: ImageLike) -> Image.Image:
     if isinstance(src, (bytes, bytearray, memoryview)):
         src = _decode_image_bytes(bytes(src))
     elif isinstance(src, np.ndarray):
-        if src.dtype != np.uint8 or src.ndim not in (2, 3) or (src.ndim == 3 and src.shape[2] not in (1, 3, 4)):
-            raise ValueError(f"image arrays must be uint8 HxW or HxWxC (C in 1,3,4), got "
-                             f"{src.dtype} {src.shape}")
-        src = Image.fromarray(src[..., 0] if src.ndim == 3 and src.shape[2] == 1 else src)
+        src = src[..., 0] if src.ndim == 3 and src.shape[2] == 1 else src
+        if src.dtype != np.uint8 or src.ndim not in (2, 3) or (src.ndim == 3 and src.shape[2] not in (3, 4)):
+            raise ValueError(f"image arrays must be uint8 HxW or HxWxC (C in 1,3,4), "
+                             f"got {src.dtype} {src.shape}")
+        src = Image.fromarray(src)
     elif not isinstance(src, Image.Image):
-        raise ValueError(f"unsupported image input {type(src).__name__}: expected PIL.Image, bytes or ndarray")
+        raise ValueError(f"unsupported image input {type(src).__name__}: want PIL.Image, bytes or ndarray")
     return to_rgb(src)
 
 
@@ -274,8 +274,6 @@ def process_images(images: Sequence[ImageLike], cfg: VisionPreprocessConfig) -> 
     done = [process_image(src, cfg) for src in images]
     return ImageInputs(torch.cat([p for p, _ in done]), torch.tensor([g for _, g in done], dtype=torch.long))
 
-
-# ---------------------------------------------------------------- placeholders
 
 
 @dataclass(frozen=True)

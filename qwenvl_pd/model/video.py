@@ -51,8 +51,6 @@ class Clip:
     fps: float  # source frame rate
 
 
-# ---------------------------------------------------------------- sampling
-
 
 def qwen2_5_frame_indices(total: int, fps: float, cfg: VisionPreprocessConfig) -> list[int]:
     """Qwen2VLVideoProcessor.sample_frames with fps=cfg.fps: uniform, a multiple of T frames."""
@@ -84,14 +82,13 @@ def _sampler(family: str):
     return qwen3_frame_indices if family == "qwen3_vl" else qwen2_5_frame_indices
 
 
-# ---------------------------------------------------------------- decoding
-
 
 def _open_container(src):
     import av  # imported lazily: image-only deployments never load FFmpeg
 
+    is_bytes = isinstance(src, (bytes, bytearray, memoryview))
     try:
-        return av.open(io.BytesIO(bytes(src)) if isinstance(src, (bytes, bytearray, memoryview)) else os.fspath(src))
+        return av.open(io.BytesIO(bytes(src)) if is_bytes else os.fspath(src))
     except (av.error.FFmpegError, OSError) as e:
         raise ValueError(f"could not open video: {e}") from None
 
@@ -158,8 +155,6 @@ def load_clip(video: VideoLike, cfg: VisionPreprocessConfig, family: str, fps: f
         raise ValueError(f"unsupported video input {type(video).__name__}: expected a path, bytes or frames")
     return frames_clip(video, cfg, family, fps)
 
-
-# ---------------------------------------------------------------- resize and patches
 
 
 def smart_resize_video(num_frames: int, height: int, width: int, temporal_factor: int, factor: int,

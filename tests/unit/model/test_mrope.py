@@ -61,13 +61,14 @@ def _check(family, images=None, videos=None, seconds=None, stamps=None):
                                   tokens_per_second=TPS if family == "qwen2_5_vl" else None)
     input_ids = torch.tensor([ids])
     kinds = (input_ids == IDS.image_pad).int() + 2 * (input_ids == IDS.video_pad).int()
-    extra = {} if seconds is None else {"second_per_grid_ts": torch.tensor(seconds)}  # float32, as the processor's
+    # float32, as the processor's BatchFeature makes it
+    extra = {} if seconds is None else {"second_per_grid_ts": torch.tensor(seconds)}
     ref, ref_delta = REF[family].get_rope_index(input_ids, mm_token_type_ids=kinds, image_grid_thw=image_t,
                                                 video_grid_thw=video_t, **extra)
     assert ours.dtype == torch.long and ours.shape == (3, len(ids))
     assert torch.equal(ours, ref[:, 0]), (ours - ref[:, 0]).abs().max()
     assert delta == ref_delta.item()
-    return ours, delta
+    return ours, delta, ids
 
 
 FAMILIES = ["qwen2_5_vl", "qwen3_vl"]
@@ -75,13 +76,13 @@ FAMILIES = ["qwen2_5_vl", "qwen3_vl"]
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_text_only(family):
-    pos, delta = _check(family)
+    pos, delta, _ = _check(family)
     assert delta == 0 and torch.equal(pos[0], torch.arange(pos.shape[1]))
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_one_image(family):
-    _, delta = _check(family, images=[[1, 8, 12]])
+    _, delta, _ = _check(family, images=[[1, 8, 12]])
     assert delta == 6 - 24  # the image's 24 tokens advance the position by max(4, 6) only
 
 
@@ -91,11 +92,16 @@ def test_two_images_of_different_sizes(family):
 
 
 def test_video_qwen2_5_scales_time():
-    # 0.0833 s per step (24 fps frames) and 1.0 s per step (2 fps), the second long enough that its
-    # time positions run past its spatial extent
-    pos, _ = _check("qwen2_5_vl", videos=[[13, 4, 6], [20, 4, 4]], seconds=[2 / 24, 1.0])
-    start = pos[0][pos[0] > 0].min()  # any row works: check that time really was scaled
-    assert pos[0].max() > start + 20
+    # 0.0833 s per step (24 fps frames) and 1.0 s per step (2 fps); the second one's time positions
+    # run past its spatial extent
+    pos, delta, ids = _check("qwen2_5_vl", videos=[[13, 4, 6], [20, 4, 4]], seconds=[2 / 24, 1.0])
+    video_end = max(i for i, t in enumerate(ids) if t == IDS.video_pad)
+    start = pos[1, video_end].item() - 1  # its h row is start + h' - 1 with h' = 2
+    assert pos[0, video_end].item() == start + int(19 * TPS * 1.0)
+    # transformers 5.23 resumes the text at start + max(h', w'), below the video's last time
+    # position (the original Qwen code resumed after the maximum); decode follows the maximum
+    assert pos[0, video_end + 1].item() == start + 2
+    assert pos.shape[1] + delta == pos.max().item() + 1
 
 
 def test_video_qwen2_5_without_seconds_uses_one():
@@ -113,7 +119,7 @@ def test_video_qwen3_timestamped_frames(grids):
 
 
 def test_decode_positions_continue_from_delta():
-    pos, delta = _check("qwen2_5_vl", images=[[1, 8, 12]])
+    pos, delta, _ = _check("qwen2_5_vl", images=[[1, 8, 12]])
     nxt = decode_positions(pos.shape[1], 3, delta)
     assert nxt.shape == (3, 3) and nxt[0, 0].item() == pos.max().item() + 1
     assert torch.equal(nxt[0], nxt[2])

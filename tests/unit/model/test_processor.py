@@ -48,9 +48,11 @@ q3video = importlib.import_module("transformers.models.qwen3_vl.video_processing
 
 QWEN25_JSON = {"min_pixels": 3136, "max_pixels": 12845056, "patch_size": 14, "temporal_patch_size": 2,
                "merge_size": 2, "image_mean": [0.48145466, 0.4578275, 0.40821073],
-               "image_std": [0.26862954, 0.26130258, 0.27577711], "image_processor_type": "Qwen2VLImageProcessor"}
+               "image_std": [0.26862954, 0.26130258, 0.27577711],
+               "image_processor_type": "Qwen2VLImageProcessor"}
 QWEN3_JSON = {"size": {"longest_edge": 16777216, "shortest_edge": 65536}, "patch_size": 16,
-              "temporal_patch_size": 2, "merge_size": 2, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
+              "temporal_patch_size": 2, "merge_size": 2, "image_mean": [0.5, 0.5, 0.5],
+              "image_std": [0.5, 0.5, 0.5]}
 QWEN3_VIDEO_JSON = {"size": {"longest_edge": 25165824, "shortest_edge": 4096}, "patch_size": 16,
                     "temporal_patch_size": 2, "merge_size": 2, "image_mean": [0.5, 0.5, 0.5],
                     "image_std": [0.5, 0.5, 0.5], "fps": 2, "min_frames": 4, "max_frames": 768}
@@ -77,8 +79,9 @@ def cfg3(tmp_path_factory):
 
 
 def _hf_image_processor(cfg):
-    return Qwen2VLImageProcessorPil(min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels, patch_size=cfg.patch_size,
-                                    merge_size=cfg.merge_size, temporal_patch_size=cfg.temporal_patch_size,
+    return Qwen2VLImageProcessorPil(min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels,
+                                    patch_size=cfg.patch_size, merge_size=cfg.merge_size,
+                                    temporal_patch_size=cfg.temporal_patch_size,
                                     image_mean=list(cfg.image_mean), image_std=list(cfg.image_std))
 
 
@@ -117,12 +120,14 @@ def test_config_qwen3_format(cfg3):
 @pytest.mark.parametrize("name, data, words", [
     (None, None, ["preprocessor_config.json", "not found"]),
     ("preprocessor_config.json", "{nope", ["preprocessor_config.json", "JSON"]),
-    ("preprocessor_config.json", {**QWEN25_JSON, "patch_size": 0}, ["preprocessor_config.json", "'patch_size'"]),
+    ("preprocessor_config.json", {**QWEN25_JSON, "patch_size": 0},
+     ["preprocessor_config.json", "'patch_size'"]),
     ("preprocessor_config.json", {**QWEN25_JSON, "max_pixels": "big"}, ["'max_pixels'"]),
     ("preprocessor_config.json", {**QWEN3_JSON, "size": {"shortest_edge": -1}}, ["'size.shortest_edge'"]),
     ("preprocessor_config.json", {**QWEN25_JSON, "image_std": [0.5, 0, 0.5]}, ["'image_std'"]),
     ("preprocessor_config.json", {**QWEN25_JSON, "min_pixels": 10**9}, ["max pixels", "min pixels"]),
-    ("video_preprocessor_config.json", {**QWEN3_VIDEO_JSON, "fps": -2}, ["video_preprocessor_config.json", "'fps'"]),
+    ("video_preprocessor_config.json", {**QWEN3_VIDEO_JSON, "fps": -2},
+     ["video_preprocessor_config.json", "'fps'"]),
     ("video_preprocessor_config.json", {**QWEN3_VIDEO_JSON, "patch_size": 14}, ["'patch_size'", "differs"]),
 ])
 def test_config_errors_name_file_and_key(tmp_path, name, data, words):
