@@ -4,6 +4,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from PIL import Image
 
 from qwenvl_pd.config import ModelConfig
 from qwenvl_pd.model.mrope import mrope_positions
@@ -57,6 +58,16 @@ def _scatter(parts, total: int) -> VisionEmbeds:
     return VisionEmbeds(embeds, deep)
 
 
+def _as_list(kind: str, value) -> list:
+    if not isinstance(value, list):
+        return [value]
+    # a video may itself be a list of frames (PIL images or [H, W, C] arrays)
+    if kind == "video" and value and (isinstance(value[0], Image.Image) or
+                                      getattr(value[0], "ndim", 0) == 3):
+        return [value]
+    return value
+
+
 class InputProcessor:
     def __init__(self, model_dir: Path, config: ModelConfig, encode: Callable[[str], list[int]],
                  max_model_len: int, limit_mm_per_prompt: dict[str, int]):
@@ -86,7 +97,7 @@ class InputProcessor:
         unknown = set(mm) - {"image", "video"}
         if unknown:
             raise InputError(f"unsupported multi_modal_data keys {sorted(unknown)}; use 'image', 'video'")
-        items = {k: (v if isinstance(v, list) else [v]) for k, v in mm.items() if v is not None}
+        items = {k: _as_list(k, v) for k, v in mm.items() if v is not None}
         for kind, values in items.items():
             if len(values) > self.limits[kind]:
                 raise InputError(f"{len(values)} {kind}s given; limit_mm_per_prompt allows "

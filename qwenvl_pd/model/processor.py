@@ -64,7 +64,6 @@ class VisionPreprocessConfig:
         return _config_from_dicts(image, str(image_file), video, str(video_file))
 
 
-
 def _load_json(file: Path) -> dict[str, Any]:
     if not file.is_file():
         raise ValueError(f"{file}: file not found (the checkpoint needs it for vision preprocessing)")
@@ -155,7 +154,6 @@ def _config_from_dicts(image: dict, image_file: str, video: dict | None, video_f
                                   max_frames)
 
 
-
 def check_aspect_ratio(height: int, width: int) -> None:
     if height <= 0 or width <= 0:
         raise ValueError(f"image is empty: {width}x{height} pixels (width x height)")
@@ -193,7 +191,6 @@ def image_grid(height: int, width: int, cfg: VisionPreprocessConfig) -> Grid:
 def num_vision_tokens(grid: Sequence[int], merge_size: int) -> int:
     t, h, w = (int(x) for x in grid)
     return t * h * w // merge_size**2
-
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -273,7 +270,6 @@ def process_images(images: Sequence[ImageLike], cfg: VisionPreprocessConfig) -> 
         raise ValueError("process_images needs at least one image")
     done = [process_image(src, cfg) for src in images]
     return ImageInputs(torch.cat([p for p, _ in done]), torch.tensor([g for _, g in done], dtype=torch.long))
-
 
 
 @dataclass(frozen=True)

@@ -51,7 +51,6 @@ class Clip:
     fps: float  # source frame rate
 
 
-
 def qwen2_5_frame_indices(total: int, fps: float, cfg: VisionPreprocessConfig) -> list[int]:
     """Qwen2VLVideoProcessor.sample_frames with fps=cfg.fps: uniform, a multiple of T frames."""
     tp = cfg.temporal_patch_size
@@ -82,17 +81,6 @@ def _sampler(family: str):
     return qwen3_frame_indices if family == "qwen3_vl" else qwen2_5_frame_indices
 
 
-
-def _open_container(src):
-    import av  # imported lazily: image-only deployments never load FFmpeg
-
-    is_bytes = isinstance(src, (bytes, bytearray, memoryview))
-    try:
-        return av.open(io.BytesIO(bytes(src)) if is_bytes else os.fspath(src))
-    except (av.error.FFmpegError, OSError) as e:
-        raise ValueError(f"could not open video: {e}") from None
-
-
 def _stream_info(container) -> tuple[int, float]:
     if not container.streams.video:
         raise ValueError("the container has no video stream")
@@ -107,27 +95,28 @@ def _stream_info(container) -> tuple[int, float]:
 
 
 def _decode_frames(container, wanted: set[int]) -> dict[int, Image.Image]:
-    import av
-
     got: dict[int, Image.Image] = {}
     container.seek(0)
-    try:
-        for i, frame in enumerate(container.decode(video=0)):
-            if i > max(wanted):
-                break
-            if i in wanted:
-                got[i] = Image.fromarray(frame.to_ndarray(format="rgb24"))
-    except av.error.FFmpegError as e:
-        raise ValueError(f"could not decode video: {e}") from None
+    for i, frame in enumerate(container.decode(video=0)):
+        if i > max(wanted):
+            break
+        if i in wanted:
+            got[i] = Image.fromarray(frame.to_ndarray(format="rgb24"))
     return got
 
 
 def decode_clip(src, cfg: VisionPreprocessConfig, family: str) -> Clip:
     """Video file path or bytes -> the frames the family's sampler picks."""
-    with _open_container(src) as container:
-        total, fps = _stream_info(container)
-        indices = _sampler(family)(total, fps, cfg)
-        got = _decode_frames(container, set(indices))
+    import av  # imported lazily: image-only deployments never load FFmpeg
+
+    is_bytes = isinstance(src, (bytes, bytearray, memoryview))
+    try:
+        with av.open(io.BytesIO(bytes(src)) if is_bytes else os.fspath(src)) as container:
+            total, fps = _stream_info(container)
+            indices = _sampler(family)(total, fps, cfg)
+            got = _decode_frames(container, set(indices))
+    except (av.error.FFmpegError, OSError) as e:
+        raise ValueError(f"could not decode video: {e}") from None
     # a frame count from the header can overstate what decodes; keep the frames that exist
     indices = [i for i in indices if i in got]
     if not indices:
@@ -142,7 +131,7 @@ def frames_clip(frames: Sequence[FrameLike], cfg: VisionPreprocessConfig, family
         raise ValueError("a video needs at least one frame")
     rgb = [load_image(f) for f in frames]
     fps = float(fps) if fps else DEFAULT_SOURCE_FPS
-    indices = _sampler(family)(len(rgb), fps, cfg) if family == "qwen3_vl" else list(range(len(rgb)))
+    indices = qwen3_frame_indices(len(rgb), fps, cfg) if family == "qwen3_vl" else list(range(len(rgb)))
     return Clip(tuple(rgb[i] for i in indices), tuple(indices), len(rgb), fps)
 
 
@@ -154,7 +143,6 @@ def load_clip(video: VideoLike, cfg: VisionPreprocessConfig, family: str, fps: f
     if not isinstance(video, Sequence):
         raise ValueError(f"unsupported video input {type(video).__name__}: expected a path, bytes or frames")
     return frames_clip(video, cfg, family, fps)
-
 
 
 def smart_resize_video(num_frames: int, height: int, width: int, temporal_factor: int, factor: int,

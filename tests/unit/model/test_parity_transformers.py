@@ -27,7 +27,7 @@ CASES = {
     "text": ("Write a haiku about the sea.", {}),
     "one_image": (f"{IMG}What is in the picture?", {"image": [_image(96, 80, 1)]}),
     "two_images": (f"{IMG}{IMG}Compare them.", {"image": [_image(64, 120, 2), _image(150, 60, 3)]}),
-    "video": (f"{VID}What happens?", {"video": [[_image(64, 64, 10 + i) for i in range(8)]]}),
+    "video": (f"{VID}What happens?", {"video": [_image(64, 64, 10 + i) for i in range(8)]}),
 }
 
 

@@ -187,6 +187,21 @@ def test_encoded_bytes_and_arrays_match_pil_input(cfg25):
         _assert_same(ours.pixel_values, ours.image_grid_thw, ref)
 
 
+def test_exif_rotation_is_applied_like_load_image(cfg25):
+    import base64
+
+    from transformers.image_utils import load_image
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    buf = io.BytesIO()
+    _rand_image(60, 100).save(buf, format="JPEG", exif=exif)
+    ours = process_images([buf.getvalue()], cfg25)
+    ref_img = load_image(base64.b64encode(buf.getvalue()).decode())
+    assert ref_img.size == (60, 100)  # stored 100 wide, shown 60 wide
+    _assert_same(ours.pixel_values, ours.image_grid_thw, _hf_image_processor(cfg25)([ref_img]))
+
+
 def test_bad_images_are_refused(cfg25):
     with pytest.raises(ValueError, match="aspect ratio"):
         process_images([_rand_image(10, 2500)], cfg25)
@@ -339,6 +354,13 @@ def test_video_frames_qwen2_5_match_transformers(cfg25, qwen2vl_video_module):
     assert ours.second_per_grid_ts == tuple(2 / r for r in rates) and ours.timestamps is None
 
 
+def test_video_array_frames_equal_pil_frames(cfg3):
+    frames = _frames(6, 40, 48)
+    a = process_videos([frames], cfg3, "qwen3_vl", fps=3.0)
+    b = process_videos([np.stack([np.asarray(f) for f in frames])], cfg3, "qwen3_vl", fps=[3.0])
+    assert torch.equal(a.pixel_values_videos, b.pixel_values_videos) and a.timestamps == b.timestamps
+
+
 def test_still_video_equals_image(cfg25):
     """Two identical frames are exactly an image (whose frame is repeated T times)."""
     img = _rand_image(120, 200)
@@ -393,7 +415,7 @@ def test_video_file_qwen2_5_matches_transformers(video_file, cfg25, qwen2vl_vide
 
 
 def test_bad_videos_are_refused(cfg3):
-    with pytest.raises(ValueError, match="could not open video"):
+    with pytest.raises(ValueError, match="could not decode video"):
         process_videos([b"definitely not a video"], cfg3, "qwen3_vl")
     with pytest.raises(ValueError, match="one size"):
         process_videos([[_rand_image(40, 40), _rand_image(40, 50)]], cfg3, "qwen2_5_vl")
