@@ -1,0 +1,55 @@
+"""What decode needs to read a request's KV out of a prefill instance's registered region."""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+
+@dataclass(frozen=True)
+class LayoutFingerprint:
+    """The KV layout of one TP rank; prefill and decode must agree on every field."""
+    model: str
+    dtype: str
+    block_size: int
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    tp_size: int = 1
+    tp_rank: int = 0
+
+    def mismatch(self, other: LayoutFingerprint, names: tuple[str, str] = ("prefill", "decode")
+                 ) -> str | None:
+        """None when the layouts agree, else the first differing field, e.g.
+        "block_size: prefill 16, decode 32" (self is names[0], other is names[1])."""
+        for f in fields(self):
+            mine, theirs = getattr(self, f.name), getattr(other, f.name)
+            if mine != theirs:
+                return f"{f.name}: {names[0]} {mine}, {names[1]} {theirs}"
+        return None
+
+
+@dataclass(frozen=True)
+class KVHandle:
+    """A request's KV blocks in the region [layers, 2 (K/V), region_num_blocks, block_size,
+    kv_heads, head_dim] that prefill instance `instance_id` registered at `kv_base_ptr`."""
+    instance_id: str
+    transfer_address: str  # "host:port" of its Mooncake transfer engine
+    kv_base_ptr: int
+    block_bytes: int  # one block of one (layer, K|V) plane
+    region_num_blocks: int
+    block_ids: tuple[int, ...]
+    num_tokens: int
+    fingerprint: LayoutFingerprint
+    lease_expires_unix_ms: int = 0  # prefill frees the blocks then, pulled or not
+
+    def __post_init__(self):
+        object.__setattr__(self, "block_ids", tuple(self.block_ids))
+        if any(not 0 <= b < self.region_num_blocks for b in self.block_ids):
+            raise ValueError(f"block ids {list(self.block_ids)} outside the region of "
+                             f"{self.region_num_blocks} blocks")
+        if not 0 < self.num_tokens <= len(self.block_ids) * self.fingerprint.block_size:
+            raise ValueError(f"{self.num_tokens} tokens do not fit {len(self.block_ids)} blocks "
+                             f"of {self.fingerprint.block_size}")
+
+    def block_address(self, layer: int, plane: int, block: int) -> int:
+        """Remote address of block id `block` of `layer`, plane 0 (K) or 1 (V)."""
+        return self.kv_base_ptr + ((layer * 2 + plane) * self.region_num_blocks + block) * self.block_bytes

@@ -1,0 +1,156 @@
+"""The typed handoff between proxy, prefill and decode.
+
+Plain frozen dataclasses with the field names of qwenvl_pd/protos/qwenvl_pd.proto; the wire
+conversion lives at the gRPC edge (qwenvl_pd.protos.convert), so nothing here imports protobuf.
+Sequences are stored as tuples, whatever the caller passes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from qwenvl_pd.kv_transfer.handle import KVHandle, LayoutFingerprint
+from qwenvl_pd.sampling_params import SamplingParams
+
+__all__ = ["MediaItem", "PrefillRequest", "SampledToken", "PrefillResult", "DecodeRequest",
+           "TokenEvent", "LoadReport", "ModelInfo", "KVHandle", "LayoutFingerprint"]
+
+MEDIA_KINDS = ("image", "video")
+FINISH_REASONS = ("", "stop", "length", "abort", "error")
+ROLES = ("prefill", "decode")
+
+
+def _tuples(obj, *names: str) -> None:
+    for name in names:
+        object.__setattr__(obj, name, tuple(getattr(obj, name)))
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+@dataclass(frozen=True)
+class MediaItem:
+    """One image or video as the client sent it (encoded bytes, never pixels), with the grid
+    and content hash the proxy computed."""
+    kind: str  # "image" | "video"
+    content_hash: str
+    grid_thw: tuple[int, int, int]
+    data: bytes = b""  # the image or video file
+    frames: tuple[bytes, ...] = ()  # or a video as encoded frames
+    fps: float | None = None  # frame rate of `frames` (files carry their own)
+    second_per_grid_t: float | None = None  # Qwen2.5-VL video
+    timestamps: tuple[float, ...] = ()  # Qwen3-VL video: seconds of each temporal step
+
+    def __post_init__(self):
+        _tuples(self, "grid_thw", "frames", "timestamps")
+        _check(self.kind in MEDIA_KINDS, f"media kind must be one of {MEDIA_KINDS}, not {self.kind!r}")
+        _check(len(self.grid_thw) == 3, f"grid_thw must be (t, h, w), not {self.grid_thw}")
+        _check(bool(self.data) != bool(self.frames), "a media item needs either data or frames")
+        _check(not self.frames or self.kind == "video", "only a video comes as frames")
+
+
+@dataclass(frozen=True)
+class PrefillRequest:
+    """proxy -> prefill: the expanded prompt, its media in placeholder order, sampling."""
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    media: tuple[MediaItem, ...] = ()
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    lease_ms: int = 0  # wanted KV lease; 0: the prefill node's default
+
+    def __post_init__(self):
+        _tuples(self, "prompt_token_ids", "media")
+
+
+@dataclass(frozen=True)
+class SampledToken:
+    """One sampled token; top_logprobs are (token_id, logprob) pairs, best first."""
+    token_id: int
+    logprob: float | None = None
+    top_logprobs: tuple[tuple[int, float], ...] = ()
+
+    def __post_init__(self):
+        object.__setattr__(self, "top_logprobs", tuple(tuple(p) for p in self.top_logprobs))
+
+
+@dataclass(frozen=True)
+class PrefillResult:
+    """prefill -> proxy: the first token and where its KV waits for decode."""
+    request_id: str
+    first_token: SampledToken
+    handle: KVHandle
+    mrope_position_delta: int
+    prompt_len: int
+    num_cached_tokens: int = 0  # prefix-cache hits
+
+
+@dataclass(frozen=True)
+class DecodeRequest:
+    """proxy -> decode: everything decode needs to continue a prefilled request."""
+    request_id: str
+    handle: KVHandle
+    first_token: SampledToken
+    prompt_token_ids: tuple[int, ...]  # for repetition penalty and stop state
+    prompt_len: int
+    mrope_position_delta: int
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    num_output_tokens: int = 1  # already produced, the first token included
+
+    def __post_init__(self):
+        _tuples(self, "prompt_token_ids")
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """decode -> proxy, one per streamed token; the last one has a finish_reason."""
+    token: SampledToken | None = None  # None on an end event that carries no token
+    finish_reason: str = ""  # "" while running; "stop" | "length" | "abort" | "error"
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0  # produced so far, this token included
+    error: str = ""  # why, when finish_reason is "error"
+
+    def __post_init__(self):
+        _check(self.finish_reason in FINISH_REASONS,
+               f"finish_reason must be one of {FINISH_REASONS}, not {self.finish_reason!r}")
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    """One instance's load and counters, for routing and metrics."""
+    role: str  # "prefill" | "decode"
+    instance_id: str
+    running: int = 0
+    waiting: int = 0
+    blocks_used: int = 0
+    blocks_total: int = 0
+    kv_transfers_total: int = 0
+    kv_transfer_bytes_total: int = 0
+    kv_transfer_seconds_total: float = 0.0
+    prefix_cache_queries: int = 0  # in blocks
+    prefix_cache_hits: int = 0  # in blocks
+
+    def __post_init__(self):
+        _check(self.role in ROLES, f"role must be one of {ROLES}, not {self.role!r}")
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """All the proxy needs from the checkpoint, so that it mounts no model files."""
+    served_model_name: str
+    family: str
+    tokenizer_json: bytes
+    tokenizer_config_json: bytes
+    chat_template: str
+    preprocessor_config_json: str
+    max_model_len: int
+    eos_token_ids: tuple[int, ...]
+    vision_start_token_id: int
+    vision_end_token_id: int
+    image_token_id: int
+    video_token_id: int
+    video_preprocessor_config_json: str = ""  # "" when the checkpoint has none
+    generation_config_json: str = ""  # "" when the checkpoint has none
+
+    def __post_init__(self):
+        _tuples(self, "eos_token_ids")

@@ -1,0 +1,94 @@
+"""Dataclasses of qwenvl_pd.messages (and SamplingParams) <-> the generated proto messages.
+
+Fields map by name. Proto enums map to lower-case strings ("image", "prefill"); GridTHW and
+TopLogprob map to plain tuples; an unset `optional` scalar is None; an unset message field
+takes the dataclass default, or raises ValueError when the dataclass has none.
+SamplingParams.stop is not sent: the proxy applies stop strings itself.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from qwenvl_pd.kv_transfer.handle import KVHandle, LayoutFingerprint
+from qwenvl_pd.messages import (DecodeRequest, LoadReport, MediaItem, ModelInfo, PrefillRequest,
+                                PrefillResult, SampledToken, TokenEvent)
+from qwenvl_pd.protos import qwenvl_pd_pb2 as pb
+from qwenvl_pd.sampling_params import SamplingParams
+
+# dataclass -> proto message class
+PAIRS: dict[type, type] = {
+    SamplingParams: pb.SamplingParams, MediaItem: pb.MediaItem, PrefillRequest: pb.PrefillRequest,
+    SampledToken: pb.SampledToken, LayoutFingerprint: pb.LayoutFingerprint, KVHandle: pb.KVHandle,
+    PrefillResult: pb.PrefillResponse, DecodeRequest: pb.DecodeRequest, TokenEvent: pb.TokenEvent,
+    LoadReport: pb.LoadReport, ModelInfo: pb.ModelInfo,
+}
+_BACK = {msg: cls for cls, msg in PAIRS.items()}
+SKIPPED = {SamplingParams: {"stop"}}  # dataclass fields that never go on the wire
+_TUPLE_MESSAGES = (pb.GridTHW, pb.TopLogprob)  # carried as plain tuples of their fields
+
+
+def to_proto(obj: Any):
+    """A dataclass from PAIRS -> its proto message."""
+    msg_cls = PAIRS[type(obj)]
+    fields = msg_cls.DESCRIPTOR.fields_by_name
+    kwargs = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if f.name in SKIPPED.get(type(obj), ()) or value is None:
+            continue
+        fd = fields[f.name]
+        kwargs[f.name] = [_to_value(fd, v) for v in value] if fd.is_repeated else _to_value(fd, value)
+    return msg_cls(**kwargs)
+
+
+def from_proto(msg) -> Any:
+    """A proto message from PAIRS -> its dataclass (validated by the dataclass itself)."""
+    cls = _BACK[type(msg)]
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name in SKIPPED.get(cls, ()):
+            continue
+        fd = msg.DESCRIPTOR.fields_by_name[f.name]
+        value = getattr(msg, f.name)
+        if fd.is_repeated:
+            kwargs[f.name] = [_from_value(fd, v) for v in value]
+        elif fd.has_presence and not msg.HasField(f.name):
+            if fd.message_type is None:
+                kwargs[f.name] = None
+            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ValueError(f"{msg.DESCRIPTOR.name}.{f.name} is required")
+        else:
+            kwargs[f.name] = _from_value(fd, value)
+    return cls(**kwargs)
+
+
+def _to_value(fd, value):
+    if fd.enum_type is not None:
+        number = fd.enum_type.values_by_name.get(value.upper())
+        if number is None or number.number == 0:
+            raise ValueError(f"{fd.full_name}: unknown value {value!r}")
+        return number.number
+    if fd.message_type is None:
+        return value
+    msg_cls = getattr(pb, fd.message_type.name)
+    if msg_cls in _TUPLE_MESSAGES:
+        return msg_cls(**dict(zip(_names(fd), value, strict=True)))
+    return to_proto(value)
+
+
+def _from_value(fd, value):
+    if fd.enum_type is not None:
+        known = fd.enum_type.values_by_number.get(value)
+        if known is None:
+            raise ValueError(f"{fd.full_name}: unknown value {value}")
+        return known.name.lower()
+    if fd.message_type is None:
+        return value
+    if type(value) in _TUPLE_MESSAGES:
+        return tuple(getattr(value, name) for name in _names(fd))
+    return from_proto(value)
+
+
+def _names(fd) -> list[str]:
+    return [f.name for f in fd.message_type.fields]  # declaration order

@@ -1,0 +1,102 @@
+"""Scheduler decisions with exact block ids, chunk sizes and preemption order."""
+import torch
+
+from qwenvl_pd.engine.block_manager import BlockManager
+from qwenvl_pd.engine.scheduler import Scheduler, SchedulerConfig
+from qwenvl_pd.engine.sequence import FinishReason, Sequence, Status
+from qwenvl_pd.sampling_params import SamplingParams
+
+
+def _seq(name: str, n: int, first: int = 1) -> Sequence:
+    ids = list(range(first, first + n))
+    return Sequence(name, ids, torch.arange(n).expand(3, n), 0, SamplingParams(max_tokens=100))
+
+
+def _advance(chunks, token: int = 999) -> None:
+    """What the engine does after a forward: mark computed, append a token at the end."""
+    for c in chunks:
+        c.seq.num_computed += c.num_tokens
+        if c.seq.num_computed == len(c.seq.token_ids):
+            c.seq.token_ids.append(token)
+
+
+def _plan(chunks):
+    return [(c.seq.request_id, c.num_tokens) for c in chunks]
+
+
+def test_chunked_prefill_under_the_token_budget():
+    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=8), BlockManager(16, 4))
+    a, b = _seq("a", 10), _seq("b", 10, first=100)
+    sched.add(a), sched.add(b)
+    first = sched.schedule()
+    assert _plan(first) == [("a", 8)]
+    assert a.block_ids == [0, 1, 2]
+    _advance(first)
+    second = sched.schedule()
+    assert _plan(second) == [("a", 2), ("b", 6)]
+    assert b.block_ids == [3, 4, 5]
+    _advance(second)
+    assert len(a.token_ids) == 11 and len(b.token_ids) == 10
+    assert _plan(sched.schedule()) == [("a", 1), ("b", 4)]
+
+
+def test_max_num_seqs_bounds_the_running_set():
+    sched = Scheduler(SchedulerConfig(max_num_seqs=2), BlockManager(16, 4))
+    for i in range(3):
+        sched.add(_seq(str(i), 3, first=10 * i + 1))
+    assert _plan(sched.schedule()) == [("0", 3), ("1", 3)]
+    assert [s.request_id for s in sched.waiting] == ["2"]
+
+
+def test_admission_waits_for_free_blocks():
+    blocks = BlockManager(4, 4)
+    sched = Scheduler(SchedulerConfig(), blocks)
+    sched.add(_seq("a", 12)), sched.add(_seq("b", 8, first=50))
+    assert _plan(sched.schedule()) == [("a", 12)]
+    assert blocks.num_free_blocks == 1
+    assert [s.request_id for s in sched.waiting] == ["b"]
+
+
+def test_decode_growth_preempts_the_newest_and_recomputes_it():
+    blocks = BlockManager(4, 4)
+    sched = Scheduler(SchedulerConfig(), blocks)
+    a, b = _seq("a", 7), _seq("b", 8, first=50)
+    sched.add(a), sched.add(b)
+    _advance(sched.schedule())            # a: 7+1 tokens in [0, 1]; b: 8+1 in [2, 3]
+    assert (a.block_ids, b.block_ids) == ([0, 1], [2, 3])
+    chunks = sched.schedule()             # b's 9th token needs a 3rd block: none free
+    assert _plan(chunks) == [("a", 1)]
+    assert sched.num_preemptions == 1
+    assert b.status == Status.WAITING and b.block_ids == [] and b.num_computed == 0
+    assert list(sched.waiting) == [b]
+    assert b.token_ids[-1] == 999         # the generated token survives to be recomputed
+    _advance(chunks)
+    chunks = sched.schedule()             # a grows into block 2 (next to its run)
+    assert _plan(chunks) == [("a", 1)] and a.block_ids == [0, 1, 2]
+
+
+def test_decode_mode_hands_preempted_requests_back():
+    blocks = BlockManager(4, 4)
+    sched = Scheduler(SchedulerConfig(recompute_on_preempt=False), blocks)
+    a, b = _seq("a", 8), _seq("b", 8, first=50)
+    for s in (a, b):
+        s.block_ids = blocks.allocate_n(2)
+        s.token_ids.append(7)             # the first token came from prefill
+        sched.add_prefilled(s)
+    assert (a.num_computed, b.num_computed) == (8, 8)
+    assert _plan(sched.schedule()) == [("a", 1)]
+    assert sched.handed_back == [b] and b.finish_reason == FinishReason.PREEMPTED
+    assert blocks.num_used_blocks == 3
+
+
+def test_finish_frees_blocks_unless_kept():
+    blocks = BlockManager(8, 4, enable_prefix_caching=False)
+    sched = Scheduler(SchedulerConfig(), blocks)
+    a, b = _seq("a", 5), _seq("b", 5, first=50)
+    sched.add(a), sched.add(b)
+    sched.schedule()
+    sched.finish(a, FinishReason.STOP)
+    sched.finish(b, FinishReason.PREFILLED, keep_blocks=True)
+    assert a.block_ids == [] and b.block_ids == [2, 3]
+    assert [blocks.ref_count(i) for i in range(4)] == [0, 0, 1, 1]
+    assert not sched.has_work()
