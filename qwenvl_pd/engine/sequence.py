@@ -4,6 +4,7 @@ from enum import Enum
 
 import torch
 
+from qwenvl_pd.model.inputs import MMItem
 from qwenvl_pd.model.vision import VisionEmbeds
 from qwenvl_pd.sampling_params import SamplingParams
 
@@ -11,6 +12,15 @@ from qwenvl_pd.sampling_params import SamplingParams
 class FinishReason(str, Enum):
     STOP = "stop"
     LENGTH = "length"
+    ABORT = "abort"
+    PREFILLED = "prefilled"   # prefill mode: first token sampled, blocks kept for the handoff
+    PREEMPTED = "preempted"   # decode mode: out of blocks, handed back to be prefilled again
+
+
+class Status(Enum):
+    WAITING = 0
+    RUNNING = 1
+    FINISHED = 2
 
 
 @dataclass
@@ -20,10 +30,14 @@ class Sequence:
     prompt_positions: torch.Tensor  # [3, prompt_len] M-RoPE positions of the prompt
     mrope_delta: int                # decode position = token index + delta, on all three rows
     params: SamplingParams
+    items: list[MMItem] = field(default_factory=list)
     vision: VisionEmbeds | None = None  # embeddings of the prompt's placeholders, in order
     block_ids: list[int] = field(default_factory=list)
     num_computed: int = 0           # tokens whose K/V are in the cache
+    num_cached: int = 0             # prompt tokens served by the prefix cache
+    status: Status = Status.WAITING
     finish_reason: FinishReason | None = None
+    logprobs: list = field(default_factory=list)  # per output token: (logprob, top list) or None
     prompt_len: int = field(init=False)
 
     def __post_init__(self):
@@ -34,11 +48,19 @@ class Sequence:
         return self.token_ids[self.prompt_len:]
 
     @property
+    def num_output(self) -> int:
+        return len(self.token_ids) - self.prompt_len
+
+    @property
     def finished(self) -> bool:
-        return self.finish_reason is not None
+        return self.status == Status.FINISHED
+
+    @property
+    def mm_spans(self) -> list[tuple[int, int, str]]:
+        return [(*it.span, it.content_hash) for it in self.items]
 
     def positions(self, start: int, end: int) -> torch.Tensor:
         """M-RoPE positions [3, end-start] of tokens start..end-1."""
         head = self.prompt_positions[:, start:min(end, self.prompt_len)]
-        tail = torch.arange(max(start, self.prompt_len), end) + self.mrope_delta
+        tail = torch.arange(max(start, self.prompt_len), max(end, self.prompt_len)) + self.mrope_delta
         return torch.cat([head, tail.expand(3, -1)], dim=1)

@@ -1,4 +1,5 @@
 """Prompt + multimodal data -> expanded token ids, pixel patches and M-RoPE positions."""
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -11,7 +12,6 @@ from qwenvl_pd.model.mrope import mrope_positions
 from qwenvl_pd.model.processor import (ImageInputs, VisionPreprocessConfig, VisionTokenIds,
                                        expand_placeholders, process_images)
 from qwenvl_pd.model.video import VideoInputs, process_videos
-from qwenvl_pd.model.vision import VisionEmbeds
 
 DEFAULT_LIMIT = 999
 
@@ -20,42 +20,63 @@ class InputError(ValueError):
     """A prompt that cannot be served; the message says why."""
 
 
+@dataclass(frozen=True, eq=False)
+class MMItem:
+    """One image or video of a prompt, in the order its placeholders appear."""
+    kind: str                    # "image" | "video"
+    content_hash: str            # sha256 over grid and patches: equal pixels, equal hash
+    pixel_values: torch.Tensor   # [t*h*w, C*T*P*P]
+    grid_thw: tuple[int, int, int]
+    num_tokens: int              # placeholder tokens it fills
+    span: tuple[int, int]        # [first placeholder, last placeholder + 1) in the prompt
+
+
 @dataclass
 class ProcessedPrompt:
     token_ids: list[int]      # placeholders expanded
     positions: torch.Tensor   # [3, len(token_ids)]
     mrope_delta: int
-    images: ImageInputs | None
-    videos: VideoInputs | None
-    image_token_id: int
-    video_token_id: int
+    items: list[MMItem]
+    images: ImageInputs | None = None
+    videos: VideoInputs | None = None
 
-    def encode_vision(self, model) -> VisionEmbeds | None:
-        """Run the vision tower; rows ordered as the placeholders appear in the prompt."""
-        if self.images is None and self.videos is None:
-            return None
-        ids = torch.tensor(self.token_ids)
-        kinds = ids[(ids == self.image_token_id) | (ids == self.video_token_id)]
-        parts = []
-        if self.images is not None:
-            parts.append((kinds == self.image_token_id, model.encode_vision(
-                self.images.pixel_values, self.images.image_grid_thw)))
-        if self.videos is not None:
-            parts.append((kinds == self.video_token_id, model.encode_vision(
-                self.videos.pixel_values_videos, self.videos.video_grid_thw)))
-        return _scatter(parts, len(kinds))
+    @property
+    def mm_spans(self) -> list[tuple[int, int, str]]:
+        return [(*it.span, it.content_hash) for it in self.items]
 
 
-def _scatter(parts, total: int) -> VisionEmbeds:
-    first = parts[0][1]
-    embeds = first.embeds.new_empty(total, first.embeds.shape[-1])
-    deep = None if first.deepstack is None else first.deepstack.new_empty(
-        first.deepstack.shape[0], total, first.deepstack.shape[-1])
-    for mask, enc in parts:
-        embeds[mask] = enc.embeds
-        if deep is not None:
-            deep[:, mask] = enc.deepstack
-    return VisionEmbeds(embeds, deep)
+def _items(token_ids: list[int], images: ImageInputs | None, videos: VideoInputs | None,
+           ids: VisionTokenIds, merge: int) -> list[MMItem]:
+    pending = {ids.image_pad: _split("image", images and images.pixel_values,
+                                     images and images.image_grid_thw, merge),
+               ids.video_pad: _split("video", videos and videos.pixel_values_videos,
+                                     videos and videos.video_grid_thw, merge)}
+    items, current, left = [], None, 0
+    for i, tok in enumerate(token_ids):
+        if tok not in pending:
+            continue
+        if left == 0:  # a new item starts; Qwen3-VL video frames continue the same item
+            current = pending[tok].pop(0)
+            left, current["span"] = current["num_tokens"], [i, i]
+        left -= 1
+        current["span"][1] = i + 1
+        if left == 0:
+            items.append(MMItem(**{**current, "span": tuple(current["span"])}))
+    return items
+
+
+def _split(kind: str, pixels, grids, merge: int) -> list[dict]:
+    if pixels is None:
+        return []
+    out, offset = [], 0
+    for t, h, w in grids.tolist():
+        patches = pixels[offset:offset + t * h * w]
+        offset += t * h * w
+        digest = hashlib.sha256(f"{kind}:{t},{h},{w}".encode())
+        digest.update(patches.numpy().tobytes())
+        out.append(dict(kind=kind, content_hash=digest.hexdigest(), pixel_values=patches,
+                        grid_thw=(t, h, w), num_tokens=t * h * w // merge ** 2))
+    return out
 
 
 def _as_list(kind: str, value) -> list:
@@ -126,5 +147,5 @@ class InputProcessor:
             image_token_id=self.ids.image_pad, video_token_id=self.ids.video_pad,
             second_per_grid_ts=videos.second_per_grid_ts if videos else None,
             tokens_per_second=self.config.vision.tokens_per_second)
-        return ProcessedPrompt(expanded, positions, delta, images, videos,
-                               self.ids.image_pad, self.ids.video_pad)
+        items = _items(expanded, images, videos, self.ids, merge)
+        return ProcessedPrompt(expanded, positions, delta, items, images, videos)

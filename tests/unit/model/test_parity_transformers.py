@@ -55,14 +55,18 @@ def _ref_inputs(prompt):
 
 
 def _our_prefill_logits(llm: LLM, prompt) -> torch.Tensor:
+    engine = llm.engine
     seq = Sequence("t", list(prompt.token_ids), prompt.positions, prompt.mrope_delta,
-                   SamplingParams(), prompt.encode_vision(llm.model))
-    n = len(seq.token_ids)
-    seq.block_ids = llm.free_blocks[: (n + llm.block_size - 1) // llm.block_size]
-    with torch.inference_mode():
-        ids, pos, meta, visual = llm.runner.prepare([ScheduledChunk(seq, n)])
-        hidden = llm.model(ids, pos, llm.runner.kv_cache, meta, visual)
-        return llm.model.compute_logits(hidden)
+                   SamplingParams(), items=prompt.items)
+    seq.vision = engine.encoder_cache.encode(llm.model, prompt.items) if prompt.items else None
+    seq.block_ids = engine.blocks.allocate_n(engine.blocks.blocks_needed(len(seq.token_ids)))
+    try:
+        with torch.inference_mode():
+            ids, pos, meta, visual = engine.runner.prepare([ScheduledChunk(seq, len(seq.token_ids))])
+            hidden = llm.model(ids, pos, engine.kv_cache, meta, visual)
+            return llm.model.compute_logits(hidden)
+    finally:
+        engine.blocks.free(seq.block_ids)
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -1,0 +1,98 @@
+"""One engine loop for every mode: schedule -> run -> postprocess."""
+from dataclasses import dataclass
+
+import torch
+
+from qwenvl_pd.config import ModelConfig
+from qwenvl_pd.engine.block_manager import BlockManager
+from qwenvl_pd.engine.encoder_cache import EncoderCache
+from qwenvl_pd.engine.kv_cache import allocate_kv_cache, blocks_for_memory
+from qwenvl_pd.engine.model_runner import ModelRunner, ScheduledChunk
+from qwenvl_pd.engine.sampler import SamplerInput, sample
+from qwenvl_pd.engine.scheduler import Scheduler, SchedulerConfig
+from qwenvl_pd.engine.sequence import FinishReason, Sequence
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    mode: str = "colocated"          # colocated | prefill | decode
+    block_size: int = 16
+    kv_cache_bytes: int = 1 << 30
+    num_kv_blocks: int | None = None  # overrides kv_cache_bytes
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    enable_prefix_caching: bool = True
+    encoder_cache_bytes: int = 256 << 20
+    seed: int = 0
+
+
+class LLMEngine:
+    def __init__(self, model, config: ModelConfig, cfg: EngineConfig, dtype: torch.dtype):
+        self.model, self.config, self.cfg = model, config, cfg
+        device = next(model.parameters()).device
+        num_blocks = cfg.num_kv_blocks or blocks_for_memory(config.text, cfg.block_size, dtype,
+                                                            cfg.kv_cache_bytes)
+        self.kv_cache = allocate_kv_cache(config.text, num_blocks, cfg.block_size, dtype, device)
+        self.blocks = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
+        self.scheduler = Scheduler(SchedulerConfig(
+            cfg.max_num_seqs, cfg.max_num_batched_tokens,
+            recompute_on_preempt=cfg.mode != "decode"), self.blocks)
+        self.runner = ModelRunner(model, self.kv_cache, cfg.block_size)
+        self.encoder_cache = EncoderCache(cfg.encoder_cache_bytes)
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+
+    def add(self, seq: Sequence) -> None:
+        self.scheduler.add(seq)
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    def step(self) -> list[Sequence]:
+        """One forward over what the scheduler picked; returns the sequences that got a token."""
+        chunks = self.scheduler.schedule()
+        if not chunks:
+            return []
+        self._encode_vision(chunks)
+        logits = self.runner.run(chunks)
+        for c in chunks:
+            c.seq.num_computed += c.num_tokens
+        self.scheduler.seal(chunks)
+        return self._postprocess(chunks, logits)
+
+    def _encode_vision(self, chunks: list[ScheduledChunk]) -> None:
+        for c in chunks:
+            s = c.seq
+            if s.items and s.vision is None and s.num_computed < s.prompt_len:
+                s.vision = self.encoder_cache.encode(self.model, s.items)
+
+    def _postprocess(self, chunks: list[ScheduledChunk], logits: torch.Tensor) -> list[Sequence]:
+        # partial prefill chunks produce no token: only rows that reached the sequence's end sample
+        done = [i for i, c in enumerate(chunks) if c.seq.num_computed == len(c.seq.token_ids)]
+        if not done:
+            return []
+        seqs = [chunks[i].seq for i in done]
+        results = sample(logits[done], [self._sampler_input(s) for s in seqs], self.generator)
+        for seq, r in zip(seqs, results):
+            seq.token_ids.append(r.token_id)
+            if seq.params.logprobs is not None:
+                seq.logprobs.append((r.logprob, r.top_logprobs))
+            self._check_finish(seq, r.token_id)
+        return seqs
+
+    def _sampler_input(self, seq: Sequence) -> SamplerInput:
+        return SamplerInput(seq.params, len(seq.token_ids), seq.token_ids[:seq.prompt_len],
+                            seq.output_ids, self.config.eos_token_ids)
+
+    def _check_finish(self, seq: Sequence, token: int) -> None:
+        p = seq.params
+        stops = set(p.stop_token_ids) | (set() if p.ignore_eos else set(self.config.eos_token_ids))
+        if seq.num_output >= p.min_tokens and token in stops:
+            self.finish(seq, FinishReason.STOP)
+        elif seq.num_output >= p.max_tokens:
+            self.finish(seq, FinishReason.LENGTH)
+        elif self.cfg.mode == "prefill":
+            self.finish(seq, FinishReason.PREFILLED)
+
+    def finish(self, seq: Sequence, reason: FinishReason) -> None:
+        keep = reason == FinishReason.PREFILLED  # the prefill node holds them under a lease
+        self.scheduler.finish(seq, reason, keep_blocks=keep)

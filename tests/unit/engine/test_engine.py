@@ -1,0 +1,109 @@
+"""The engine against transformers and against itself: batching, seeds, prefix and encoder
+caches, and preemption never change a result."""
+import numpy as np
+import pytest
+import torch
+import transformers
+from PIL import Image
+
+from qwenvl_pd import LLM, SamplingParams
+
+IMG = "<|vision_start|><|image_pad|><|vision_end|>"
+WORDS = "the sea sky red blue cat dog runs over under a small large house tree river".split()
+
+
+def _image(w, h, seed):
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+
+
+def _request(i: int) -> dict:
+    rng = np.random.default_rng(i)
+    text = " ".join(rng.choice(WORDS, size=int(rng.integers(8, 120))))
+    if i % 2:
+        return {"prompt": f"<|im_start|>user\n{IMG}{text}<|im_end|>\n<|im_start|>assistant\n",
+                "multi_modal_data": {"image": [_image(int(rng.integers(40, 200)),
+                                                      int(rng.integers(40, 200)), i)]}}
+    return {"prompt": f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n"}
+
+
+def _ref_greedy(ref, prompt, max_tokens: int) -> list[int]:
+    ids = torch.tensor([prompt.token_ids])
+    kw = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+          "mm_token_type_ids": (ids == 151655).long()}
+    if prompt.images is not None:
+        kw.update(pixel_values=prompt.images.pixel_values, image_grid_thw=prompt.images.image_grid_thw)
+    with torch.inference_mode():
+        out = ref.generate(**kw, max_new_tokens=max_tokens, do_sample=False, eos_token_id=None,
+                           pad_token_id=151643)
+    return out[0, ids.shape[1]:].tolist()
+
+
+@pytest.fixture(scope="module")
+def path(tiny_dirs):
+    return str(tiny_dirs["qwen2_5_vl"])
+
+
+@pytest.fixture(scope="module")
+def llm(path):
+    # a small token budget forces chunked prefill, cutting through image placeholders
+    return LLM(model=path, max_model_len=1024, max_num_batched_tokens=64)
+
+
+def test_32_concurrent_mixed_requests_equal_transformers_alone(llm, path):
+    requests = [_request(i) for i in range(32)]
+    params = [SamplingParams(max_tokens=8 + (i * 5) % 17, temperature=0, ignore_eos=True)
+              for i in range(32)]
+    outs = llm.generate(requests, params)
+    ref = transformers.AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
+    for req, p, out in zip(requests, params, outs):
+        prompt = llm.inputs.process(req)
+        assert out.outputs[0].token_ids == _ref_greedy(ref, prompt, p.max_tokens)
+
+
+def test_seeded_sampling_ignores_batch_composition_and_order(llm):
+    reqs = [_request(i) for i in range(6)]
+    params = [SamplingParams(max_tokens=12, temperature=0.9, top_p=0.9, seed=100 + i, ignore_eos=True)
+              for i in range(6)]
+    together = [o.outputs[0].token_ids for o in llm.generate(reqs, params)]
+    order = [4, 1, 5, 0]
+    shuffled = llm.generate([reqs[i] for i in order], [params[i] for i in order])
+    for i, out in zip(order, shuffled):
+        assert out.outputs[0].token_ids == together[i]
+    alone = llm.generate(reqs[3], params[3])
+    assert alone[0].outputs[0].token_ids == together[3]
+    assert len({tuple(t) for t in together}) == 6
+
+
+def test_prefix_cache_hits_same_image_and_misses_a_different_one(path):
+    on = LLM(model=path, max_model_len=1024, enable_prefix_caching=True)
+    off = LLM(model=path, max_model_len=1024, enable_prefix_caching=False)
+    img_a, img_b = _image(112, 112, 1), _image(112, 112, 2)
+    prompt = f"<|im_start|>user\n{IMG}describe the picture in detail please<|im_end|>\n<|im_start|>assistant\n"
+    greedy = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+    req_a = {"prompt": prompt, "multi_modal_data": {"image": [img_a]}}
+    req_b = {"prompt": prompt, "multi_modal_data": {"image": [img_b]}}
+
+    first = on.generate(req_a, greedy)
+    hits_before = on.engine.blocks.prefix_hits
+    again = on.generate(req_a, greedy)
+    assert on.engine.blocks.prefix_hits > hits_before
+    other_before = on.engine.blocks.prefix_hits
+    other = on.generate(req_b, greedy)
+    # the image's placeholders start inside block 1 (block size 16): only block 0 may be shared
+    assert on.engine.blocks.prefix_hits - other_before <= 1
+    assert again[0].outputs[0].token_ids == first[0].outputs[0].token_ids
+    assert first[0].outputs[0].token_ids == off.generate(req_a, greedy)[0].outputs[0].token_ids
+    assert other[0].outputs[0].token_ids == off.generate(req_b, greedy)[0].outputs[0].token_ids
+    assert on.engine.encoder_cache.hits >= 1
+
+
+def test_preemption_with_a_small_pool_keeps_every_output(llm, path):
+    small = LLM(model=path, max_model_len=1024, num_kv_blocks=24, max_num_batched_tokens=64)
+    requests = [_request(i) for i in range(8)]
+    greedy = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    outs = small.generate(requests, greedy)
+    assert small.engine.scheduler.num_preemptions > 0
+    expected = llm.generate(requests, greedy)
+    assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in expected]
+    assert small.engine.blocks.num_used_blocks == 0
