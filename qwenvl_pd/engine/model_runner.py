@@ -5,7 +5,7 @@ import torch
 
 from qwenvl_pd.engine.sequence import Sequence
 from qwenvl_pd.model.base import VisionLanguageModel
-from qwenvl_pd.model.layers.attention import AttentionMetadata
+from qwenvl_pd.model.layers.attention import AttentionMetadata, PrefillSpan
 from qwenvl_pd.model.text import VisualInjection
 
 
@@ -26,33 +26,44 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
-        """Forward the chunks; logits [len(chunks), vocab] at each chunk's last token."""
-        ids, positions, meta, visual = self.prepare(chunks)
+        """Forward the chunks; logits [len(chunks), vocab] at each chunk's last token, in order."""
+        order = sorted(range(len(chunks)), key=lambda i: chunks[i].num_tokens > 1)
+        ordered = [chunks[i] for i in order]
+        ids, positions, meta, visual = self.prepare(ordered)
         hidden = self.model(ids, positions, self.kv_cache, meta, visual)
-        last = meta.query_start_loc[1:] - 1
-        return self.model.compute_logits(hidden[last])
+        ends = torch.tensor([c.num_tokens for c in ordered]).cumsum(0) - 1
+        logits = self.model.compute_logits(hidden[ends.to(self.device)])
+        return logits[torch.tensor(order).argsort().to(self.device)]
 
     def prepare(self, chunks: list[ScheduledChunk]):
-        ids, pos, slots, q_lens, seq_lens = [], [], [], [], []
-        masks, embeds, deep = [], [], []
+        """chunks must list single-token chunks first (run() orders them)."""
+        ids, pos, slots, masks, embeds, deep = [], [], [], [], [], []
         for c in chunks:
             s, start = c.seq, c.seq.num_computed
             end = start + c.num_tokens
             ids.extend(s.token_ids[start:end])
             pos.append(s.positions(start, end))
             slots.extend(self._slot(s, i) for i in range(start, end))
-            q_lens.append(c.num_tokens)
-            seq_lens.append(end)
             masks.append(self._collect_vision(s, start, end, embeds, deep))
-        input_ids = torch.tensor(ids, device=self.device)
-        meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, device=self.device),
-            query_start_loc=torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], device=self.device),
-            seq_lens=torch.tensor(seq_lens, device=self.device),
-            block_tables=self._block_tables([c.seq for c in chunks]),
-            max_query_len=max(q_lens), max_seq_len=max(seq_lens), query_lens_host=tuple(q_lens))
+        meta = self._metadata(chunks, slots)
         visual = self._visual(torch.cat(masks), embeds, deep)
-        return input_ids, torch.cat(pos, dim=1).to(self.device), meta, visual
+        return (torch.tensor(ids, device=self.device), torch.cat(pos, dim=1).to(self.device),
+                meta, visual)
+
+    def _metadata(self, chunks: list[ScheduledChunk], slots: list[int]) -> AttentionMetadata:
+        decode = [c for c in chunks if c.num_tokens == 1]
+        tables = self._block_tables([c.seq for c in decode]) if decode else torch.zeros(0, 1, dtype=torch.long)
+        lens = torch.tensor([c.seq.num_computed + 1 for c in decode])
+        ctx = tables.shape[1] * self.block_size
+        key_mask = (torch.arange(ctx)[None] < lens[:, None])[:, None, None]  # [D, 1, 1, ctx]
+        prefills, offset = [], len(decode)
+        for c in chunks[len(decode):]:
+            end = c.seq.num_computed + c.num_tokens
+            prefills.append(PrefillSpan(offset, offset + c.num_tokens, end,
+                                        torch.tensor(c.seq.block_ids, device=self.device)))
+            offset += c.num_tokens
+        return AttentionMetadata(torch.tensor(slots, device=self.device), len(decode),
+                                 tables.to(self.device), key_mask.to(self.device), prefills)
 
     def _slot(self, seq: Sequence, index: int) -> int:
         return seq.block_ids[index // self.block_size] * self.block_size + index % self.block_size
@@ -60,7 +71,7 @@ class ModelRunner:
     def _block_tables(self, seqs: list[Sequence]) -> torch.Tensor:
         width = max(len(s.block_ids) for s in seqs)
         rows = [s.block_ids + [0] * (width - len(s.block_ids)) for s in seqs]
-        return torch.tensor(rows, dtype=torch.long, device=self.device)
+        return torch.tensor(rows, dtype=torch.long)
 
     def _collect_vision(self, seq: Sequence, start: int, end: int, embeds: list,
                         deep: list) -> torch.Tensor:

@@ -42,7 +42,7 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         write_kv(cache, k, v, meta.slot_mapping)
-        out = paged_attention(q, cache, meta, self.head_dim ** -0.5)
+        out = paged_attention(q, k, v, cache, meta, self.head_dim ** -0.5)
         return self.o_proj(out.flatten(1))
 
 

@@ -84,13 +84,15 @@ def _preprocessor(arch: str) -> tuple[dict, dict | None]:
     return image, video
 
 
-def make_tiny(arch: str, out: str | Path, seed: int = 0) -> Path:
-    """Write a tiny checkpoint of `arch` into `out` and return its path."""
+def make_tiny(arch: str, out: str | Path, seed: int = 0, text_overrides: dict | None = None) -> Path:
+    """Write a tiny checkpoint of `arch` into `out` and return its path. text_overrides changes
+    language-model sizes (benchmarks use larger ones); "mrope_section" goes to the rope settings."""
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     config = _qwen2_5_vl() if arch == "qwen2_5_vl" else _qwen3_vl(arch == "qwen3_vl_moe")
+    _override(config, dict(text_overrides or {}))
     _write_json(out / "config.json", config)
     _write_json(out / "generation_config.json",
                 {"bos_token_id": 151643, "eos_token_id": [151645, 151643], "pad_token_id": 151643,
@@ -102,6 +104,14 @@ def make_tiny(arch: str, out: str | Path, seed: int = 0) -> Path:
     _write_tokenizer(out, arch)
     _write_weights(out, ModelConfig.from_hf(out), seed)
     return out
+
+
+def _override(config: dict, changes: dict) -> None:
+    text = config.get("text_config", config)
+    if "mrope_section" in changes:
+        text["rope_scaling"]["mrope_section"] = changes.pop("mrope_section")
+    text.update(changes)
+    config["vision_config"]["out_hidden_size"] = text["hidden_size"]
 
 
 def _write_tokenizer(out: Path, arch: str) -> None:

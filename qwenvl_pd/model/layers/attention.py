@@ -2,7 +2,7 @@
 
 The cache of one layer is [2, num_blocks, block_size, kv_heads, head_dim]; a token's slot is
 block_id * block_size + offset. One forward holds prefill chunks and decode tokens of many
-sequences, flattened along the token axis.
+sequences, flattened along the token axis, single-token (decode) chunks first.
 """
 from dataclasses import dataclass
 
@@ -11,14 +11,20 @@ import torch.nn.functional as F
 
 
 @dataclass
+class PrefillSpan:
+    start: int                 # first token of the chunk in the flat batch
+    end: int
+    context_len: int           # keys after this step, the chunk's own tokens included
+    block_table: torch.Tensor  # [blocks] of this sequence
+
+
+@dataclass
 class AttentionMetadata:
-    slot_mapping: torch.Tensor     # [T] where each new token's K/V is written
-    query_start_loc: torch.Tensor  # [B+1] offsets of each sequence's tokens in the flat batch
-    seq_lens: torch.Tensor         # [B] context length after this step, new tokens included
-    block_tables: torch.Tensor     # [B, max_blocks] block ids, padded with 0
-    max_query_len: int
-    max_seq_len: int
-    query_lens_host: tuple[int, ...] = ()  # [B] on the host, to split without a device sync
+    slot_mapping: torch.Tensor       # [T] where each new token's K/V is written
+    num_decode: int                  # the first num_decode tokens are single-token chunks
+    decode_tables: torch.Tensor      # [num_decode, max_blocks] block ids, padded with 0
+    decode_key_mask: torch.Tensor    # [num_decode, 1, 1, max_blocks*block_size] True = attend
+    prefills: list[PrefillSpan]      # the multi-token chunks, after the decode tokens
 
 
 def write_kv(cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
@@ -28,41 +34,40 @@ def write_kv(cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch
     flat[1].index_copy_(0, slots, v)
 
 
-def paged_attention(q: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata,
-                    scale: float) -> torch.Tensor:
-    """q [T, heads, head_dim] -> [T, heads, head_dim]; the reference implementation for every device."""
-    batch = meta.seq_lens.shape[0]
-    block_size = cache.shape[2]
-    n_blocks = (meta.max_seq_len + block_size - 1) // block_size
-    tables = meta.block_tables[:, :n_blocks]
-    # [B, ctx, kv_heads, head_dim], ctx = n_blocks * block_size
-    k = cache[0][tables].flatten(1, 2)
-    v = cache[1][tables].flatten(1, 2)
-    qp, token_index = _pad_queries(q, meta, batch)  # [B, max_q, heads, head_dim]
-    mask = _causal_mask(meta, k.shape[1], qp.shape[1])  # [B, 1, max_q, ctx]
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: torch.Tensor,
+                    meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """q [T, heads, d], this step's k, v [T, kv_heads, d] (already in the cache) -> [T, heads, d].
+    The torch reference used on every device."""
+    out = torch.empty_like(q)
+    d = meta.num_decode
+    if d:
+        out[:d] = _decode(q[:d], cache, meta, scale)
+    for span in meta.prefills:
+        s, e = span.start, span.end
+        out[s:e] = _prefill(q[s:e], k[s:e], v[s:e], cache, span, scale)
+    return out
+
+
+def _decode(q: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata, scale: float):
+    keys = cache[0][meta.decode_tables].flatten(1, 2)  # [D, ctx, kv_heads, d]
+    values = cache[1][meta.decode_tables].flatten(1, 2)
     out = F.scaled_dot_product_attention(
-        qp.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-        attn_mask=mask, scale=scale, enable_gqa=True)
-    return out.transpose(1, 2).reshape(-1, *q.shape[1:])[token_index]
+        q[:, :, None], keys.transpose(1, 2), values.transpose(1, 2),
+        attn_mask=meta.decode_key_mask, scale=scale, enable_gqa=True)  # [D, heads, 1, d]
+    return out[:, :, 0]
 
 
-def _pad_queries(q: torch.Tensor, meta: AttentionMetadata, batch: int):
-    starts = meta.query_start_loc[:-1]
-    q_lens = meta.query_start_loc[1:] - starts
-    seq_of = torch.repeat_interleave(torch.arange(batch, device=q.device), q_lens)  # [T]
-    offset = torch.arange(q.shape[0], device=q.device) - starts[seq_of]
-    padded = q.new_zeros(batch, meta.max_query_len, *q.shape[1:])
-    padded[seq_of, offset] = q
-    return padded, seq_of * meta.max_query_len + offset
-
-
-def _causal_mask(meta: AttentionMetadata, ctx: int, max_q: int) -> torch.Tensor:
-    q_lens = meta.query_start_loc[1:] - meta.query_start_loc[:-1]
-    # absolute position of each padded query row: the new tokens are the last q_len of the context
-    q_pos = (meta.seq_lens - q_lens)[:, None] + torch.arange(max_q, device=q_lens.device)  # [B, max_q]
-    k_pos = torch.arange(ctx, device=q_lens.device)
-    mask = k_pos[None, None, :] <= q_pos[:, :, None]  # [B, max_q, ctx]
-    mask &= k_pos[None, None, :] < meta.seq_lens[:, None, None]
-    # padded query rows would see nothing and give NaN; let them see key 0, their output is dropped
-    mask[:, :, 0] = True
-    return mask[:, None]
+def _prefill(q, k, v, cache, span: PrefillSpan, scale: float) -> torch.Tensor:
+    n, ctx = q.shape[0], span.context_len
+    if ctx == n:  # nothing cached before this chunk: its own K/V are the whole context
+        keys, values, mask, causal = k, v, None, True
+    else:  # a later chunk or a prefix-cache hit: read the earlier keys from the cache
+        keys = cache[0][span.block_table].flatten(0, 1)[:ctx]
+        values = cache[1][span.block_table].flatten(0, 1)[:ctx]
+        # query i sits at position ctx - n + i and sees keys up to it
+        mask = torch.arange(ctx, device=q.device)[None] <= torch.arange(ctx - n, ctx, device=q.device)[:, None]
+        causal = False
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1),
+        attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=True)  # [heads, n, d]
+    return out.transpose(0, 1)

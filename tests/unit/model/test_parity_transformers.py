@@ -63,7 +63,7 @@ def _our_prefill_logits(llm: LLM, prompt) -> torch.Tensor:
     try:
         with torch.inference_mode():
             ids, pos, meta, visual = engine.runner.prepare([ScheduledChunk(seq, len(seq.token_ids))])
-            hidden = llm.model(ids, pos, engine.kv_cache, meta, visual)
+            hidden = llm.model(ids, pos, engine.kv_cache, meta, visual)  # all positions
             return llm.model.compute_logits(hidden)
     finally:
         engine.blocks.free(seq.block_ids)

@@ -1,0 +1,137 @@
+"""Output tokens/s of the engine against transformers' generate, sequential and batched.
+
+    python benchmarks/engine_vs_transformers.py [--model DIR] [--requests 32]
+
+Without --model it builds a small random-weight Qwen2.5-VL (hidden 1024, 12 layers) once into
+.cache/bench-small. The workload: prompts of 16-512 tokens, half with an image, 8-128 output
+tokens, all greedy with ignore_eos so every system produces the same token counts.
+"""
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import transformers
+from PIL import Image
+
+from qwenvl_pd import LLM, SamplingParams
+from qwenvl_pd.model.tiny import make_tiny
+
+SMALL = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=12, num_attention_heads=16,
+             num_key_value_heads=4, mrope_section=[8, 12, 12])
+IMG = "<|vision_start|><|image_pad|><|vision_end|>"
+
+
+def workload(n: int, tokenizer, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    vocab = np.arange(1000, 100000)
+    requests, params = [], []
+    for i in range(n):
+        body = tokenizer.decode(rng.choice(vocab, size=int(rng.integers(16, 480))).tolist())
+        req = {"prompt": f"<|im_start|>user\n{IMG if i % 2 else ''}{body}<|im_end|>\n<|im_start|>assistant\n"}
+        if i % 2:
+            side = int(rng.integers(2, 7)) * 28
+            pixels = rng.integers(0, 255, (side, side, 3), dtype=np.uint8)
+            req["multi_modal_data"] = {"image": [Image.fromarray(pixels)]}
+        requests.append(req)
+        params.append(SamplingParams(max_tokens=int(rng.integers(8, 129)), temperature=0, ignore_eos=True))
+    return requests, params
+
+
+def hf_inputs(prompts, pad_id: int):
+    """Left-padded batch for transformers' generate."""
+    width = max(len(p.token_ids) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id)
+    mask = torch.zeros_like(ids)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p.token_ids):] = torch.tensor(p.token_ids)
+        mask[row, width - len(p.token_ids):] = 1
+    kw = {"input_ids": ids, "attention_mask": mask, "mm_token_type_ids": (ids == 151655).long()}
+    images = [p.images for p in prompts if p.images is not None]
+    if images:
+        kw["pixel_values"] = torch.cat([im.pixel_values for im in images])
+        kw["image_grid_thw"] = torch.cat([im.image_grid_thw for im in images])
+    return kw
+
+
+def time_engine(llm: LLM, requests, params):
+    step_time, forward_time = [0.0], [0.0]
+    model, engine = llm.model, llm.engine
+    inner_forward, inner_logits, inner_step = model.forward, model.compute_logits, engine.step
+
+    def timed(fn):
+        def wrapper(*a, **k):
+            t = time.perf_counter()
+            out = fn(*a, **k)
+            forward_time[0] += time.perf_counter() - t
+            return out
+        return wrapper
+
+    timed_forward = timed(inner_forward)
+
+    def timed_step():
+        decoding_32 = len(engine.scheduler.running) == 32 and not engine.scheduler.waiting
+        t, f = time.perf_counter(), forward_time[0]
+        out = inner_step()
+        if decoding_32:
+            step_time[0] += time.perf_counter() - t
+            timed_forward.batch32 += forward_time[0] - f
+        return out
+
+    timed_forward.batch32 = 0.0
+    model.forward, model.compute_logits, engine.step = timed_forward, timed(inner_logits), timed_step
+    t = time.perf_counter()
+    outs = llm.generate(requests, params)
+    elapsed = time.perf_counter() - t
+    model.forward, model.compute_logits, engine.step = inner_forward, inner_logits, inner_step
+    outside = 1 - timed_forward.batch32 / step_time[0] if step_time[0] else float("nan")
+    return elapsed, sum(len(o.outputs[0].token_ids) for o in outs), outside
+
+
+def time_hf_sequential(ref, prompts, params):
+    t = time.perf_counter()
+    for p, sp in zip(prompts, params):
+        with torch.inference_mode():
+            ref.generate(**hf_inputs([p], 151643), max_new_tokens=sp.max_tokens, do_sample=False,
+                         eos_token_id=None, pad_token_id=151643)
+    return time.perf_counter() - t
+
+
+def time_hf_batched(ref, prompts, params):
+    t = time.perf_counter()
+    with torch.inference_mode():
+        ref.generate(**hf_inputs(prompts, 151643), max_new_tokens=max(p.max_tokens for p in params),
+                     do_sample=False, eos_token_id=None, pad_token_id=151643)
+    return time.perf_counter() - t
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model")
+    ap.add_argument("--requests", type=int, default=32)
+    ap.add_argument("--skip-sequential", action="store_true")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    path = args.model or str(Path(".cache/bench-small"))
+    if not args.model and not Path(path, "config.json").exists():
+        make_tiny("qwen2_5_vl", path, text_overrides=SMALL)
+    llm = LLM(model=path, max_model_len=4096, max_num_batched_tokens=2048)
+    requests, params = workload(args.requests, llm.tokenizer)
+    llm.generate(requests[:2], params[:2])  # warm-up
+    ours, tokens, outside = time_engine(llm, requests, params)
+    ref = transformers.AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
+    prompts = [llm.inputs.process(r) for r in requests]
+    batched = time_hf_batched(ref, prompts, params)
+    sequential = float("nan") if args.skip_sequential else time_hf_sequential(ref, prompts, params)
+    rows = [("qwenvl-pd engine", ours), ("transformers batched (padded)", batched),
+            ("transformers sequential", sequential)]
+    print(f"\n{args.requests} requests, {tokens} output tokens, torch threads {torch.get_num_threads()}")
+    print(f"{'system':32} {'seconds':>9} {'out tok/s':>10} {'engine speed-up':>16}")
+    for name, secs in rows:
+        print(f"{name:32} {secs:9.2f} {tokens / secs:10.1f} {secs / ours:15.2f}x")
+    print(f"share of batch-32 decode step time outside the model forward (layers + lm_head): {outside:.1%}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,438 @@
+"""OpenAI protocol: request bodies -> frozen, validated requests; results -> response dicts.
+
+Validation is hand-written rather than pydantic so that every failure is a 400 whose `param`
+names the exact field (``messages[0].content[1].image_url.url``), which is what OpenAI does and
+what a client needs to fix its request. Unknown top-level fields are ignored (SDKs send extras);
+fields we accept but cannot honour are refused, never silently dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+from qwenvl_pd.proxy.errors import APIError, bad_request
+from qwenvl_pd.sampling_params import SamplingParams
+
+__all__ = ["TextPart", "ImagePart", "VideoPart", "Part", "ChatMessage", "ChatRequest", "CompletionRequest",
+           "parse_chat_request", "parse_completion_request", "TopLogprob", "TokenLogprob", "Choice",
+           "ChunkBuilder", "new_id", "usage", "chat_logprobs", "completion_logprobs", "chat_completion",
+           "completion", "sse", "sse_error", "SSE_DONE", "model_list"]
+
+ROLES = ("system", "user", "assistant", "tool")
+URL_SCHEMES = ("data", "http", "https", "file")
+MAX_N = 128
+MAX_STOP = 64
+MAX_LOGPROBS = 20  # what the sampler returns; OpenAI's own cap for chat
+INT64 = (-(2**63), 2**63 - 1)  # the proto's seed type
+
+
+@dataclass(frozen=True)
+class TextPart:
+    text: str
+
+
+@dataclass(frozen=True)
+class ImagePart:
+    url: str
+    detail: str | None = None  # accepted for compatibility; Qwen sizes images itself
+
+
+@dataclass(frozen=True)
+class VideoPart:
+    url: str
+
+
+Part = Union[TextPart, ImagePart, VideoPart]
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    role: str
+    content: str | tuple[Part, ...]  # kept as sent: templates may treat the two forms differently
+
+    @property
+    def parts(self) -> tuple[Part, ...]:
+        return (TextPart(self.content),) if isinstance(self.content, str) else self.content
+
+
+@dataclass(frozen=True)
+class _Common:
+    model: str | None  # None when the client sent none: the server's default model
+    sampling: SamplingParams
+    stream: bool
+    include_usage: bool
+
+    @property
+    def n(self) -> int:
+        return self.sampling.n
+
+    @property
+    def max_tokens(self) -> int | None:  # None: up to the context length
+        return self.sampling.max_tokens
+
+    @property
+    def stop(self) -> tuple[str, ...]:
+        return tuple(self.sampling.stop or ())
+
+
+@dataclass(frozen=True)
+class ChatRequest(_Common):
+    messages: tuple[ChatMessage, ...] = ()
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    add_generation_prompt: bool = True
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class CompletionRequest(_Common):
+    prompt: str | tuple[int, ...] = ""  # text, or token ids
+    logprobs: int | None = None
+
+
+# ---- field readers: each raises a 400 naming the field -------------------------------------
+
+def _typed(body: dict, key: str, kinds: tuple[type, ...], what: str, path: str | None = None) -> Any:
+    v = body.get(key)
+    if v is None:
+        return None
+    if isinstance(v, bool) and bool not in kinds or not isinstance(v, kinds):
+        raise bad_request(f"'{key}' must be {what}, got {type(v).__name__}", path or key)
+    if isinstance(v, float) and not math.isfinite(v):
+        raise bad_request(f"'{key}' must be a finite number, got {v}", path or key)
+    return v
+
+
+def _num(body: dict, key: str, default: float, lo: float, hi: float = math.inf,
+         lo_open: bool = False) -> float:
+    v = _typed(body, key, (int, float), "a number")
+    if v is None:
+        return default
+    if v < lo or (lo_open and v == lo) or v > hi:
+        left, right = "(" if lo_open else "[", "]" if hi < math.inf else ")"
+        raise bad_request(f"'{key}' must be in {left}{lo}, {hi}{right}, got {v}", key)
+    return float(v)
+
+
+def _int(body: dict, key: str, default: int | None, lo: int, hi: int | None = None) -> int | None:
+    v = _typed(body, key, (int,), "an integer")
+    if v is None:
+        return default
+    if v < lo or (hi is not None and v > hi):
+        raise bad_request(f"'{key}' must be an integer >= {lo}" + (f" and <= {hi}" if hi is not None
+                                                                    else "") + f", got {v}", key)
+    return v
+
+
+def _bool(body: dict, key: str, default: bool) -> bool:
+    v = _typed(body, key, (bool,), "a boolean")
+    return default if v is None else v
+
+
+def _stop(body: dict) -> list[str]:
+    v = body.get("stop")
+    items = [] if v is None else [v] if isinstance(v, str) else v
+    if not isinstance(items, list) or not all(isinstance(s, str) and s for s in items):
+        raise bad_request("'stop' must be a non-empty string or a list of non-empty strings", "stop")
+    if len(items) > MAX_STOP:
+        raise bad_request(f"'stop' has {len(items)} strings; at most {MAX_STOP} are allowed", "stop")
+    return items
+
+
+def _stop_token_ids(body: dict) -> list[int]:
+    v = body.get("stop_token_ids")
+    ok = v is None or isinstance(v, list) and all(
+        isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in v)
+    if not ok:
+        raise bad_request("'stop_token_ids' must be a list of non-negative integers", "stop_token_ids")
+    return v or []
+
+
+def _refuse_unsupported(body: dict, names: Sequence[str]) -> None:
+    for key in names:
+        v = body.get(key)
+        ignorable = v in (None, False, "", [], {}) or key == "response_format" and v == {"type": "text"}
+        if not ignorable:
+            raise bad_request(f"'{key}' is not supported by this server", key)
+
+
+def _stream(body: dict) -> tuple[bool, bool]:
+    stream = _bool(body, "stream", False)
+    opts = body.get("stream_options")
+    if opts is None:
+        return stream, False
+    if not isinstance(opts, dict):
+        raise bad_request("'stream_options' must be an object", "stream_options")
+    if not stream:
+        raise bad_request("'stream_options' is only allowed when 'stream' is true", "stream_options")
+    return stream, bool(_typed(opts, "include_usage", (bool,), "a boolean",
+                               "stream_options.include_usage"))
+
+
+def _sampling(body: dict, max_default: int | None, logprobs: int | None) -> SamplingParams:
+    # both are validated; max_completion_tokens wins, as in OpenAI's chat API
+    legacy = _int(body, "max_tokens", max_default, 1)
+    max_tokens = _int(body, "max_completion_tokens", legacy, 1)
+    min_tokens = _int(body, "min_tokens", 0, 0, max_tokens)
+    top_k = _int(body, "top_k", -1, -1)
+    try:
+        return SamplingParams(
+            n=_int(body, "n", 1, 1, MAX_N), temperature=_num(body, "temperature", 1.0, 0.0),
+            top_p=_num(body, "top_p", 1.0, 0.0, 1.0, lo_open=True),
+            top_k=-1 if top_k == 0 else top_k,  # vLLM treats 0 as "off" too
+            min_p=_num(body, "min_p", 0.0, 0.0, 1.0), seed=_int(body, "seed", None, *INT64),
+            max_tokens=max_tokens, min_tokens=min_tokens, stop=_stop(body),
+            stop_token_ids=_stop_token_ids(body), ignore_eos=_bool(body, "ignore_eos", False),
+            logprobs=logprobs, repetition_penalty=_num(body, "repetition_penalty", 1.0, 0.0, lo_open=True),
+            presence_penalty=_num(body, "presence_penalty", 0.0, -2.0, 2.0),
+            frequency_penalty=_num(body, "frequency_penalty", 0.0, -2.0, 2.0),
+            skip_special_tokens=_bool(body, "skip_special_tokens", True))
+    except ValueError as e:  # a rule SamplingParams has and the readers above lack
+        raise bad_request(str(e)) from None
+
+
+def _model(body: dict) -> str | None:
+    return _typed(body, "model", (str,), "a string")
+
+
+def _require_object(body: Any) -> dict:
+    if not isinstance(body, dict):
+        raise bad_request("the request body must be a JSON object")
+    return body
+
+
+# ---- messages --------------------------------------------------------------------------------
+
+def _url(holder: Any, path: str, key: str) -> str:
+    # OpenAI nests the url ({"image_url": {"url": ...}}); a bare string is a common shorthand
+    url = holder.get("url") if isinstance(holder, dict) else holder
+    if not isinstance(url, str) or not url:
+        raise bad_request(f"'{key}.url' must be a non-empty string", f"{path}.{key}.url")
+    scheme = url.split(":", 1)[0].lower() if ":" in url else ""
+    if scheme not in URL_SCHEMES:
+        raise bad_request(f"unsupported URL scheme {scheme!r}; expected one of {URL_SCHEMES}",
+                          f"{path}.{key}.url")
+    return url
+
+
+def _part(p: Any, path: str) -> Part:
+    if not isinstance(p, dict):
+        raise bad_request("a content part must be an object", path)
+    kind = p.get("type")
+    if kind == "text":
+        return TextPart(_typed(p, "text", (str,), "a string", f"{path}.text") or "")
+    if kind == "image_url":
+        detail = p["image_url"].get("detail") if isinstance(p.get("image_url"), dict) else None
+        return ImagePart(_url(p.get("image_url"), path, "image_url"), detail)
+    if kind == "video_url":
+        return VideoPart(_url(p.get("video_url"), path, "video_url"))
+    raise bad_request(f"unknown content part type {kind!r}; expected 'text', 'image_url' or "
+                      "'video_url'", f"{path}.type")
+
+
+def _message(m: Any, path: str) -> ChatMessage:
+    if not isinstance(m, dict):
+        raise bad_request("a message must be an object", path)
+    role = m.get("role")
+    if role not in ROLES:
+        raise bad_request(f"'role' must be one of {ROLES}, got {role!r}", f"{path}.role")
+    content = m.get("content")
+    if content is None and role == "assistant":
+        content = ""  # an assistant turn may carry no text
+    if isinstance(content, str):
+        return ChatMessage(role, content)
+    if not isinstance(content, list):
+        raise bad_request("'content' must be a string or a list of content parts", f"{path}.content")
+    return ChatMessage(role, tuple(_part(p, f"{path}.content[{j}]") for j, p in enumerate(content)))
+
+
+def _messages(raw: Any) -> tuple[ChatMessage, ...]:
+    if not isinstance(raw, list) or not raw:
+        raise bad_request("'messages' must be a non-empty list", "messages")
+    return tuple(_message(m, f"messages[{i}]") for i, m in enumerate(raw))
+
+
+# ---- public parsers --------------------------------------------------------------------------
+
+def parse_chat_request(body: Any) -> ChatRequest:
+    """A decoded JSON body -> ChatRequest. Raises APIError(400) naming the bad field."""
+    body = _require_object(body)
+    _refuse_unsupported(body, ("tools", "functions", "response_format", "best_of"))
+    messages = _messages(body.get("messages"))
+    want = _bool(body, "logprobs", False)
+    top = _int(body, "top_logprobs", None, 0, MAX_LOGPROBS)
+    if top is not None and not want:
+        raise bad_request("'top_logprobs' requires 'logprobs' to be true", "top_logprobs")
+    kwargs = _typed(body, "chat_template_kwargs", (dict,), "an object") or {}
+    stream, include_usage = _stream(body)
+    return ChatRequest(model=_model(body), sampling=_sampling(body, None, (top or 0) if want else None),
+                       stream=stream, include_usage=include_usage, messages=messages, logprobs=want,
+                       top_logprobs=top, add_generation_prompt=_bool(body, "add_generation_prompt", True),
+                       chat_template_kwargs=dict(kwargs))
+
+
+def _prompt(v: Any) -> str | tuple[int, ...]:
+    if isinstance(v, list) and len(v) == 1 and isinstance(v[0], (str, list)):
+        v = v[0]  # a batch of one is the same request
+    if isinstance(v, str) and v:
+        return v
+    if isinstance(v, list) and v and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
+                                         for t in v):
+        return tuple(v)
+    raise bad_request("'prompt' must be a non-empty string or a non-empty list of token ids "
+                      "(batches of several prompts are not supported)", "prompt")
+
+
+def parse_completion_request(body: Any) -> CompletionRequest:
+    body = _require_object(body)
+    _refuse_unsupported(body, ("echo", "suffix", "best_of", "response_format"))
+    prompt = _prompt(body.get("prompt"))
+    logprobs = _int(body, "logprobs", None, 0, MAX_LOGPROBS)
+    stream, include_usage = _stream(body)
+    # 16 is the legacy completions API default; chat has none (the context length bounds it)
+    return CompletionRequest(model=_model(body), sampling=_sampling(body, 16, logprobs), stream=stream,
+                             include_usage=include_usage, prompt=prompt, logprobs=logprobs)
+
+
+# ---- responses -------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TopLogprob:
+    token: str
+    logprob: float
+    bytes: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token: str
+    logprob: float
+    bytes: tuple[int, ...] = ()
+    top: tuple[TopLogprob, ...] = ()
+
+
+@dataclass(frozen=True)
+class Choice:
+    index: int
+    text: str
+    finish_reason: str | None
+    logprobs: tuple[TokenLogprob, ...] | None = None
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def _lp(x: float) -> float:
+    # JSON has no -inf; vLLM reports such tokens with this floor as well
+    return max(x, -9999.0) if math.isfinite(x) else -9999.0
+
+
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
+
+
+def chat_logprobs(entries: Sequence[TokenLogprob]) -> dict[str, Any]:
+    def one(e: TopLogprob | TokenLogprob) -> dict[str, Any]:
+        return {"token": e.token, "logprob": _lp(e.logprob), "bytes": list(e.bytes)}
+    return {"content": [{**one(e), "top_logprobs": [one(t) for t in e.top]} for e in entries]}
+
+
+def completion_logprobs(entries: Sequence[TokenLogprob], text_offset: int = 0) -> dict[str, Any]:
+    offsets = []
+    for e in entries:
+        offsets.append(text_offset)
+        text_offset += len(e.token)
+    return {"tokens": [e.token for e in entries], "token_logprobs": [_lp(e.logprob) for e in entries],
+            "top_logprobs": [{t.token: _lp(t.logprob) for t in e.top} for e in entries],
+            "text_offset": offsets}
+
+
+def chat_completion(rid: str, model: str, choices: Sequence[Choice], usage_: dict,
+                    created: int | None = None) -> dict[str, Any]:
+    return {"id": rid, "object": "chat.completion", "created": created or int(time.time()),
+            "model": model, "usage": usage_, "choices": [
+                {"index": c.index, "message": {"role": "assistant", "content": c.text},
+                 "logprobs": None if c.logprobs is None else chat_logprobs(c.logprobs),
+                 "finish_reason": c.finish_reason} for c in choices]}
+
+
+def completion(rid: str, model: str, choices: Sequence[Choice], usage_: dict,
+               created: int | None = None) -> dict[str, Any]:
+    return {"id": rid, "object": "text_completion", "created": created or int(time.time()),
+            "model": model, "usage": usage_, "choices": [
+                {"index": c.index, "text": c.text, "finish_reason": c.finish_reason,
+                 "logprobs": None if c.logprobs is None else completion_logprobs(c.logprobs)}
+                for c in choices]}
+
+
+@dataclass(frozen=True)
+class ChunkBuilder:
+    """Streaming chunks of one request: role delta (chat) first, content deltas, one finish
+    chunk per choice, then the usage chunk (empty choices) when include_usage is set."""
+    rid: str
+    model: str
+    chat: bool
+    include_usage: bool = False
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def _chunk(self, choices: list[dict]) -> dict[str, Any]:
+        obj = "chat.completion.chunk" if self.chat else "text_completion"
+        out = {"id": self.rid, "object": obj, "created": self.created, "model": self.model,
+               "choices": choices}
+        if self.include_usage:
+            out["usage"] = None  # OpenAI: every chunk but the last carries a null usage
+        return out
+
+    def _choice(self, index: int, text: str, finish: str | None,
+                logprobs: Sequence[TokenLogprob] | None, role: bool = False) -> dict[str, Any]:
+        if not self.chat:
+            lp = None if logprobs is None else completion_logprobs(logprobs)
+            return {"index": index, "text": text, "logprobs": lp, "finish_reason": finish}
+        if role:
+            delta = {"role": "assistant", "content": ""}
+        else:  # a finish chunk without text carries an empty delta, as OpenAI's does
+            delta = {"content": text} if text or not finish else {}
+        lp = None if logprobs is None else chat_logprobs(logprobs)
+        return {"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish}
+
+    def role(self, index: int = 0) -> dict[str, Any]:
+        return self._chunk([self._choice(index, "", None, None, role=True)])
+
+    def delta(self, text: str, index: int = 0, logprobs: Sequence[TokenLogprob] | None = None) -> dict:
+        return self._chunk([self._choice(index, text, None, logprobs)])
+
+    def finish(self, reason: str, index: int = 0, text: str = "",
+               logprobs: Sequence[TokenLogprob] | None = None) -> dict[str, Any]:
+        return self._chunk([self._choice(index, text, reason, logprobs)])
+
+    def usage(self, usage_: dict[str, Any]) -> dict[str, Any]:
+        return {**self._chunk([]), "usage": usage_}
+
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+def sse(obj: dict[str, Any]) -> str:
+    return "data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")) + "\n\n"
+
+
+def sse_error(err: APIError) -> str:
+    """A mid-stream failure: the status line is already sent, so the error travels as an event."""
+    return sse(err.body())
+
+
+def model_list(names: Sequence[str], max_model_len: int | None = None, owned_by: str = "qwenvl-pd",
+               created: int | None = None) -> dict[str, Any]:
+    created = created or int(time.time())
+    data = [{"id": n, "object": "model", "created": created, "owned_by": owned_by}
+            | ({"max_model_len": max_model_len} if max_model_len else {}) for n in names]
+    return {"object": "list", "data": data}
