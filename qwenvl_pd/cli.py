@@ -1,8 +1,7 @@
 """`qwenvl-pd <command>`: argparse -> frozen configs -> the command's main()."""
 import argparse
+import os
 import sys
-
-ROLES_PENDING = ("proxy", "prefill", "decode", "serve")
 
 
 def _make_tiny(args: argparse.Namespace) -> int:
@@ -25,9 +24,138 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _pending(args: argparse.Namespace) -> int:
-    print(f"qwenvl-pd {args.command}: not available in this build yet", file=sys.stderr)
-    return 2
+def _node(args: argparse.Namespace) -> int:
+    import logging
+    from qwenvl_pd.engine.llm_engine import EngineConfig
+    from qwenvl_pd.engine.runtime import NodeConfig
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    engine = EngineConfig(
+        mode=args.command, block_size=args.block_size, kv_cache_bytes=int(args.kv_cache_gib * (1 << 30)),
+        num_kv_blocks=args.num_kv_blocks, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        enable_prefix_caching=not args.no_prefix_caching, seed=args.seed)
+    cfg = NodeConfig(
+        role=args.command, model=args.model, port=args.port, host=args.host, bind=args.bind,
+        served_model_name=args.served_model_name or "", max_model_len=args.max_model_len,
+        device=args.device, dtype=args.dtype, transfer_protocol=args.transfer_protocol,
+        transfer_device=args.transfer_device, transfer_timeout_s=args.transfer_timeout,
+        lease_seconds=args.lease_seconds, instance_id=args.instance_id or "",
+        limit_mm_per_prompt={"image": args.limit_images, "video": args.limit_videos}, engine=engine)
+    if args.command == "prefill":
+        from qwenvl_pd.prefill_node.server import main as run
+    else:
+        from qwenvl_pd.decode_node.server import main as run
+    run(cfg)
+    return 0
+
+
+def _add_node_parser(sub, role: str, default_port: int) -> None:
+    p = sub.add_parser(role, help=f"run a {role} instance (gRPC)")
+    p.add_argument("--model", required=True, help="Hugging Face checkpoint directory")
+    p.add_argument("--port", type=int, default=default_port)
+    p.add_argument("--host", default="127.0.0.1", help="address peers reach this instance at")
+    p.add_argument("--bind", default="0.0.0.0")
+    p.add_argument("--served-model-name")
+    p.add_argument("--max-model-len", type=int, default=8192)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | npu")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--transfer-protocol", default="tcp", choices=["tcp", "rdma", "ascend"])
+    p.add_argument("--transfer-device", default="", help="RDMA/Ascend device name(s) for Mooncake")
+    p.add_argument("--transfer-timeout", type=float, default=10.0, help="seconds; < --lease-seconds")
+    p.add_argument("--lease-seconds", type=float, default=30.0)
+    p.add_argument("--instance-id")
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--kv-cache-gib", type=float, default=1.0)
+    p.add_argument("--num-kv-blocks", type=int)
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--limit-images", type=int, default=16)
+    p.add_argument("--limit-videos", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_node)
+
+
+def _proxy(args: argparse.Namespace) -> int:
+    from qwenvl_pd.proxy.config import ProxyConfig, parse_addresses
+    from qwenvl_pd.proxy.server import main as run
+    if args.discover_dns:
+        from qwenvl_pd.proxy.discovery import parse_discover_dns
+        parse_discover_dns(args.discover_dns)  # a bad spec fails here, before any start-up work
+    run(ProxyConfig(
+        host=args.host, port=args.port, prefill=parse_addresses(args.prefill),
+        decode=parse_addresses(args.decode), discover_dns=args.discover_dns or "",
+        api_key=args.api_key or "", served_model_name=args.served_model_name or "",
+        allowed_local_media_path=args.allowed_local_media_path or "",
+        allow_private_media=args.allow_private_media, max_concurrent_requests=args.max_concurrent_requests,
+        max_images_per_request=args.max_images_per_request, max_media_bytes=args.max_media_bytes,
+        media_timeout_s=args.media_timeout, max_image_pixels=args.max_image_pixels,
+        health_interval_s=args.health_interval, load_interval_s=args.load_interval,
+        prefill_load_cap=args.prefill_load_cap, model_info_timeout_s=args.model_info_timeout,
+        colocated_model=args.colocated_model or "", colocated_max_model_len=args.max_model_len,
+        colocated_kv_cache_gib=args.kv_cache_gib))
+    return 0
+
+
+def _add_proxy_parser(sub) -> None:
+    p = sub.add_parser("proxy", help="run the OpenAI-compatible HTTP proxy in front of PD instances")
+    p.add_argument("--prefill", help="prefill instances, HOST:PORT[,HOST:PORT...]")
+    p.add_argument("--decode", help="decode instances, HOST:PORT[,HOST:PORT...]")
+    p.add_argument("--discover-dns", help="prefill=NAME:PORT,decode=NAME:PORT (headless Services)")
+    p.add_argument("--host", default="0.0.0.0", help="address to listen on")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", help="require Authorization: Bearer KEY on /v1 (or $QWENVL_PD_API_KEY)",
+                   default=os.environ.get("QWENVL_PD_API_KEY"))
+    p.add_argument("--served-model-name", help="the model name clients send (default: prefill's)")
+    p.add_argument("--allowed-local-media-path", help="serve file:// media from under this directory")
+    p.add_argument("--allow-private-media", action="store_true",
+                   help="allow media URLs that resolve to private/loopback addresses")
+    p.add_argument("--max-concurrent-requests", type=int, default=256, help="beyond this: 429")
+    p.add_argument("--max-images-per-request", type=int, default=16)
+    p.add_argument("--max-media-bytes", type=int, default=20 << 20)
+    p.add_argument("--media-timeout", type=float, default=10.0, help="seconds per media fetch")
+    p.add_argument("--max-image-pixels", type=int, default=8192 * 8192,
+                   help="largest width*height an image header may declare")
+    p.add_argument("--health-interval", type=float, default=2.0)
+    p.add_argument("--load-interval", type=float, default=1.0)
+    p.add_argument("--prefill-load-cap", type=int, default=8,
+                   help="requests on a prefill before affinity gives way to the least loaded")
+    p.add_argument("--model-info-timeout", type=float, default=300.0,
+                   help="seconds to wait at start for a prefill to answer")
+    p.add_argument("--colocated-model", help=argparse.SUPPRESS)  # serve --colocated
+    p.add_argument("--max-model-len", type=int, default=8192, help=argparse.SUPPRESS)
+    p.add_argument("--kv-cache-gib", type=float, default=1.0, help=argparse.SUPPRESS)
+    p.set_defaults(func=_proxy)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from qwenvl_pd.serve import ServeConfig, main as run
+    return run(ServeConfig(
+        model=args.model or "", host=args.host, port=args.port, num_prefill=args.num_prefill,
+        num_decode=args.num_decode, max_model_len=args.max_model_len, kv_cache_gib=args.kv_cache_gib,
+        served_model_name=args.served_model_name or "", api_key=args.api_key or "",
+        colocated=args.colocated, device=args.device, extra_proxy_args=tuple(args.proxy_arg)))
+
+
+def _add_serve_parser(sub) -> None:
+    p = sub.add_parser("serve", help="prefill, decode and proxy on this machine (Mooncake TCP on loopback)")
+    p.add_argument("--model", help="checkpoint directory (default: a tiny RANDOM-weight Qwen2.5-VL)")
+    p.add_argument("--host", default="127.0.0.1", help="address the proxy listens on")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--num-prefill", type=int, default=1)
+    p.add_argument("--num-decode", type=int, default=1)
+    p.add_argument("--max-model-len", type=int, default=8192)
+    p.add_argument("--kv-cache-gib", type=float, default=1.0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--served-model-name")
+    p.add_argument("--api-key", default=os.environ.get("QWENVL_PD_API_KEY"))
+    p.add_argument("--colocated", action="store_true",
+                   help="one engine that prefills and decodes (the baseline PD is compared with)")
+    p.add_argument("--proxy-arg", action="append", default=[], metavar="ARG",
+                   help="pass ARG on to `qwenvl-pd proxy` (repeatable), e.g. --proxy-arg=--allow-private-media")
+    p.set_defaults(func=_serve)
+
+
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,12 +175,19 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--max-model-len", type=int, default=8192)
     gen.set_defaults(func=_generate)
-    for role in ROLES_PENDING:
-        sub.add_parser(role, help=f"run the {role} role").set_defaults(func=_pending)
+    _add_node_parser(sub, "prefill", 50051)
+    _add_node_parser(sub, "decode", 50052)
+    _add_proxy_parser(sub)
+    _add_serve_parser(sub)
+    sub.add_parser("bench", help="load-test an OpenAI endpoint (see `qwenvl-pd bench --help`)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # every later argument belongs to the benchmark's own parser
+        from qwenvl_pd.bench.serve import main as bench
+        return bench(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

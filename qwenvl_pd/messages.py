@@ -79,10 +79,11 @@ class PrefillResult:
     """prefill -> proxy: the first token and where its KV waits for decode."""
     request_id: str
     first_token: SampledToken
-    handle: KVHandle
     mrope_position_delta: int
     prompt_len: int
+    handle: KVHandle | None = None  # None when the first token already ends the request
     num_cached_tokens: int = 0  # prefix-cache hits
+    finish_reason: str = ""  # "stop" | "length" when no decode is needed
 
 
 @dataclass(frozen=True)
@@ -129,6 +130,7 @@ class LoadReport:
     kv_transfer_seconds_total: float = 0.0
     prefix_cache_queries: int = 0  # in blocks
     prefix_cache_hits: int = 0  # in blocks
+    requests_total: int = 0  # requests admitted to the engine since start
 
     def __post_init__(self):
         _check(self.role in ROLES, f"role must be one of {ROLES}, not {self.role!r}")

@@ -40,8 +40,10 @@ class LLMEngine:
         self.runner = ModelRunner(model, self.kv_cache, cfg.block_size)
         self.encoder_cache = EncoderCache(cfg.encoder_cache_bytes)
         self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.requests_total = 0
 
     def add(self, seq: Sequence) -> None:
+        self.requests_total += 1
         self.scheduler.add(seq)
 
     def has_work(self) -> bool:

@@ -40,6 +40,7 @@ class KVHandle:
     num_tokens: int
     fingerprint: LayoutFingerprint
     lease_expires_unix_ms: int = 0  # prefill frees the blocks then, pulled or not
+    control_address: str = ""  # "host:port" of the prefill's gRPC service, for Release
 
     def __post_init__(self):
         object.__setattr__(self, "block_ids", tuple(self.block_ids))

@@ -114,7 +114,7 @@ class InputProcessor:
         except ValueError as e:
             raise InputError(str(e)) from None
 
-    def _media(self, mm: dict):
+    def _media(self, mm: dict, video_fps: list | None = None):
         unknown = set(mm) - {"image", "video"}
         if unknown:
             raise InputError(f"unsupported multi_modal_data keys {sorted(unknown)}; use 'image', 'video'")
@@ -127,25 +127,47 @@ class InputProcessor:
         videos = items.get("video") or []
         try:
             return (process_images(images, self.vision_cfg) if images else None,
-                    process_videos(videos, self.vision_cfg, self.family) if videos else None)
+                    process_videos(videos, self.vision_cfg, self.family, video_fps) if videos else None)
+        except ValueError as e:
+            raise InputError(str(e)) from None
+
+    def process_expanded(self, token_ids: list[int], images: list, videos: list,
+                         video_fps: list | None = None) -> ProcessedPrompt:
+        """A prompt whose placeholders a proxy already expanded; media as raw bytes or frames.
+        The runs of placeholders must match the grids the media give here."""
+        mm = {"image": images or None, "video": videos or None}
+        images_in, videos_in = self._media({k: v for k, v in mm.items() if v}, video_fps)
+        try:
+            return self._finish(list(token_ids), images_in, videos_in)
+        except InputError:
+            raise
         except ValueError as e:
             raise InputError(str(e)) from None
 
     def _expand(self, ids: list[int], images: ImageInputs | None,
                 videos: VideoInputs | None) -> ProcessedPrompt:
         merge = self.config.vision.spatial_merge_size
-        image_grid = images.image_grid_thw if images else torch.zeros(0, 3, dtype=torch.long)
-        video_grid = videos.video_grid_thw if videos else torch.zeros(0, 3, dtype=torch.long)
         expanded = expand_placeholders(
-            ids, image_grid, video_grid, merge, family=self.family,
-            video_timestamps=videos.timestamps if videos else None, encode=self.encode, ids=self.ids)
+            ids, _grid(images and images.image_grid_thw), _grid(videos and videos.video_grid_thw),
+            merge, family=self.family, video_timestamps=videos.timestamps if videos else None,
+            encode=self.encode, ids=self.ids)
+        return self._finish(expanded, images, videos)
+
+    def _finish(self, expanded: list[int], images: ImageInputs | None,
+                videos: VideoInputs | None) -> ProcessedPrompt:
+        merge = self.config.vision.spatial_merge_size
         if len(expanded) >= self.max_model_len:
             raise InputError(f"prompt is {len(expanded)} tokens (images and videos expanded); "
                              f"max_model_len is {self.max_model_len}")
         positions, delta = mrope_positions(
-            expanded, image_grid, video_grid, merge, family=self.family,
-            image_token_id=self.ids.image_pad, video_token_id=self.ids.video_pad,
+            expanded, _grid(images and images.image_grid_thw), _grid(videos and videos.video_grid_thw),
+            merge, family=self.family, image_token_id=self.ids.image_pad,
+            video_token_id=self.ids.video_pad,
             second_per_grid_ts=videos.second_per_grid_ts if videos else None,
             tokens_per_second=self.config.vision.tokens_per_second)
         items = _items(expanded, images, videos, self.ids, merge)
         return ProcessedPrompt(expanded, positions, delta, items, images, videos)
+
+
+def _grid(grid: torch.Tensor | None) -> torch.Tensor:
+    return grid if grid is not None else torch.zeros(0, 3, dtype=torch.long)

@@ -134,7 +134,7 @@ class LayoutFingerprint(_message.Message):
     def __init__(self, model: _Optional[str] = ..., dtype: _Optional[str] = ..., block_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., tp_size: _Optional[int] = ..., tp_rank: _Optional[int] = ...) -> None: ...
 
 class KVHandle(_message.Message):
-    __slots__ = ("instance_id", "transfer_address", "kv_base_ptr", "block_bytes", "region_num_blocks", "block_ids", "num_tokens", "fingerprint", "lease_expires_unix_ms")
+    __slots__ = ("instance_id", "transfer_address", "kv_base_ptr", "block_bytes", "region_num_blocks", "block_ids", "num_tokens", "fingerprint", "lease_expires_unix_ms", "control_address")
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     KV_BASE_PTR_FIELD_NUMBER: _ClassVar[int]
@@ -144,6 +144,7 @@ class KVHandle(_message.Message):
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     LEASE_EXPIRES_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    CONTROL_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     instance_id: str
     transfer_address: str
     kv_base_ptr: int
@@ -153,23 +154,26 @@ class KVHandle(_message.Message):
     num_tokens: int
     fingerprint: LayoutFingerprint
     lease_expires_unix_ms: int
-    def __init__(self, instance_id: _Optional[str] = ..., transfer_address: _Optional[str] = ..., kv_base_ptr: _Optional[int] = ..., block_bytes: _Optional[int] = ..., region_num_blocks: _Optional[int] = ..., block_ids: _Optional[_Iterable[int]] = ..., num_tokens: _Optional[int] = ..., fingerprint: _Optional[_Union[LayoutFingerprint, _Mapping]] = ..., lease_expires_unix_ms: _Optional[int] = ...) -> None: ...
+    control_address: str
+    def __init__(self, instance_id: _Optional[str] = ..., transfer_address: _Optional[str] = ..., kv_base_ptr: _Optional[int] = ..., block_bytes: _Optional[int] = ..., region_num_blocks: _Optional[int] = ..., block_ids: _Optional[_Iterable[int]] = ..., num_tokens: _Optional[int] = ..., fingerprint: _Optional[_Union[LayoutFingerprint, _Mapping]] = ..., lease_expires_unix_ms: _Optional[int] = ..., control_address: _Optional[str] = ...) -> None: ...
 
 class PrefillResponse(_message.Message):
-    __slots__ = ("request_id", "first_token", "handle", "mrope_position_delta", "prompt_len", "num_cached_tokens")
+    __slots__ = ("request_id", "first_token", "handle", "mrope_position_delta", "prompt_len", "num_cached_tokens", "finish_reason")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     FIRST_TOKEN_FIELD_NUMBER: _ClassVar[int]
     HANDLE_FIELD_NUMBER: _ClassVar[int]
     MROPE_POSITION_DELTA_FIELD_NUMBER: _ClassVar[int]
     PROMPT_LEN_FIELD_NUMBER: _ClassVar[int]
     NUM_CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     first_token: SampledToken
     handle: KVHandle
     mrope_position_delta: int
     prompt_len: int
     num_cached_tokens: int
-    def __init__(self, request_id: _Optional[str] = ..., first_token: _Optional[_Union[SampledToken, _Mapping]] = ..., handle: _Optional[_Union[KVHandle, _Mapping]] = ..., mrope_position_delta: _Optional[int] = ..., prompt_len: _Optional[int] = ..., num_cached_tokens: _Optional[int] = ...) -> None: ...
+    finish_reason: str
+    def __init__(self, request_id: _Optional[str] = ..., first_token: _Optional[_Union[SampledToken, _Mapping]] = ..., handle: _Optional[_Union[KVHandle, _Mapping]] = ..., mrope_position_delta: _Optional[int] = ..., prompt_len: _Optional[int] = ..., num_cached_tokens: _Optional[int] = ..., finish_reason: _Optional[str] = ...) -> None: ...
 
 class DecodeRequest(_message.Message):
     __slots__ = ("request_id", "handle", "first_token", "prompt_token_ids", "prompt_len", "mrope_position_delta", "sampling", "num_output_tokens")
@@ -234,7 +238,7 @@ class LoadRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class LoadReport(_message.Message):
-    __slots__ = ("role", "instance_id", "running", "waiting", "blocks_used", "blocks_total", "kv_transfers_total", "kv_transfer_bytes_total", "kv_transfer_seconds_total", "prefix_cache_queries", "prefix_cache_hits")
+    __slots__ = ("role", "instance_id", "running", "waiting", "blocks_used", "blocks_total", "kv_transfers_total", "kv_transfer_bytes_total", "kv_transfer_seconds_total", "prefix_cache_queries", "prefix_cache_hits", "requests_total")
     class Role(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         ROLE_UNSPECIFIED: _ClassVar[LoadReport.Role]
@@ -254,6 +258,7 @@ class LoadReport(_message.Message):
     KV_TRANSFER_SECONDS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     PREFIX_CACHE_QUERIES_FIELD_NUMBER: _ClassVar[int]
     PREFIX_CACHE_HITS_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     role: LoadReport.Role
     instance_id: str
     running: int
@@ -265,7 +270,8 @@ class LoadReport(_message.Message):
     kv_transfer_seconds_total: float
     prefix_cache_queries: int
     prefix_cache_hits: int
-    def __init__(self, role: _Optional[_Union[LoadReport.Role, str]] = ..., instance_id: _Optional[str] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., blocks_used: _Optional[int] = ..., blocks_total: _Optional[int] = ..., kv_transfers_total: _Optional[int] = ..., kv_transfer_bytes_total: _Optional[int] = ..., kv_transfer_seconds_total: _Optional[float] = ..., prefix_cache_queries: _Optional[int] = ..., prefix_cache_hits: _Optional[int] = ...) -> None: ...
+    requests_total: int
+    def __init__(self, role: _Optional[_Union[LoadReport.Role, str]] = ..., instance_id: _Optional[str] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., blocks_used: _Optional[int] = ..., blocks_total: _Optional[int] = ..., kv_transfers_total: _Optional[int] = ..., kv_transfer_bytes_total: _Optional[int] = ..., kv_transfer_seconds_total: _Optional[float] = ..., prefix_cache_queries: _Optional[int] = ..., prefix_cache_hits: _Optional[int] = ..., requests_total: _Optional[int] = ...) -> None: ...
 
 class ModelInfoRequest(_message.Message):
     __slots__ = ()

@@ -32,14 +32,15 @@ TOKEN = SampledToken(token_id=151643, logprob=-0.123456789012345,
 HANDLE = KVHandle(instance_id="prefill-0", transfer_address="10.0.0.7:17777",
                   kv_base_ptr=2 ** 64 - 2 ** 20, block_bytes=16 * 4 * 128 * 2, region_num_blocks=4096,
                   block_ids=(4095, 7, 8, 9), num_tokens=50, fingerprint=FP,
-                  lease_expires_unix_ms=1_760_000_000_123)
+                  lease_expires_unix_ms=1_760_000_000_123, control_address="10.0.0.7:50051")
 IMAGE = MediaItem(kind="image", content_hash="ab" * 32, grid_thw=(1, 34, 52), data=b"\x89PNG\x00\xff")
 VIDEO = MediaItem(kind="video", content_hash="cd" * 32, grid_thw=(4, 16, 16), frames=(b"jpg1", b""),
                   fps=29.97, second_per_grid_t=0.5, timestamps=(0.25, 1.25, 2.0 / 3))
 PREFILL_REQ = PrefillRequest(request_id="req-1", prompt_token_ids=(151644, 151655, 2 ** 31 - 1),
                              media=(IMAGE, VIDEO), sampling=SP, lease_ms=30_000)
 PREFILL_RESULT = PrefillResult(request_id="req-1", first_token=TOKEN, handle=HANDLE,
-                               mrope_position_delta=-1234, prompt_len=50, num_cached_tokens=32)
+                               mrope_position_delta=-1234, prompt_len=50, num_cached_tokens=32,
+                               finish_reason="length")
 DECODE_REQ = DecodeRequest(request_id="req-1", handle=HANDLE, first_token=TOKEN, prompt_token_ids=(1, 2, 3),
                            prompt_len=3, mrope_position_delta=-(2 ** 40), sampling=SP, num_output_tokens=2)
 SAMPLES = [
@@ -57,7 +58,8 @@ SAMPLES = [
                error="KV read timed out"),
     LoadReport(role="decode", instance_id="decode-3", running=5, waiting=2, blocks_used=100,
                blocks_total=4096, kv_transfers_total=17, kv_transfer_bytes_total=2 ** 40 + 1,
-               kv_transfer_seconds_total=0.1 + 0.7, prefix_cache_queries=90, prefix_cache_hits=45),
+               kv_transfer_seconds_total=0.1 + 0.7, prefix_cache_queries=90, prefix_cache_hits=45,
+               requests_total=3),
     ModelInfo(served_model_name="qwen-vl", family="qwen3_vl", tokenizer_json=b'{"model": "\xc3\xa9"}',
               tokenizer_config_json=b"{}", chat_template="{% for m in messages %}\u00e9{% endfor %}",
               preprocessor_config_json='{"patch_size": 16}', max_model_len=262144,

@@ -1,0 +1,185 @@
+"""The decode node: pulls a prefilled request's KV over Mooncake, joins the running batch and
+streams tokens. It never sees pixels, never runs the processor, never prefills."""
+import asyncio
+import logging
+import time
+
+import grpc
+import torch
+
+from qwenvl_pd.engine.block_manager import OutOfBlocks
+from qwenvl_pd.engine.node_host import GRPC_OPTIONS, NodeHost, serve
+from qwenvl_pd.engine.runtime import NodeConfig, Runtime
+from qwenvl_pd.engine.sequence import FinishReason, Sequence
+from qwenvl_pd.kv_transfer.engine import TransferError, TransferTimeout
+from qwenvl_pd.kv_transfer.layout import Region, read_slices
+from qwenvl_pd.messages import DecodeRequest, SampledToken, TokenEvent
+from qwenvl_pd.prefill_node.server import load_report
+from qwenvl_pd.protos import convert, qwenvl_pd_pb2 as pb, qwenvl_pd_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+
+class DecodeService(pb_grpc.DecodeServicer):
+    def __init__(self, runtime: Runtime):
+        self.rt = runtime
+        self.host = NodeHost(runtime, self._on_tokens)
+        self.streams: dict[str, asyncio.Queue] = {}
+        self.seqs: dict[str, Sequence] = {}  # engine thread
+        self.transfers = {"kv_transfers_total": 0, "kv_transfer_bytes_total": 0,
+                          "kv_transfer_seconds_total": 0.0}
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self.pulling: dict[str, asyncio.Event] = {}  # set: aborted while its KV is in flight
+
+    # ---- engine thread
+    def _on_tokens(self, seqs: list[Sequence]) -> None:
+        handed_back = self.rt.engine.scheduler.handed_back
+        for seq in seqs + handed_back:
+            if seq.finished:
+                self.seqs.pop(seq.request_id, None)
+            self.host.post(self._publish, seq.request_id, _event(seq))
+        handed_back.clear()
+
+    def _join(self, seq: Sequence) -> None:
+        self.seqs[seq.request_id] = seq
+        self.rt.engine.requests_total += 1
+        self.rt.engine.scheduler.add_prefilled(seq)
+
+    def _abort(self, request_id: str) -> bool:
+        seq = self.seqs.pop(request_id, None)
+        if seq is not None:
+            self.rt.engine.finish(seq, FinishReason.ABORT)
+            self.host.post(self._publish, request_id, _event(seq))
+        return seq is not None
+
+    # ---- asyncio side
+    def _publish(self, request_id: str, event: TokenEvent) -> None:
+        queue = self.streams.get(request_id)
+        if queue is not None:
+            queue.put_nowait(event)
+
+    async def Decode(self, request, context):
+        req = await self._validate(request, context)
+        if req.request_id in self.streams:
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"request {req.request_id} is in flight")
+        queue: asyncio.Queue = asyncio.Queue()
+        self.streams[req.request_id] = queue
+        try:
+            await self._pull_and_join(req, context)
+            while True:
+                event = await queue.get()
+                yield convert.to_proto(event)
+                if event.finish_reason:
+                    return
+        finally:
+            self.streams.pop(req.request_id, None)
+            # a client that went away (or any error) frees the blocks at once
+            await self.host.call(lambda: self._abort(req.request_id))
+
+    async def _validate(self, request, context) -> DecodeRequest:
+        try:
+            req: DecodeRequest = convert.from_proto(request)
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        mismatch = req.handle.fingerprint.mismatch(self.rt.fingerprint, names=("prefill", "decode"))
+        if mismatch:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"KV layout mismatch: {mismatch}")
+        if req.handle.lease_expires_unix_ms and req.handle.lease_expires_unix_ms < time.time() * 1000:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"KV lease of request {req.request_id} expired on {req.handle.instance_id}")
+        return req
+
+    async def _pull_and_join(self, req: DecodeRequest, context) -> None:
+        h = req.handle
+        try:
+            blocks = await self.host.call(lambda: self.rt.engine.blocks.allocate_n(len(h.block_ids)))
+        except OutOfBlocks:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "decode is out of KV blocks")
+        slices = read_slices(self.rt.region, Region.from_handle(h), h.block_ids, blocks)
+        aborted = self.pulling[req.request_id] = asyncio.Event()
+        start = time.perf_counter()
+        read = asyncio.get_running_loop().run_in_executor(
+            None, self.rt.transfer.read_batch, h.transfer_address, slices)
+        try:
+            await asyncio.shield(read)
+        except TransferError as e:
+            await self._free_after(e, blocks)
+            await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                f"KV read from prefill {h.instance_id} ({h.transfer_address}) failed: {e}")
+        except asyncio.CancelledError:  # the read may still be writing: free once it returns
+            read.add_done_callback(lambda _: self._free_later(blocks))
+            raise
+        finally:
+            self.pulling.pop(req.request_id, None)
+        self._count(slices, time.perf_counter() - start)
+        asyncio.ensure_future(self._release(h.control_address, req.request_id))
+        if aborted.is_set():
+            await self.host.call(lambda: self.rt.engine.blocks.free(blocks))
+            self.streams[req.request_id].put_nowait(TokenEvent(finish_reason="abort"))
+            return
+        await self.host.call(lambda: self._join(self._sequence(req, blocks)))
+
+    def _free_later(self, blocks: list[int]) -> None:
+        self.host.engine_loop.submit(lambda: self.rt.engine.blocks.free(blocks))
+
+    async def _free_after(self, error: TransferError, blocks: list[int]) -> None:
+        # a timed-out read may still land in these blocks: free them only once it has settled
+        if isinstance(error, TransferTimeout):
+            error.settled.add_done_callback(lambda _: self._free_later(blocks))
+        else:
+            await self.host.call(lambda: self.rt.engine.blocks.free(blocks))
+
+    def _sequence(self, req: DecodeRequest, blocks: list[int]) -> Sequence:
+        seq = Sequence(req.request_id, list(req.prompt_token_ids), torch.zeros(3, 0, dtype=torch.long),
+                       req.mrope_position_delta, req.sampling)
+        seq.token_ids.append(req.first_token.token_id)
+        seq.block_ids = list(blocks)
+        return seq
+
+    def _count(self, slices, seconds: float) -> None:
+        self.transfers["kv_transfers_total"] += 1
+        self.transfers["kv_transfer_bytes_total"] += sum(n for _, _, n in slices)
+        self.transfers["kv_transfer_seconds_total"] += seconds
+
+    async def _release(self, address: str, request_id: str) -> None:
+        if not address:
+            return
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = self._channels[address] = grpc.aio.insecure_channel(address, options=GRPC_OPTIONS)
+        try:
+            await pb_grpc.PrefillStub(channel).Release(pb.ReleaseRequest(request_id=request_id), timeout=5)
+        except grpc.RpcError as e:  # the lease frees the blocks anyway
+            log.warning("release of %s on %s failed: %s", request_id, address, e.code())
+
+    async def Abort(self, request, context):
+        pulling = self.pulling.get(request.request_id)
+        if pulling is not None:
+            pulling.set()
+            return pb.AbortResponse(found=True)
+        found = await self.host.call(lambda: self._abort(request.request_id))
+        return pb.AbortResponse(found=found)
+
+    async def GetLoad(self, request, context):
+        return convert.to_proto(load_report(self.rt, "decode", **self.transfers))
+
+
+def _event(seq: Sequence) -> TokenEvent:
+    reason = seq.finish_reason.value if seq.finish_reason else ""
+    token = None
+    if seq.finish_reason not in (FinishReason.ABORT, FinishReason.PREEMPTED):
+        logprob, top = seq.logprobs[-1] if seq.logprobs else (None, ())
+        token = SampledToken(seq.token_ids[-1], logprob, tuple(top))
+    return TokenEvent(token=token, finish_reason=reason, num_prompt_tokens=seq.prompt_len,
+                      num_output_tokens=seq.num_output)
+
+
+def main(cfg: NodeConfig) -> None:
+    runtime = Runtime(cfg)
+
+    def register(server):
+        service = DecodeService(runtime)
+        pb_grpc.add_DecodeServicer_to_server(service, server)
+        return service.host
+
+    asyncio.run(serve(runtime, register))

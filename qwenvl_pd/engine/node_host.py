@@ -1,0 +1,57 @@
+"""What both node servers share: the engine thread bridged to asyncio, and the gRPC server with
+the standard health service."""
+import asyncio
+import logging
+import signal
+from typing import Callable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from qwenvl_pd.engine.loop import EngineLoop
+from qwenvl_pd.engine.runtime import Runtime
+
+log = logging.getLogger(__name__)
+MAX_MESSAGE_BYTES = 256 << 20  # prompts carry raw image and video bytes
+GRPC_OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
+
+
+class NodeHost:
+    def __init__(self, runtime: Runtime, on_tokens: Callable, on_tick: Callable = lambda: None):
+        self.runtime = runtime
+        self.aio = asyncio.get_running_loop()
+        self.engine_loop = EngineLoop(runtime.engine, on_tokens, on_tick)
+
+    async def call(self, fn: Callable):
+        """Run fn on the engine thread and await its result."""
+        return await asyncio.wrap_future(self.engine_loop.submit(fn))
+
+    def post(self, fn: Callable, *args) -> None:
+        """From the engine thread: run fn(*args) on the asyncio loop."""
+        self.aio.call_soon_threadsafe(fn, *args)
+
+
+async def serve(runtime: Runtime, register: Callable[[grpc.aio.Server], NodeHost]) -> None:
+    """Start the engine and the gRPC server; run until SIGINT/SIGTERM."""
+    server = grpc.aio.server(options=GRPC_OPTIONS)
+    host = register(server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    server.add_insecure_port(f"{runtime.cfg.bind}:{runtime.cfg.port}")
+    host.engine_loop.start()
+    await server.start()
+    await _set_serving(health_servicer)
+    log.info("%s %s serving on %s:%d", runtime.cfg.role, runtime.instance_id, runtime.cfg.bind,
+             runtime.cfg.port)
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await server.stop(grace=2)
+    host.engine_loop.stop()
+    runtime.close()
+
+
+async def _set_serving(servicer) -> None:
+    await servicer.set("", health_pb2.HealthCheckResponse.SERVING)

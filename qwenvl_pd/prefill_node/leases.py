@@ -1,0 +1,33 @@
+"""KV blocks of finished prefills, held until decode releases them or the lease runs out."""
+import time
+from dataclasses import dataclass
+
+
+@dataclass
+class Lease:
+    block_ids: list[int]
+    expires_at: float  # time.monotonic()
+
+
+class LeaseTable:
+    """Engine thread only."""
+
+    def __init__(self):
+        self._leases: dict[str, Lease] = {}
+        self.expired_total = 0
+
+    def __contains__(self, request_id: str) -> bool:
+        return request_id in self._leases
+
+    def add(self, request_id: str, block_ids: list[int], seconds: float) -> None:
+        self._leases[request_id] = Lease(list(block_ids), time.monotonic() + seconds)
+
+    def pop(self, request_id: str) -> list[int] | None:
+        lease = self._leases.pop(request_id, None)
+        return lease.block_ids if lease else None
+
+    def pop_expired(self) -> list[list[int]]:
+        now = time.monotonic()
+        gone = [rid for rid, lease in self._leases.items() if lease.expires_at <= now]
+        self.expired_total += len(gone)
+        return [self._leases.pop(rid).block_ids for rid in gone]

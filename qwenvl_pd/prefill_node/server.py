@@ -1,0 +1,180 @@
+"""The prefill node: vision encoder + prompt prefill; holds the KV under a lease for decode."""
+import asyncio
+import io
+import logging
+import time
+
+import grpc
+from PIL import Image
+
+from qwenvl_pd.engine.block_manager import OutOfBlocks  # noqa: F401  (re-exported for tests)
+from qwenvl_pd.engine.node_host import NodeHost, serve
+from qwenvl_pd.engine.runtime import NodeConfig, Runtime
+from qwenvl_pd.engine.sequence import FinishReason, Sequence
+from qwenvl_pd.kv_transfer.handle import KVHandle
+from qwenvl_pd.messages import LoadReport, PrefillRequest, PrefillResult, SampledToken
+from qwenvl_pd.model.inputs import InputError
+from qwenvl_pd.prefill_node.leases import LeaseTable
+from qwenvl_pd.protos import convert, qwenvl_pd_pb2 as pb, qwenvl_pd_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+
+class PrefillService(pb_grpc.PrefillServicer):
+    def __init__(self, runtime: Runtime):
+        self.rt = runtime
+        self.leases = LeaseTable()
+        self.host = NodeHost(runtime, self._on_tokens, self._expire_leases)
+        self.waiters: dict[str, asyncio.Future] = {}
+        self.seqs: dict[str, Sequence] = {}  # engine thread: live prefills by request id
+        self.lease_seconds: dict[str, float] = {}  # set before a sequence reaches the engine
+
+    # ---- engine thread
+    def _on_tokens(self, seqs: list[Sequence]) -> None:
+        for seq in seqs:
+            if seq.finished:
+                self.seqs.pop(seq.request_id, None)
+                if seq.finish_reason == FinishReason.PREFILLED:
+                    self.leases.add(seq.request_id, seq.block_ids,
+                                    self.lease_seconds.get(seq.request_id, self.rt.cfg.lease_seconds))
+                self.host.post(self._resolve, seq.request_id, seq)
+
+    def _expire_leases(self) -> None:
+        for blocks in self.leases.pop_expired():
+            self.rt.engine.blocks.free(blocks)
+
+    def _add(self, seq: Sequence) -> None:
+        if seq.request_id in self.seqs or seq.request_id in self.leases:
+            raise KeyError(seq.request_id)
+        self.seqs[seq.request_id] = seq
+        self.rt.engine.add(seq)
+
+    def _abort(self, request_id: str) -> bool:
+        seq = self.seqs.pop(request_id, None)
+        if seq is not None:
+            self.rt.engine.finish(seq, FinishReason.ABORT)
+            self.host.post(self._resolve, request_id, seq)
+            return True
+        blocks = self.leases.pop(request_id)
+        if blocks is not None:
+            self.rt.engine.blocks.free(blocks)
+        return blocks is not None
+
+    def _release(self, request_id: str) -> bool:
+        blocks = self.leases.pop(request_id)
+        if blocks is not None:
+            self.rt.engine.blocks.free(blocks)
+        return blocks is not None
+
+    # ---- asyncio side
+    def _resolve(self, request_id: str, seq: Sequence) -> None:
+        fut = self.waiters.pop(request_id, None)
+        if fut is not None and not fut.done():
+            fut.set_result(seq)
+
+    async def Prefill(self, request, context):
+        try:
+            req: PrefillRequest = convert.from_proto(request)
+            seq = await asyncio.to_thread(self._sequence, req)
+        except (ValueError, InputError) as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        if req.request_id in self.waiters:
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"request {req.request_id} is in flight")
+        fut = asyncio.get_running_loop().create_future()
+        self.waiters[req.request_id] = fut
+        self.lease_seconds[req.request_id] = req.lease_ms / 1000 or self.rt.cfg.lease_seconds
+        try:
+            await self.host.call(lambda: self._add(seq))
+        except KeyError:
+            self.waiters.pop(req.request_id, None)
+            self.lease_seconds.pop(req.request_id, None)
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS,
+                                f"request {req.request_id} holds KV not yet released")
+        try:
+            seq = await fut
+        except asyncio.CancelledError:  # the proxy gave up: free at once
+            await self.host.call(lambda: self._abort(req.request_id))
+            raise
+        finally:
+            self.lease_seconds.pop(req.request_id, None)
+        if seq.finish_reason == FinishReason.ABORT:
+            await context.abort(grpc.StatusCode.CANCELLED, f"request {req.request_id} aborted")
+        lease_s = req.lease_ms / 1000 or self.rt.cfg.lease_seconds
+        return convert.to_proto(self._result(seq, lease_s))
+
+    def _sequence(self, req: PrefillRequest) -> Sequence:
+        images = [m.data for m in req.media if m.kind == "image"]
+        videos = [list(_frames(m)) if m.frames else m.data for m in req.media if m.kind == "video"]
+        fps = [m.fps for m in req.media if m.kind == "video"]
+        prompt = self.rt.inputs.process_expanded(list(req.prompt_token_ids), images, videos, fps or None)
+        _check_grids(req, prompt)
+        params = req.sampling
+        room = self.rt.cfg.max_model_len - len(prompt.token_ids)
+        if params.max_tokens is None or params.max_tokens > room:
+            raise ValueError(f"prompt ({len(prompt.token_ids)} tokens) + max_tokens "
+                             f"({params.max_tokens}) exceeds max_model_len ({self.rt.cfg.max_model_len})")
+        return Sequence(req.request_id, prompt.token_ids, prompt.positions, prompt.mrope_delta,
+                        params, items=prompt.items)
+
+    def _result(self, seq: Sequence, lease_s: float) -> PrefillResult:
+        logprob, top = seq.logprobs[0] if seq.logprobs else (None, ())
+        token = SampledToken(seq.output_ids[0], logprob, tuple(top))
+        result = dict(request_id=seq.request_id, first_token=token, mrope_position_delta=seq.mrope_delta,
+                      prompt_len=seq.prompt_len, num_cached_tokens=seq.num_cached)
+        if seq.finish_reason != FinishReason.PREFILLED:
+            return PrefillResult(**result, finish_reason=seq.finish_reason.value)
+        return PrefillResult(**result, handle=self._handle(seq, lease_s))
+
+    def _handle(self, seq: Sequence, lease_s: float) -> KVHandle:
+        lease_ms = int((time.time() + lease_s) * 1000)
+        return KVHandle(
+            instance_id=self.rt.instance_id, transfer_address=self.rt.transfer.session_id,
+            kv_base_ptr=self.rt.region.base, block_bytes=self.rt.region.block_bytes,
+            region_num_blocks=self.rt.region.num_blocks, block_ids=tuple(seq.block_ids),
+            num_tokens=seq.prompt_len, fingerprint=self.rt.fingerprint,
+            lease_expires_unix_ms=lease_ms, control_address=f"{self.rt.cfg.host}:{self.rt.cfg.port}")
+
+    async def Release(self, request, context):
+        released = await self.host.call(lambda: self._release(request.request_id))
+        return pb.ReleaseResponse(released=released)
+
+    async def Abort(self, request, context):
+        found = await self.host.call(lambda: self._abort(request.request_id))
+        return pb.AbortResponse(found=found)
+
+    async def GetLoad(self, request, context):
+        return convert.to_proto(load_report(self.rt, "prefill"))
+
+    async def GetModelInfo(self, request, context):
+        return convert.to_proto(self.rt.model_info())
+
+
+def load_report(rt: Runtime, role: str, **transfer) -> LoadReport:
+    engine = rt.engine
+    return LoadReport(role=role, instance_id=rt.instance_id, running=len(engine.scheduler.running),
+                      waiting=len(engine.scheduler.waiting), blocks_used=engine.blocks.num_used_blocks,
+                      blocks_total=engine.blocks.num_blocks, prefix_cache_queries=engine.blocks.prefix_queries,
+                      prefix_cache_hits=engine.blocks.prefix_hits,
+                      requests_total=engine.requests_total, **transfer)
+
+
+def _frames(item) -> list[Image.Image]:
+    return [Image.open(io.BytesIO(f)) for f in item.frames]
+
+
+def _check_grids(req: PrefillRequest, prompt) -> None:
+    for i, (sent, item) in enumerate(zip(req.media, prompt.items)):
+        if tuple(sent.grid_thw) != tuple(item.grid_thw):
+            raise ValueError(f"media {i}: the request says grid {tuple(sent.grid_thw)}, the image "
+                             f"gives {tuple(item.grid_thw)} with this model's processor")
+
+
+def main(cfg: NodeConfig) -> None:
+    runtime = Runtime(cfg)
+
+    def register(server):
+        service = PrefillService(runtime)
+        pb_grpc.add_PrefillServicer_to_server(service, server)
+        return service.host
+
+    asyncio.run(serve(runtime, register))

@@ -1,0 +1,142 @@
+"""The FastAPI application: state, error handlers, authentication and admission.
+
+Every error leaves as OpenAI's body ({"error": {...}}); validation failures are 400, never
+FastAPI's 422. The routes live in routes.py, the request pipeline in inputs.py / generation.py /
+streaming.py, and building the backend (PD cluster or colocated engine) in server.py.
+"""
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from qwenvl_pd.messages import ModelInfo
+from qwenvl_pd.proxy.config import ProxyConfig
+from qwenvl_pd.proxy.errors import APIError, bad_request, not_found_model, overloaded, unauthorized
+from qwenvl_pd.proxy.generation import Backend
+from qwenvl_pd.proxy.metrics import ProxyMetrics
+from qwenvl_pd.proxy.model_info import ProxyModel, build_model
+from qwenvl_pd.proxy.streaming import error_response
+
+log = logging.getLogger(__name__)
+# (backend, model info, close) for a config; server.py has the real one, tests may pass theirs
+OpenBackend = Callable[[ProxyConfig, ProxyMetrics], Awaitable[tuple[Backend, ModelInfo, Callable]]]
+
+
+@dataclass
+class Slot:
+    """One admitted request; release() is idempotent, so every exit path may call it."""
+    proxy: "Proxy"
+    released: bool = False
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self.proxy.active -= 1
+
+
+@dataclass
+class Proxy:
+    cfg: ProxyConfig
+    model: ProxyModel
+    backend: Backend
+    metrics: ProxyMetrics
+    active: int = 0
+    _key: bytes = field(default=b"", repr=False)
+
+    def __post_init__(self):
+        self._key = self.cfg.api_key.encode()
+
+    def authorize(self, request: Request) -> None:
+        if not self._key:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self._key):
+            raise unauthorized()
+
+    def check_model(self, name: str | None) -> None:
+        if name is not None and name != self.model.name:
+            raise not_found_model(name)
+
+    def admit(self) -> Slot:
+        # a bound, not a queue: past it the client hears 429 at once and may retry elsewhere
+        if self.active >= self.cfg.max_concurrent_requests:
+            raise overloaded(f"{self.active} requests are in progress (--max-concurrent-requests "
+                             f"{self.cfg.max_concurrent_requests}); retry later")
+        self.active += 1
+        return Slot(self)
+
+
+def proxy_of(request: Request) -> Proxy:
+    return request.app.state.proxy
+
+
+async def read_json(request: Request, limit: int):
+    """The body as JSON, whatever the Content-Type says (curl -d sends a form type)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise bad_request(f"the request body is {declared} bytes; the limit is {limit}")
+    buf = bytearray()
+    async for chunk in request.stream():
+        buf += chunk
+        if len(buf) > limit:
+            raise bad_request(f"the request body is larger than the {limit}-byte limit")
+    try:
+        return json.loads(buf)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise bad_request(f"the request body is not valid JSON: {e}") from None
+
+
+def _install_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def _api(request: Request, exc: APIError):
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {}
+        param = ".".join(str(x) for x in first.get("loc", ()) if x != "body") or None
+        return error_response(bad_request(first.get("msg", "invalid request"), param))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        return error_response(APIError(exc.status_code, str(exc.detail), kind))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        log.exception("unhandled error on %s", request.url.path)
+        return error_response(APIError(500, f"internal error: {type(exc).__name__}: {exc}", "server_error"))
+
+
+def create_app(cfg: ProxyConfig, open_backend: OpenBackend | None = None) -> FastAPI:
+    """The app; its lifespan opens the backend and fetches the model's info before serving."""
+    from qwenvl_pd.proxy.routes import router as routes
+    if open_backend is None:
+        from qwenvl_pd.proxy.server import open_backend
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        metrics = ProxyMetrics()
+        backend, info, close = await open_backend(cfg, metrics)
+        try:
+            model = build_model(info, cfg.served_model_name)
+            app.state.proxy = Proxy(cfg, model, backend, metrics)
+            log.info("serving %s (%s, max_model_len %d) on http://%s:%d/v1", model.name, model.family,
+                     model.max_model_len, cfg.host, cfg.port)
+            yield
+        finally:
+            await close()
+
+    app = FastAPI(title="qwenvl-pd", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None)
+    _install_handlers(app)
+    app.include_router(routes)
+    return app

@@ -1,0 +1,153 @@
+"""One sample of a request through the PD cluster: prefill, then the decode stream.
+
+Yields the first token as soon as prefill answers (that is the TTFT the client sees), then each
+decoded token. Closing the generator early (a stop string, a client that went away) cancels the
+decode stream, which frees its blocks at once, and aborts a prefill lease nobody will pull.
+Failures follow DESIGN.md's table: a prefill that fails before answering is retried once on
+another prefill; decode unreachable before its first event, once on another decode; a decode
+that hands the request back ("preempted") gets it re-prefilled with the tokens so far.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+
+from qwenvl_pd.messages import PrefillRequest, PrefillResult, SampledToken, TokenEvent
+from qwenvl_pd.proxy import pd_client
+from qwenvl_pd.proxy.errors import APIError, bad_request
+from qwenvl_pd.proxy.router import InstanceState, Router
+
+log = logging.getLogger(__name__)
+MAX_REPREFILLS = 4  # a request preempted this often is not going to fit
+RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+@dataclass(frozen=True)
+class Step:
+    """One token of a sample (or an end without one)."""
+    token: SampledToken | None
+    finish_reason: str = ""  # "" while running
+    num_cached_tokens: int = 0  # prompt tokens prefill served from its prefix cache (first step)
+
+
+def rpc_error(e: grpc.aio.AioRpcError, where: str) -> APIError:
+    """A gRPC failure -> the status a client should see."""
+    if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
+        return bad_request(e.details())
+    if e.code() in RETRYABLE:
+        return APIError(503, f"{where}: {e.details()}", "service_unavailable", None, "backend_unavailable")
+    return APIError(500, f"{where}: {e.code().name}: {e.details()}", "server_error", None, "backend_error")
+
+
+class PDBackend:
+    def __init__(self, router: Router, prefill_timeout_s: float = 600.0):
+        self.router = router
+        self.prefill_timeout_s = prefill_timeout_s
+
+    def ready(self) -> bool:
+        return self.router.ready()
+
+    async def generate(self, req: PrefillRequest, key: bytes) -> AsyncIterator[Step]:
+        produced: list[int] = []
+        current = req
+        for round_ in range(MAX_REPREFILLS + 1):
+            result, prefill = await self._prefill(current, key)
+            produced.append(result.first_token.token_id)
+            finished = bool(result.finish_reason)
+            try:
+                yield Step(result.first_token, result.finish_reason,
+                           result.num_cached_tokens if round_ == 0 else 0)
+                if finished:
+                    return
+                preempted = False
+                async with contextlib.aclosing(self._decode(current, result)) as events:
+                    async for ev in events:
+                        if ev.finish_reason == "preempted":
+                            preempted = True
+                            break
+                        finished = bool(ev.finish_reason)
+                        if ev.token is not None:
+                            produced.append(ev.token.token_id)
+                        if ev.finish_reason == "error":
+                            raise APIError(500, f"decode failed: {ev.error}", "server_error", None,
+                                           "decode_error")
+                        yield Step(ev.token, ev.finish_reason)
+                        if finished:
+                            return
+                if not preempted:
+                    raise APIError(500, "the decode stream ended without a finish reason",
+                                   "server_error", None, "decode_error")
+            finally:
+                if not finished and result.handle is not None:
+                    # harmless when decode already released it; frees the lease now otherwise
+                    asyncio.ensure_future(_abort_quietly(prefill, current.request_id))
+            log.info("request %s preempted on decode after %d tokens; prefilling it again",
+                     req.request_id, len(produced))
+            current = _continuation(req, produced, round_ + 1)
+        raise APIError(503, f"request preempted {MAX_REPREFILLS + 1} times on decode (out of KV blocks)",
+                       "service_unavailable", None, "preempted")
+
+    async def _prefill(self, req: PrefillRequest, key: bytes) -> tuple[PrefillResult, InstanceState]:
+        tried: list[InstanceState] = []
+        while True:
+            state = self.router.pick_prefill(key, exclude=tried)  # 503 once none is left
+            with self.router.using(state):
+                try:
+                    return await pd_client.prefill(state.instance, req, self.prefill_timeout_s), state
+                except grpc.aio.AioRpcError as e:
+                    if e.code() != grpc.StatusCode.UNAVAILABLE or tried:
+                        raise rpc_error(e, f"prefill {state.address}") from None
+                    log.warning("prefill %s unavailable (%s); retrying on another", state.address, e.details())
+                    self.router.mark_failed(state)
+                    tried.append(state)
+
+    async def _decode(self, req: PrefillRequest, result: PrefillResult) -> AsyncIterator[TokenEvent]:
+        dreq = pd_client.decode_request(req, result)
+        tried: list[InstanceState] = []
+        while True:
+            state = self._pick_decode(tried)
+            seen = False
+            with self.router.using(state):
+                try:
+                    async with contextlib.aclosing(pd_client.decode(state.instance, dreq)) as events:
+                        async for ev in events:
+                            seen = True
+                            yield ev
+                    return
+                except grpc.aio.AioRpcError as e:
+                    if seen or tried or e.code() not in RETRYABLE:
+                        raise rpc_error(e, f"decode {state.address}") from None
+                    log.warning("decode %s failed before its first token (%s); retrying once",
+                                state.address, e.details())
+                    if not e.details().startswith("KV read"):  # decode itself is the problem
+                        self.router.mark_failed(state)
+                    tried.append(state)
+
+    def _pick_decode(self, tried: list[InstanceState]) -> InstanceState:
+        if tried:  # a KV read that failed may succeed from the same decode on the retry
+            others = [s for s in self.router.healthy("decode") if s not in tried]
+            return self.router.pick_decode(exclude=tried) if others else tried[0]
+        return self.router.pick_decode()
+
+
+def _continuation(req: PrefillRequest, produced: list[int], round_: int) -> PrefillRequest:
+    """The same request with the tokens so far as prompt: prefill continues where decode stopped."""
+    p = req.sampling
+    sampling = dataclasses.replace(p, max_tokens=p.max_tokens - len(produced), max_completion_tokens=None,
+                                   min_tokens=max(0, p.min_tokens - len(produced)))
+    return dataclasses.replace(req, request_id=f"{req.request_id}-r{round_}",
+                               prompt_token_ids=tuple(req.prompt_token_ids) + tuple(produced),
+                               sampling=sampling)
+
+
+async def _abort_quietly(state: InstanceState, request_id: str) -> None:
+    try:
+        await pd_client.abort(state.instance, "prefill", request_id)
+    except grpc.aio.AioRpcError:
+        pass  # the lease frees the blocks anyway

@@ -1,0 +1,107 @@
+"""The colocated baseline: one engine that prefills and decodes, behind the same OpenAI app.
+
+`qwenvl-pd serve --colocated` uses it, so PD and colocated are measured through one proxy, one
+tokenizer and one protocol path; only where the tokens are computed differs. The engine runs on
+its own thread (engine/loop.py), exactly as inside a node.
+"""
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from types import SimpleNamespace
+
+from qwenvl_pd.engine.loop import EngineLoop
+from qwenvl_pd.engine.sequence import FinishReason, Sequence
+from qwenvl_pd.messages import PrefillRequest, SampledToken
+from qwenvl_pd.model.inputs import InputError
+from qwenvl_pd.proxy.backend import Step
+from qwenvl_pd.proxy.config import ProxyConfig
+from qwenvl_pd.proxy.errors import bad_request
+
+
+class ColocatedBackend:
+    def __init__(self, model_dir: str, max_model_len: int, kv_cache_gib: float):
+        from transformers import AutoTokenizer
+
+        from qwenvl_pd.config import ModelConfig
+        from qwenvl_pd.engine.llm_engine import EngineConfig, LLMEngine
+        from qwenvl_pd.model.inputs import InputProcessor
+        from qwenvl_pd.model.loader import load_model
+        from qwenvl_pd.platform import default_dtype, detect_device
+        self.model_dir, self.max_model_len = model_dir, max_model_len
+        self.config = ModelConfig.from_hf(model_dir)
+        device = detect_device("auto")
+        dtype = default_dtype(device, "auto")
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.inputs = InputProcessor(model_dir, self.config, tokenizer.encode, max_model_len, {})
+        model = load_model(model_dir, self.config, dtype, device)
+        self.engine = LLMEngine(model, self.config, EngineConfig(kv_cache_bytes=int(kv_cache_gib * (1 << 30))),
+                                dtype)
+        self.loop = EngineLoop(self.engine, self._on_tokens)
+        self.queues: dict[str, asyncio.Queue] = {}
+        self.aio: asyncio.AbstractEventLoop | None = None
+
+    def model_info(self):
+        from qwenvl_pd.engine.runtime import NodeConfig, Runtime
+        # Runtime.model_info reads only these two attributes: reuse it rather than copy it
+        cfg = NodeConfig(role="prefill", model=self.model_dir, port=0, max_model_len=self.max_model_len)
+        return Runtime.model_info(SimpleNamespace(cfg=cfg, model_config=self.config))
+
+    def start(self) -> None:
+        self.aio = asyncio.get_running_loop()
+        self.loop.start()
+
+    def ready(self) -> bool:
+        return True
+
+    # ---- engine thread
+    def _on_tokens(self, seqs: list[Sequence]) -> None:
+        for seq in seqs:
+            logprob, top = seq.logprobs[-1] if seq.logprobs else (None, ())
+            step = Step(SampledToken(seq.token_ids[-1], logprob, tuple(top)),
+                        seq.finish_reason.value if seq.finished else "",
+                        seq.num_cached if seq.num_output == 1 else 0)
+            self.aio.call_soon_threadsafe(self._publish, seq.request_id, step)
+
+    def _publish(self, request_id: str, step: Step) -> None:
+        queue = self.queues.get(request_id)
+        if queue is not None:
+            queue.put_nowait(step)
+
+    def _sequence(self, req: PrefillRequest) -> Sequence:
+        images = [m.data for m in req.media if m.kind == "image"]
+        videos = [m.data for m in req.media if m.kind == "video"]
+        try:
+            prompt = self.inputs.process_expanded(list(req.prompt_token_ids), images, videos)
+        except (ValueError, InputError) as e:
+            raise bad_request(str(e)) from None
+        return Sequence(req.request_id, prompt.token_ids, prompt.positions, prompt.mrope_delta,
+                        req.sampling, items=prompt.items)
+
+    async def generate(self, req: PrefillRequest, key: bytes) -> AsyncIterator[Step]:
+        seq = await asyncio.to_thread(self._sequence, req)
+        queue = self.queues[req.request_id] = asyncio.Queue()
+        await asyncio.wrap_future(self.loop.submit(lambda: self.engine.add(seq)))
+        finished = False
+        try:
+            while not finished:
+                step = await queue.get()
+                finished = bool(step.finish_reason)
+                yield step
+        finally:
+            self.queues.pop(req.request_id, None)
+            if not finished:  # a stop string or a client that left: free the blocks now
+                self.loop.submit(lambda: seq.finished or self.engine.finish(seq, FinishReason.ABORT))
+
+    def stop(self) -> None:
+        self.loop.stop()
+
+
+async def open_colocated(cfg: ProxyConfig):
+    backend = await asyncio.to_thread(ColocatedBackend, cfg.colocated_model, cfg.colocated_max_model_len,
+                                      cfg.colocated_kv_cache_gib)
+    backend.start()
+
+    async def close() -> None:
+        backend.stop()
+    return backend, backend.model_info(), close

@@ -1,0 +1,65 @@
+"""The proxy's settings, built once at the CLI and read everywhere else."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from qwenvl_pd.proxy.media import MediaLimits
+
+
+def parse_addresses(spec: str | None) -> tuple[str, ...]:
+    """``host:port[,host:port]`` -> a tuple; raises ValueError naming a bad entry."""
+    out = []
+    for item in (spec or "").split(","):
+        item = item.strip()
+        if not item:
+            continue
+        host, sep, port = item.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"instance address {item!r} is not HOST:PORT")
+        out.append(item)
+    return tuple(dict.fromkeys(out))  # a repeated address is one instance
+
+
+@dataclass(frozen=True)
+class ProxyConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    prefill: tuple[str, ...] = ()  # static instances, "host:port" of their gRPC servers
+    decode: tuple[str, ...] = ()
+    discover_dns: str = ""  # "prefill=NAME:PORT,decode=NAME:PORT" (proxy/discovery.py)
+    api_key: str = ""  # "" : no authentication
+    served_model_name: str = ""  # "" : the name prefill reports
+    allowed_local_media_path: str = ""
+    allow_private_media: bool = False
+    max_concurrent_requests: int = 256  # beyond this, 429 at once: no unbounded queue
+    max_images_per_request: int = 16  # the nodes' default --limit-images
+    max_videos_per_request: int = 2
+    max_media_bytes: int = 20 << 20
+    media_timeout_s: float = 10.0
+    max_image_pixels: int = 8192 * 8192  # declared in the header; decompression-bomb guard
+    max_body_bytes: int = 64 << 20  # base64 images make bodies large, but not unbounded
+    health_interval_s: float = 2.0
+    load_interval_s: float = 1.0
+    discovery_interval_s: float = 5.0
+    prefill_load_cap: int = 8  # affinity holds while its prefill has fewer requests than this
+    affinity_tokens: int = 16  # prompt tokens in the affinity key (one KV block by default)
+    model_info_timeout_s: float = 300.0  # how long start-up waits for a prefill to answer
+    prefill_timeout_s: float = 600.0
+    colocated_model: str = ""  # serve --colocated: one in-process engine instead of PD nodes
+    colocated_max_model_len: int = 8192
+    colocated_kv_cache_gib: float = 1.0
+
+    def __post_init__(self):
+        if not (self.prefill or self.decode or self.discover_dns or self.colocated_model):
+            raise ValueError("the proxy needs --prefill and --decode addresses or --discover-dns")
+        if not self.colocated_model and not self.discover_dns and not (self.prefill and self.decode):
+            raise ValueError("give at least one --prefill and one --decode address (or --discover-dns)")
+        if self.max_concurrent_requests < 1 or self.prefill_load_cap < 1:
+            raise ValueError("--max-concurrent-requests and --prefill-load-cap must be >= 1")
+
+    @property
+    def media_limits(self) -> MediaLimits:
+        return MediaLimits(max_bytes=self.max_media_bytes, timeout_s=self.media_timeout_s,
+                           allow_private=self.allow_private_media,
+                           allowed_local_media_path=self.allowed_local_media_path or None,
+                           max_image_pixels=self.max_image_pixels)

@@ -1,0 +1,148 @@
+"""One OpenAI request = n independent samples; token steps -> text deltas, usage and metrics.
+
+Each sample is its own PD request (its own prefill, its own decode stream). Samples run as tasks
+feeding one queue, so the client sees deltas in the order tokens arrive. Stop strings are applied
+here, by the incremental detokenizer: a hit ends the sample, which cancels its decode stream.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from qwenvl_pd.messages import PrefillRequest, SampledToken
+from qwenvl_pd.proxy.backend import Step
+from qwenvl_pd.proxy.detokenizer import IncrementalDetokenizer
+from qwenvl_pd.proxy.inputs import PreparedPrompt
+from qwenvl_pd.proxy.metrics import ProxyMetrics
+from qwenvl_pd.proxy.model_info import ProxyModel
+from qwenvl_pd.proxy.protocol import TokenLogprob, TopLogprob, usage
+from qwenvl_pd.proxy.router import affinity_key
+
+SEED_STRIDE = 7919  # n samples of one seeded request differ by this, as in qwenvl_pd/llm.py
+
+
+class Backend(Protocol):
+    def ready(self) -> bool: ...
+
+    def generate(self, req: PrefillRequest, key: bytes) -> AsyncIterator[Step]: ...
+
+
+@dataclass(frozen=True)
+class Delta:
+    index: int  # which of the n choices
+    text: str
+    logprobs: tuple[TokenLogprob, ...] | None  # None: not requested
+    finish_reason: str | None = None  # set on a choice's last delta
+
+
+@dataclass
+class SampleStats:
+    tokens: int = 0
+    cached: int = 0
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+    gaps: list[float] = field(default_factory=list)
+    finish_reason: str | None = None
+
+
+def sample_requests(rid: str, prompt: PreparedPrompt) -> list[PrefillRequest]:
+    sp, reqs = prompt.sampling, []
+    for i in range(sp.n):
+        seed = sp.seed + i * SEED_STRIDE if sp.seed is not None and sp.n > 1 else sp.seed
+        params = dataclasses.replace(sp, n=1, seed=seed)
+        reqs.append(PrefillRequest(request_id=f"{rid}-{i}", prompt_token_ids=prompt.token_ids,
+                                   media=tuple(prompt.media), sampling=params))
+    return reqs
+
+
+class RequestRun:
+    """Runs the samples of one request; iterate deltas(), then read usage()."""
+
+    def __init__(self, rid: str, prompt: PreparedPrompt, model: ProxyModel, backend: Backend,
+                 metrics: ProxyMetrics, want_logprobs: bool, affinity_tokens: int,
+                 arrived: float | None = None):
+        self.rid, self.prompt, self.model, self.backend, self.metrics = rid, prompt, model, backend, metrics
+        self.want_logprobs = want_logprobs
+        self.key = affinity_key(prompt.token_ids, prompt.image_hashes, affinity_tokens)
+        self.arrived = arrived or time.perf_counter()
+        self.stats = [SampleStats() for _ in range(prompt.sampling.n)]
+
+    def usage(self) -> dict:
+        return usage(len(self.prompt.token_ids), sum(s.tokens for s in self.stats), self.stats[0].cached)
+
+    async def deltas(self) -> AsyncIterator[Delta]:
+        """Deltas of all samples as they come; an error of any sample ends the whole request."""
+        queue: asyncio.Queue = asyncio.Queue()
+        reqs = sample_requests(self.rid, self.prompt)
+        tasks = [asyncio.create_task(self._pump(i, r, queue)) for i, r in enumerate(reqs)]
+        try:
+            for _ in range(len(tasks)):
+                while (item := await queue.get()) is not None:
+                    if isinstance(item, BaseException):
+                        raise item
+                    yield item
+        finally:
+            for t in tasks:
+                t.cancel()
+            self._observe()  # before awaiting: a cancelled caller may not run past the next await
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _pump(self, index: int, req: PrefillRequest, queue: asyncio.Queue) -> None:
+        try:
+            async for delta in self._sample(index, req):
+                queue.put_nowait(delta)
+        except Exception as e:  # handed to the consumer, which ends the request
+            self.stats[index].finish_reason = "error"
+            queue.put_nowait(e)
+        finally:
+            queue.put_nowait(None)
+
+    async def _sample(self, index: int, req: PrefillRequest) -> AsyncIterator[Delta]:
+        sp, st = req.sampling, self.stats[index]
+        detok = IncrementalDetokenizer(self.model.tokens, sp.stop or (), sp.skip_special_tokens)
+        async with contextlib.aclosing(self.backend.generate(req, self.key)) as steps:
+            async for step in steps:
+                if st.first_token_at is None:
+                    st.cached = step.num_cached_tokens
+                text, stopped, lp = "", False, None
+                if step.token is not None:
+                    self._count(st)
+                    text, stopped = detok.add(step.token.token_id)
+                    lp = (self._logprob(step.token),) if self.want_logprobs else None
+                finish = "stop" if stopped else (step.finish_reason or None)
+                if finish and not stopped:
+                    text += detok.flush()
+                if finish:
+                    st.finish_reason = finish
+                    yield Delta(index, text, lp, finish)
+                    return  # closing `steps` cancels the decode stream (a stop string hit)
+                if text or lp:
+                    yield Delta(index, text, lp)
+
+    @staticmethod
+    def _count(st: SampleStats) -> None:
+        now = time.perf_counter()
+        if st.last_token_at is not None:
+            st.gaps.append(now - st.last_token_at)
+        st.first_token_at = st.first_token_at or now
+        st.last_token_at = now
+        st.tokens += 1
+
+    def _logprob(self, tok: SampledToken) -> TokenLogprob:
+        t = self.model.tokens
+        top = tuple(TopLogprob(t.text(i), lp, tuple(t.bytes(i))) for i, lp in tok.top_logprobs)
+        return TokenLogprob(t.text(tok.token_id), tok.logprob if tok.logprob is not None else 0.0,
+                            tuple(t.bytes(tok.token_id)), top)
+
+    def _observe(self) -> None:
+        end = time.perf_counter()
+        for i, st in enumerate(self.stats):
+            ttft = st.first_token_at - self.arrived if st.first_token_at else None
+            self.metrics.observe_request(st.finish_reason or "abort", len(self.prompt.token_ids) if i == 0 else 0,
+                                         st.tokens, end - self.arrived, ttft, st.gaps)
+

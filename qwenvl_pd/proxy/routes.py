@@ -1,0 +1,86 @@
+"""The HTTP endpoints: OpenAI's /v1 API plus /health, /metrics and /version."""
+from __future__ import annotations
+
+import time
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, PlainTextResponse
+
+from qwenvl_pd import __version__
+from qwenvl_pd.proxy.app import Proxy, Slot, proxy_of, read_json
+from qwenvl_pd.proxy.generation import RequestRun
+from qwenvl_pd.proxy.inputs import PreparedPrompt, prepare_chat, prepare_completion
+from qwenvl_pd.proxy.metrics import CONTENT_TYPE
+from qwenvl_pd.proxy.protocol import (model_list, new_id, parse_chat_request,
+                                      parse_completion_request)
+from qwenvl_pd.proxy.streaming import cancel_on_disconnect, collect, stream
+
+router = APIRouter()
+
+
+async def _respond(request: Request, p: Proxy, slot: Slot, prompt: PreparedPrompt, chat: bool,
+                   streaming: bool, include_usage: bool, want_logprobs: bool, arrived: float):
+    rid = new_id("chatcmpl" if chat else "cmpl")
+    run = RequestRun(rid, prompt, p.model, p.backend, p.metrics, want_logprobs, p.cfg.affinity_tokens,
+                     arrived)
+    if streaming:
+        # from here on the stream owns the slot and releases it when it ends
+        return await stream(run, rid, p.model.name, chat, include_usage, on_close=slot.release)
+    try:
+        return JSONResponse(await cancel_on_disconnect(request, collect(run, rid, p.model.name, chat)))
+    finally:
+        slot.release()
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(request: Request):
+    arrived = time.perf_counter()
+    p = proxy_of(request)
+    p.authorize(request)
+    req = parse_chat_request(await read_json(request, p.cfg.max_body_bytes))
+    p.check_model(req.model)
+    slot = p.admit()
+    try:
+        prompt = await prepare_chat(req, p.model, p.cfg)
+    except BaseException:
+        slot.release()
+        raise
+    return await _respond(request, p, slot, prompt, True, req.stream, req.include_usage, req.logprobs,
+                          arrived)
+
+
+@router.post("/v1/completions")
+async def completions(request: Request):
+    arrived = time.perf_counter()
+    p = proxy_of(request)
+    p.authorize(request)
+    req = parse_completion_request(await read_json(request, p.cfg.max_body_bytes))
+    p.check_model(req.model)
+    prompt = prepare_completion(req, p.model)
+    slot = p.admit()
+    return await _respond(request, p, slot, prompt, False, req.stream, req.include_usage,
+                          req.logprobs is not None, arrived)
+
+
+@router.get("/v1/models")
+async def models(request: Request):
+    p = proxy_of(request)
+    p.authorize(request)
+    return model_list([p.model.name], p.model.max_model_len)
+
+
+@router.get("/health")
+async def health(request: Request):
+    ready = proxy_of(request).backend.ready()
+    return JSONResponse({"status": "ok" if ready else "no healthy prefill or decode instance"},
+                        status_code=200 if ready else 503)
+
+
+@router.get("/metrics")
+async def metrics(request: Request):
+    return PlainTextResponse(proxy_of(request).metrics.render(), media_type=CONTENT_TYPE)
+
+
+@router.get("/version")
+async def version():
+    return {"version": __version__}

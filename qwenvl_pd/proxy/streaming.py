@@ -1,0 +1,118 @@
+"""RequestRun deltas -> an OpenAI response: SSE chunks, or one JSON body.
+
+A streaming request waits for its first delta before the status line goes out, so that errors
+found that late (prefill rejecting the prompt, no healthy instance) still get their own status
+code; anything after that travels as an error event followed by [DONE].
+"""
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from qwenvl_pd.proxy.errors import APIError
+from qwenvl_pd.proxy.generation import Delta, RequestRun
+from qwenvl_pd.proxy.protocol import (SSE_DONE, Choice, ChunkBuilder, TokenLogprob, chat_completion,
+                                      completion, completion_logprobs, sse, sse_error)
+
+
+def error_response(err: APIError) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status)
+
+
+async def collect(run: RequestRun, rid: str, model: str, chat: bool) -> dict[str, Any]:
+    n = run.prompt.sampling.n
+    texts: list[list[str]] = [[] for _ in range(n)]
+    lps: list[list[TokenLogprob] | None] = [None if not run.want_logprobs else [] for _ in range(n)]
+    finish: list[str | None] = [None] * n
+    async for d in run.deltas():
+        texts[d.index].append(d.text)
+        if d.logprobs is not None:
+            lps[d.index].extend(d.logprobs)
+        finish[d.index] = d.finish_reason or finish[d.index]
+    choices = [Choice(i, "".join(texts[i]), finish[i], None if lps[i] is None else tuple(lps[i]))
+               for i in range(n)]
+    build = chat_completion if chat else completion
+    return build(rid, model, choices, run.usage())
+
+
+class _Sse:
+    """Chunks of one request; completions' logprobs carry text offsets that grow per choice."""
+
+    def __init__(self, run: RequestRun, rid: str, model: str, chat: bool, include_usage: bool):
+        self.run, self.chat = run, chat
+        self.build = ChunkBuilder(rid, model, chat, include_usage)
+        self.offsets = [0] * run.prompt.sampling.n
+
+    def chunk(self, d: Delta) -> str:
+        lp = d.logprobs
+        if d.finish_reason:
+            out = self.build.finish(d.finish_reason, d.index, d.text, lp)
+        else:
+            out = self.build.delta(d.text, d.index, lp)
+        if lp is not None and not self.chat:
+            out["choices"][0]["logprobs"] = completion_logprobs(lp, self.offsets[d.index])
+        self.offsets[d.index] += len(d.text)
+        return sse(out)
+
+    def head(self) -> list[str]:
+        if not self.chat:
+            return []
+        return [sse(self.build.role(i)) for i in range(self.run.prompt.sampling.n)]
+
+
+async def stream(run: RequestRun, rid: str, model: str, chat: bool, include_usage: bool,
+                 on_close: Callable[[], None]) -> StreamingResponse | JSONResponse:
+    deltas = run.deltas()
+    out = _Sse(run, rid, model, chat, include_usage)
+    try:
+        first = await anext(deltas)
+    except StopAsyncIteration:
+        first = None
+    except APIError as e:
+        on_close()
+        return error_response(e)
+    except BaseException:
+        on_close()
+        raise
+
+    async def body() -> AsyncIterator[str]:
+        try:
+            for line in out.head():
+                yield line
+            if first is not None:
+                yield out.chunk(first)
+                async for d in deltas:
+                    yield out.chunk(d)
+            if include_usage:
+                yield sse(out.build.usage(run.usage()))
+        except APIError as e:
+            yield sse_error(e)
+        finally:
+            on_close()  # first: after a disconnect every further await may be cancelled again
+            await deltas.aclose()  # a client that went away cancels every sample's stream
+        yield SSE_DONE
+
+    return StreamingResponse(body(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def until_disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def cancel_on_disconnect(request: Request, work: Awaitable[Any]) -> Any:
+    """Run `work`; cancel it (and so its backend streams) if the client goes away first."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(until_disconnected(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+    return await task  # CancelledError when the client left: nobody reads the answer anyway

@@ -1,0 +1,207 @@
+"""`qwenvl-pd serve`: prefill, decode and proxy as separate processes on this machine.
+
+The embedded default: the same three roles a cluster runs, talking over loopback (gRPC, and
+Mooncake TCP for the KV). Children share serve's process group, so a terminal's Ctrl-C reaches
+all of them; SIGTERM to serve is forwarded; and on Linux each child also gets SIGTERM if serve
+itself dies, so no node outlives it holding its ports.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+STARTUP_S = 900.0  # a large checkpoint takes minutes to load
+TINY_ARCH = "qwen2_5_vl"
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    model: str = ""  # "": the tiny random-weight checkpoint
+    host: str = "127.0.0.1"
+    port: int = 8000
+    num_prefill: int = 1
+    num_decode: int = 1
+    max_model_len: int = 8192
+    kv_cache_gib: float = 1.0
+    device: str = "auto"
+    served_model_name: str = ""
+    api_key: str = ""
+    colocated: bool = False
+    extra_proxy_args: tuple[str, ...] = ()
+
+
+@dataclass
+class Child:
+    role: str
+    proc: subprocess.Popen
+    address: str
+
+
+def tiny_model_dir() -> Path:
+    """Build the tiny checkpoint once into the user's cache; later runs reuse it."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    root = cache / "qwenvl-pd" / f"tiny-{TINY_ARCH}"
+    if (root / ".complete").exists():
+        return root
+    from qwenvl_pd.model.tiny import make_tiny
+    tmp = root.with_name(f"{root.name}.tmp-{os.getpid()}")
+    print(f"qwenvl-pd serve: building a tiny {TINY_ARCH} checkpoint in {root} (once)", flush=True)
+    make_tiny(TINY_ARCH, tmp)
+    (tmp / ".complete").touch()
+    shutil.rmtree(root, ignore_errors=True)  # a half-written one from an interrupted run
+    tmp.rename(root)
+    return root
+
+
+def _banner(lines: list[str]) -> None:
+    bar = "=" * max(len(line) for line in lines)
+    print("\n".join([bar, *lines, bar]), file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass  # not Linux: the process group still carries Ctrl-C
+
+
+def _spawn(role: str, args: list[str], address: str) -> Child:
+    cmd = [sys.executable, "-m", "qwenvl_pd.cli", role, *args]
+    return Child(role, subprocess.Popen(cmd, preexec_fn=_die_with_parent), address)
+
+
+def _node_args(cfg: ServeConfig, model: str, port: int) -> list[str]:
+    args = ["--model", model, "--port", str(port), "--host", "127.0.0.1", "--bind", "127.0.0.1",
+            "--max-model-len", str(cfg.max_model_len), "--kv-cache-gib", str(cfg.kv_cache_gib),
+            "--device", cfg.device]
+    return args + (["--served-model-name", cfg.served_model_name] if cfg.served_model_name else [])
+
+
+def _grpc_serving(address: str) -> bool:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    with grpc.insecure_channel(address) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
+        except grpc.RpcError:
+            return False
+    return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as resp:
+            return resp.status == 200
+    except OSError:
+        return False
+
+
+def _wait(children: list[Child], ready, what: str) -> None:
+    deadline, pending = time.monotonic() + STARTUP_S, list(children)
+    while pending:
+        for c in list(pending):
+            if c.proc.poll() is not None:
+                raise RuntimeError(f"{c.role} ({c.address}) exited with code {c.proc.returncode} "
+                                   "while starting; see its log above")
+            if ready(c.address):
+                pending.remove(c)
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} not ready after {STARTUP_S:.0f}s")
+        time.sleep(0.3)
+
+
+def _start(cfg: ServeConfig, model: str, children: list[Child]) -> Child:
+    proxy_args = ["--host", cfg.host, "--port", str(cfg.port), *cfg.extra_proxy_args]
+    if cfg.api_key:
+        proxy_args += ["--api-key", cfg.api_key]
+    if cfg.served_model_name:
+        proxy_args += ["--served-model-name", cfg.served_model_name]
+    if cfg.colocated:
+        proxy_args += ["--colocated-model", model, "--max-model-len", str(cfg.max_model_len),
+                       "--kv-cache-gib", str(cfg.kv_cache_gib)]
+    else:
+        nodes = [_spawn(role, _node_args(cfg, model, port), f"127.0.0.1:{port}")
+                 for role, n in (("prefill", cfg.num_prefill), ("decode", cfg.num_decode))
+                 for port in [free_port() for _ in range(n)]]
+        children += nodes
+        _wait(nodes, _grpc_serving, "prefill/decode instances")
+        for role in ("prefill", "decode"):
+            proxy_args += [f"--{role}", ",".join(c.address for c in nodes if c.role == role)]
+    local = "127.0.0.1" if cfg.host in ("0.0.0.0", "::", "") else cfg.host
+    proxy = _spawn("proxy", proxy_args, f"http://{local}:{cfg.port}")
+    children.append(proxy)
+    _wait([proxy], lambda url: _http_ok(url + "/health"), "the proxy")
+    return proxy
+
+
+def _watch(children: list[Child]) -> int:
+    """Until a child dies: a dead node is reported loudly; serving goes on while the proxy and
+    at least one instance of each role live."""
+    alive = list(children)
+    while True:
+        time.sleep(0.5)
+        for c in [c for c in alive if c.proc.poll() is not None]:
+            alive.remove(c)
+            _banner([f"qwenvl-pd serve: {c.role} at {c.address} (pid {c.proc.pid}) DIED with exit code "
+                     f"{c.proc.returncode}"])
+            if c.role == "proxy" or not any(a.role == c.role for a in alive):
+                print(f"qwenvl-pd serve: no {c.role} left; stopping everything", file=sys.stderr)
+                return 1
+
+
+def _stop(children: list[Child]) -> None:
+    for c in children:
+        if c.proc.poll() is None:
+            c.proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 15
+    for c in children:
+        try:
+            c.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            c.proc.kill()
+            c.proc.wait()
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise KeyboardInterrupt  # unwinds into main's finally, which stops every child
+
+
+def main(cfg: ServeConfig) -> int:
+    model = cfg.model
+    if not model:
+        model = str(tiny_model_dir())
+        _banner(["qwenvl-pd serve: NO --model GIVEN: serving a tiny checkpoint with RANDOM weights",
+                 f"  ({model}); its answers are noise. For a real model:",
+                 "  qwenvl-pd serve --model /path/to/Qwen2.5-VL-7B-Instruct --port 8000"])
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    children: list[Child] = []
+    try:
+        proxy = _start(cfg, model, children)
+        mode = "colocated (one engine)" if cfg.colocated else \
+            f"{cfg.num_prefill} prefill + {cfg.num_decode} decode, KV over Mooncake TCP on loopback"
+        _banner([f"qwenvl-pd serve: ready at {proxy.address}/v1 ({mode})",
+                 f"  curl {proxy.address}/v1/models"])
+        return _watch(children)
+    except KeyboardInterrupt:
+        print("qwenvl-pd serve: stopping", file=sys.stderr)
+        return 0
+    except (RuntimeError, TimeoutError) as e:
+        print(f"qwenvl-pd serve: error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        _stop(children)

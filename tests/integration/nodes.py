@@ -1,0 +1,74 @@
+"""Start real prefill/decode processes on loopback and talk to them like the proxy does."""
+import io
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+STARTUP_S = 120
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(address: str, proc: subprocess.Popen, timeout: float = STARTUP_S) -> None:
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{address} exited with {proc.returncode}:\n{proc.stderr.read()}")
+            try:
+                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == 1:
+                    return
+            except grpc.RpcError:
+                time.sleep(0.2)
+    raise TimeoutError(f"{address} not healthy after {timeout}s")
+
+
+def start_node(role: str, model: str, *extra: str) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    cmd = [sys.executable, "-m", "qwenvl_pd.cli", role, "--model", model, "--port", str(port),
+           "--host", "127.0.0.1", "--bind", "127.0.0.1", "--max-model-len", "2048",
+           "--kv-cache-gib", "0.05", *extra]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    address = f"127.0.0.1:{port}"
+    wait_healthy(address, proc)
+    return proc, address
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=15)
+
+
+@contextmanager
+def pd_pair(model: str, prefill_args=(), decode_args=()):
+    procs = []
+    try:
+        p, p_addr = start_node("prefill", model, *prefill_args)
+        procs.append(p)
+        d, d_addr = start_node("decode", model, *decode_args)
+        procs.append(d)
+        yield (p, p_addr), (d, d_addr)
+    finally:
+        for proc in procs:
+            stop(proc)
+
+
+def png_bytes(image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()

@@ -1,0 +1,225 @@
+"""Prefill and decode as real processes, real gRPC, real Mooncake over TCP on loopback."""
+import asyncio
+import os
+import signal
+import time
+
+import grpc
+import numpy as np
+import pytest
+from PIL import Image
+
+from qwenvl_pd import LLM, SamplingParams
+from qwenvl_pd.messages import MediaItem, PrefillRequest
+from qwenvl_pd.proxy import pd_client
+from qwenvl_pd.proxy.pd_client import Instance
+
+from nodes import pd_pair, png_bytes, start_node, stop
+
+IMG = "<|vision_start|><|image_pad|><|vision_end|>"
+ARCHS = ["qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"]
+
+
+def _image(w, h, seed):
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+
+
+def _chat(body):
+    return f"<|im_start|>user\n{body}<|im_end|>\n<|im_start|>assistant\n"
+
+
+def _pd_request(llm: LLM, rid: str, request: dict, params: SamplingParams) -> PrefillRequest:
+    """What the proxy sends: expanded ids, raw image bytes, grids."""
+    images = (request.get("multi_modal_data") or {}).get("image", [])
+    raw = [png_bytes(im) for im in images]
+    prompt = llm.inputs.process({**request, "multi_modal_data": {"image": raw} if raw else {}})
+    media = tuple(MediaItem(kind="image", content_hash=it.content_hash, grid_thw=it.grid_thw, data=b)
+                  for it, b in zip(prompt.items, raw))
+    return PrefillRequest(request_id=rid, prompt_token_ids=tuple(prompt.token_ids), media=media,
+                          sampling=params)
+
+
+async def _run(p_addr, d_addr, req: PrefillRequest) -> tuple[list[int], str]:
+    p, d = Instance.connect(p_addr), Instance.connect(d_addr)
+    tokens, reason = [], ""
+    async for result, event in pd_client.generate(p, d, req):
+        if event is None:
+            tokens.append(result.first_token.token_id)
+            reason = result.finish_reason
+        else:
+            if event.token is not None:
+                tokens.append(event.token.token_id)
+            reason = event.finish_reason or reason
+    await p.channel.close()
+    await d.channel.close()
+    return tokens, reason
+
+
+async def _loads(p_addr, d_addr):
+    p, d = Instance.connect(p_addr), Instance.connect(d_addr)
+    out = await pd_client.load(p, "prefill"), await pd_client.load(d, "decode")
+    await p.channel.close()
+    await d.channel.close()
+    return out
+
+
+async def _settled_loads(p_addr, d_addr, timeout=20):
+    deadline = time.monotonic() + timeout
+    while True:
+        pl, dl = await _loads(p_addr, d_addr)
+        if (pl.blocks_used, dl.blocks_used) == (0, 0) or time.monotonic() > deadline:
+            return pl, dl
+        await asyncio.sleep(0.2)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_pd_equals_colocated_greedy_and_seeded(tiny_dirs, arch):
+    model = str(tiny_dirs[arch])
+    llm = LLM(model=model, max_model_len=2048)
+    requests = [{"prompt": _chat(f"{IMG}What is this?"), "multi_modal_data": {"image": [_image(90, 70, 1)]}},
+                {"prompt": _chat(f"{IMG}{IMG}Compare."),
+                 "multi_modal_data": {"image": [_image(60, 120, 2), _image(130, 50, 3)]}},
+                {"prompt": _chat("Tell me a story about the sea.")}]
+    params = [SamplingParams(max_tokens=24, temperature=0, ignore_eos=True),
+              SamplingParams(max_tokens=24, temperature=0.8, top_p=0.9, seed=7, ignore_eos=True)]
+    with pd_pair(model) as ((_, p_addr), (_, d_addr)):
+        for i, req in enumerate(requests):
+            for j, sp in enumerate(params):
+                expected = llm.generate(req, sp)[0].outputs[0]
+                tokens, reason = asyncio.run(_run(p_addr, d_addr, _pd_request(llm, f"r{i}-{j}", req, sp)))
+                assert tokens == expected.token_ids, f"{arch} request {i} params {j}"
+                assert reason == expected.finish_reason
+        pl, dl = asyncio.run(_settled_loads(p_addr, d_addr))
+        assert (pl.blocks_used, dl.blocks_used) == (0, 0)
+        assert dl.kv_transfers_total == len(requests) * len(params)
+
+
+def test_64_concurrent_requests_then_zero_blocks(tiny_dirs):
+    model = str(tiny_dirs["qwen2_5_vl"])
+    llm = LLM(model=model, max_model_len=2048)
+    reqs = [_pd_request(llm, f"c{i}", {"prompt": _chat((IMG if i % 3 == 0 else "") + f"number {i} " * (1 + i % 5)),
+                                       "multi_modal_data": {"image": [_image(56 + i, 56, i)]} if i % 3 == 0 else {}},
+                        SamplingParams(max_tokens=4 + i % 9, temperature=0, ignore_eos=True))
+            for i in range(64)]
+
+    async def run_all(p_addr, d_addr):
+        return await asyncio.gather(*(_run(p_addr, d_addr, r) for r in reqs))
+
+    with pd_pair(model) as ((_, p_addr), (_, d_addr)):
+        results = asyncio.run(run_all(p_addr, d_addr))
+        assert [len(t) for t, _ in results] == [4 + i % 9 for i in range(64)]
+        assert all(reason == "length" for _, reason in results)
+        pl, dl = asyncio.run(_settled_loads(p_addr, d_addr))
+        assert (pl.blocks_used, dl.blocks_used, pl.running, dl.running) == (0, 0, 0, 0)
+
+
+def test_decode_killed_mid_stream_lease_frees_prefill_blocks(tiny_dirs):
+    model = str(tiny_dirs["qwen2_5_vl"])
+    llm = LLM(model=model, max_model_len=2048)
+    req = _pd_request(llm, "k1", {"prompt": _chat("hello " * 40)},
+                      SamplingParams(max_tokens=500, temperature=0, ignore_eos=True))
+
+    async def scenario(p_addr, d_proc, d_addr):
+        p = Instance.connect(p_addr)
+        result = await pd_client.prefill(p, req)
+        held = (await pd_client.load(p, "prefill")).blocks_used
+        d_proc.kill()  # decode never pulls, never releases
+        deadline = time.monotonic() + 15
+        while (await pd_client.load(p, "prefill")).blocks_used and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        after = (await pd_client.load(p, "prefill")).blocks_used
+        await p.channel.close()
+        return result, held, after
+
+    with pd_pair(model, prefill_args=("--lease-seconds", "2", "--transfer-timeout", "1")) as \
+            ((_, p_addr), (d_proc, d_addr)):
+        result, held, after = asyncio.run(scenario(p_addr, d_proc, d_addr))
+        assert held == len(result.handle.block_ids) > 0
+        assert after == 0
+
+
+def test_prefill_killed_after_answering_decode_fails_cleanly(tiny_dirs):
+    model = str(tiny_dirs["qwen2_5_vl"])
+    llm = LLM(model=model, max_model_len=2048)
+    req = _pd_request(llm, "k2", {"prompt": _chat("hello " * 40)},
+                      SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
+
+    async def scenario(p_proc, p_addr, d_addr):
+        p, d = Instance.connect(p_addr), Instance.connect(d_addr)
+        result = await pd_client.prefill(p, req)
+        p_proc.kill()
+        p_proc.wait(timeout=10)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            async for _ in pd_client.decode(d, pd_client.decode_request(req, result)):
+                pass
+        used = (await pd_client.load(d, "decode")).blocks_used
+        await p.channel.close()
+        await d.channel.close()
+        return err.value, used
+
+    with pd_pair(model) as ((p_proc, p_addr), (_, d_addr)):
+        error, used = asyncio.run(scenario(p_proc, p_addr, d_addr))
+        assert error.code() == grpc.StatusCode.UNAVAILABLE
+        assert "KV read from prefill" in error.details()
+        assert used == 0
+
+
+def test_fingerprint_mismatch_names_the_field(tiny_dirs):
+    model = str(tiny_dirs["qwen2_5_vl"])
+    llm = LLM(model=model, max_model_len=2048)
+    req = _pd_request(llm, "f1", {"prompt": _chat("hi")}, SamplingParams(max_tokens=8, temperature=0))
+
+    async def scenario(p_addr, d_addr):
+        p, d = Instance.connect(p_addr), Instance.connect(d_addr)
+        result = await pd_client.prefill(p, req)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            async for _ in pd_client.decode(d, pd_client.decode_request(req, result)):
+                pass
+        await pd_client.abort(p, "prefill", req.request_id)
+        loads = await pd_client.load(p, "prefill"), await pd_client.load(d, "decode")
+        await p.channel.close()
+        await d.channel.close()
+        return err.value, loads
+
+    with pd_pair(model, decode_args=("--block-size", "32")) as ((_, p_addr), (_, d_addr)):
+        error, (pl, dl) = asyncio.run(scenario(p_addr, d_addr))
+        assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "block_size: prefill 16, decode 32" in error.details()
+        assert (pl.blocks_used, dl.blocks_used) == (0, 0)
+
+
+def test_abort_during_transfer_frees_both_sides(tiny_dirs):
+    model = str(tiny_dirs["qwen2_5_vl"])
+    llm = LLM(model=model, max_model_len=2048)
+    req = _pd_request(llm, "a1", {"prompt": _chat("hello " * 60)},
+                      SamplingParams(max_tokens=50, temperature=0, ignore_eos=True))
+
+    async def scenario(p_proc, p_addr, d_addr):
+        p, d = Instance.connect(p_addr), Instance.connect(d_addr)
+        result = await pd_client.prefill(p, req)
+        os.kill(p_proc.pid, signal.SIGSTOP)  # the read now hangs inside Mooncake
+        events = []
+
+        async def consume():
+            async for ev in pd_client.decode(d, pd_client.decode_request(req, result)):
+                events.append(ev)
+
+        task = asyncio.ensure_future(consume())
+        await asyncio.sleep(1.0)
+        found = await pd_client.abort(d, "decode", req.request_id)
+        held_during = (await pd_client.load(d, "decode")).blocks_used
+        os.kill(p_proc.pid, signal.SIGCONT)
+        await asyncio.wait_for(task, timeout=30)
+        await pd_client.abort(p, "prefill", req.request_id)
+        await p.channel.close()
+        await d.channel.close()
+        return found, held_during, events
+
+    with pd_pair(model, decode_args=("--transfer-timeout", "20")) as ((p_proc, p_addr), (_, d_addr)):
+        found, held_during, events = asyncio.run(scenario(p_proc, p_addr, d_addr))
+        assert found
+        assert held_during > 0  # the blocks stay with the read until it returns
+        assert [e.finish_reason for e in events] == ["abort"]
+        pl, dl = asyncio.run(_settled_loads(p_addr, d_addr))
+        assert (pl.blocks_used, dl.blocks_used) == (0, 0)
