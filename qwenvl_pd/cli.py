@@ -33,7 +33,8 @@ def _node(args: argparse.Namespace) -> int:
         mode=args.command, block_size=args.block_size, kv_cache_bytes=int(args.kv_cache_gib * (1 << 30)),
         num_kv_blocks=args.num_kv_blocks, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
-        enable_prefix_caching=not args.no_prefix_caching, seed=args.seed)
+        enable_prefix_caching=not args.no_prefix_caching, seed=args.seed,
+        max_model_len=args.max_model_len, decode_graphs=args.decode_graphs)
     cfg = NodeConfig(
         role=args.command, model=args.model, port=args.port, host=args.host, bind=args.bind,
         served_model_name=args.served_model_name or "", max_model_len=args.max_model_len,
@@ -70,6 +71,8 @@ def _add_node_parser(sub, role: str, default_port: int) -> None:
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--decode-graphs", default="auto", choices=["auto", "off", "eager"],
+                   help="auto: CUDA/ACL graphs for decode steps where available")
     p.add_argument("--limit-images", type=int, default=16)
     p.add_argument("--limit-videos", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)

@@ -36,7 +36,8 @@ class LLM:
         self.inputs = InputProcessor(model, self.config, self.tokenizer.encode,
                                      self.max_model_len, limit_mm_per_prompt or {})
         self.model = load_model(model, self.config, dtype_, device_)
-        engine_cfg = EngineConfig(**{k: v for k, v in options.items() if k in ENGINE_OPTIONS})
+        engine_cfg = EngineConfig(**{"max_model_len": self.max_model_len,
+                                     **{k: v for k, v in options.items() if k in ENGINE_OPTIONS}})
         self.engine = LLMEngine(self.model, self.config, engine_cfg, dtype_)
         self._ids = itertools.count()
 

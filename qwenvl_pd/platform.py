@@ -21,3 +21,12 @@ def default_dtype(device: torch.device, requested: str | None = None) -> torch.d
     if requested and requested != "auto":
         return getattr(torch, requested)
     return torch.float32 if device.type == "cpu" else torch.bfloat16
+
+
+def graph_api(device: torch.device):
+    """(graph class, capture context factory) for decode graphs, or None where there are none."""
+    if device.type == "cuda":
+        return torch.cuda.CUDAGraph, torch.cuda.graph
+    if device.type == "npu":
+        return torch.npu.NPUGraph, torch.npu.graph
+    return None

@@ -6,11 +6,13 @@ import torch
 from qwenvl_pd.config import ModelConfig
 from qwenvl_pd.engine.block_manager import BlockManager
 from qwenvl_pd.engine.encoder_cache import EncoderCache
+from qwenvl_pd.engine.graphs import DecodeGraphs
 from qwenvl_pd.engine.kv_cache import allocate_kv_cache, blocks_for_memory
 from qwenvl_pd.engine.model_runner import ModelRunner, ScheduledChunk
 from qwenvl_pd.engine.sampler import SamplerInput, sample
 from qwenvl_pd.engine.scheduler import Scheduler, SchedulerConfig
 from qwenvl_pd.engine.sequence import FinishReason, Sequence
+from qwenvl_pd.platform import graph_api
 
 
 @dataclass(frozen=True)
@@ -24,6 +26,8 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     encoder_cache_bytes: int = 256 << 20
     seed: int = 0
+    max_model_len: int = 8192
+    decode_graphs: str = "auto"  # auto: on CUDA/NPU for dense models | off | eager (static path, no capture)
 
 
 class LLMEngine:
@@ -32,15 +36,28 @@ class LLMEngine:
         device = next(model.parameters()).device
         num_blocks = cfg.num_kv_blocks or blocks_for_memory(config.text, cfg.block_size, dtype,
                                                             cfg.kv_cache_bytes)
-        self.kv_cache = allocate_kv_cache(config.text, num_blocks, cfg.block_size, dtype, device)
+        # one extra block at the end that no request owns: padded graph rows write there
+        self.kv_cache = allocate_kv_cache(config.text, num_blocks + 1, cfg.block_size, dtype, device)
         self.blocks = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(SchedulerConfig(
             cfg.max_num_seqs, cfg.max_num_batched_tokens,
             recompute_on_preempt=cfg.mode != "decode"), self.blocks)
-        self.runner = ModelRunner(model, self.kv_cache, cfg.block_size)
+        self.runner = ModelRunner(model, self.kv_cache, cfg.block_size,
+                                  self._graphs(model, config, cfg, num_blocks, device))
         self.encoder_cache = EncoderCache(cfg.encoder_cache_bytes)
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.requests_total = 0
+
+    def _graphs(self, model, config: ModelConfig, cfg: EngineConfig, scratch: int, device):
+        api = graph_api(device)
+        # MoE routing syncs with the host (which experts are hit): not capturable
+        wanted = cfg.decode_graphs == "eager" or (
+            cfg.decode_graphs == "auto" and api is not None and config.text.num_experts == 0)
+        if not wanted:
+            return None
+        max_blocks = -(-cfg.max_model_len // cfg.block_size)
+        return DecodeGraphs(model, self.kv_cache, cfg.block_size, max_blocks, cfg.max_num_seqs,
+                            scratch, api if cfg.decode_graphs == "auto" else None)
 
     def add(self, seq: Sequence) -> None:
         self.requests_total += 1

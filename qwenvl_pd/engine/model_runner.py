@@ -3,6 +3,7 @@ from dataclasses import dataclass
 
 import torch
 
+from qwenvl_pd.engine.graphs import DecodeGraphs
 from qwenvl_pd.engine.sequence import Sequence
 from qwenvl_pd.model.base import VisionLanguageModel
 from qwenvl_pd.model.layers.attention import AttentionMetadata, PrefillSpan
@@ -16,8 +17,10 @@ class ScheduledChunk:
 
 
 class ModelRunner:
-    def __init__(self, model: VisionLanguageModel, kv_cache: torch.Tensor, block_size: int):
+    def __init__(self, model: VisionLanguageModel, kv_cache: torch.Tensor, block_size: int,
+                 graphs: DecodeGraphs | None = None):
         self.model = model
+        self.graphs = graphs
         self.kv_cache = kv_cache
         self.block_size = block_size
         self.device = kv_cache.device
@@ -27,6 +30,8 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
         """Forward the chunks; logits [len(chunks), vocab] at each chunk's last token, in order."""
+        if self.graphs is not None and self._graph_ready(chunks):
+            return self.model.compute_logits(self._run_graph(chunks))
         order = sorted(range(len(chunks)), key=lambda i: chunks[i].num_tokens > 1)
         ordered = [chunks[i] for i in order]
         ids, positions, meta, visual = self.prepare(ordered)
@@ -34,6 +39,19 @@ class ModelRunner:
         ends = torch.tensor([c.num_tokens for c in ordered]).cumsum(0) - 1
         logits = self.model.compute_logits(hidden[ends.to(self.device)])
         return logits[torch.tensor(order).argsort().to(self.device)]
+
+    def _graph_ready(self, chunks: list[ScheduledChunk]) -> bool:
+        return (all(c.num_tokens == 1 for c in chunks)
+                and self.graphs.fits(len(chunks), max(len(c.seq.block_ids) for c in chunks)))
+
+    def _run_graph(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
+        seqs = [c.seq for c in chunks]
+        ids = torch.tensor([s.token_ids[s.num_computed] for s in seqs], device=self.device)
+        positions = torch.cat([s.positions(s.num_computed, s.num_computed + 1) for s in seqs], dim=1)
+        slots = torch.tensor([self._slot(s, s.num_computed) for s in seqs], device=self.device)
+        lens = torch.tensor([s.num_computed + 1 for s in seqs], device=self.device)
+        tables = self._block_tables(seqs).to(self.device)
+        return self.graphs.run(ids, positions.to(self.device), slots, tables, lens)
 
     def prepare(self, chunks: list[ScheduledChunk]):
         """chunks must list single-token chunks first (run() orders them)."""

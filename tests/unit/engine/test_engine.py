@@ -107,3 +107,18 @@ def test_preemption_with_a_small_pool_keeps_every_output(llm, path):
     expected = llm.generate(requests, greedy)
     assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in expected]
     assert small.engine.blocks.num_used_blocks == 0
+
+
+def test_static_decode_path_with_padding_equals_the_dynamic_one(llm, path):
+    # the path decode graphs replay (static buffers, bucket padding, scratch block), run eagerly
+    static = LLM(model=path, max_model_len=1024, max_num_seqs=5, decode_graphs="eager",
+                 max_num_batched_tokens=64)
+    assert static.engine.runner.graphs.buckets == [1, 2, 4, 5]
+    requests = [_request(i) for i in range(7)]
+    params = [SamplingParams(max_tokens=6 + i, temperature=0, ignore_eos=True) for i in range(7)]
+    got = [o.outputs[0].token_ids for o in static.generate(requests, params)]
+    want = [o.outputs[0].token_ids for o in llm.generate(requests, params)]
+    assert got == want
+    assert static.engine.runner.graphs.runs > 10
+    scratch = static.engine.blocks.num_blocks  # the block padded rows write to
+    assert static.engine.kv_cache.shape[2] == scratch + 1
