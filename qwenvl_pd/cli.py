@@ -42,6 +42,9 @@ def _node(args: argparse.Namespace) -> int:
         transfer_device=args.transfer_device, transfer_timeout_s=args.transfer_timeout,
         lease_seconds=args.lease_seconds, instance_id=args.instance_id or "",
         limit_mm_per_prompt={"image": args.limit_images, "video": args.limit_videos}, engine=engine)
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)  # several roles on one host must not oversubscribe
     if args.command == "prefill":
         from qwenvl_pd.prefill_node.server import main as run
     else:
@@ -76,6 +79,7 @@ def _add_node_parser(sub, role: str, default_port: int) -> None:
     p.add_argument("--limit-images", type=int, default=16)
     p.add_argument("--limit-videos", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.set_defaults(func=_node)
 
 
