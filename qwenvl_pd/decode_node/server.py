@@ -8,7 +8,7 @@ import grpc
 import torch
 
 from qwenvl_pd.engine.block_manager import OutOfBlocks
-from qwenvl_pd.engine.node_host import GRPC_OPTIONS, NodeHost, serve
+from qwenvl_pd.engine.node_host import GRPC_OPTIONS, NodeHost, run_node
 from qwenvl_pd.engine.runtime import NodeConfig, Runtime
 from qwenvl_pd.engine.sequence import FinishReason, Sequence
 from qwenvl_pd.kv_transfer.engine import TransferError, TransferTimeout
@@ -175,11 +175,4 @@ def _event(seq: Sequence) -> TokenEvent:
 
 
 def main(cfg: NodeConfig) -> None:
-    runtime = Runtime(cfg)
-
-    def register(server):
-        service = DecodeService(runtime)
-        pb_grpc.add_DecodeServicer_to_server(service, server)
-        return service.host
-
-    asyncio.run(serve(runtime, register))
+    run_node(cfg, DecodeService, pb_grpc.add_DecodeServicer_to_server)

@@ -32,6 +32,18 @@ class NodeHost:
         self.aio.call_soon_threadsafe(fn, *args)
 
 
+def run_node(cfg, make_service: Callable, add_to_server: Callable) -> None:
+    """Build the runtime for cfg, serve make_service(runtime) until SIGINT/SIGTERM."""
+    runtime = Runtime(cfg)
+
+    def register(server: grpc.aio.Server) -> NodeHost:
+        service = make_service(runtime)
+        add_to_server(service, server)
+        return service.host
+
+    asyncio.run(serve(runtime, register))
+
+
 async def serve(runtime: Runtime, register: Callable[[grpc.aio.Server], NodeHost]) -> None:
     """Start the engine and the gRPC server; run until SIGINT/SIGTERM."""
     server = grpc.aio.server(options=GRPC_OPTIONS)

@@ -7,8 +7,7 @@ import time
 import grpc
 from PIL import Image
 
-from qwenvl_pd.engine.block_manager import OutOfBlocks  # noqa: F401  (re-exported for tests)
-from qwenvl_pd.engine.node_host import NodeHost, serve
+from qwenvl_pd.engine.node_host import NodeHost, run_node
 from qwenvl_pd.engine.runtime import NodeConfig, Runtime
 from qwenvl_pd.engine.sequence import FinishReason, Sequence
 from qwenvl_pd.kv_transfer.handle import KVHandle
@@ -170,11 +169,4 @@ def _check_grids(req: PrefillRequest, prompt) -> None:
 
 
 def main(cfg: NodeConfig) -> None:
-    runtime = Runtime(cfg)
-
-    def register(server):
-        service = PrefillService(runtime)
-        pb_grpc.add_PrefillServicer_to_server(service, server)
-        return service.host
-
-    asyncio.run(serve(runtime, register))
+    run_node(cfg, PrefillService, pb_grpc.add_PrefillServicer_to_server)
