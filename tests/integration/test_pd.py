@@ -95,57 +95,136 @@ def test_pd_equals_colocated_greedy_and_seeded(tiny_dirs, arch):
         assert dl.kv_transfers_total == len(requests) * len(params)
 
 
-def test_64_concurrent_requests_then_zero_blocks(tiny_dirs):
+@pytest.fixture(scope="module")
+def shared(tiny_dirs):
+    """One prefill and one decode for the fault tests; the test that kills the prefill runs last."""
     model = str(tiny_dirs["qwen2_5_vl"])
-    llm = LLM(model=model, max_model_len=2048)
+    with pd_pair(model, prefill_args=("--lease-seconds", "4", "--transfer-timeout", "2")) as (p, d):
+        yield LLM(model=model, max_model_len=2048), model, p, d
+
+
+def test_64_concurrent_requests_then_zero_blocks(shared):
+    llm, _, (_, p_addr), (_, d_addr) = shared
     reqs = [_pd_request(llm, f"c{i}", {"prompt": _chat((IMG if i % 3 == 0 else "") + f"number {i} " * (1 + i % 5)),
                                        "multi_modal_data": {"image": [_image(56 + i, 56, i)]} if i % 3 == 0 else {}},
                         SamplingParams(max_tokens=4 + i % 9, temperature=0, ignore_eos=True))
             for i in range(64)]
 
-    async def run_all(p_addr, d_addr):
+    async def run_all():
         return await asyncio.gather(*(_run(p_addr, d_addr, r) for r in reqs))
 
-    with pd_pair(model) as ((_, p_addr), (_, d_addr)):
-        results = asyncio.run(run_all(p_addr, d_addr))
-        assert [len(t) for t, _ in results] == [4 + i % 9 for i in range(64)]
-        assert all(reason == "length" for _, reason in results)
-        pl, dl = asyncio.run(_settled_loads(p_addr, d_addr))
-        assert (pl.blocks_used, dl.blocks_used, pl.running, dl.running) == (0, 0, 0, 0)
+    results = asyncio.run(run_all())
+    assert [len(t) for t, _ in results] == [4 + i % 9 for i in range(64)]
+    assert all(reason == "length" for _, reason in results)
+    pl, dl = asyncio.run(_settled_loads(p_addr, d_addr))
+    assert (pl.blocks_used, dl.blocks_used, pl.running, dl.running) == (0, 0, 0, 0)
 
 
-def test_decode_killed_mid_stream_lease_frees_prefill_blocks(tiny_dirs):
-    model = str(tiny_dirs["qwen2_5_vl"])
-    llm = LLM(model=model, max_model_len=2048)
+def test_fingerprint_mismatch_names_the_field(shared):
+    llm, model, (_, p_addr), _ = shared
+    other, other_addr = start_node("decode", model, "--block-size", "32")
+    req = _pd_request(llm, "f1", {"prompt": _chat("hi")}, SamplingParams(max_tokens=8, temperature=0))
+
+    async def scenario():
+        p, d = Instance.connect(p_addr), Instance.connect(other_addr)
+        result = await pd_client.prefill(p, req)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            async for _ in pd_client.decode(d, pd_client.decode_request(req, result)):
+                pass
+        await pd_client.abort(p, "prefill", req.request_id)
+        loads = await pd_client.load(p, "prefill"), await pd_client.load(d, "decode")
+        await p.channel.close()
+        await d.channel.close()
+        return err.value, loads
+
+    try:
+        error, (pl, dl) = asyncio.run(scenario())
+    finally:
+        stop(other)
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "block_size: prefill 16, decode 32" in error.details()
+    assert (pl.blocks_used, dl.blocks_used) == (0, 0)
+
+
+def test_abort_during_transfer_frees_both_sides(shared):
+    llm, _, (p_proc, p_addr), (_, d_addr) = shared
+    req = _pd_request(llm, "a1", {"prompt": _chat("hello " * 60)},
+                      SamplingParams(max_tokens=50, temperature=0, ignore_eos=True))
+
+    async def scenario():
+        p, d = Instance.connect(p_addr), Instance.connect(d_addr)
+        result = await pd_client.prefill(p, req)
+        events = []
+
+        async def consume():
+            async for ev in pd_client.decode(d, pd_client.decode_request(req, result)):
+                events.append(ev)
+
+        os.kill(p_proc.pid, signal.SIGSTOP)  # the read now hangs inside Mooncake
+        try:
+            task = asyncio.ensure_future(consume())
+            await asyncio.sleep(1.0)
+            found = await pd_client.abort(d, "decode", req.request_id)
+            held_during = (await pd_client.load(d, "decode")).blocks_used
+        finally:
+            os.kill(p_proc.pid, signal.SIGCONT)
+        await asyncio.wait_for(task, timeout=30)
+        await pd_client.abort(p, "prefill", req.request_id)
+        await p.channel.close()
+        await d.channel.close()
+        return found, held_during, events
+
+    found, held_during, events = asyncio.run(scenario())
+    assert found
+    assert held_during > 0  # the blocks stay with the read until it returns
+    assert [e.finish_reason for e in events] == ["abort"]
+    pl, dl = asyncio.run(_settled_loads(p_addr, d_addr))
+    assert (pl.blocks_used, dl.blocks_used) == (0, 0)
+
+
+def test_decode_killed_mid_transfer_lease_frees_prefill_blocks(shared):
+    llm, model, (p_proc, p_addr), _ = shared
+    victim, victim_addr = start_node("decode", model)
     req = _pd_request(llm, "k1", {"prompt": _chat("hello " * 40)},
                       SamplingParams(max_tokens=500, temperature=0, ignore_eos=True))
 
-    async def scenario(p_addr, d_proc, d_addr):
-        p = Instance.connect(p_addr)
+    async def scenario():
+        p, d = Instance.connect(p_addr), Instance.connect(victim_addr)
         result = await pd_client.prefill(p, req)
         held = (await pd_client.load(p, "prefill")).blocks_used
-        d_proc.kill()  # decode never pulls, never releases
+        os.kill(p_proc.pid, signal.SIGSTOP)  # decode's pull hangs: no Release will come
+        try:
+            stream = pd_client.decode(d, pd_client.decode_request(req, result))
+            task = asyncio.ensure_future(stream.__anext__())
+            await asyncio.sleep(1.0)
+            victim.kill()
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await asyncio.wait_for(task, timeout=30)
+        finally:
+            os.kill(p_proc.pid, signal.SIGCONT)
         deadline = time.monotonic() + 15
         while (await pd_client.load(p, "prefill")).blocks_used and time.monotonic() < deadline:
             await asyncio.sleep(0.2)
         after = (await pd_client.load(p, "prefill")).blocks_used
         await p.channel.close()
-        return result, held, after
+        await d.channel.close()
+        return result, held, err.value, after
 
-    with pd_pair(model, prefill_args=("--lease-seconds", "2", "--transfer-timeout", "1")) as \
-            ((_, p_addr), (d_proc, d_addr)):
-        result, held, after = asyncio.run(scenario(p_addr, d_proc, d_addr))
-        assert held == len(result.handle.block_ids) > 0
-        assert after == 0
+    try:
+        result, held, error, after = asyncio.run(scenario())
+    finally:
+        stop(victim)
+    assert held == len(result.handle.block_ids) > 0
+    assert error.code() == grpc.StatusCode.UNAVAILABLE  # the client sees the stream end in error
+    assert after == 0
 
 
-def test_prefill_killed_after_answering_decode_fails_cleanly(tiny_dirs):
-    model = str(tiny_dirs["qwen2_5_vl"])
-    llm = LLM(model=model, max_model_len=2048)
+def test_prefill_killed_after_answering_decode_fails_cleanly(shared):
+    llm, _, (p_proc, p_addr), (_, d_addr) = shared
     req = _pd_request(llm, "k2", {"prompt": _chat("hello " * 40)},
                       SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
 
-    async def scenario(p_proc, p_addr, d_addr):
+    async def scenario():
         p, d = Instance.connect(p_addr), Instance.connect(d_addr)
         result = await pd_client.prefill(p, req)
         p_proc.kill()
@@ -158,68 +237,7 @@ def test_prefill_killed_after_answering_decode_fails_cleanly(tiny_dirs):
         await d.channel.close()
         return err.value, used
 
-    with pd_pair(model) as ((p_proc, p_addr), (_, d_addr)):
-        error, used = asyncio.run(scenario(p_proc, p_addr, d_addr))
-        assert error.code() == grpc.StatusCode.UNAVAILABLE
-        assert "KV read from prefill" in error.details()
-        assert used == 0
-
-
-def test_fingerprint_mismatch_names_the_field(tiny_dirs):
-    model = str(tiny_dirs["qwen2_5_vl"])
-    llm = LLM(model=model, max_model_len=2048)
-    req = _pd_request(llm, "f1", {"prompt": _chat("hi")}, SamplingParams(max_tokens=8, temperature=0))
-
-    async def scenario(p_addr, d_addr):
-        p, d = Instance.connect(p_addr), Instance.connect(d_addr)
-        result = await pd_client.prefill(p, req)
-        with pytest.raises(grpc.aio.AioRpcError) as err:
-            async for _ in pd_client.decode(d, pd_client.decode_request(req, result)):
-                pass
-        await pd_client.abort(p, "prefill", req.request_id)
-        loads = await pd_client.load(p, "prefill"), await pd_client.load(d, "decode")
-        await p.channel.close()
-        await d.channel.close()
-        return err.value, loads
-
-    with pd_pair(model, decode_args=("--block-size", "32")) as ((_, p_addr), (_, d_addr)):
-        error, (pl, dl) = asyncio.run(scenario(p_addr, d_addr))
-        assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
-        assert "block_size: prefill 16, decode 32" in error.details()
-        assert (pl.blocks_used, dl.blocks_used) == (0, 0)
-
-
-def test_abort_during_transfer_frees_both_sides(tiny_dirs):
-    model = str(tiny_dirs["qwen2_5_vl"])
-    llm = LLM(model=model, max_model_len=2048)
-    req = _pd_request(llm, "a1", {"prompt": _chat("hello " * 60)},
-                      SamplingParams(max_tokens=50, temperature=0, ignore_eos=True))
-
-    async def scenario(p_proc, p_addr, d_addr):
-        p, d = Instance.connect(p_addr), Instance.connect(d_addr)
-        result = await pd_client.prefill(p, req)
-        os.kill(p_proc.pid, signal.SIGSTOP)  # the read now hangs inside Mooncake
-        events = []
-
-        async def consume():
-            async for ev in pd_client.decode(d, pd_client.decode_request(req, result)):
-                events.append(ev)
-
-        task = asyncio.ensure_future(consume())
-        await asyncio.sleep(1.0)
-        found = await pd_client.abort(d, "decode", req.request_id)
-        held_during = (await pd_client.load(d, "decode")).blocks_used
-        os.kill(p_proc.pid, signal.SIGCONT)
-        await asyncio.wait_for(task, timeout=30)
-        await pd_client.abort(p, "prefill", req.request_id)
-        await p.channel.close()
-        await d.channel.close()
-        return found, held_during, events
-
-    with pd_pair(model, decode_args=("--transfer-timeout", "20")) as ((p_proc, p_addr), (_, d_addr)):
-        found, held_during, events = asyncio.run(scenario(p_proc, p_addr, d_addr))
-        assert found
-        assert held_during > 0  # the blocks stay with the read until it returns
-        assert [e.finish_reason for e in events] == ["abort"]
-        pl, dl = asyncio.run(_settled_loads(p_addr, d_addr))
-        assert (pl.blocks_used, dl.blocks_used) == (0, 0)
+    error, used = asyncio.run(scenario())
+    assert error.code() == grpc.StatusCode.UNAVAILABLE
+    assert "KV read from prefill" in error.details()
+    assert used == 0
