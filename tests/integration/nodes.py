@@ -37,7 +37,7 @@ def start_node(role: str, model: str, *extra: str) -> tuple[subprocess.Popen, st
     port = free_port()
     cmd = [sys.executable, "-m", "qwenvl_pd.cli", role, "--model", model, "--port", str(port),
            "--host", "127.0.0.1", "--bind", "127.0.0.1", "--max-model-len", "2048",
-           "--kv-cache-gib", "0.05", *extra]
+           "--kv-cache-gib", "0.05", "--threads", "1", *extra]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     address = f"127.0.0.1:{port}"
     wait_healthy(address, proc)
