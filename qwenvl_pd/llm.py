@@ -51,7 +51,7 @@ class LLM:
         # validate every prompt before any compute: one bad prompt fails the call cleanly
         processed = [self.inputs.process(p) for p in prompts]
         params = [self._resolve(prompt, p) for prompt, p in zip(processed, params)]
-        groups = [[self._sequence(prompt, p) for _ in range(p.n)] for prompt, p in zip(processed, params)]
+        groups = [[self._sequence(prompt, p, i) for i in range(p.n)] for prompt, p in zip(processed, params)]
         for seq in itertools.chain.from_iterable(groups):
             self.engine.add(seq)
         self._run_to_completion()
@@ -70,10 +70,10 @@ class LLM:
                              f"cache; the pool holds {blocks.num_blocks * blocks.block_size}")
         return p
 
-    def _sequence(self, prompt: ProcessedPrompt, p: SamplingParams) -> Sequence:
+    def _sequence(self, prompt: ProcessedPrompt, p: SamplingParams, index: int) -> Sequence:
         if p.n > 1 and p.seed is not None:
-            # n samples of one seeded request must differ: derive one seed per sample
-            p = dataclasses.replace(p, seed=p.seed + next(self._ids) * 7919)
+            # n samples of one seeded request must differ: one seed per sample, as the proxy does
+            p = dataclasses.replace(p, seed=p.seed + index * 7919)
         return Sequence(str(next(self._ids)), list(prompt.token_ids), prompt.positions,
                         prompt.mrope_delta, p, items=prompt.items)
 

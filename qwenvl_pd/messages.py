@@ -15,7 +15,7 @@ __all__ = ["MediaItem", "PrefillRequest", "SampledToken", "PrefillResult", "Deco
            "TokenEvent", "LoadReport", "ModelInfo", "KVHandle", "LayoutFingerprint"]
 
 MEDIA_KINDS = ("image", "video")
-FINISH_REASONS = ("", "stop", "length", "abort", "error")
+FINISH_REASONS = ("", "stop", "length", "abort", "error", "preempted")  # preempted: decode handed it back
 ROLES = ("prefill", "decode")
 
 

@@ -2,7 +2,7 @@
 import logging
 import queue
 import threading
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from typing import Callable
 
 from qwenvl_pd.engine.llm_engine import LLMEngine
@@ -56,9 +56,13 @@ class EngineLoop:
         while item is not None:
             fn, fut = item
             try:
-                fut.set_result(fn())
+                result, error = fn(), None
             except Exception as e:  # handed to the caller through the future
-                fut.set_exception(e)
+                result, error = None, e
+            try:
+                fut.set_exception(error) if error else fut.set_result(result)
+            except InvalidStateError:
+                pass  # the waiter was cancelled (e.g. its RPC went away); the work itself is done
             try:
                 item = self._inbox.get_nowait()
             except queue.Empty:

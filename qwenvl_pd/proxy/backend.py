@@ -118,6 +118,9 @@ class PDBackend:
                     async with contextlib.aclosing(pd_client.decode(state.instance, dreq)) as events:
                         async for ev in events:
                             seen = True
+                            if ev.finish_reason:  # let the call end on its own: a cancel now
+                                async for _ in events:  # would race decode's own clean-up
+                                    pass
                             yield ev
                     return
                 except grpc.aio.AioRpcError as e:

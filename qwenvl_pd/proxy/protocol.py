@@ -157,7 +157,8 @@ def _stop_token_ids(body: dict) -> list[int]:
 def _refuse_unsupported(body: dict, names: Sequence[str]) -> None:
     for key in names:
         v = body.get(key)
-        ignorable = v in (None, False, "", [], {}) or key == "response_format" and v == {"type": "text"}
+        ignorable = v in (None, False, "", [], {}) or key == "response_format" and v == {"type": "text"} \
+            or key == "best_of" and v == 1 and not isinstance(v, bool)  # vllm bench sends best_of: 1
         if not ignorable:
             raise bad_request(f"'{key}' is not supported by this server", key)
 

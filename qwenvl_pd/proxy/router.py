@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from qwenvl_pd.engine.node_host import GRPC_OPTIONS
 from qwenvl_pd.messages import LoadReport
 from qwenvl_pd.proxy import pd_client
 from qwenvl_pd.proxy.errors import no_backend
@@ -61,6 +62,13 @@ def _rendezvous(key: bytes, address: str) -> int:
     return int.from_bytes(hashlib.sha256(key + address.encode()).digest()[:8], "big")
 
 
+def _connect(address: str) -> pd_client.Instance:
+    # gRPC backs off up to 2 minutes between reconnects; a restarted instance should be back
+    # in rotation within a few health rounds
+    options = GRPC_OPTIONS + [("grpc.initial_reconnect_backoff_ms", 500), ("grpc.max_reconnect_backoff_ms", 3000)]
+    return pd_client.Instance(address, grpc.aio.insecure_channel(address, options=options))
+
+
 async def grpc_healthy(instance: pd_client.Instance) -> bool:
     try:
         reply = await health_pb2_grpc.HealthStub(instance.channel).Check(
@@ -88,7 +96,7 @@ class Router:
         checked them) or wait for the next health round."""
         wanted, current = set(addresses), self.instances[role]
         for address in sorted(wanted - set(current)):
-            current[address] = InstanceState(role, address, pd_client.Instance.connect(address), healthy)
+            current[address] = InstanceState(role, address, _connect(address), healthy)
         for address in sorted(set(current) - wanted):
             self._drop(current.pop(address))
 
@@ -144,7 +152,8 @@ class Router:
         results = await asyncio.gather(*(self._check(s.instance) for s in states))
         for state, ok in zip(states, results):
             if ok != state.healthy:
-                log.warning("%s %s is %s", state.role, state.address, "healthy" if ok else "UNHEALTHY")
+                (log.info if ok else log.warning)("%s %s is %s", state.role, state.address,
+                                                  "healthy" if ok else "UNHEALTHY")
             state.healthy = ok
 
     async def load_round(self) -> None:

@@ -1,0 +1,301 @@
+"""The OpenAI proxy in front of real prefill/decode processes (two of each), driven over HTTP on
+loopback by the official openai client: parity with the offline LLM, usage, spreading, bad
+inputs, disconnects, the colocated baseline, DNS discovery, and a prefill that dies."""
+from __future__ import annotations
+
+import asyncio
+import base64
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import httpx
+import numpy as np
+import openai
+import pytest
+from PIL import Image
+
+from qwenvl_pd import LLM, SamplingParams
+from qwenvl_pd.model.tiny import make_tiny
+from qwenvl_pd.proxy import pd_client
+from qwenvl_pd.proxy.router import _rendezvous, affinity_key
+from qwenvl_pd.serve import _grpc_serving
+
+from nodes import free_port, png_bytes, stop
+
+KEY = "test-key"
+NODE_ARGS = ["--host", "127.0.0.1", "--bind", "127.0.0.1", "--max-model-len", "2048", "--kv-cache-gib", "0.05"]
+HTTP_WAIT_S = 120
+
+
+def _cli(*args: str) -> subprocess.Popen:
+    # logs go to a file, not a pipe nobody drains: a full pipe would stall the process
+    log = tempfile.TemporaryFile("w+")
+    proc = subprocess.Popen([sys.executable, "-m", "qwenvl_pd.cli", *args], stdout=subprocess.DEVNULL,
+                            stderr=log, text=True)
+    proc.log = log
+    return proc
+
+
+def _log(proc: subprocess.Popen) -> str:
+    proc.log.seek(0)
+    return proc.log.read()
+
+
+def _wait_http(url: str, proc: subprocess.Popen) -> None:
+    deadline = time.monotonic() + HTTP_WAIT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"proxy exited with {proc.returncode}:\n{_log(proc)[-5000:]}")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"{url} not healthy after {HTTP_WAIT_S}s")
+
+
+def _wait_node(address: str, proc: subprocess.Popen) -> None:
+    deadline = time.monotonic() + HTTP_WAIT_S
+    while not _grpc_serving(address):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"{address} did not start (exit {proc.poll()}):\n{_log(proc)[-5000:]}")
+        time.sleep(0.2)
+
+
+def start_proxy(*args: str) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    proc = _cli("proxy", "--host", "127.0.0.1", "--port", str(port), "--health-interval", "0.5",
+                "--load-interval", "0.5", *args)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_http(url, proc)
+    except BaseException:
+        stop(proc)
+        raise
+    return proc, url
+
+
+class Cluster:
+    def __init__(self, model: str):
+        self.model, self.procs, self.addr = model, {}, {}
+
+    def start(self) -> None:
+        for name in ("p0", "p1", "d0", "d1"):  # all at once: loading overlaps
+            port = free_port()
+            role = "prefill" if name[0] == "p" else "decode"
+            self.procs[name] = _cli(role, "--model", self.model, "--port", str(port), *NODE_ARGS)
+            self.addr[name] = f"127.0.0.1:{port}"
+        for name, proc in self.procs.items():
+            _wait_node(self.addr[name], proc)
+        self.proxy, self.url = start_proxy(
+            "--prefill", f"{self.addr['p0']},{self.addr['p1']}", "--decode", f"{self.addr['d0']},{self.addr['d1']}",
+            "--api-key", KEY, "--prefill-load-cap", "1", "--max-image-pixels", "4000000")
+
+    def loads(self) -> dict:
+        async def one(name):
+            inst = pd_client.Instance.connect(self.addr[name])
+            try:
+                return await pd_client.load(inst, "prefill" if name[0] == "p" else "decode")
+            finally:
+                await inst.channel.close()
+
+        async def all_():
+            live = [n for n, p in self.procs.items() if p.poll() is None]
+            return dict(zip(live, await asyncio.gather(*(one(n) for n in live))))
+        return asyncio.run(all_())
+
+    def stop(self) -> None:
+        for proc in [getattr(self, "proxy", None), *self.procs.values()]:
+            if proc is not None:
+                stop(proc)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return str(make_tiny("qwen2_5_vl", tmp_path_factory.mktemp("proxy") / "tiny"))
+
+
+@pytest.fixture(scope="module")
+def cluster(model_dir):
+    c = Cluster(model_dir)
+    try:
+        c.start()
+        yield c
+    finally:
+        c.stop()
+
+
+@pytest.fixture(scope="module")
+def llm(model_dir):
+    return LLM(model=model_dir, max_model_len=2048)
+
+
+@pytest.fixture(scope="module")
+def client(cluster):
+    return openai.OpenAI(base_url=cluster.url + "/v1", api_key=KEY, timeout=60, max_retries=0)
+
+
+def _image(w=90, h=70, seed=1) -> bytes:
+    rng = np.random.default_rng(seed)
+    return png_bytes(Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)))
+
+
+def _data_url(data: bytes, mime="image/png") -> str:
+    return f"data:{mime};base64," + base64.b64encode(data).decode()
+
+
+def _image_messages(data: bytes, text="Describe this.") -> list:
+    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": _data_url(data)}},
+                                         {"type": "text", "text": text}]}]
+
+
+def _offline(llm: LLM, data: bytes, text: str, max_tokens: int):
+    prompt = llm.tokenizer.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}],
+        tokenize=False, add_generation_prompt=True)
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    return llm.generate({"prompt": prompt, "multi_modal_data": {"image": [data]}}, params)[0]
+
+
+GREEDY = dict(max_tokens=16, temperature=0, extra_body={"ignore_eos": True})
+
+
+def test_chat_with_image_equals_offline_llm_streaming_and_not(client, llm, cluster):
+    data = _image(224, 168)  # 16 x 12 patches: 48 image tokens
+    expected = _offline(llm, data, "Describe this.", 16)
+    r = client.chat.completions.create(model="tiny", messages=_image_messages(data), **GREEDY)
+    assert r.choices[0].message.content == expected.outputs[0].text
+    assert r.choices[0].finish_reason == "length"
+    assert r.usage.prompt_tokens == len(expected.prompt_token_ids) > 48  # image tokens counted
+    assert r.usage.completion_tokens == 16
+
+    chunks = list(client.chat.completions.create(model="tiny", messages=_image_messages(data), stream=True,
+                                                 stream_options={"include_usage": True}, **GREEDY))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == expected.outputs[0].text
+    assert chunks[-1].usage.prompt_tokens == len(expected.prompt_token_ids)
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens > 0  # same prompt again: prefix hit
+
+
+def test_requests_spread_over_every_instance(cluster):
+    async def burst():
+        aclient = openai.AsyncOpenAI(base_url=cluster.url + "/v1", api_key=KEY, timeout=60, max_retries=0)
+        rs = await asyncio.gather(*(aclient.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": f"item {i}"}], **GREEDY) for i in range(8)))
+        await aclient.close()
+        return rs
+    results = asyncio.run(burst())
+    assert all(r.usage.completion_tokens == 16 for r in results)
+    loads = cluster.loads()
+    assert {name: loads[name].requests_total > 0 for name in loads} == {n: True for n in cluster.procs}
+
+
+def _bad_cases(listener_port: int) -> list:
+    tiny_png = _image(8, 8)
+    user = lambda content: {"model": "tiny", "messages": [{"role": "user", "content": content}]}  # noqa: E731
+    img = lambda url: {"type": "image_url", "image_url": {"url": url}}  # noqa: E731
+    big = png_bytes(Image.new("L", (2500, 2000)))
+    auth = {"Authorization": f"Bearer {KEY}"}
+    return [
+        ("malformed json", b'{"model": "tiny", "messages": [', auth, 400, None),
+        ("wrong type", {**user("hi"), "temperature": "hot"}, auth, 400, "temperature"),
+        ("unknown part", user([{"type": "audio_url", "audio_url": {"url": "x"}}]), auth, 400,
+         "messages[0].content[0].type"),
+        ("bad base64", user([img("data:image/png;base64,@@@@")]), auth, 400, "messages[0].content[0].image_url.url"),
+        ("not an image", user([img(_data_url(b"hello, I am text"))]), auth, 400,
+         "messages[0].content[0].image_url.url"),
+        ("too many images", user([img(_data_url(tiny_png))] * 17), auth, 400, "messages"),
+        ("over pixel limit", user([img(_data_url(big))]), auth, 400, "messages[0].content[0].image_url.url"),
+        ("private url", user([img(f"http://127.0.0.1:{listener_port}/a.png")]), auth, 400,
+         "messages[0].content[0].image_url.url"),
+        ("prompt too long", user("hello " * 2100), auth, 400, "messages"),
+        ("max_tokens too large", {**user("hi"), "max_tokens": 5000}, auth, 400, "max_tokens"),
+        ("unknown model", {**user("hi"), "model": "gpt-4"}, auth, 404, "model"),
+        ("missing key", user("hi"), {}, 401, None),
+        ("wrong key", user("hi"), {"Authorization": "Bearer nope"}, 401, None),
+    ]
+
+
+def test_bad_inputs_get_openai_errors_and_schedule_nothing(cluster):
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    before = {n: r.requests_total for n, r in cluster.loads().items()}
+    failures = []
+    for name, body, headers, status, param in _bad_cases(listener.getsockname()[1]):
+        kwargs = {"content": body} if isinstance(body, bytes) else {"json": body}
+        r = httpx.post(cluster.url + "/v1/chat/completions", headers=headers, timeout=30, **kwargs)
+        err = r.json().get("error", {})
+        if r.status_code != status or err.get("param") != param or not err.get("message") \
+                or set(err) != {"message", "type", "param", "code"}:
+            failures.append((name, r.status_code, r.text[:300]))
+    listener.setblocking(False)
+    with pytest.raises(BlockingIOError):  # the guard refused before any connection
+        listener.accept()
+    listener.close()
+    assert failures == []
+    assert {n: r.requests_total for n, r in cluster.loads().items()} == before
+
+
+def test_client_disconnect_cancels_the_decode_stream(client, cluster):
+    stream = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "go on"}],
+                                            stream=True, max_tokens=1500, extra_body={"ignore_eos": True})
+    for i, _ in enumerate(stream):
+        if i == 3:
+            break
+    stream.close()
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        loads = cluster.loads()
+        if all(r.running == 0 and r.blocks_used == 0 for r in loads.values()):
+            break
+        time.sleep(0.2)
+    assert {n: (r.running, r.blocks_used) for n, r in loads.items()} == {n: (0, 0) for n in loads}
+
+
+def test_colocated_proxy_answers_like_pd(client, model_dir):
+    proc, url = start_proxy("--colocated-model", model_dir, "--max-model-len", "2048", "--kv-cache-gib", "0.05")
+    try:
+        colocated = openai.OpenAI(base_url=url + "/v1", api_key="unused", timeout=60, max_retries=0)
+        data = _image(70, 50, seed=3)
+        got = [c.chat.completions.create(model=m, messages=_image_messages(data, "What is it?"), **GREEDY)
+               for c, m in ((client, "tiny"), (colocated, colocated.models.list().data[0].id))]
+    finally:
+        stop(proc)
+    assert got[0].choices[0].message.content == got[1].choices[0].message.content
+    assert got[0].usage.prompt_tokens == got[1].usage.prompt_tokens
+
+
+def test_discover_dns_finds_the_instances(cluster):
+    p, d = cluster.addr["p0"].split(":")[1], cluster.addr["d0"].split(":")[1]
+    proc, url = start_proxy("--discover-dns", f"prefill=localhost:{p},decode=localhost:{d}")
+    try:
+        c = openai.OpenAI(base_url=url + "/v1", api_key="unused", timeout=60, max_retries=0)
+        r = c.chat.completions.create(model=c.models.list().data[0].id,
+                                      messages=[{"role": "user", "content": "hi"}], **GREEDY)
+    finally:
+        stop(proc)
+    assert r.usage.completion_tokens == 16
+
+
+def test_prefill_killed_requests_keep_succeeding(client, cluster, llm):
+    # kill the prefill this prompt's affinity prefers, so the retry path is what serves it
+    messages = [{"role": "user", "content": "after the crash"}]
+    ids = llm.tokenizer.encode(llm.tokenizer.apply_chat_template(messages, tokenize=False,
+                                                                 add_generation_prompt=True))
+    key = affinity_key(ids, (), 16)
+    victim = max(("p0", "p1"), key=lambda n: _rendezvous(key, cluster.addr[n]))
+    cluster.procs[victim].send_signal(signal.SIGKILL)
+    cluster.procs[victim].wait(timeout=10)
+    results = [client.chat.completions.create(model="tiny", messages=messages, **GREEDY) for _ in range(4)]
+    assert [r.usage.completion_tokens for r in results] == [16] * 4
+    assert len({r.choices[0].message.content for r in results}) == 1
+    assert httpx.get(cluster.url + "/health", timeout=5).status_code == 200  # one of each left
+    noticed = [ln for ln in _log(cluster.proxy).splitlines() if cluster.addr[victim] in ln]
+    assert any("retrying on another" in ln or "UNHEALTHY" in ln for ln in noticed), noticed
+    print("\n".join(noticed))

@@ -1,0 +1,149 @@
+"""PDBackend's failure handling with scripted gRPC hops: prefill retry, 400 passthrough,
+re-prefill after a decode preemption, and the lease abort when a client stops early."""
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+
+from qwenvl_pd.kv_transfer.handle import KVHandle, LayoutFingerprint
+from qwenvl_pd.messages import PrefillRequest, PrefillResult, SampledToken, TokenEvent
+from qwenvl_pd.proxy import backend as backend_mod
+from qwenvl_pd.proxy.backend import PDBackend
+from qwenvl_pd.proxy.errors import APIError
+from qwenvl_pd.proxy.metrics import ProxyMetrics
+from qwenvl_pd.proxy.router import Router
+from qwenvl_pd.sampling_params import SamplingParams
+
+FP = LayoutFingerprint("m", "float32", 16, 2, 2, 8)
+
+
+def rpc_error(code, details="boom"):
+    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details=details)
+
+
+def result(req: PrefillRequest, token: int) -> PrefillResult:
+    handle = KVHandle("p", "127.0.0.1:1", 0, 64, 8, (0,), len(req.prompt_token_ids), FP)
+    return PrefillResult(req.request_id, SampledToken(token), 0, len(req.prompt_token_ids), handle)
+
+
+class Script:
+    """Fake pd_client: prefill outcomes per call, decode event lists per call."""
+
+    def __init__(self, prefills, decodes):
+        self.prefills, self.decodes = list(prefills), list(decodes)
+        self.prefill_calls, self.aborts = [], []
+
+    async def prefill(self, inst, req, timeout=600):
+        self.prefill_calls.append((inst.address, req))
+        outcome = self.prefills.pop(0)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return result(req, outcome)
+
+    async def decode(self, inst, dreq):
+        for ev in self.decodes.pop(0):
+            yield ev
+
+    async def abort(self, inst, service, request_id):
+        self.aborts.append((service, request_id))
+        return True
+
+
+def run(script: Script, body):
+    async def main():
+        async def healthy(_):
+            return True
+        router = Router(ProxyMetrics(), health_check=healthy)
+        router.set_members("prefill", ["10.0.0.1:1", "10.0.0.2:1"])
+        router.set_members("decode", ["10.0.1.1:1"])
+        await router.health_round()
+        try:
+            return await body(PDBackend(router), router)
+        finally:
+            await router.stop()
+    mp = pytest.MonkeyPatch()
+    for name in ("prefill", "decode", "abort"):
+        mp.setattr(backend_mod.pd_client, name, getattr(script, name))
+    try:
+        return asyncio.run(main())
+    finally:
+        mp.undo()
+
+
+REQ = PrefillRequest("r", (1, 2, 3), sampling=SamplingParams(max_tokens=6, temperature=0))
+
+
+async def collect(backend, req=REQ):
+    return [(s.token.token_id if s.token else None, s.finish_reason) async for s in backend.generate(req, b"k")]
+
+
+def ev(token, reason=""):
+    return TokenEvent(SampledToken(token) if token is not None else None, reason)
+
+
+def test_prefill_unavailable_is_retried_once_on_another():
+    script = Script([rpc_error(grpc.StatusCode.UNAVAILABLE), 10], [[ev(11), ev(12, "length")]])
+
+    async def body(backend, router):
+        steps = await collect(backend)
+        return steps, [s.address for s in router.healthy("prefill")]
+    steps, healthy = run(script, body)
+    assert steps == [(10, ""), (11, ""), (12, "length")]
+    first, second = (addr for addr, _ in script.prefill_calls)
+    assert first != second and healthy == [second]  # the failed one is out until a health check
+
+
+def test_invalid_argument_is_a_400_with_the_nodes_message():
+    script = Script([rpc_error(grpc.StatusCode.INVALID_ARGUMENT, "media 0: grid mismatch")], [])
+
+    async def body(backend, router):
+        with pytest.raises(APIError) as err:
+            await collect(backend)
+        return err.value
+    err = run(script, body)
+    assert (err.status, err.message) == (400, "media 0: grid mismatch")
+
+
+def test_second_prefill_failure_is_503():
+    script = Script([rpc_error(grpc.StatusCode.UNAVAILABLE)] * 2, [])
+
+    async def body(backend, router):
+        with pytest.raises(APIError) as err:
+            await collect(backend)
+        return err.value
+    assert run(script, body).status == 503
+
+
+def test_preempted_request_is_prefilled_again_with_its_tokens():
+    script = Script([10, 13], [[ev(11), ev(12), ev(None, "preempted")], [ev(14), ev(15, "length")]])
+    steps = run(script, lambda backend, router: collect(backend))
+    assert steps == [(10, ""), (11, ""), (12, ""), (13, ""), (14, ""), (15, "length")]
+    again = script.prefill_calls[1][1]
+    assert again.prompt_token_ids == (1, 2, 3, 10, 11, 12)
+    assert (again.request_id, again.sampling.max_tokens) == ("r-r1", 3)
+
+
+def test_stopping_after_the_first_token_aborts_the_lease():
+    script = Script([10], [[ev(11), ev(12, "length")]])
+
+    async def body(backend, router):
+        gen = backend.generate(REQ, b"k")
+        first = await anext(gen)
+        await gen.aclose()
+        await asyncio.sleep(0.05)  # the abort is fire-and-forget
+        return first
+    first = run(script, body)
+    assert first.token.token_id == 10 and script.aborts == [("prefill", "r")]
+
+
+def test_decode_error_event_is_a_server_error():
+    script = Script([10], [[ev(11), TokenEvent(None, "error", error="KV gone")]])
+
+    async def body(backend, router):
+        with pytest.raises(APIError) as err:
+            await collect(backend)
+        return err.value
+    err = run(script, body)
+    assert err.status == 500 and "KV gone" in err.message
