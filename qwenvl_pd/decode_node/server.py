@@ -112,7 +112,13 @@ class DecodeService(pb_grpc.DecodeServicer):
         finally:
             self.pulling.pop(req.request_id, None)
         self._count(slices, time.perf_counter() - start)
-        asyncio.ensure_future(self._release(h.control_address, req.request_id))
+        # the lease still held at Release means it held for the whole read: the bytes are that
+        # request's, not a restarted instance's or another request's that reused the blocks
+        if not await self._release(h, req.request_id):
+            await self.host.call(lambda: self.rt.engine.blocks.free(blocks))
+            await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                f"KV of request {req.request_id} was no longer leased on prefill "
+                                f"{h.instance_id} (expired, aborted or restarted); not using the read")
         if aborted.is_set():
             await self.host.call(lambda: self.rt.engine.blocks.free(blocks))
             self.streams[req.request_id].put_nowait(TokenEvent(finish_reason="abort"))
@@ -141,16 +147,20 @@ class DecodeService(pb_grpc.DecodeServicer):
         self.transfers["kv_transfer_bytes_total"] += sum(n for _, _, n in slices)
         self.transfers["kv_transfer_seconds_total"] += seconds
 
-    async def _release(self, address: str, request_id: str) -> None:
-        if not address:
-            return
-        channel = self._channels.get(address)
+    async def _release(self, h, request_id: str) -> bool:
+        """Tell prefill the blocks are pulled; False when it no longer leased them to us."""
+        if not h.control_address:
+            return True
+        channel = self._channels.get(h.control_address)
         if channel is None:
-            channel = self._channels[address] = grpc.aio.insecure_channel(address, options=GRPC_OPTIONS)
+            channel = self._channels[h.control_address] = grpc.aio.insecure_channel(
+                h.control_address, options=GRPC_OPTIONS)
+        request = pb.ReleaseRequest(request_id=request_id, instance_id=h.instance_id)
         try:
-            await pb_grpc.PrefillStub(channel).Release(pb.ReleaseRequest(request_id=request_id), timeout=5)
-        except grpc.RpcError as e:  # the lease frees the blocks anyway
-            log.warning("release of %s on %s failed: %s", request_id, address, e.code())
+            return (await pb_grpc.PrefillStub(channel).Release(request, timeout=5)).released
+        except grpc.RpcError as e:  # the read itself succeeded; the lease frees prefill's side
+            log.warning("release of %s on %s failed: %s", request_id, h.control_address, e.code())
+            return True
 
     async def Abort(self, request, context):
         pulling = self.pulling.get(request.request_id)

@@ -59,7 +59,9 @@ class PrefillService(pb_grpc.PrefillServicer):
             self.rt.engine.blocks.free(blocks)
         return blocks is not None
 
-    def _release(self, request_id: str) -> bool:
+    def _release(self, request_id: str, instance_id: str) -> bool:
+        if instance_id and instance_id != self.rt.instance_id:
+            return False
         blocks = self.leases.pop(request_id)
         if blocks is not None:
             self.rt.engine.blocks.free(blocks)
@@ -134,7 +136,7 @@ class PrefillService(pb_grpc.PrefillServicer):
             lease_expires_unix_ms=lease_ms, control_address=f"{self.rt.cfg.host}:{self.rt.cfg.port}")
 
     async def Release(self, request, context):
-        released = await self.host.call(lambda: self._release(request.request_id))
+        released = await self.host.call(lambda: self._release(request.request_id, request.instance_id))
         return pb.ReleaseResponse(released=released)
 
     async def Abort(self, request, context):

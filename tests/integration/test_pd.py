@@ -1,5 +1,6 @@
 """Prefill and decode as real processes, real gRPC, real Mooncake over TCP on loopback."""
 import asyncio
+import dataclasses
 import os
 import signal
 import time
@@ -143,6 +144,31 @@ def test_fingerprint_mismatch_names_the_field(shared):
         stop(other)
     assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "block_size: prefill 16, decode 32" in error.details()
+    assert (pl.blocks_used, dl.blocks_used) == (0, 0)
+
+
+def test_a_handle_from_another_instance_is_never_trusted(shared):
+    llm, _, (_, p_addr), (_, d_addr) = shared
+    req = _pd_request(llm, "s1", {"prompt": _chat("stale handle")},
+                      SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
+
+    async def scenario():
+        p, d = Instance.connect(p_addr), Instance.connect(d_addr)
+        result = await pd_client.prefill(p, req)
+        # what a handle minted by an earlier process at the same address looks like
+        stale = dataclasses.replace(result, handle=dataclasses.replace(result.handle, instance_id="prefill-old"))
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            async for _ in pd_client.decode(d, pd_client.decode_request(req, stale)):
+                pass
+        await pd_client.abort(p, "prefill", req.request_id)
+        loads = await pd_client.load(p, "prefill"), await pd_client.load(d, "decode")
+        await p.channel.close()
+        await d.channel.close()
+        return err.value, loads
+
+    error, (pl, dl) = asyncio.run(scenario())
+    assert error.code() == grpc.StatusCode.UNAVAILABLE
+    assert "no longer leased on prefill prefill-old" in error.details()
     assert (pl.blocks_used, dl.blocks_used) == (0, 0)
 
 
