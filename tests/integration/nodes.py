@@ -3,6 +3,7 @@ import io
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
 
@@ -24,7 +25,8 @@ def wait_healthy(address: str, proc: subprocess.Popen, timeout: float = STARTUP_
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             if proc.poll() is not None:
-                raise RuntimeError(f"{address} exited with {proc.returncode}:\n{proc.stderr.read()}")
+                proc.log.seek(0)
+                raise RuntimeError(f"{address} exited with {proc.returncode}:\n{proc.log.read()[-5000:]}")
             try:
                 if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == 1:
                     return
@@ -38,7 +40,10 @@ def start_node(role: str, model: str, *extra: str) -> tuple[subprocess.Popen, st
     cmd = [sys.executable, "-m", "qwenvl_pd.cli", role, "--model", model, "--port", str(port),
            "--host", "127.0.0.1", "--bind", "127.0.0.1", "--max-model-len", "2048",
            "--kv-cache-gib", "0.05", "--threads", "1", *extra]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # logs go to a file: a pipe nobody drains would stall a chatty process once it fills
+    log = tempfile.TemporaryFile("w+")
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, text=True)
+    proc.log = log
     address = f"127.0.0.1:{port}"
     wait_healthy(address, proc)
     return proc, address

@@ -1,0 +1,69 @@
+"""`qwenvl-pd serve` as a user runs it: the whole system, the openai client, then SIGTERM."""
+import base64
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import httpx
+import openai
+
+from nodes import free_port, png_bytes
+
+from PIL import Image
+
+
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_serve_answers_the_openai_client_and_stops_everything(tmp_path):
+    port = free_port()
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}  # the tiny default model is built here
+    log = tempfile.TemporaryFile("w+")
+    proc = subprocess.Popen([sys.executable, "-m", "qwenvl_pd.cli", "serve", "--port", str(port)],
+                            env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        assert proc.poll() is None, "serve exited early"
+        image = png_bytes(Image.new("RGB", (112, 84), (10, 200, 30)))
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", timeout=60,
+                               max_retries=0)
+        model = client.models.list().data[0].id
+        reply = client.chat.completions.create(model=model, max_tokens=5, messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(image).decode()}},
+            {"type": "text", "text": "What colour?"}]}])
+        assert reply.usage.completion_tokens <= 5
+        assert reply.usage.prompt_tokens > 12  # 112x84 at patch 14, merge 2: 12 image tokens + text
+        children = _children(proc.pid)
+        assert len(children) >= 3  # prefill, decode, proxy
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+    deadline = time.monotonic() + 15
+    while any(_alive(c) for c in children) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(_alive(c) for c in children)
+    log.seek(0)
+    assert "RANDOM" in log.read().upper()  # the loud random-weights banner
