@@ -19,6 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from qwenvl_pd.messages import ModelInfo
 from qwenvl_pd.proxy.config import ProxyConfig
+from qwenvl_pd.proxy.media import read_capped
 from qwenvl_pd.proxy.errors import APIError, bad_request, not_found_model, overloaded, unauthorized
 from qwenvl_pd.proxy.generation import Backend
 from qwenvl_pd.proxy.metrics import ProxyMetrics
@@ -80,14 +81,8 @@ def proxy_of(request: Request) -> Proxy:
 
 async def read_json(request: Request, limit: int):
     """The body as JSON, whatever the Content-Type says (curl -d sends a form type)."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise bad_request(f"the request body is {declared} bytes; the limit is {limit}")
-    buf = bytearray()
-    async for chunk in request.stream():
-        buf += chunk
-        if len(buf) > limit:
-            raise bad_request(f"the request body is larger than the {limit}-byte limit")
+    buf = await read_capped(request.stream(), request.headers.get("content-length", ""), limit,
+                            lambda m: bad_request(f"the request body is {m}"))
     try:
         return json.loads(buf)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

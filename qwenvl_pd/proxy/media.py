@@ -126,17 +126,23 @@ async def _from_file_url(url: str, limits: MediaLimits) -> bytes:
         raise MediaError(f"cannot read local media file: {e.strerror or e}") from None
 
 
-async def _read_capped(resp: httpx.Response, max_bytes: int) -> bytes:
-    declared = resp.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > max_bytes:
-        raise MediaError(f"media is larger than the {max_bytes}-byte limit (Content-Length {declared})")
+async def read_capped(chunks, declared: str, limit: int, error) -> bytes:
+    """Collect an async byte stream, refusing (error(message)) past `limit` bytes, early when
+    the declared Content-Length already says so."""
+    if declared.isdigit() and int(declared) > limit:
+        raise error(f"larger than the {limit}-byte limit (Content-Length {declared})")
     buf = bytearray()
-    # raw bytes: we asked for identity encoding, and decompressing here would defeat the cap
-    async for chunk in resp.aiter_raw():
+    async for chunk in chunks:
         buf += chunk
-        if len(buf) > max_bytes:
-            raise MediaError(f"media is larger than the {max_bytes}-byte limit")
+        if len(buf) > limit:
+            raise error(f"larger than the {limit}-byte limit")
     return bytes(buf)
+
+
+async def _read_capped(resp: httpx.Response, max_bytes: int) -> bytes:
+    # raw bytes: we asked for identity encoding, and decompressing here would defeat the cap
+    return await read_capped(resp.aiter_raw(), resp.headers.get("content-length", ""), max_bytes,
+                             lambda m: MediaError(f"media is {m}"))
 
 
 async def _http_hop(client: httpx.AsyncClient, url: httpx.URL, limits: MediaLimits,
