@@ -1,7 +1,7 @@
 """KV handoff bandwidth through real prefill and decode nodes against a raw Mooncake read of the
 same bytes between two processes on the same transport.
 
-    python benchmarks/kv_transfer.py [--tokens 128,512,2048,4096] [--protocol tcp]
+    python benchmarks/kv_transfer.py [--tokens 128,512,2048,4096] [--reps 5]
 
 A handoff is what the decode node times around its pull: block allocation, the coalesced slice
 list and the batched Mooncake read (GetLoad's kv_transfer_seconds_total). The model is a random

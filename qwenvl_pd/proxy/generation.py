@@ -20,7 +20,7 @@ from qwenvl_pd.proxy.detokenizer import IncrementalDetokenizer
 from qwenvl_pd.proxy.inputs import PreparedPrompt
 from qwenvl_pd.proxy.metrics import ProxyMetrics
 from qwenvl_pd.proxy.model_info import ProxyModel
-from qwenvl_pd.proxy.protocol import TokenLogprob, TopLogprob, usage
+from qwenvl_pd.proxy.responses import TokenLogprob, TopLogprob, usage
 from qwenvl_pd.proxy.router import affinity_key
 
 SEED_STRIDE = 7919  # n samples of one seeded request differ by this, as in qwenvl_pd/llm.py

@@ -1,4 +1,4 @@
-"""OpenAI protocol: request bodies -> frozen, validated requests; results -> response dicts.
+"""OpenAI protocol, requests: bodies -> frozen, validated requests (responses.py builds replies).
 
 Validation is hand-written rather than pydantic so that every failure is a 400 whose `param`
 names the exact field (``messages[0].content[1].image_url.url``), which is what OpenAI does and
@@ -8,21 +8,16 @@ fields we accept but cannot honour are refused, never silently dropped.
 
 from __future__ import annotations
 
-import json
 import math
-import time
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Union
 
-from qwenvl_pd.proxy.errors import APIError, bad_request
+from qwenvl_pd.proxy.errors import bad_request
 from qwenvl_pd.sampling_params import SamplingParams
 
 __all__ = ["TextPart", "ImagePart", "VideoPart", "Part", "ChatMessage", "ChatRequest", "CompletionRequest",
-           "parse_chat_request", "parse_completion_request", "TopLogprob", "TokenLogprob", "Choice",
-           "ChunkBuilder", "new_id", "usage", "chat_logprobs", "completion_logprobs", "chat_completion",
-           "completion", "sse", "sse_error", "SSE_DONE", "model_list"]
+           "parse_chat_request", "parse_completion_request"]
 
 ROLES = ("system", "user", "assistant", "tool")
 URL_SCHEMES = ("data", "http", "https", "file")
@@ -299,141 +294,3 @@ def parse_completion_request(body: Any) -> CompletionRequest:
     # 16 is the legacy completions API default; chat has none (the context length bounds it)
     return CompletionRequest(model=_model(body), sampling=_sampling(body, 16, logprobs), stream=stream,
                              include_usage=include_usage, prompt=prompt, logprobs=logprobs)
-
-
-# ---- responses -------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class TopLogprob:
-    token: str
-    logprob: float
-    bytes: tuple[int, ...] = ()
-
-
-@dataclass(frozen=True)
-class TokenLogprob:
-    token: str
-    logprob: float
-    bytes: tuple[int, ...] = ()
-    top: tuple[TopLogprob, ...] = ()
-
-
-@dataclass(frozen=True)
-class Choice:
-    index: int
-    text: str
-    finish_reason: str | None
-    logprobs: tuple[TokenLogprob, ...] | None = None
-
-
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex}"
-
-
-def _lp(x: float) -> float:
-    # JSON has no -inf; vLLM reports such tokens with this floor as well
-    return max(x, -9999.0) if math.isfinite(x) else -9999.0
-
-
-def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
-
-
-def chat_logprobs(entries: Sequence[TokenLogprob]) -> dict[str, Any]:
-    def one(e: TopLogprob | TokenLogprob) -> dict[str, Any]:
-        return {"token": e.token, "logprob": _lp(e.logprob), "bytes": list(e.bytes)}
-    return {"content": [{**one(e), "top_logprobs": [one(t) for t in e.top]} for e in entries]}
-
-
-def completion_logprobs(entries: Sequence[TokenLogprob], text_offset: int = 0) -> dict[str, Any]:
-    offsets = []
-    for e in entries:
-        offsets.append(text_offset)
-        text_offset += len(e.token)
-    return {"tokens": [e.token for e in entries], "token_logprobs": [_lp(e.logprob) for e in entries],
-            "top_logprobs": [{t.token: _lp(t.logprob) for t in e.top} for e in entries],
-            "text_offset": offsets}
-
-
-def chat_completion(rid: str, model: str, choices: Sequence[Choice], usage_: dict,
-                    created: int | None = None) -> dict[str, Any]:
-    return {"id": rid, "object": "chat.completion", "created": created or int(time.time()),
-            "model": model, "usage": usage_, "choices": [
-                {"index": c.index, "message": {"role": "assistant", "content": c.text},
-                 "logprobs": None if c.logprobs is None else chat_logprobs(c.logprobs),
-                 "finish_reason": c.finish_reason} for c in choices]}
-
-
-def completion(rid: str, model: str, choices: Sequence[Choice], usage_: dict,
-               created: int | None = None) -> dict[str, Any]:
-    return {"id": rid, "object": "text_completion", "created": created or int(time.time()),
-            "model": model, "usage": usage_, "choices": [
-                {"index": c.index, "text": c.text, "finish_reason": c.finish_reason,
-                 "logprobs": None if c.logprobs is None else completion_logprobs(c.logprobs)}
-                for c in choices]}
-
-
-@dataclass(frozen=True)
-class ChunkBuilder:
-    """Streaming chunks of one request: role delta (chat) first, content deltas, one finish
-    chunk per choice, then the usage chunk (empty choices) when include_usage is set."""
-    rid: str
-    model: str
-    chat: bool
-    include_usage: bool = False
-    created: int = field(default_factory=lambda: int(time.time()))
-
-    def _chunk(self, choices: list[dict]) -> dict[str, Any]:
-        obj = "chat.completion.chunk" if self.chat else "text_completion"
-        out = {"id": self.rid, "object": obj, "created": self.created, "model": self.model,
-               "choices": choices}
-        if self.include_usage:
-            out["usage"] = None  # OpenAI: every chunk but the last carries a null usage
-        return out
-
-    def _choice(self, index: int, text: str, finish: str | None,
-                logprobs: Sequence[TokenLogprob] | None, role: bool = False) -> dict[str, Any]:
-        if not self.chat:
-            lp = None if logprobs is None else completion_logprobs(logprobs)
-            return {"index": index, "text": text, "logprobs": lp, "finish_reason": finish}
-        if role:
-            delta = {"role": "assistant", "content": ""}
-        else:  # a finish chunk without text carries an empty delta, as OpenAI's does
-            delta = {"content": text} if text or not finish else {}
-        lp = None if logprobs is None else chat_logprobs(logprobs)
-        return {"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish}
-
-    def role(self, index: int = 0) -> dict[str, Any]:
-        return self._chunk([self._choice(index, "", None, None, role=True)])
-
-    def delta(self, text: str, index: int = 0, logprobs: Sequence[TokenLogprob] | None = None) -> dict:
-        return self._chunk([self._choice(index, text, None, logprobs)])
-
-    def finish(self, reason: str, index: int = 0, text: str = "",
-               logprobs: Sequence[TokenLogprob] | None = None) -> dict[str, Any]:
-        return self._chunk([self._choice(index, text, reason, logprobs)])
-
-    def usage(self, usage_: dict[str, Any]) -> dict[str, Any]:
-        return {**self._chunk([]), "usage": usage_}
-
-
-SSE_DONE = "data: [DONE]\n\n"
-
-
-def sse(obj: dict[str, Any]) -> str:
-    return "data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")) + "\n\n"
-
-
-def sse_error(err: APIError) -> str:
-    """A mid-stream failure: the status line is already sent, so the error travels as an event."""
-    return sse(err.body())
-
-
-def model_list(names: Sequence[str], max_model_len: int | None = None, owned_by: str = "qwenvl-pd",
-               created: int | None = None) -> dict[str, Any]:
-    created = created or int(time.time())
-    data = [{"id": n, "object": "model", "created": created, "owned_by": owned_by}
-            | ({"max_model_len": max_model_len} if max_model_len else {}) for n in names]
-    return {"object": "list", "data": data}

@@ -11,8 +11,8 @@ from qwenvl_pd.proxy.app import Proxy, Slot, proxy_of, read_json
 from qwenvl_pd.proxy.generation import RequestRun
 from qwenvl_pd.proxy.inputs import PreparedPrompt, prepare_chat, prepare_completion
 from qwenvl_pd.proxy.metrics import CONTENT_TYPE
-from qwenvl_pd.proxy.protocol import (model_list, new_id, parse_chat_request,
-                                      parse_completion_request)
+from qwenvl_pd.proxy.protocol import parse_chat_request, parse_completion_request
+from qwenvl_pd.proxy.responses import model_list, new_id
 from qwenvl_pd.proxy.streaming import cancel_on_disconnect, collect, stream
 
 router = APIRouter()

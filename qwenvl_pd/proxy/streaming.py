@@ -15,8 +15,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from qwenvl_pd.proxy.errors import APIError
 from qwenvl_pd.proxy.generation import Delta, RequestRun
-from qwenvl_pd.proxy.protocol import (SSE_DONE, Choice, ChunkBuilder, TokenLogprob, chat_completion,
-                                      completion, completion_logprobs, sse, sse_error)
+from qwenvl_pd.proxy.responses import (SSE_DONE, Choice, ChunkBuilder, TokenLogprob, chat_completion,
+                                       completion, completion_logprobs, sse, sse_error)
 
 
 def error_response(err: APIError) -> JSONResponse:

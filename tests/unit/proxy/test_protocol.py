@@ -9,20 +9,22 @@ import pytest
 from qwenvl_pd.proxy import errors
 from qwenvl_pd.proxy.errors import APIError
 from qwenvl_pd.proxy.protocol import (
-    SSE_DONE,
     ChatMessage,
-    Choice,
-    ChunkBuilder,
     ImagePart,
     TextPart,
+    VideoPart,
+    parse_chat_request,
+    parse_completion_request,
+)
+from qwenvl_pd.proxy.responses import (
+    SSE_DONE,
+    Choice,
+    ChunkBuilder,
     TokenLogprob,
     TopLogprob,
-    VideoPart,
     chat_completion,
     completion,
     model_list,
-    parse_chat_request,
-    parse_completion_request,
     sse,
     sse_error,
     usage,
