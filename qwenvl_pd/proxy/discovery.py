@@ -1,6 +1,6 @@
 """DNS discovery of prefill and decode instances for the proxy.
 
-``qwenvl-pd proxy --discover-dns SPEC`` with SPEC = ``ROLE=HOST:PORT[,ROLE=HOST:PORT]`` (no spaces),
+``qwenvl-pd proxy --discover-dns SPEC`` with SPEC = ``ROLE=HOST[:PORT][,ROLE=HOST[:PORT]]`` (no spaces),
 parsed by :func:`parse_discover_dns`: ROLE is ``prefill`` or ``decode``, each exactly once; HOST is a
 DNS name, in Kubernetes the role's headless Service FQDN (``<svc>.<namespace>.svc.cluster.local``),
 or an IP literal (IPv6 in brackets); PORT is the role's gRPC port. Every A/AAAA record of HOST is one
@@ -51,14 +51,20 @@ HealthCheck = Callable[[Endpoint], Awaitable[bool]]
 OnChange = Callable[[str, frozenset[Endpoint]], Awaitable[None] | None]
 
 
+# the node CLIs' default ports, for ROLE=HOST entries without one
+DEFAULT_PORTS = {"prefill": 50051, "decode": 50052}
+
+
 def parse_discover_dns(spec: str, roles: Collection[str] = ROLES) -> dict[str, tuple[str, int]]:
-    """Parse ``ROLE=HOST:PORT,...``; every role in ``roles`` exactly once. Raises ValueError."""
+    """Parse ``ROLE=HOST[:PORT],...``; every role in ``roles`` exactly once. Raises ValueError."""
     out: dict[str, tuple[str, int]] = {}
     for item in spec.split(","):
         role, sep, hostport = item.partition("=")
+        if hostport and ":" not in hostport.strip("[]") and role in DEFAULT_PORTS:
+            hostport = f"{hostport}:{DEFAULT_PORTS[role]}"
         host, sep2, port_s = hostport.rpartition(":")
         if not sep or not sep2 or not host or not port_s.isdigit():
-            raise ValueError(f"--discover-dns entry {item!r} is not ROLE=HOST:PORT")
+            raise ValueError(f"--discover-dns entry {item!r} is not ROLE=HOST[:PORT]")
         if host.startswith("[") and host.endswith("]"):
             host = host[1:-1]
         elif ":" in host:

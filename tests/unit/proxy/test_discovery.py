@@ -76,10 +76,9 @@ def test_parse_discover_dns_names_and_ports() -> None:
     ("prefill=a:1", "lacks role(s): decode"),
     ("prefill=a:1,decode=b:2,prefill=c:3", "'prefill' is unknown or repeated"),
     ("prefill=a:1,encoder=b:2", "'encoder' is unknown or repeated"),
-    ("prefill=a,decode=b:2", "is not ROLE=HOST:PORT"),
-    ("prefill=a:x,decode=b:2", "is not ROLE=HOST:PORT"),
-    ("prefill:a:1,decode=b:2", "is not ROLE=HOST:PORT"),
-    ("prefill=:1,decode=b:2", "is not ROLE=HOST:PORT"),
+    ("prefill=a:x,decode=b:2", "is not ROLE=HOST"),
+    ("prefill:a:1,decode=b:2", "is not ROLE=HOST"),
+    ("prefill=:1,decode=b:2", "is not ROLE=HOST"),
     ("prefill=a:0,decode=b:2", "port out of range"),
     ("prefill=a:70000,decode=b:2", "port out of range"),
     ("prefill=fd00::5:1,decode=b:2", "IPv6 address in brackets"),
@@ -314,3 +313,8 @@ def test_grpc_health_check_against_a_real_server() -> None:
         assert await grpc_health_check(ep, timeout=1.0) is False  # nothing listens any more
 
     run(main())
+
+
+def test_discover_dns_port_defaults_to_the_node_default():
+    assert parse_discover_dns("prefill=p.svc,decode=d.svc:7000") == {
+        "prefill": ("p.svc", 50051), "decode": ("d.svc", 7000)}
