@@ -7,7 +7,7 @@ Without a graph API (CPU) the same static path runs eagerly, which is how tests 
 """
 import torch
 
-from qwenvl_pd.model.layers.attention import AttentionMetadata
+from qwenvl_pd.model.layers.attention import AttentionMetadata, DecodeGroup
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
@@ -60,8 +60,8 @@ class DecodeGraphs:
         self.key_mask[n:bucket, 0, 0, 0] = True  # padded rows attend to one key, never to nothing
 
     def _forward(self, bucket: int) -> None:
-        meta = AttentionMetadata(self.slots[:bucket], bucket, self.tables[:bucket],
-                                 self.key_mask[:bucket], [])
+        group = DecodeGroup(0, bucket, self.tables[:bucket], self.key_mask[:bucket])
+        meta = AttentionMetadata(self.slots[:bucket], bucket, [group], [])
         self.hidden[:bucket] = self.model(self.ids[:bucket], self.positions[:, :bucket],
                                           self.kv_cache, meta)
 

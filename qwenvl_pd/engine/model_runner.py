@@ -6,8 +6,12 @@ import torch
 from qwenvl_pd.engine.graphs import DecodeGraphs
 from qwenvl_pd.engine.sequence import Sequence
 from qwenvl_pd.model.base import VisionLanguageModel
-from qwenvl_pd.model.layers.attention import AttentionMetadata, PrefillSpan
+from qwenvl_pd.model.layers.attention import AttentionMetadata, DecodeGroup, PrefillSpan
 from qwenvl_pd.model.text import VisualInjection
+
+# decode rows attend in groups of this many (sorted by context length): one padded batch for
+# all rows would read up to max/mean times the keys it needs
+DECODE_GROUP = 8
 
 
 @dataclass
@@ -32,7 +36,9 @@ class ModelRunner:
         """Forward the chunks; logits [len(chunks), vocab] at each chunk's last token, in order."""
         if self.graphs is not None and self._graph_ready(chunks):
             return self.model.compute_logits(self._run_graph(chunks))
-        order = sorted(range(len(chunks)), key=lambda i: chunks[i].num_tokens > 1)
+        # decode rows first, shortest context first, so that each decode group pads little
+        order = sorted(range(len(chunks)), key=lambda i: (chunks[i].num_tokens > 1,
+                                                          len(chunks[i].seq.block_ids)))
         ordered = [chunks[i] for i in order]
         ids, positions, meta, visual = self.prepare(ordered)
         hidden = self.model(ids, positions, self.kv_cache, meta, visual)
@@ -69,19 +75,25 @@ class ModelRunner:
                 meta, visual)
 
     def _metadata(self, chunks: list[ScheduledChunk], slots: list[int]) -> AttentionMetadata:
-        decode = [c for c in chunks if c.num_tokens == 1]
-        tables = self._block_tables([c.seq for c in decode]) if decode else torch.zeros(0, 1, dtype=torch.long)
-        lens = torch.tensor([c.seq.num_computed + 1 for c in decode])
-        ctx = tables.shape[1] * self.block_size
-        key_mask = (torch.arange(ctx)[None] < lens[:, None])[:, None, None]  # [D, 1, 1, ctx]
+        decode = [c.seq for c in chunks if c.num_tokens == 1]
+        groups = [self._decode_group(decode[i:i + DECODE_GROUP], i)
+                  for i in range(0, len(decode), DECODE_GROUP)]
         prefills, offset = [], len(decode)
         for c in chunks[len(decode):]:
             end = c.seq.num_computed + c.num_tokens
             prefills.append(PrefillSpan(offset, offset + c.num_tokens, end,
                                         torch.tensor(c.seq.block_ids, device=self.device)))
             offset += c.num_tokens
-        return AttentionMetadata(torch.tensor(slots, device=self.device), len(decode),
-                                 tables.to(self.device), key_mask.to(self.device), prefills)
+        return AttentionMetadata(torch.tensor(slots, device=self.device), len(decode), groups,
+                                 prefills)
+
+    def _decode_group(self, seqs: list[Sequence], start: int) -> DecodeGroup:
+        tables = self._block_tables(seqs)
+        lens = torch.tensor([s.num_computed + 1 for s in seqs])
+        keys = torch.arange(tables.shape[1] * self.block_size)
+        key_mask = (keys[None] < lens[:, None])[:, None, None]  # [rows, 1, 1, ctx]
+        return DecodeGroup(start, start + len(seqs), tables.to(self.device),
+                           key_mask.to(self.device))
 
     def _slot(self, seq: Sequence, index: int) -> int:
         return seq.block_ids[index // self.block_size] * self.block_size + index % self.block_size

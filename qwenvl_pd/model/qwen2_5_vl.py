@@ -3,6 +3,7 @@ from torch import nn
 
 from qwenvl_pd.config import ModelConfig
 from qwenvl_pd.model.base import VisionLanguageModel
+from qwenvl_pd.model.layers.linear import Linear
 from qwenvl_pd.model.text import TextModel
 from qwenvl_pd.model.vision import build_vision_tower
 
@@ -13,7 +14,7 @@ class Qwen2_5_VLForConditionalGeneration(VisionLanguageModel):
         self.config = config
         self.model = TextModel(config.text)
         self.visual = build_vision_tower(config.family, config.vision)
-        self.lm_head = nn.Linear(config.text.hidden_size, config.text.vocab_size, bias=False)
+        self.lm_head = Linear(config.text.hidden_size, config.text.vocab_size, bias=False)
 
     def language_model(self) -> TextModel:
         return self.model

@@ -6,6 +6,7 @@ from torch import nn
 
 from qwenvl_pd.config import TextConfig
 from qwenvl_pd.model.layers.attention import AttentionMetadata, paged_attention, write_kv
+from qwenvl_pd.model.layers.linear import Linear
 from qwenvl_pd.model.layers.mlp import GatedMLP
 from qwenvl_pd.model.layers.moe import SparseMoE
 from qwenvl_pd.model.layers.norm import RMSNorm
@@ -25,10 +26,10 @@ class Attention(nn.Module):
         super().__init__()
         h, d = cfg.hidden_size, cfg.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, d
-        self.q_proj = nn.Linear(h, cfg.num_heads * d, bias=cfg.attention_bias)
-        self.k_proj = nn.Linear(h, cfg.num_kv_heads * d, bias=cfg.attention_bias)
-        self.v_proj = nn.Linear(h, cfg.num_kv_heads * d, bias=cfg.attention_bias)
-        self.o_proj = nn.Linear(cfg.num_heads * d, h, bias=False)
+        self.q_proj = Linear(h, cfg.num_heads * d, bias=cfg.attention_bias)
+        self.k_proj = Linear(h, cfg.num_kv_heads * d, bias=cfg.attention_bias)
+        self.v_proj = Linear(h, cfg.num_kv_heads * d, bias=cfg.attention_bias)
+        self.o_proj = Linear(cfg.num_heads * d, h, bias=False)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(d, cfg.rms_norm_eps)

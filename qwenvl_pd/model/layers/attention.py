@@ -19,11 +19,20 @@ class PrefillSpan:
 
 
 @dataclass
+class DecodeGroup:
+    """Decode rows that attend together: padded to the longest of the group, so the runner groups
+    rows of similar context length."""
+    start: int                 # first row of the group in the flat batch
+    end: int
+    block_tables: torch.Tensor  # [rows, blocks] block ids, padded with 0
+    key_mask: torch.Tensor      # [rows, 1, 1, blocks*block_size] True = attend
+
+
+@dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor       # [T] where each new token's K/V is written
     num_decode: int                  # the first num_decode tokens are single-token chunks
-    decode_tables: torch.Tensor      # [num_decode, max_blocks] block ids, padded with 0
-    decode_key_mask: torch.Tensor    # [num_decode, 1, 1, max_blocks*block_size] True = attend
+    decode_groups: list[DecodeGroup]  # cover rows [0, num_decode)
     prefills: list[PrefillSpan]      # the multi-token chunks, after the decode tokens
 
 
@@ -39,21 +48,21 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: to
     """q [T, heads, d], this step's k, v [T, kv_heads, d] (already in the cache) -> [T, heads, d].
     The torch reference used on every device."""
     out = torch.empty_like(q)
-    d = meta.num_decode
-    if d:
-        out[:d] = _decode(q[:d], cache, meta, scale)
+    for group in meta.decode_groups:
+        s, e = group.start, group.end
+        out[s:e] = _decode(q[s:e], cache, group, scale)
     for span in meta.prefills:
         s, e = span.start, span.end
         out[s:e] = _prefill(q[s:e], k[s:e], v[s:e], cache, span, scale)
     return out
 
 
-def _decode(q: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata, scale: float):
-    keys = cache[0][meta.decode_tables].flatten(1, 2)  # [D, ctx, kv_heads, d]
-    values = cache[1][meta.decode_tables].flatten(1, 2)
+def _decode(q: torch.Tensor, cache: torch.Tensor, group: DecodeGroup, scale: float):
+    keys = cache[0][group.block_tables].flatten(1, 2)  # [D, ctx, kv_heads, d]
+    values = cache[1][group.block_tables].flatten(1, 2)
     out = F.scaled_dot_product_attention(
         q[:, :, None], keys.transpose(1, 2), values.transpose(1, 2),
-        attn_mask=meta.decode_key_mask, scale=scale, enable_gqa=True)  # [D, heads, 1, d]
+        attn_mask=group.key_mask, scale=scale, enable_gqa=True)  # [D, heads, 1, d]
     return out[:, :, 0]
 
 

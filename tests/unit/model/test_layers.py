@@ -1,0 +1,79 @@
+"""The paged attention and the small-batch linear path against plain dense torch."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from qwenvl_pd.model.layers import linear as linear_mod
+from qwenvl_pd.model.layers.attention import (AttentionMetadata, DecodeGroup, PrefillSpan,
+                                              paged_attention, write_kv)
+from qwenvl_pd.model.layers.linear import Linear, linear
+
+BLOCK, HEADS, KV_HEADS, DIM = 4, 4, 2, 8
+
+
+def _dense(q, keys, values, causal_from: int | None = None):
+    """q [n, heads, d] over keys/values [ctx, kv_heads, d]; causal_from: q[0]'s position."""
+    k = keys.repeat_interleave(HEADS // KV_HEADS, dim=1).transpose(0, 1)
+    v = values.repeat_interleave(HEADS // KV_HEADS, dim=1).transpose(0, 1)
+    scores = q.transpose(0, 1) @ k.transpose(1, 2) * DIM ** -0.5  # [heads, n, ctx]
+    if causal_from is not None:
+        pos = torch.arange(causal_from, causal_from + q.shape[0])
+        scores = scores.masked_fill(torch.arange(keys.shape[0])[None] > pos[:, None], float("-inf"))
+    return (scores.softmax(-1) @ v).transpose(0, 1)
+
+
+def _group(tables: list[list[int]], lens: list[int], start: int) -> DecodeGroup:
+    width = max(len(t) for t in tables)
+    padded = torch.tensor([t + [0] * (width - len(t)) for t in tables])
+    mask = (torch.arange(width * BLOCK)[None] < torch.tensor(lens)[:, None])[:, None, None]
+    return DecodeGroup(start, start + len(tables), padded, mask)
+
+
+def test_decode_groups_and_a_prefill_chunk_match_dense_attention():
+    torch.manual_seed(0)
+    cache = torch.randn(2, 12, BLOCK, KV_HEADS, DIM)
+    # three decode rows with 3, 9 and 6 keys (blocks not contiguous), then a 3-token chunk
+    # continuing a sequence that already has 5 keys in blocks [7, 8]
+    tables, lens = [[2], [5, 0, 9], [4, 11]], [3, 9, 6]
+    q = torch.randn(6, HEADS, DIM)
+    k, v = torch.randn(6, KV_HEADS, DIM), torch.randn(6, KV_HEADS, DIM)
+    slots = torch.tensor([2 * BLOCK + 2, 9 * BLOCK + 0, 11 * BLOCK + 1,
+                          8 * BLOCK + 1, 8 * BLOCK + 2, 8 * BLOCK + 3])
+    write_kv(cache, k, v, slots)
+    meta = AttentionMetadata(slots, 3, [_group(tables[:1], lens[:1], 0), _group(tables[1:], lens[1:], 1)],
+                             [PrefillSpan(3, 6, 8, torch.tensor([7, 8]))])
+    out = paged_attention(q, k, v, cache, meta, DIM ** -0.5)
+
+    def keys_of(blocks, n):
+        return cache[0][blocks].flatten(0, 1)[:n], cache[1][blocks].flatten(0, 1)[:n]
+
+    for row, (blocks, n) in enumerate(zip(tables, lens)):
+        expected = _dense(q[row:row + 1], *keys_of(blocks, n))
+        torch.testing.assert_close(out[row:row + 1], expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out[3:], _dense(q[3:], *keys_of([7, 8], 8), causal_from=5),
+                               rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("tokens", [1, 7, 300])
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_matches_f_linear_on_both_paths(tokens, bias):
+    torch.manual_seed(tokens)
+    layer = Linear(64, 48, bias=bias)
+    x = torch.randn(tokens, 64)
+    out = layer(x)
+    assert out.shape == (tokens, 48) and out.is_contiguous()
+    torch.testing.assert_close(out, F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+    assert (tokens <= linear_mod.SMALL_BATCH) == (tokens < 300)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_row_panels_of_a_tall_weight_match_f_linear(bias):
+    torch.manual_seed(1)
+    rows = linear_mod.TALL + 3 * linear_mod.ROW_PANEL // 2  # a last panel that is cut short
+    w, b, x = torch.randn(rows, 32), torch.randn(rows) if bias else None, torch.randn(5, 32)
+    torch.testing.assert_close(linear(x, w, b), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+
+
+def test_linear_keeps_leading_dimensions_of_3d_input():
+    x, w = torch.randn(2, 3, 16), torch.randn(8, 16)
+    torch.testing.assert_close(linear(x, w), F.linear(x, w))
