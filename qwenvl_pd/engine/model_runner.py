@@ -76,8 +76,9 @@ class ModelRunner:
 
     def _metadata(self, chunks: list[ScheduledChunk], slots: list[int]) -> AttentionMetadata:
         decode = [c.seq for c in chunks if c.num_tokens == 1]
-        groups = [self._decode_group(decode[i:i + DECODE_GROUP], i)
-                  for i in range(0, len(decode), DECODE_GROUP)]
+        # one launch for all rows where launches cost more than padding does (CUDA, NPU)
+        size = DECODE_GROUP if self.device.type == "cpu" else max(len(decode), 1)
+        groups = [self._decode_group(decode[i:i + size], i) for i in range(0, len(decode), size)]
         prefills, offset = [], len(decode)
         for c in chunks[len(decode):]:
             end = c.seq.num_computed + c.num_tokens
@@ -92,8 +93,9 @@ class ModelRunner:
         lens = torch.tensor([s.num_computed + 1 for s in seqs])
         keys = torch.arange(tables.shape[1] * self.block_size)
         key_mask = (keys[None] < lens[:, None])[:, None, None]  # [rows, 1, 1, ctx]
+        fused_lens = lens.to(torch.int32) if self.device.type == "npu" else None
         return DecodeGroup(start, start + len(seqs), tables.to(self.device),
-                           key_mask.to(self.device))
+                           key_mask.to(self.device), fused_lens)
 
     def _slot(self, seq: Sequence, index: int) -> int:
         return seq.block_ids[index // self.block_size] * self.block_size + index % self.block_size

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from qwenvl_pd.model.layers.npu_attention import npu_paged_decode
+
 
 @dataclass
 class PrefillSpan:
@@ -26,6 +28,8 @@ class DecodeGroup:
     end: int
     block_tables: torch.Tensor  # [rows, blocks] block ids, padded with 0
     key_mask: torch.Tensor      # [rows, 1, 1, blocks*block_size] True = attend
+    # [rows] int32 on the host, keys per row: set where torch_npu's fused kernel is to run
+    context_lens: torch.Tensor | None = None
 
 
 @dataclass
@@ -46,7 +50,7 @@ def write_kv(cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: torch.Tensor,
                     meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """q [T, heads, d], this step's k, v [T, kv_heads, d] (already in the cache) -> [T, heads, d].
-    The torch reference used on every device."""
+    Torch reference on every device; decode groups with context_lens go to torch_npu's kernel."""
     out = torch.empty_like(q)
     for group in meta.decode_groups:
         s, e = group.start, group.end
@@ -58,6 +62,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: to
 
 
 def _decode(q: torch.Tensor, cache: torch.Tensor, group: DecodeGroup, scale: float):
+    if group.context_lens is not None:
+        return npu_paged_decode(q, cache, group.block_tables, group.context_lens, scale)
     keys = cache[0][group.block_tables].flatten(1, 2)  # [D, ctx, kv_heads, d]
     values = cache[1][group.block_tables].flatten(1, 2)
     out = F.scaled_dot_product_attention(
@@ -76,7 +82,8 @@ def _prefill(q, k, v, cache, span: PrefillSpan, scale: float) -> torch.Tensor:
         # query i sits at position ctx - n + i and sees keys up to it
         mask = torch.arange(ctx, device=q.device)[None] <= torch.arange(ctx - n, ctx, device=q.device)[:, None]
         causal = False
+    # a batch axis of 1: without one, torch's CPU SDPA takes its ~4x slower math path
     out = F.scaled_dot_product_attention(
-        q.transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1),
-        attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=True)  # [heads, n, d]
-    return out.transpose(0, 1)
+        q.transpose(0, 1)[None], keys.transpose(0, 1)[None], values.transpose(0, 1)[None],
+        attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=True)  # [1, heads, n, d]
+    return out[0].transpose(0, 1)

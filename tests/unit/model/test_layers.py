@@ -1,4 +1,8 @@
 """The paged attention and the small-batch linear path against plain dense torch."""
+import dataclasses
+import sys
+import types
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -77,3 +81,37 @@ def test_linear_row_panels_of_a_tall_weight_match_f_linear(bias):
 def test_linear_keeps_leading_dimensions_of_3d_input():
     x, w = torch.randn(2, 3, 16), torch.randn(8, 16)
     torch.testing.assert_close(linear(x, w), F.linear(x, w))
+
+
+class _StandInTorchNpu(types.ModuleType):
+    """torch_npu's _npu_paged_attention as documented (dense per row); records its arguments."""
+
+    def __init__(self):
+        super().__init__("torch_npu")
+        self.calls = []
+
+    def _npu_paged_attention(self, *, query, key_cache, value_cache, num_kv_heads, num_heads,
+                             scale_value, block_table, context_lens, out):
+        self.calls.append((block_table.dtype, context_lens.dtype, context_lens.device.type,
+                           num_kv_heads, num_heads, key_cache.shape))
+        for row, (blocks, n) in enumerate(zip(block_table.tolist(), context_lens.tolist())):
+            keys = key_cache[blocks].flatten(0, 1)[:n]
+            values = value_cache[blocks].flatten(0, 1)[:n]
+            out[row] = _dense(query[row:row + 1], keys, values)[0]
+
+
+def test_decode_group_with_context_lens_runs_the_fused_npu_kernel(monkeypatch):
+    stand_in = _StandInTorchNpu()
+    monkeypatch.setitem(sys.modules, "torch_npu", stand_in)
+    torch.manual_seed(2)
+    cache = torch.randn(2, 6, BLOCK, KV_HEADS, DIM)
+    q = torch.randn(2, HEADS, DIM)
+    group = _group([[3, 1], [5]], [7, 2], 0)
+    fused = dataclasses.replace(group, context_lens=torch.tensor([7, 2], dtype=torch.int32))
+    meta = AttentionMetadata(torch.zeros(2, dtype=torch.long), 2, [fused], [])
+    out = paged_attention(q, q[:, :KV_HEADS], q[:, :KV_HEADS], cache, meta, DIM ** -0.5)
+    assert stand_in.calls == [(torch.int32, torch.int32, "cpu", KV_HEADS, HEADS,
+                               (6, BLOCK, KV_HEADS, DIM))]
+    reference = paged_attention(q, q[:, :KV_HEADS], q[:, :KV_HEADS], cache,
+                                AttentionMetadata(meta.slot_mapping, 2, [group], []), DIM ** -0.5)
+    torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-6)
