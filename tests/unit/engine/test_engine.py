@@ -112,13 +112,16 @@ def test_preemption_with_a_small_pool_keeps_every_output(llm, path):
 def test_static_decode_path_with_padding_equals_the_dynamic_one(llm, path):
     # the path decode graphs replay (static buffers, bucket padding, scratch block), run eagerly
     static = LLM(model=path, max_model_len=1024, max_num_seqs=5, decode_graphs="eager",
-                 max_num_batched_tokens=64)
+                 max_num_batched_tokens=64, block_size=8)
     assert static.engine.runner.graphs.buckets == [1, 2, 4, 5]
+    assert static.engine.runner.graphs.widths == [16, 32, 64, 128]  # blocks
     requests = [_request(i) for i in range(7)]
     params = [SamplingParams(max_tokens=6 + i, temperature=0, ignore_eos=True) for i in range(7)]
     got = [o.outputs[0].token_ids for o in static.generate(requests, params)]
     want = [o.outputs[0].token_ids for o in llm.generate(requests, params)]
     assert got == want
-    assert static.engine.runner.graphs.runs > 10
+    runs = static.engine.runner.graphs.runs
+    assert sum(runs.values()) > 10
+    assert {width for _, width in runs} == {16, 32}  # prompts of up to 128 tokens, and longer
     scratch = static.engine.blocks.num_blocks  # the block padded rows write to
     assert static.engine.kv_cache.shape[2] == scratch + 1
