@@ -95,6 +95,16 @@ def time_engine(llm: LLM, requests, params):
     return elapsed, sum(len(o.outputs[0].token_ids) for o in outs), outside, prefill_time[0]
 
 
+def gemm_gflops() -> float:
+    """The machine's fp32 GEMM rate now: shared machines drift, so it is printed with the table."""
+    a, b = torch.randn(2048, 1024), torch.randn(1024, 2816)
+    a @ b
+    t = time.perf_counter()
+    for _ in range(5):
+        a @ b
+    return 5 * 2 * 2048 * 1024 * 2816 / (time.perf_counter() - t) / 1e9
+
+
 def time_hf_sequential(ref, prompts, params):
     t = time.perf_counter()
     for p, sp in zip(prompts, params):
@@ -125,14 +135,17 @@ def main():
     llm = LLM(model=path, max_model_len=4096, max_num_batched_tokens=2048)
     requests, params = workload(args.requests, llm.tokenizer)
     llm.generate(requests[:2], params[:2])  # warm-up
+    rate_before = gemm_gflops()
     ours, tokens, outside, prefilling = time_engine(llm, requests, params)
     ref = transformers.AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
     prompts = [llm.inputs.process(r) for r in requests]
     batched = time_hf_batched(ref, prompts, params)
     sequential = float("nan") if args.skip_sequential else time_hf_sequential(ref, prompts, params)
+    rate_after = gemm_gflops()
     rows = [("qwenvl-pd engine", ours), ("transformers batched (padded)", batched),
             ("transformers sequential", sequential)]
-    print(f"\n{args.requests} requests, {tokens} output tokens, torch threads {torch.get_num_threads()}")
+    print(f"\n{args.requests} requests, {tokens} output tokens, torch threads {torch.get_num_threads()}, "
+          f"fp32 GEMM {rate_before:.0f} GFLOPS before and {rate_after:.0f} after")
     print(f"{'system':32} {'seconds':>9} {'out tok/s':>10} {'engine speed-up':>16}")
     for name, secs in rows:
         print(f"{name:32} {secs:9.2f} {tokens / secs:10.1f} {secs / ours:15.2f}x")
