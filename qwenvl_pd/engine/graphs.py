@@ -79,8 +79,8 @@ class DecodeGraphs:
         graphs, pool = {}, None
         # largest first: the smaller ones reuse its memory pool
         for bucket in reversed(self.buckets):
+            self._fill_padding(bucket)
             for width in reversed(self.widths):
-                self._fill_padding(bucket)
                 self._forward(bucket, width)  # warm-up outside the graph
                 graph = graph_cls()
                 with graph_ctx(graph, pool=pool):

@@ -54,14 +54,14 @@ class PrefillService(pb_grpc.PrefillServicer):
             self.rt.engine.finish(seq, FinishReason.ABORT)
             self.host.post(self._resolve, request_id, seq)
             return True
-        blocks = self.leases.pop(request_id)
-        if blocks is not None:
-            self.rt.engine.blocks.free(blocks)
-        return blocks is not None
+        return self._free_lease(request_id)
 
     def _release(self, request_id: str, instance_id: str) -> bool:
         if instance_id and instance_id != self.rt.instance_id:
             return False
+        return self._free_lease(request_id)
+
+    def _free_lease(self, request_id: str) -> bool:
         blocks = self.leases.pop(request_id)
         if blocks is not None:
             self.rt.engine.blocks.free(blocks)

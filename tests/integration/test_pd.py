@@ -121,25 +121,28 @@ def test_64_concurrent_requests_then_zero_blocks(shared):
     assert (pl.blocks_used, dl.blocks_used, pl.running, dl.running) == (0, 0, 0, 0)
 
 
+
+async def _decode_refused(p_addr, d_addr, req, edit):
+    """Prefill req, hand edit(result) to decode, which must fail; abort; both loads after."""
+    p, d = Instance.connect(p_addr), Instance.connect(d_addr)
+    result = edit(await pd_client.prefill(p, req))
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        async for _ in pd_client.decode(d, pd_client.decode_request(req, result)):
+            pass
+    await pd_client.abort(p, "prefill", req.request_id)
+    loads = await pd_client.load(p, "prefill"), await pd_client.load(d, "decode")
+    await p.channel.close()
+    await d.channel.close()
+    return err.value, loads
+
+
 def test_fingerprint_mismatch_names_the_field(shared):
     llm, model, (_, p_addr), _ = shared
     other, other_addr = start_node("decode", model, "--block-size", "32")
     req = _pd_request(llm, "f1", {"prompt": _chat("hi")}, SamplingParams(max_tokens=8, temperature=0))
 
-    async def scenario():
-        p, d = Instance.connect(p_addr), Instance.connect(other_addr)
-        result = await pd_client.prefill(p, req)
-        with pytest.raises(grpc.aio.AioRpcError) as err:
-            async for _ in pd_client.decode(d, pd_client.decode_request(req, result)):
-                pass
-        await pd_client.abort(p, "prefill", req.request_id)
-        loads = await pd_client.load(p, "prefill"), await pd_client.load(d, "decode")
-        await p.channel.close()
-        await d.channel.close()
-        return err.value, loads
-
     try:
-        error, (pl, dl) = asyncio.run(scenario())
+        error, (pl, dl) = asyncio.run(_decode_refused(p_addr, other_addr, req, lambda r: r))
     finally:
         stop(other)
     assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
@@ -152,21 +155,10 @@ def test_a_handle_from_another_instance_is_never_trusted(shared):
     req = _pd_request(llm, "s1", {"prompt": _chat("stale handle")},
                       SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
 
-    async def scenario():
-        p, d = Instance.connect(p_addr), Instance.connect(d_addr)
-        result = await pd_client.prefill(p, req)
-        # what a handle minted by an earlier process at the same address looks like
-        stale = dataclasses.replace(result, handle=dataclasses.replace(result.handle, instance_id="prefill-old"))
-        with pytest.raises(grpc.aio.AioRpcError) as err:
-            async for _ in pd_client.decode(d, pd_client.decode_request(req, stale)):
-                pass
-        await pd_client.abort(p, "prefill", req.request_id)
-        loads = await pd_client.load(p, "prefill"), await pd_client.load(d, "decode")
-        await p.channel.close()
-        await d.channel.close()
-        return err.value, loads
+    def stale(result):  # what a handle minted by an earlier process at the same address looks like
+        return dataclasses.replace(result, handle=dataclasses.replace(result.handle, instance_id="prefill-old"))
 
-    error, (pl, dl) = asyncio.run(scenario())
+    error, (pl, dl) = asyncio.run(_decode_refused(p_addr, d_addr, req, stale))
     assert error.code() == grpc.StatusCode.UNAVAILABLE
     assert "no longer leased on prefill prefill-old" in error.details()
     assert (pl.blocks_used, dl.blocks_used) == (0, 0)

@@ -16,12 +16,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         return F.linear(x, weight, bias)
     if weight.shape[0] <= TALL:
         out = weight @ x.T if bias is None else torch.addmm(bias[:, None], weight, x.T)  # [out, T]
-        return out.T.contiguous()
-    out = torch.empty(weight.shape[0], x.shape[0], dtype=x.dtype)
-    for row in range(0, weight.shape[0], ROW_PANEL):
-        torch.mm(weight[row:row + ROW_PANEL], x.T, out=out[row:row + ROW_PANEL])
-    if bias is not None:
-        out += bias[:, None]
+    else:
+        out = torch.empty(weight.shape[0], x.shape[0], dtype=x.dtype)
+        for row in range(0, weight.shape[0], ROW_PANEL):
+            torch.mm(weight[row:row + ROW_PANEL], x.T, out=out[row:row + ROW_PANEL])
+        if bias is not None:
+            out += bias[:, None]
     return out.T.contiguous()
 
 
