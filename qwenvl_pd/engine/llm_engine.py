@@ -90,7 +90,8 @@ class LLMEngine:
         if not done:
             return []
         seqs = [chunks[i].seq for i in done]
-        results = sample(logits[done], [self._sampler_input(s) for s in seqs], self.generator)
+        rows = logits if len(done) == len(chunks) else logits[done]
+        results = sample(rows, [self._sampler_input(s) for s in seqs], self.generator)
         for seq, r in zip(seqs, results):
             seq.token_ids.append(r.token_id)
             if seq.params.logprobs is not None:

@@ -42,9 +42,10 @@ class ModelRunner:
         ordered = [chunks[i] for i in order]
         ids, positions, meta, visual = self.prepare(ordered)
         hidden = self.model(ids, positions, self.kv_cache, meta, visual)
+        # each chunk's last token, back in the caller's order before the [rows, vocab] lm_head
         ends = torch.tensor([c.num_tokens for c in ordered]).cumsum(0) - 1
-        logits = self.model.compute_logits(hidden[ends.to(self.device)])
-        return logits[torch.tensor(order).argsort().to(self.device)]
+        rows = ends[torch.tensor(order).argsort()]
+        return self.model.compute_logits(hidden[rows.to(self.device)])
 
     def _graph_ready(self, chunks: list[ScheduledChunk]) -> bool:
         return (all(c.num_tokens == 1 for c in chunks)

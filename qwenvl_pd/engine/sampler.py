@@ -36,8 +36,11 @@ def sample(logits: torch.Tensor, inputs: list[SamplerInput],
            generator: torch.Generator | None = None) -> list[SampleResult]:
     """logits [B, vocab], row i for inputs[i]; `generator` feeds the unseeded rows."""
     raw = logits.float()
-    x = raw.clone(memory_format=torch.contiguous_format)  # apply_penalties views it flat
-    x = apply_penalties(mask_min_tokens(x, inputs), inputs)
+    x = raw
+    if any(_penalised(i.params) or len(i.output_token_ids) < i.params.min_tokens for i in inputs):
+        # raw stays untouched for logprobs; apply_penalties views the copy flat
+        x = apply_penalties(mask_min_tokens(raw.clone(memory_format=torch.contiguous_format),
+                                            inputs), inputs)
     token_ids = x.argmax(-1)  # the greedy rows' answer; sampled rows overwrite theirs
     rows = [i for i, inp in enumerate(inputs) if not inp.params.greedy]
     if rows:

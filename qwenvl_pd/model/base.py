@@ -4,7 +4,8 @@ from torch import nn
 
 from qwenvl_pd.config import ModelConfig
 from qwenvl_pd.model.layers.attention import AttentionMetadata
-from qwenvl_pd.model.text import TextModel, VisualInjection
+from qwenvl_pd.model.layers.mlp import GatedMLP
+from qwenvl_pd.model.text import Attention, TextModel, VisualInjection
 from qwenvl_pd.model.vision import VisionEmbeds, encode
 
 
@@ -34,3 +35,11 @@ class VisionLanguageModel(nn.Module):
     def tie_weights(self) -> None:
         if self.config.text.tie_word_embeddings:
             self.lm_head.weight = self.language_model().embed_tokens.weight
+
+    def pack_weights(self) -> None:
+        """Reorder the text linears once for oneDNN (CPU float32; elsewhere a no-op). Call after
+        loading: the packed copies do not follow later writes to the parameters."""
+        for module in self.language_model().modules():
+            if isinstance(module, (Attention, GatedMLP)):
+                module.pack()
+        self.lm_head.pack()

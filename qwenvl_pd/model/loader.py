@@ -34,6 +34,7 @@ def load_model(model_dir: str | Path, config: ModelConfig, dtype: torch.dtype,
     with torch.device(device):
         model = cls(config).to(dtype)
     load_weights(model, Path(model_dir), renames)
+    model.pack_weights()
     return model.eval()
 
 

