@@ -36,8 +36,7 @@ class Linear(nn.Linear):
     packed: PackedWeights | None = None
 
     def pack(self) -> None:
-        if can_pack(self.weight):
-            self.packed = PackedWeights(self)
+        self.packed = pack_group(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is None:
@@ -46,5 +45,12 @@ class Linear(nn.Linear):
 
 
 def pack_group(*linears: Linear) -> PackedWeights | None:
-    """One packed GEMM for linears on the same input; None where packing does not apply."""
-    return PackedWeights(*linears) if can_pack(linears[0].weight) else None
+    """One packed GEMM for linears on the same input; None where packing does not apply. The
+    linears drop their dense parameters, so packing does not double the weights' memory (a
+    weight shared with another module, the tied lm_head's, lives on there)."""
+    if not can_pack(linears[0].weight):
+        return None
+    packed = PackedWeights(*linears)
+    for lin in linears:
+        lin.weight = lin.bias = None
+    return packed

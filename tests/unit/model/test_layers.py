@@ -62,22 +62,35 @@ def test_decode_groups_and_a_prefill_chunk_match_dense_attention():
 def test_packed_linear_matches_f_linear(tokens, bias):
     torch.manual_seed(tokens)
     layer = Linear(64, 48, bias=bias)
+    x = torch.randn(tokens, 64)
+    expected = F.linear(x, layer.weight, layer.bias)
     layer.pack()
     assert layer.packed is not None and layer.packed.weight.is_mkldnn
-    x = torch.randn(tokens, 64)
+    assert layer.weight is None and layer.bias is None  # the dense copy is gone
     out = layer(x)
     assert out.shape == (tokens, 48)
-    torch.testing.assert_close(out, F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_packed_group_splits_one_gemm_into_each_linears_output():
     torch.manual_seed(2)
     q, k, v = Linear(32, 24), Linear(32, 8), Linear(32, 8)
     x = torch.randn(2, 3, 32)  # leading dimensions are kept
+    expected = [F.linear(x, lin.weight, lin.bias) for lin in (q, k, v)]
     outs = pack_group(q, k, v)(x)
     assert [tuple(o.shape) for o in outs] == [(2, 3, 24), (2, 3, 8), (2, 3, 8)]
-    for lin, out in zip((q, k, v), outs):
-        torch.testing.assert_close(out, F.linear(x, lin.weight, lin.bias), rtol=1e-5, atol=1e-5)
+    for want, out in zip(expected, outs):
+        torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+
+
+def test_packing_a_tied_lm_head_leaves_the_embedding_in_place():
+    embed, head = torch.nn.Embedding(40, 16), Linear(16, 40, bias=False)
+    head.weight = embed.weight
+    x = torch.randn(3, 16)
+    expected = F.linear(x, embed.weight)
+    head.pack()
+    assert head.weight is None and embed.weight.shape == (40, 16)
+    torch.testing.assert_close(head(x), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_packing_skips_what_onednn_does_not_run_here():
