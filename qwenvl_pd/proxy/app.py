@@ -9,6 +9,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import unicodedata
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -85,8 +86,18 @@ async def read_json(request: Request, limit: int):
                             lambda m: bad_request(f"the request body is {m}"))
     try:
         return json.loads(buf)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except json.JSONDecodeError as e:
+        raise bad_request(f"the request body is not valid JSON: {e}{_culprit(e)}") from None
+    except UnicodeDecodeError as e:
         raise bad_request(f"the request body is not valid JSON: {e}") from None
+
+
+def _culprit(e: json.JSONDecodeError) -> str:
+    # guides written with a Chinese input method carry full-width commas and colons into JSON
+    ch = e.doc[e.pos:e.pos + 1]
+    if not ch or ch.isascii():
+        return ""
+    return f"; found {unicodedata.name(ch, repr(ch))} {ch!r} there, JSON needs ASCII punctuation"
 
 
 def _install_handlers(app: FastAPI) -> None:
@@ -113,6 +124,7 @@ def _install_handlers(app: FastAPI) -> None:
 
 def create_app(cfg: ProxyConfig, open_backend: OpenBackend | None = None) -> FastAPI:
     """The app; its lifespan opens the backend and fetches the model's info before serving."""
+    from qwenvl_pd.proxy.generate_api import router as generate_api
     from qwenvl_pd.proxy.routes import router as routes
     if open_backend is None:
         from qwenvl_pd.proxy.server import open_backend
@@ -134,4 +146,5 @@ def create_app(cfg: ProxyConfig, open_backend: OpenBackend | None = None) -> Fas
                   openapi_url=None)
     _install_handlers(app)
     app.include_router(routes)
+    app.include_router(generate_api)
     return app

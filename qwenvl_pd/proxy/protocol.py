@@ -9,6 +9,7 @@ fields we accept but cannot honour are refused, never silently dropped.
 from __future__ import annotations
 
 import math
+import urllib.parse
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Union
@@ -17,7 +18,8 @@ from qwenvl_pd.proxy.errors import bad_request
 from qwenvl_pd.sampling_params import SamplingParams
 
 __all__ = ["TextPart", "ImagePart", "VideoPart", "Part", "ChatMessage", "ChatRequest", "CompletionRequest",
-           "parse_chat_request", "parse_completion_request"]
+           "parse_chat_request", "parse_completion_request", "parse_parts", "refuse_unsupported",
+           "request_common"]
 
 ROLES = ("system", "user", "assistant", "tool")
 URL_SCHEMES = ("data", "http", "https", "file")
@@ -149,7 +151,7 @@ def _stop_token_ids(body: dict) -> list[int]:
     return v or []
 
 
-def _refuse_unsupported(body: dict, names: Sequence[str]) -> None:
+def refuse_unsupported(body: dict, names: Sequence[str]) -> None:
     for key in names:
         v = body.get(key)
         ignorable = v in (None, False, "", [], {}) or key == "response_format" and v == {"type": "text"} \
@@ -210,6 +212,8 @@ def _url(holder: Any, path: str, key: str) -> str:
     url = holder.get("url") if isinstance(holder, dict) else holder
     if not isinstance(url, str) or not url:
         raise bad_request(f"'{key}.url' must be a non-empty string", f"{path}.{key}.url")
+    if url.startswith("/"):  # a server-side path, as MindIE takes it: same guard as file://
+        return "file://" + urllib.parse.quote(url)
     scheme = url.split(":", 1)[0].lower() if ":" in url else ""
     if scheme not in URL_SCHEMES:
         raise bad_request(f"unsupported URL scheme {scheme!r}; expected one of {URL_SCHEMES}",
@@ -245,7 +249,12 @@ def _message(m: Any, path: str) -> ChatMessage:
         return ChatMessage(role, content)
     if not isinstance(content, list):
         raise bad_request("'content' must be a string or a list of content parts", f"{path}.content")
-    return ChatMessage(role, tuple(_part(p, f"{path}.content[{j}]") for j, p in enumerate(content)))
+    return ChatMessage(role, parse_parts(content, f"{path}.content"))
+
+
+def parse_parts(raw: list, path: str) -> tuple[Part, ...]:
+    """A list of content parts; errors name `path[j]`."""
+    return tuple(_part(p, f"{path}[{j}]") for j, p in enumerate(raw))
 
 
 def _messages(raw: Any) -> tuple[ChatMessage, ...]:
@@ -256,20 +265,26 @@ def _messages(raw: Any) -> tuple[ChatMessage, ...]:
 
 # ---- public parsers --------------------------------------------------------------------------
 
+def request_common(body: dict, max_default: int | None, logprobs: int | None) -> dict[str, Any]:
+    """The fields every request type shares, as keyword arguments of its dataclass."""
+    stream, include_usage = _stream(body)
+    return dict(model=_model(body), sampling=_sampling(body, max_default, logprobs), stream=stream,
+                include_usage=include_usage)
+
+
 def parse_chat_request(body: Any) -> ChatRequest:
     """A decoded JSON body -> ChatRequest. Raises APIError(400) naming the bad field."""
     body = _require_object(body)
-    _refuse_unsupported(body, ("tools", "functions", "response_format", "best_of"))
+    refuse_unsupported(body, ("tools", "functions", "response_format", "best_of"))
     messages = _messages(body.get("messages"))
     want = _bool(body, "logprobs", False)
     top = _int(body, "top_logprobs", None, 0, MAX_LOGPROBS)
     if top is not None and not want:
         raise bad_request("'top_logprobs' requires 'logprobs' to be true", "top_logprobs")
     kwargs = _typed(body, "chat_template_kwargs", (dict,), "an object") or {}
-    stream, include_usage = _stream(body)
-    return ChatRequest(model=_model(body), sampling=_sampling(body, None, (top or 0) if want else None),
-                       stream=stream, include_usage=include_usage, messages=messages, logprobs=want,
-                       top_logprobs=top, add_generation_prompt=_bool(body, "add_generation_prompt", True),
+    return ChatRequest(**request_common(body, None, (top or 0) if want else None), messages=messages,
+                       logprobs=want, top_logprobs=top,
+                       add_generation_prompt=_bool(body, "add_generation_prompt", True),
                        chat_template_kwargs=dict(kwargs))
 
 
@@ -287,10 +302,8 @@ def _prompt(v: Any) -> str | tuple[int, ...]:
 
 def parse_completion_request(body: Any) -> CompletionRequest:
     body = _require_object(body)
-    _refuse_unsupported(body, ("echo", "suffix", "best_of", "response_format"))
+    refuse_unsupported(body, ("echo", "suffix", "best_of", "response_format"))
     prompt = _prompt(body.get("prompt"))
     logprobs = _int(body, "logprobs", None, 0, MAX_LOGPROBS)
-    stream, include_usage = _stream(body)
     # 16 is the legacy completions API default; chat has none (the context length bounds it)
-    return CompletionRequest(model=_model(body), sampling=_sampling(body, 16, logprobs), stream=stream,
-                             include_usage=include_usage, prompt=prompt, logprobs=logprobs)
+    return CompletionRequest(**request_common(body, 16, logprobs), prompt=prompt, logprobs=logprobs)

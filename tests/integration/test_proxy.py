@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import signal
 import socket
 import subprocess
@@ -183,6 +184,27 @@ def test_chat_with_image_equals_offline_llm_streaming_and_not(client, llm, clust
     assert text == expected.outputs[0].text
     assert chunks[-1].usage.prompt_tokens == len(expected.prompt_token_ids)
     assert chunks[-1].usage.prompt_tokens_details.cached_tokens > 0  # prefix hit
+
+
+def test_mindie_generate_answers_like_chat_and_completions(client, llm, cluster):
+    # the MindIE guide's curl: -d without a JSON content type, the prompt a list of content parts
+    data = _image(224, 168)
+    expected = _offline(llm, data, "描述这张图片", 12)
+    parts = [{"type": "image_url", "image_url": _data_url(data)}, {"type": "text", "text": "描述这张图片"}]
+    greedy = {"max_tokens": 12, "temperature": 0, "ignore_eos": True, "model": "tiny"}
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/x-www-form-urlencoded"}
+    r = httpx.post(cluster.url + "/generate", headers=headers, timeout=60,
+                   content=json.dumps({"prompt": parts, **greedy}).encode())
+    assert r.status_code == 200, r.text
+    assert r.json() == {"text": [expected.outputs[0].text]}
+
+    completion = client.completions.create(model="tiny", prompt="Once upon a", max_tokens=12,
+                                           temperature=0, extra_body={"ignore_eos": True})
+    r = httpx.post(cluster.url + "/generate", headers=headers, timeout=60,
+                   content=json.dumps({"prompt": "Once upon a", "stream": True, **greedy}).encode())
+    updates = [json.loads(u) for u in r.text.split("\0")[:-1]]
+    assert len(updates) == 12
+    assert updates[-1] == {"text": ["Once upon a" + completion.choices[0].text]}
 
 
 def test_requests_spread_over_every_instance(cluster):

@@ -88,6 +88,15 @@ def test_chat_parts_normalised():
     assert r.messages[2] == ChatMessage("assistant", "")
 
 
+def test_a_bare_server_path_becomes_a_file_url():
+    # MindIE's guides pass local paths; they then meet the same guard as file:// URLs
+    r = parse_chat_request(chat(messages=[{"role": "user", "content": [
+        {"type": "image_url", "image_url": "/data/my cat.png"},
+        {"type": "video_url", "video_url": {"url": "/data/v#1.mp4"}}]}]))
+    assert r.messages[0].content == (ImagePart("file:///data/my%20cat.png"),
+                                      VideoPart("file:///data/v%231.mp4"))
+
+
 def test_sampling_fields_map_to_sampling_params():
     r = parse_chat_request(chat(
         temperature=0, top_p=0.5, top_k=5, min_p=0.1, seed=-3, stop="END", stop_token_ids=[7, 8],

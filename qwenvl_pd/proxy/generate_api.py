@@ -1,0 +1,117 @@
+"""POST /generate as MindIE serves it for vLLM clients (vLLM 0.2.6's API).
+
+`prompt` is a string (sent as is, no chat template) or, for a multimodal model, a list of
+content parts (`text`, `image_url`, `video_url`; a URL may be a bare string) that becomes one user
+turn through the chat template. The answer is `{"text": [one string per sample]}`; a string
+prompt is repeated in front of each output, as vLLM 0.2.6 does. With `"stream": true` every
+update is that same object with the text so far, followed by a NUL byte.
+"""
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from qwenvl_pd.proxy.app import proxy_of, read_json
+from qwenvl_pd.proxy.errors import APIError, bad_request
+from qwenvl_pd.proxy.generation import RequestRun
+from qwenvl_pd.proxy.inputs import PreparedPrompt, prepare_chat, prepare_completion
+from qwenvl_pd.proxy.protocol import (ChatMessage, ChatRequest, CompletionRequest, parse_parts,
+                                      refuse_unsupported, request_common)
+from qwenvl_pd.proxy.responses import new_id
+from qwenvl_pd.proxy.streaming import cancel_on_disconnect, error_response
+
+router = APIRouter()
+
+
+def parse_generate_request(body) -> ChatRequest | CompletionRequest:
+    """A decoded /generate body -> the chat (list prompt) or completion (string prompt) request."""
+    if not isinstance(body, dict):
+        raise bad_request("the request body must be a JSON object")
+    refuse_unsupported(body, ("use_beam_search", "best_of", "logprobs", "stream_options"))
+    common = request_common(body, max_default=None, logprobs=None)
+    prompt = body.get("prompt")
+    if isinstance(prompt, str) and prompt:
+        return CompletionRequest(**common, prompt=prompt)
+    if isinstance(prompt, list) and prompt:
+        return ChatRequest(**common, messages=(ChatMessage("user", parse_parts(prompt, "prompt")),))
+    raise bad_request("'prompt' must be a non-empty string, or a non-empty list of content parts",
+                      "prompt")
+
+
+@router.post("/generate")
+async def generate(request: Request):
+    arrived = time.perf_counter()
+    p = proxy_of(request)
+    p.authorize(request)
+    req = parse_generate_request(await read_json(request, p.cfg.max_body_bytes))
+    p.check_model(req.model)
+    slot = p.admit()
+    try:
+        if isinstance(req, ChatRequest):
+            prompt, head = await _prepare_parts(req, p), ""
+        else:
+            prompt, head = prepare_completion(req, p.model), req.prompt
+    except BaseException:
+        slot.release()
+        raise
+    run = RequestRun(new_id("cmpl"), prompt, p.model, p.backend, p.metrics, False,
+                     p.cfg.affinity_tokens, arrived)
+    if req.stream:
+        return await _stream(run, head, on_close=slot.release)
+    try:
+        return JSONResponse(await cancel_on_disconnect(request, _collect(run, head)))
+    finally:
+        slot.release()
+
+
+async def _prepare_parts(req: ChatRequest, p) -> PreparedPrompt:
+    try:
+        return await prepare_chat(req, p.model, p.cfg)
+    except APIError as e:  # chat names the field in messages; here the parts are the prompt
+        if e.param and e.param.startswith(_CHAT_PARTS):
+            e.param = "prompt" + e.param[len(_CHAT_PARTS):]
+        elif e.param == "messages":
+            e.param = "prompt"
+        raise
+
+
+_CHAT_PARTS = "messages[0].content"
+
+
+async def _collect(run: RequestRun, head: str) -> dict:
+    texts = [head] * run.prompt.sampling.n
+    async for d in run.deltas():
+        texts[d.index] += d.text
+    return {"text": texts}
+
+
+async def _stream(run: RequestRun, head: str, on_close) -> StreamingResponse | JSONResponse:
+    texts = [head] * run.prompt.sampling.n
+    deltas = run.deltas()
+    try:  # the first update decides the status: a late refusal still gets its own code
+        first = await anext(deltas, None)
+    except APIError as e:
+        on_close()
+        return error_response(e)
+    except BaseException:
+        on_close()
+        raise
+
+    async def body() -> AsyncIterator[bytes]:
+        try:
+            d = first
+            while d is not None:
+                texts[d.index] += d.text
+                yield (json.dumps({"text": texts}, ensure_ascii=False) + "\0").encode()
+                d = await anext(deltas, None)
+        except APIError as e:
+            yield (json.dumps(e.body(), ensure_ascii=False) + "\0").encode()
+        finally:
+            on_close()
+            await deltas.aclose()
+
+    return StreamingResponse(body(), media_type="application/json")
