@@ -92,6 +92,15 @@ async def read_json(request: Request, limit: int):
         raise bad_request(f"the request body is not valid JSON: {e}") from None
 
 
+async def accept(request: Request, parse):
+    """Authorize, parse the body with parse() and check the model: (proxy, parsed request)."""
+    p = proxy_of(request)
+    p.authorize(request)
+    req = parse(await read_json(request, p.cfg.max_body_bytes))
+    p.check_model(req.model)
+    return p, req
+
+
 def _culprit(e: json.JSONDecodeError) -> str:
     # guides written with a Chinese input method carry full-width commas and colons into JSON
     ch = e.doc[e.pos:e.pos + 1]

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from qwenvl_pd.proxy.app import proxy_of, read_json
+from qwenvl_pd.proxy.app import Proxy, accept
 from qwenvl_pd.proxy.errors import APIError, bad_request
 from qwenvl_pd.proxy.generation import RequestRun
 from qwenvl_pd.proxy.inputs import PreparedPrompt, prepare_chat, prepare_completion
@@ -45,10 +45,7 @@ def parse_generate_request(body) -> ChatRequest | CompletionRequest:
 @router.post("/generate")
 async def generate(request: Request):
     arrived = time.perf_counter()
-    p = proxy_of(request)
-    p.authorize(request)
-    req = parse_generate_request(await read_json(request, p.cfg.max_body_bytes))
-    p.check_model(req.model)
+    p, req = await accept(request, parse_generate_request)
     slot = p.admit()
     try:
         if isinstance(req, ChatRequest):
@@ -68,7 +65,7 @@ async def generate(request: Request):
         slot.release()
 
 
-async def _prepare_parts(req: ChatRequest, p) -> PreparedPrompt:
+async def _prepare_parts(req: ChatRequest, p: Proxy) -> PreparedPrompt:
     try:
         return await prepare_chat(req, p.model, p.cfg)
     except APIError as e:  # chat names the field in messages; here the parts are the prompt

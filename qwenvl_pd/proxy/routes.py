@@ -7,7 +7,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 
 from qwenvl_pd import __version__
-from qwenvl_pd.proxy.app import Proxy, Slot, proxy_of, read_json
+from qwenvl_pd.proxy.app import Proxy, Slot, accept, proxy_of
 from qwenvl_pd.proxy.generation import RequestRun
 from qwenvl_pd.proxy.inputs import PreparedPrompt, prepare_chat, prepare_completion
 from qwenvl_pd.proxy.metrics import CONTENT_TYPE
@@ -32,19 +32,10 @@ async def _respond(request: Request, p: Proxy, slot: Slot, prompt: PreparedPromp
         slot.release()
 
 
-async def _accept(request: Request, parse):
-    """Authorize, parse the body with parse() and check the model: (proxy, parsed request)."""
-    p = proxy_of(request)
-    p.authorize(request)
-    req = parse(await read_json(request, p.cfg.max_body_bytes))
-    p.check_model(req.model)
-    return p, req
-
-
 @router.post("/v1/chat/completions")
 async def chat_completions(request: Request):
     arrived = time.perf_counter()
-    p, req = await _accept(request, parse_chat_request)
+    p, req = await accept(request, parse_chat_request)
     slot = p.admit()
     try:
         prompt = await prepare_chat(req, p.model, p.cfg)
@@ -58,7 +49,7 @@ async def chat_completions(request: Request):
 @router.post("/v1/completions")
 async def completions(request: Request):
     arrived = time.perf_counter()
-    p, req = await _accept(request, parse_completion_request)
+    p, req = await accept(request, parse_completion_request)
     prompt = prepare_completion(req, p.model)
     slot = p.admit()
     return await _respond(request, p, slot, prompt, False, req.stream, req.include_usage,
