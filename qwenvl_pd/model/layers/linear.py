@@ -3,10 +3,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# oneDNN picks its blocked weight layout for this many rows. Measured on 2 AVX2 cores, a layout
-# for 32 rows ran every size from 1 to 2048 tokens as fast as or faster than F.linear (the
-# lm_head at 19 tokens: 86 ms against 163 ms); there is one packed copy, whatever the batch.
+# oneDNN picks its blocked weight layout for this many rows. Measured on 2 AVX2 cores
+# (benchmarks/linear_packing.py), the packed GEMM beats F.linear 1.3-3.4x from 8 to 32 tokens
+# (the lm_head at 19: 62 ms against 149 ms) but loses ~10% from 512 tokens up. Past DENSE_FROM
+# tokens the weight is unpacked again for the call (to_dense: ~2 ms for 23 MB, exact).
 PACK_HINT = 32
+DENSE_FROM = 256
 
 
 def can_pack(weight: torch.Tensor) -> bool:
@@ -28,7 +30,10 @@ class PackedWeights:
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """x [..., in] -> one [..., out_i] view per linear."""
         flat = x.reshape(-1, x.shape[-1])
-        out = torch.ops.mkldnn._linear_pointwise(flat, self.weight, self.bias, "none", [], "")
+        if flat.shape[0] > DENSE_FROM:  # prefill-sized: plain MKL is faster there
+            out = F.linear(flat, self.weight.to_dense(), self.bias)
+        else:
+            out = torch.ops.mkldnn._linear_pointwise(flat, self.weight, self.bias, "none", [], "")
         return out.view(*x.shape[:-1], out.shape[-1]).split(self.sizes, dim=-1)
 
 

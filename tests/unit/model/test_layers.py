@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from qwenvl_pd.model.layers.attention import (AttentionMetadata, DecodeGroup, PrefillSpan,
                                               paged_attention, write_kv)
-from qwenvl_pd.model.layers.linear import Linear, pack_group
+from qwenvl_pd.model.layers.linear import DENSE_FROM, Linear, pack_group
 
 BLOCK, HEADS, KV_HEADS, DIM = 4, 4, 2, 8
 
@@ -57,7 +57,7 @@ def test_decode_groups_and_a_prefill_chunk_match_dense_attention():
                                rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("tokens", [1, 7, 300])
+@pytest.mark.parametrize("tokens", [1, 7, 300])  # 300: past DENSE_FROM, the unpacked path
 @pytest.mark.parametrize("bias", [False, True])
 def test_packed_linear_matches_f_linear(tokens, bias):
     torch.manual_seed(tokens)
@@ -67,6 +67,7 @@ def test_packed_linear_matches_f_linear(tokens, bias):
     layer.pack()
     assert layer.packed is not None and layer.packed.weight.is_mkldnn
     assert layer.weight is None and layer.bias is None  # the dense copy is gone
+    assert (tokens > DENSE_FROM) == (tokens == 300)
     out = layer(x)
     assert out.shape == (tokens, 48)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
