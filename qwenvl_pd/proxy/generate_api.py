@@ -22,7 +22,7 @@ from qwenvl_pd.proxy.inputs import PreparedPrompt, prepare_chat, prepare_complet
 from qwenvl_pd.proxy.protocol import (ChatMessage, ChatRequest, CompletionRequest, parse_parts,
                                       refuse_unsupported, request_common)
 from qwenvl_pd.proxy.responses import new_id
-from qwenvl_pd.proxy.streaming import cancel_on_disconnect, error_response
+from qwenvl_pd.proxy.streaming import cancel_on_disconnect, first_delta
 
 router = APIRouter()
 
@@ -89,14 +89,10 @@ async def _collect(run: RequestRun, head: str) -> dict:
 async def _stream(run: RequestRun, head: str, on_close) -> StreamingResponse | JSONResponse:
     texts = [head] * run.prompt.sampling.n
     deltas = run.deltas()
-    try:  # the first update decides the status: a late refusal still gets its own code
-        first = await anext(deltas, None)
-    except APIError as e:
-        on_close()
-        return error_response(e)
-    except BaseException:
-        on_close()
-        raise
+    # the first update decides the status: a late refusal still gets its own code
+    first, refused = await first_delta(deltas, on_close)
+    if refused is not None:
+        return refused
 
     async def body() -> AsyncIterator[bytes]:
         try:

@@ -64,20 +64,27 @@ class _Sse:
         return [sse(self.build.role(i)) for i in range(self.run.prompt.sampling.n)]
 
 
+async def first_delta(deltas: AsyncIterator[Delta], on_close: Callable[[], None]
+                      ) -> tuple[Delta | None, JSONResponse | None]:
+    """(the first delta or None when there is none, None), or (None, the error response) when
+    the request failed before its first delta; any failure here has already run on_close()."""
+    try:
+        return await anext(deltas, None), None
+    except APIError as e:
+        on_close()
+        return None, error_response(e)
+    except BaseException:
+        on_close()
+        raise
+
+
 async def stream(run: RequestRun, rid: str, model: str, chat: bool, include_usage: bool,
                  on_close: Callable[[], None]) -> StreamingResponse | JSONResponse:
     deltas = run.deltas()
     out = _Sse(run, rid, model, chat, include_usage)
-    try:
-        first = await anext(deltas)
-    except StopAsyncIteration:
-        first = None
-    except APIError as e:
-        on_close()
-        return error_response(e)
-    except BaseException:
-        on_close()
-        raise
+    first, refused = await first_delta(deltas, on_close)
+    if refused is not None:
+        return refused
 
     async def body() -> AsyncIterator[str]:
         try:
