@@ -6,7 +6,7 @@ from torch import nn
 
 from qwenvl_pd.config import TextConfig
 from qwenvl_pd.model.layers.attention import AttentionMetadata, paged_attention, write_kv
-from qwenvl_pd.model.layers.linear import Linear, pack_group
+from qwenvl_pd.model.layers.linear import Linear, LinearGroup, pack_group
 from qwenvl_pd.model.layers.mlp import GatedMLP
 from qwenvl_pd.model.layers.moe import SparseMoE
 from qwenvl_pd.model.layers.norm import RMSNorm
@@ -34,17 +34,14 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
         self.qk_norm = cfg.qk_norm
-        self.packed_qkv = None
+        self.qkv = LinearGroup(self.q_proj, self.k_proj, self.v_proj)  # packed by pack()
 
     def pack(self) -> None:
-        self.packed_qkv = pack_group(self.q_proj, self.k_proj, self.v_proj)
+        self.qkv = pack_group(self.qkv)
         self.o_proj.pack()
 
     def forward(self, x, rope, cache, meta: AttentionMetadata):
-        if self.packed_qkv is None:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        else:
-            q, k, v = self.packed_qkv(x)
+        q, k, v = self.qkv(x)
         q = q.view(-1, self.num_heads, self.head_dim)  # [T, heads, d]
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)

@@ -15,10 +15,10 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from qwenvl_pd.proxy.app import Proxy, accept
+from qwenvl_pd.proxy.app import accept
 from qwenvl_pd.proxy.errors import APIError, bad_request
 from qwenvl_pd.proxy.generation import RequestRun
-from qwenvl_pd.proxy.inputs import PreparedPrompt, prepare_chat, prepare_completion
+from qwenvl_pd.proxy.inputs import prepare_chat, prepare_completion
 from qwenvl_pd.proxy.protocol import (ChatMessage, ChatRequest, CompletionRequest, parse_parts,
                                       refuse_unsupported, request_common)
 from qwenvl_pd.proxy.responses import new_id
@@ -37,7 +37,8 @@ def parse_generate_request(body) -> ChatRequest | CompletionRequest:
     if isinstance(prompt, str) and prompt:
         return CompletionRequest(**common, prompt=prompt)
     if isinstance(prompt, list) and prompt:
-        return ChatRequest(**common, messages=(ChatMessage("user", parse_parts(prompt, "prompt")),))
+        return ChatRequest(**common, messages=(ChatMessage("user", parse_parts(prompt, "prompt")),),
+                           prompt_field="prompt", part_path="prompt[{part}]")
     raise bad_request("'prompt' must be a non-empty string, or a non-empty list of content parts",
                       "prompt")
 
@@ -49,7 +50,7 @@ async def generate(request: Request):
     slot = p.admit()
     try:
         if isinstance(req, ChatRequest):
-            prompt, head = await _prepare_parts(req, p), ""
+            prompt, head = await prepare_chat(req, p.model, p.cfg), ""
         else:
             prompt, head = prepare_completion(req, p.model), req.prompt
     except BaseException:
@@ -63,20 +64,6 @@ async def generate(request: Request):
         return JSONResponse(await cancel_on_disconnect(request, _collect(run, head)))
     finally:
         slot.release()
-
-
-async def _prepare_parts(req: ChatRequest, p: Proxy) -> PreparedPrompt:
-    try:
-        return await prepare_chat(req, p.model, p.cfg)
-    except APIError as e:  # chat names the field in messages; here the parts are the prompt
-        if e.param and e.param.startswith(_CHAT_PARTS):
-            e.param = "prompt" + e.param[len(_CHAT_PARTS):]
-        elif e.param == "messages":
-            e.param = "prompt"
-        raise
-
-
-_CHAT_PARTS = "messages[0].content"
 
 
 async def _collect(run: RequestRun, head: str) -> dict:

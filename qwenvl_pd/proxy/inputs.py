@@ -40,16 +40,16 @@ def _media_parts(req: ChatRequest) -> list[tuple[str, ImagePart | VideoPart]]:
         for j, p in enumerate(m.content):
             if isinstance(p, (ImagePart, VideoPart)):
                 key = "image_url" if isinstance(p, ImagePart) else "video_url"
-                out.append((f"messages[{i}].content[{j}].{key}.url", p))
+                out.append((req.part_path.format(message=i, part=j) + f".{key}.url", p))
     return out
 
 
-def _check_counts(parts: list, cfg: ProxyConfig) -> None:
+def _check_counts(parts: list, cfg: ProxyConfig, field: str) -> None:
     for kind, limit in ((ImagePart, cfg.max_images_per_request), (VideoPart, cfg.max_videos_per_request)):
         n = sum(isinstance(p, kind) for _, p in parts)
         if n > limit:
             what = "image" if kind is ImagePart else "video"
-            raise bad_request(f"{n} {what}s in the request; at most {limit} are allowed", "messages")
+            raise bad_request(f"{n} {what}s in the request; at most {limit} are allowed", field)
 
 
 async def _image_item(url: str, model: ProxyModel, cfg: ProxyConfig) -> MediaItem:
@@ -95,7 +95,8 @@ async def _fetch_all(parts: list, model: ProxyModel, cfg: ProxyConfig) -> list[M
             t.cancel()
 
 
-def _expand(ids: list[int], media: list[MediaItem], model: ProxyModel) -> list[int]:
+def _expand(ids: list[int], media: list[MediaItem], model: ProxyModel,
+            field: str) -> list[int]:
     images = [m.grid_thw for m in media if m.kind == "image"]
     videos = [m for m in media if m.kind == "video"]
     try:
@@ -103,7 +104,7 @@ def _expand(ids: list[int], media: list[MediaItem], model: ProxyModel) -> list[i
                                    family=model.family, video_timestamps=[v.timestamps for v in videos],
                                    encode=model.encode, ids=model.ids)
     except ValueError as e:  # e.g. the text itself carries placeholder tokens
-        raise bad_request(str(e), "messages") from None
+        raise bad_request(str(e), field) from None
 
 
 def _resolve(token_ids: list[int], sampling: SamplingParams, model: ProxyModel,
@@ -123,12 +124,13 @@ def _resolve(token_ids: list[int], sampling: SamplingParams, model: ProxyModel,
 
 async def prepare_chat(req: ChatRequest, model: ProxyModel, cfg: ProxyConfig) -> PreparedPrompt:
     parts = _media_parts(req)
-    _check_counts(parts, cfg)
+    _check_counts(parts, cfg, req.prompt_field)
     text = model.template.render(req.messages, req.add_generation_prompt, req.chat_template_kwargs)
     ids = model.tokenizer.encode(text)  # as the offline LLM encodes a prompt string
     media = await _fetch_all(parts, model, cfg)
-    expanded = _expand(ids, media, model)
-    return PreparedPrompt(tuple(expanded), tuple(media), _resolve(expanded, req.sampling, model, "messages"))
+    expanded = _expand(ids, media, model, req.prompt_field)
+    sampling = _resolve(expanded, req.sampling, model, req.prompt_field)
+    return PreparedPrompt(tuple(expanded), tuple(media), sampling)
 
 
 def prepare_completion(req: CompletionRequest, model: ProxyModel) -> PreparedPrompt:

@@ -85,6 +85,9 @@ class ChatRequest(_Common):
     top_logprobs: int | None = None
     add_generation_prompt: bool = True
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+    # where error params point: /generate sends its parts as the prompt, not as messages
+    prompt_field: str = "messages"
+    part_path: str = "messages[{message}].content[{part}]"
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,9 @@ def can_pack(weight: torch.Tensor) -> bool:
 
 class PackedWeights:
     """The weights of linears that read the same input, concatenated on the output axis and
-    reordered once into oneDNN's blocked layout: one GEMM then serves q/k/v or gate/up."""
+    reordered once into oneDNN's blocked layout: one GEMM then serves q/k/v or gate/up. The
+    linears drop their dense parameters, so packing does not double the weights' memory (a
+    weight shared with another module, the tied lm_head's, lives on there)."""
 
     def __init__(self, *linears: nn.Linear):
         weight = torch.cat([lin.weight.detach() for lin in linears])  # [sum(out), in]
@@ -26,6 +28,8 @@ class PackedWeights:
         self.bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
         self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, PACK_HINT)
         self.sizes = [lin.out_features for lin in linears]
+        for lin in linears:
+            lin.weight = lin.bias = None
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """x [..., in] -> one [..., out_i] view per linear."""
@@ -41,7 +45,8 @@ class Linear(nn.Linear):
     packed: PackedWeights | None = None
 
     def pack(self) -> None:
-        self.packed = pack_group(self)
+        if can_pack(self.weight):
+            self.packed = PackedWeights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is None:
@@ -49,13 +54,16 @@ class Linear(nn.Linear):
         return self.packed(x)[0]
 
 
-def pack_group(*linears: Linear) -> PackedWeights | None:
-    """One packed GEMM for linears on the same input; None where packing does not apply. The
-    linears drop their dense parameters, so packing does not double the weights' memory (a
-    weight shared with another module, the tied lm_head's, lives on there)."""
-    if not can_pack(linears[0].weight):
-        return None
-    packed = PackedWeights(*linears)
-    for lin in linears:
-        lin.weight = lin.bias = None
-    return packed
+class LinearGroup:
+    """Linears that read the same input, called one by one: what a group is before packing."""
+
+    def __init__(self, *linears: Linear):
+        self.linears = linears
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(lin(x) for lin in self.linears)
+
+
+def pack_group(group: LinearGroup) -> LinearGroup | PackedWeights:
+    """One packed GEMM for the group's linears; the group itself where packing does not apply."""
+    return PackedWeights(*group.linears) if can_pack(group.linears[0].weight) else group

@@ -2,7 +2,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qwenvl_pd.model.layers.linear import Linear, pack_group
+from qwenvl_pd.model.layers.linear import Linear, LinearGroup, pack_group
 
 
 class GatedMLP(nn.Module):
@@ -11,15 +11,12 @@ class GatedMLP(nn.Module):
         self.gate_proj = Linear(hidden, inter, bias=False)
         self.up_proj = Linear(hidden, inter, bias=False)
         self.down_proj = Linear(inter, hidden, bias=False)
-        self.packed_gate_up = None
+        self.gate_up = LinearGroup(self.gate_proj, self.up_proj)  # packed by pack()
 
     def pack(self) -> None:
-        self.packed_gate_up = pack_group(self.gate_proj, self.up_proj)
+        self.gate_up = pack_group(self.gate_up)
         self.down_proj.pack()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed_gate_up is None:
-            gate, up = self.gate_proj(x), self.up_proj(x)
-        else:
-            gate, up = self.packed_gate_up(x)
+        gate, up = self.gate_up(x)
         return self.down_proj(F.silu(gate) * up)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from qwenvl_pd.model.layers.attention import (AttentionMetadata, DecodeGroup, PrefillSpan,
                                               paged_attention, write_kv)
-from qwenvl_pd.model.layers.linear import DENSE_FROM, Linear, pack_group
+from qwenvl_pd.model.layers.linear import DENSE_FROM, Linear, LinearGroup, pack_group
 
 BLOCK, HEADS, KV_HEADS, DIM = 4, 4, 2, 8
 
@@ -78,7 +78,7 @@ def test_packed_group_splits_one_gemm_into_each_linears_output():
     q, k, v = Linear(32, 24), Linear(32, 8), Linear(32, 8)
     x = torch.randn(2, 3, 32)  # leading dimensions are kept
     expected = [F.linear(x, lin.weight, lin.bias) for lin in (q, k, v)]
-    outs = pack_group(q, k, v)(x)
+    outs = pack_group(LinearGroup(q, k, v))(x)
     assert [tuple(o.shape) for o in outs] == [(2, 3, 24), (2, 3, 8), (2, 3, 8)]
     for want, out in zip(expected, outs):
         torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
@@ -97,7 +97,8 @@ def test_packing_a_tied_lm_head_leaves_the_embedding_in_place():
 def test_packing_skips_what_onednn_does_not_run_here():
     layer = Linear(16, 8).to(torch.bfloat16)
     layer.pack()
-    assert layer.packed is None and pack_group(layer) is None
+    group = LinearGroup(layer)
+    assert layer.packed is None and pack_group(group) is group  # left as it was: not packed
     x = torch.randn(3, 16, dtype=torch.bfloat16)
     torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
 
