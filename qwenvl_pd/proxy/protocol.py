@@ -182,9 +182,12 @@ def _sampling(body: dict, max_default: int | None, logprobs: int | None) -> Samp
     max_tokens = _int(body, "max_completion_tokens", legacy, 1)
     min_tokens = _int(body, "min_tokens", 0, 0, max_tokens)
     top_k = _int(body, "top_k", -1, -1)
+    temperature = _num(body, "temperature", 1.0, 0.0)
+    if not _bool(body, "do_sample", True):  # MindIE's (and HF's) switch: false means greedy
+        temperature = 0.0
     try:
         return SamplingParams(
-            n=_int(body, "n", 1, 1, MAX_N), temperature=_num(body, "temperature", 1.0, 0.0),
+            n=_int(body, "n", 1, 1, MAX_N), temperature=temperature,
             top_p=_num(body, "top_p", 1.0, 0.0, 1.0, lo_open=True),
             top_k=-1 if top_k == 0 else top_k,  # vLLM treats 0 as "off" too
             min_p=_num(body, "min_p", 0.0, 0.0, 1.0), seed=_int(body, "seed", None, *INT64),

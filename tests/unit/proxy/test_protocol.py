@@ -112,6 +112,15 @@ def test_sampling_fields_map_to_sampling_params():
     assert (r.stream, r.include_usage, r.stop, r.n) == (True, True, ("END",), 3)
 
 
+def test_do_sample_false_is_greedy_as_in_the_mindie_guide():
+    # the guide's chat request: sampling knobs set, do_sample false
+    off = parse_chat_request(chat(temperature=1.0, top_p=0.5, top_k=10, do_sample=False))
+    on = parse_chat_request(chat(temperature=0.7, do_sample=True))
+    assert (off.sampling.temperature, off.sampling.top_p, off.sampling.top_k) == (0.0, 0.5, 10)
+    assert on.sampling.temperature == 0.7
+    assert bad(parse_chat_request, chat(do_sample="no")).param == "do_sample"
+
+
 def test_top_k_zero_is_off_and_logprobs_without_top():
     r = parse_chat_request(chat(top_k=0, logprobs=True, max_tokens=5))
     assert (r.sampling.top_k, r.sampling.logprobs, r.max_tokens) == (-1, 0, 5)
