@@ -4,6 +4,7 @@ The cache of one layer is [2, num_blocks, block_size, kv_heads, head_dim]; a tok
 block_id * block_size + offset. One forward holds prefill chunks and decode tokens of many
 sequences, flattened along the token axis, single-token (decode) chunks first.
 """
+import math
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +39,9 @@ class AttentionMetadata:
     num_decode: int                  # the first num_decode tokens are single-token chunks
     decode_groups: list[DecodeGroup]  # cover rows [0, num_decode)
     prefills: list[PrefillSpan]      # the multi-token chunks, after the decode tokens
+    # flat scratch that block gathers copy into, large enough for the biggest group or span; a
+    # fresh multi-MB tensor per gather costs page faults on CPU (measured 5.3 vs 3.4 ms a layer)
+    gather_buffer: torch.Tensor | None = None
 
 
 def write_kv(cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
@@ -52,38 +56,45 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: to
     """q [T, heads, d], this step's k, v [T, kv_heads, d] (already in the cache) -> [T, heads, d].
     Torch reference on every device; decode groups with context_lens go to torch_npu's kernel."""
     out = torch.empty_like(q)
+    buffer = meta.gather_buffer
     for group in meta.decode_groups:
         s, e = group.start, group.end
-        out[s:e] = _decode(q[s:e], cache, group, scale)
+        out[s:e] = _decode(q[s:e], cache, group, scale, buffer)
     for span in meta.prefills:
         s, e = span.start, span.end
-        out[s:e] = _prefill(q[s:e], k[s:e], v[s:e], cache, span, scale)
+        out[s:e] = _prefill(q[s:e], k[s:e], v[s:e], cache, span, scale, buffer)
     return out
 
 
-def _decode(q: torch.Tensor, cache: torch.Tensor, group: DecodeGroup, scale: float):
+def _decode(q: torch.Tensor, cache: torch.Tensor, group: DecodeGroup, scale: float,
+            buffer: torch.Tensor | None):
     if group.context_lens is not None:
         return npu_paged_decode(q, cache, group.block_tables, group.context_lens, scale)
-    rows = group.block_tables.shape[0]
-    keys, values = _gather(cache, group.block_tables.flatten()).view(2, rows, -1, *cache.shape[-2:])
+    rows, (kv_heads, d) = group.block_tables.shape[0], cache.shape[-2:]
+    keys, values = _gather(cache, group.block_tables.flatten(), buffer).view(2, rows, -1, kv_heads, d)
+    # the heads sharing a KV head act as that head's query rows, so each K/V is read once;
+    # enable_gqa expands K/V per head instead (measured 2x slower on CPU)
     out = F.scaled_dot_product_attention(  # keys, values [D, ctx, kv_heads, d]
-        q[:, :, None], keys.transpose(1, 2), values.transpose(1, 2),
-        attn_mask=group.key_mask, scale=scale, enable_gqa=True)  # [D, heads, 1, d]
-    return out[:, :, 0]
+        q.view(rows, kv_heads, -1, d), keys.transpose(1, 2), values.transpose(1, 2),
+        attn_mask=group.key_mask, scale=scale)  # [D, kv_heads, heads per KV head, d]
+    return out.view(q.shape)
 
 
-def _gather(cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
+def _gather(cache: torch.Tensor, block_ids: torch.Tensor, buffer: torch.Tensor | None) -> torch.Tensor:
     """-> [2, len(block_ids), block_size, kv_heads, d]. index_select copies whole blocks, 2-3x
     faster on CPU than advanced indexing (measured 1.8 vs 4.5 ms for 18 MB)."""
-    return cache.index_select(1, block_ids)
+    if buffer is None:
+        return cache.index_select(1, block_ids)
+    shape = (2, len(block_ids), *cache.shape[2:])
+    return torch.index_select(cache, 1, block_ids, out=buffer[:math.prod(shape)].view(shape))
 
 
-def _prefill(q, k, v, cache, span: PrefillSpan, scale: float) -> torch.Tensor:
+def _prefill(q, k, v, cache, span: PrefillSpan, scale: float, buffer: torch.Tensor | None):
     n, ctx = q.shape[0], span.context_len
     if ctx == n:  # nothing cached before this chunk: its own K/V are the whole context
         keys, values, mask, causal = k, v, None, True
     else:  # a later chunk or a prefix-cache hit: read the earlier keys from the cache
-        keys, values = _gather(cache, span.block_table).flatten(1, 2)[:, :ctx]
+        keys, values = _gather(cache, span.block_table, buffer).flatten(1, 2)[:, :ctx]
         # query i sits at position ctx - n + i and sees keys up to it
         mask = torch.arange(ctx, device=q.device)[None] <= torch.arange(ctx - n, ctx, device=q.device)[:, None]
         causal = False

@@ -125,3 +125,12 @@ def test_static_decode_path_with_padding_equals_the_dynamic_one(llm, path):
     assert {width for _, width in runs} == {16, 32}  # prompts of up to 128 tokens, and longer
     scratch = static.engine.blocks.num_blocks  # the block padded rows write to
     assert static.engine.kv_cache.shape[2] == scratch + 1
+
+
+def test_gather_scratch_grows_by_half_and_is_kept(llm):
+    runner = llm.engine.runner
+    per_block = runner.kv_cache[0, :, :1].numel()  # K and V of one block of one layer
+    first = runner._gather_buffer(10_000)
+    assert first.numel() == 15_000 * per_block
+    assert runner._gather_buffer(15_000) is first  # fits: no new allocation
+    assert runner._gather_buffer(15_002).numel() == 22_503 * per_block

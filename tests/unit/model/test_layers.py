@@ -32,7 +32,8 @@ def _group(tables: list[list[int]], lens: list[int], start: int) -> DecodeGroup:
     return DecodeGroup(start, start + len(tables), padded, mask)
 
 
-def test_decode_groups_and_a_prefill_chunk_match_dense_attention():
+@pytest.mark.parametrize("buffered", [False, True])
+def test_decode_groups_and_a_prefill_chunk_match_dense_attention(buffered):
     torch.manual_seed(0)
     cache = torch.randn(2, 12, BLOCK, KV_HEADS, DIM)
     # three decode rows with 3, 9 and 6 keys (blocks not contiguous), then a 3-token chunk
@@ -45,6 +46,8 @@ def test_decode_groups_and_a_prefill_chunk_match_dense_attention():
     write_kv(cache, k, v, slots)
     meta = AttentionMetadata(slots, 3, [_group(tables[:1], lens[:1], 0), _group(tables[1:], lens[1:], 1)],
                              [PrefillSpan(3, 6, 8, torch.tensor([7, 8]))])
+    if buffered:  # stale values in the scratch must never leak into a result
+        meta.gather_buffer = torch.full((2 * 2 * 3 * BLOCK * KV_HEADS * DIM,), float("nan"))
     out = paged_attention(q, k, v, cache, meta, DIM ** -0.5)
 
     def keys_of(blocks, n):
