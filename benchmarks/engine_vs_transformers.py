@@ -57,8 +57,8 @@ def hf_inputs(prompts, pad_id: int):
 
 def time_engine(llm: LLM, requests, params):
     """-> (seconds, output tokens, share outside the forward at batch 32, seconds in steps that
-    carried prompt tokens)."""
-    step_time, forward_time, prefill_time = [0.0], [0.0], [0.0]
+    carried prompt tokens, rows of each decode-only step)."""
+    step_time, forward_time, prefill_time, decode_rows = [0.0], [0.0], [0.0], []
     model, engine = llm.model, llm.engine
     inner_forward, inner_logits, inner_step = model.forward, model.compute_logits, engine.step
 
@@ -80,6 +80,8 @@ def time_engine(llm: LLM, requests, params):
         out = inner_step()
         if prefilling:
             prefill_time[0] += time.perf_counter() - t
+        else:
+            decode_rows.append(len(running))
         if decoding_32:
             step_time[0] += time.perf_counter() - t
             timed_forward.batch32 += forward_time[0] - f
@@ -92,7 +94,8 @@ def time_engine(llm: LLM, requests, params):
     elapsed = time.perf_counter() - t
     model.forward, model.compute_logits, engine.step = inner_forward, inner_logits, inner_step
     outside = 1 - timed_forward.batch32 / step_time[0] if step_time[0] else float("nan")
-    return elapsed, sum(len(o.outputs[0].token_ids) for o in outs), outside, prefill_time[0]
+    tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    return elapsed, tokens, outside, prefill_time[0], decode_rows
 
 
 def gemm_gflops() -> float:
@@ -103,6 +106,28 @@ def gemm_gflops() -> float:
     for _ in range(5):
         a @ b
     return 5 * 2 * 2048 * 1024 * 2816 / (time.perf_counter() - t) / 1e9
+
+
+def read_gbps() -> float:
+    """Memory read bandwidth now (a sum over 512 MB): what a small-batch decode step is bound by."""
+    x = torch.ones(1 << 27)
+    x.sum()
+    t = time.perf_counter()
+    for _ in range(3):
+        x.sum()
+    return 3 * x.numel() * 4 / (time.perf_counter() - t) / 1e9
+
+
+def engine_floor(ref, prompt_tokens: int, decode_rows: list[int], gflops: float, gbps: float):
+    """A roofline lower bound for the engine on this workload: prompt GEMMs at the best measured
+    GEMM rate, and each decode-only step at least one read of the decoder and lm_head weights, or
+    its GEMMs if those take longer. Vision, attention and sampling are left out: a floor."""
+    layers = sum(p.numel() for p in ref.model.language_model.layers.parameters())
+    decode = layers + ref.lm_head.weight.numel()
+    prompt_s = prompt_tokens * 2 * layers / (gflops * 1e9)
+    decode_s = sum(max(decode * 4 / (gbps * 1e9), rows * 2 * decode / (gflops * 1e9))
+                   for rows in decode_rows)
+    return prompt_s, decode_s
 
 
 def time_hf_sequential(ref, prompts, params):
@@ -136,7 +161,8 @@ def main():
     requests, params = workload(args.requests, llm.tokenizer)
     llm.generate(requests[:2], params[:2])  # warm-up
     rates = [gemm_gflops()]  # before each system and at the end: shared machines drift
-    ours, tokens, outside, prefilling = time_engine(llm, requests, params)
+    ours, tokens, outside, prefilling, decode_rows = time_engine(llm, requests, params)
+    gbps = read_gbps()
     ref = transformers.AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
     prompts = [llm.inputs.process(r) for r in requests]
     rates.append(gemm_gflops())
@@ -157,6 +183,12 @@ def main():
     print(f"engine steps that carried prompt tokens: {prefilling:.2f} s; decode-only steps: "
           f"{ours - prefilling:.2f} s; even a free decode would stop at "
           f"{sequential / prefilling:.1f}x over sequential")
+    prompt_s, decode_s = engine_floor(ref, sum(len(p.token_ids) for p in prompts), decode_rows,
+                                      max(rates), gbps)
+    print(f"roofline floor of the engine ({max(rates):.0f} GFLOPS, {gbps:.1f} GB/s read): prompt "
+          f"GEMMs {prompt_s:.2f} s + {len(decode_rows)} decode-only steps {decode_s:.2f} s = "
+          f"{prompt_s + decode_s:.2f} s, so at most {sequential / (prompt_s + decode_s):.1f}x "
+          f"over sequential")
 
 
 if __name__ == "__main__":
