@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from qwenvl_pd.model.layers.attention import (AttentionMetadata, DecodeGroup, PrefillSpan,
                                               paged_attention, write_kv)
 from qwenvl_pd.model.layers.linear import DENSE_FROM, Linear, LinearGroup, pack_group
+from qwenvl_pd.model.layers.norm import RMSNorm
 
 BLOCK, HEADS, KV_HEADS, DIM = 4, 4, 2, 8
 
@@ -138,3 +139,15 @@ def test_decode_group_with_context_lens_runs_the_fused_npu_kernel(monkeypatch):
     reference = paged_attention(q, q[:, :KV_HEADS], q[:, :KV_HEADS], cache,
                                 AttentionMetadata(meta.slot_mapping, 2, [group], []), DIM ** -0.5)
     torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_equals_the_reference_formula_exactly(dtype):
+    torch.manual_seed(0)
+    norm = RMSNorm(64, 1e-6)
+    norm.weight.data = torch.randn(64).to(dtype)
+    x = (torch.randn(3, 5, 64) * 10).to(dtype)
+    # Hugging Face's Qwen2RMSNorm: float32 statistics, weight applied after the cast back
+    h = x.float()
+    expected = norm.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)).to(dtype)
+    assert torch.equal(norm(x), expected)
