@@ -87,7 +87,9 @@ class ModelRunner:
             prefills.append(PrefillSpan(offset, offset + c.num_tokens, end,
                                         torch.tensor(c.seq.block_ids, device=self.device)))
             offset += c.num_tokens
-        most = max([g.block_tables.numel() for g in groups] + [len(p.block_table) for p in prefills])
+        # chunks with earlier keys gather them; a first chunk attends over its own K/V
+        gathers = [len(p.block_table) for p in prefills if p.context_len > p.end - p.start]
+        most = max([g.block_tables.numel() for g in groups] + gathers, default=0)
         return AttentionMetadata(torch.tensor(slots, device=self.device), len(decode), groups,
                                  prefills, self._gather_buffer(most))
 
