@@ -75,6 +75,16 @@ class Proxy:
         self.active += 1
         return Slot(self)
 
+    async def admit_and_prepare(self, prepare: Callable[[], Awaitable]) -> tuple[Slot, object]:
+        """Admit, then await prepare() (media fetches count against the bound); the slot is
+        released if preparing fails."""
+        slot = self.admit()
+        try:
+            return slot, await prepare()
+        except BaseException:
+            slot.release()
+            raise
+
 
 def proxy_of(request: Request) -> Proxy:
     return request.app.state.proxy

@@ -47,15 +47,13 @@ def parse_generate_request(body) -> ChatRequest | CompletionRequest:
 async def generate(request: Request):
     arrived = time.perf_counter()
     p, req = await accept(request, parse_generate_request)
-    slot = p.admit()
-    try:
+
+    async def prepare():  # -> (prompt, text repeated before each output)
         if isinstance(req, ChatRequest):
-            prompt, head = await prepare_chat(req, p.model, p.cfg), ""
-        else:
-            prompt, head = prepare_completion(req, p.model), req.prompt
-    except BaseException:
-        slot.release()
-        raise
+            return await prepare_chat(req, p.model, p.cfg), ""
+        return prepare_completion(req, p.model), req.prompt
+
+    slot, (prompt, head) = await p.admit_and_prepare(prepare)
     run = RequestRun(new_id("cmpl"), prompt, p.model, p.backend, p.metrics, False,
                      p.cfg.affinity_tokens, arrived)
     if req.stream:

@@ -36,12 +36,7 @@ async def _respond(request: Request, p: Proxy, slot: Slot, prompt: PreparedPromp
 async def chat_completions(request: Request):
     arrived = time.perf_counter()
     p, req = await accept(request, parse_chat_request)
-    slot = p.admit()
-    try:
-        prompt = await prepare_chat(req, p.model, p.cfg)
-    except BaseException:
-        slot.release()
-        raise
+    slot, prompt = await p.admit_and_prepare(lambda: prepare_chat(req, p.model, p.cfg))
     return await _respond(request, p, slot, prompt, True, req.stream, req.include_usage, req.logprobs,
                           arrived)
 
