@@ -135,6 +135,8 @@ def decode_gemm_seconds(model, decode_rows: list[int]) -> float:
     decode-only step's row count: what those steps would take if everything but the GEMMs were
     free, with the GEMMs this machine's libraries give at these small row counts."""
     text = model.language_model()
+    if not all(hasattr(layer.mlp, "gate_up") for layer in text.layers):
+        return float("nan")  # MoE layers: expert GEMMs depend on the routing, not timed here
     calls = [(lin, d) for layer in text.layers for lin, d in (
         (layer.self_attn.qkv, layer.self_attn.q_proj.in_features),
         (layer.self_attn.o_proj, layer.self_attn.o_proj.in_features),
