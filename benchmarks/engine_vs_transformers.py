@@ -8,6 +8,7 @@ tokens, all greedy with ignore_eos so every system produces the same token count
 """
 import argparse
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -145,7 +146,7 @@ def decode_gemm_seconds(model, decode_rows: list[int]) -> float:
     calls.append((model.lm_head, model.lm_head.in_features))
     total = 0.0
     with torch.inference_mode():
-        for rows in sorted(set(decode_rows)):
+        for rows, steps in Counter(decode_rows).items():
             inputs = [(lin, torch.randn(rows, d)) for lin, d in calls]
             best = float("inf")
             for _ in range(3):
@@ -153,7 +154,7 @@ def decode_gemm_seconds(model, decode_rows: list[int]) -> float:
                 for lin, x in inputs:
                     lin(x)
                 best = min(best, time.perf_counter() - t)
-            total += best * decode_rows.count(rows)
+            total += best * steps
     return total
 
 

@@ -20,7 +20,7 @@ from qwenvl_pd.proxy.errors import APIError, bad_request
 from qwenvl_pd.proxy.generation import RequestRun
 from qwenvl_pd.proxy.inputs import prepare_chat, prepare_completion
 from qwenvl_pd.proxy.protocol import (ChatMessage, ChatRequest, CompletionRequest, parse_parts,
-                                      refuse_unsupported, request_common)
+                                      refuse_unsupported, request_common, require_object)
 from qwenvl_pd.proxy.responses import new_id
 from qwenvl_pd.proxy.streaming import cancel_on_disconnect, first_delta
 
@@ -29,8 +29,7 @@ router = APIRouter()
 
 def parse_generate_request(body) -> ChatRequest | CompletionRequest:
     """A decoded /generate body -> the chat (list prompt) or completion (string prompt) request."""
-    if not isinstance(body, dict):
-        raise bad_request("the request body must be a JSON object")
+    body = require_object(body)
     refuse_unsupported(body, ("use_beam_search", "best_of", "logprobs", "stream_options"))
     common = request_common(body, max_default=None, logprobs=None)
     prompt = body.get("prompt")

@@ -19,7 +19,7 @@ from qwenvl_pd.sampling_params import SamplingParams
 
 __all__ = ["TextPart", "ImagePart", "VideoPart", "Part", "ChatMessage", "ChatRequest", "CompletionRequest",
            "parse_chat_request", "parse_completion_request", "parse_parts", "refuse_unsupported",
-           "request_common"]
+           "request_common", "require_object"]
 
 ROLES = ("system", "user", "assistant", "tool")
 URL_SCHEMES = ("data", "http", "https", "file")
@@ -205,7 +205,7 @@ def _model(body: dict) -> str | None:
     return _typed(body, "model", (str,), "a string")
 
 
-def _require_object(body: Any) -> dict:
+def require_object(body: Any) -> dict:
     if not isinstance(body, dict):
         raise bad_request("the request body must be a JSON object")
     return body
@@ -280,7 +280,7 @@ def request_common(body: dict, max_default: int | None, logprobs: int | None) ->
 
 def parse_chat_request(body: Any) -> ChatRequest:
     """A decoded JSON body -> ChatRequest. Raises APIError(400) naming the bad field."""
-    body = _require_object(body)
+    body = require_object(body)
     refuse_unsupported(body, ("tools", "functions", "response_format", "best_of"))
     messages = _messages(body.get("messages"))
     want = _bool(body, "logprobs", False)
@@ -307,7 +307,7 @@ def _prompt(v: Any) -> str | tuple[int, ...]:
 
 
 def parse_completion_request(body: Any) -> CompletionRequest:
-    body = _require_object(body)
+    body = require_object(body)
     refuse_unsupported(body, ("echo", "suffix", "best_of", "response_format"))
     prompt = _prompt(body.get("prompt"))
     logprobs = _int(body, "logprobs", None, 0, MAX_LOGPROBS)
