@@ -2,16 +2,13 @@
 import dataclasses
 import itertools
 import logging
+import weakref
 
-from transformers import AutoTokenizer
-
-from qwenvl_pd.config import ModelConfig
-from qwenvl_pd.engine.llm_engine import EngineConfig, LLMEngine
+from qwenvl_pd.engine.llm_engine import EngineConfig
 from qwenvl_pd.engine.sequence import FinishReason, Sequence
-from qwenvl_pd.model.inputs import InputProcessor, ProcessedPrompt
-from qwenvl_pd.model.loader import load_model
+from qwenvl_pd.engine.stack import StackConfig, build_stack
+from qwenvl_pd.model.inputs import ProcessedPrompt
 from qwenvl_pd.outputs import CompletionOutput, RequestOutput
-from qwenvl_pd.platform import default_dtype, detect_device
 from qwenvl_pd.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -21,24 +18,19 @@ ENGINE_OPTIONS = {f.name for f in dataclasses.fields(EngineConfig)}
 class LLM:
     def __init__(self, model: str, max_model_len: int | None = None,
                  limit_mm_per_prompt: dict[str, int] | None = None, dtype: str = "auto",
-                 device: str | None = None, tensor_parallel_size: int = 1, **options):
-        if tensor_parallel_size != 1:
-            log.warning("tensor_parallel_size=%d: this build runs one replica per process",
-                        tensor_parallel_size)
+                 device: str | None = None, tensor_parallel_size: int = 1,
+                 enable_expert_parallel: bool = False, **options):
         ignored = sorted(set(options) - ENGINE_OPTIONS)
         if ignored:
             log.info("ignoring engine options not used here: %s", ", ".join(ignored))
-        self.config = ModelConfig.from_hf(model)
-        device_ = detect_device(device)
-        dtype_ = default_dtype(device_, dtype)
-        self.tokenizer = AutoTokenizer.from_pretrained(model)
-        self.max_model_len = max_model_len or self.config.text.max_position_embeddings
-        self.inputs = InputProcessor(model, self.config, self.tokenizer.encode,
-                                     self.max_model_len, limit_mm_per_prompt or {})
-        self.model = load_model(model, self.config, dtype_, device_)
-        engine_cfg = EngineConfig(**{"max_model_len": self.max_model_len,
-                                     **{k: v for k, v in options.items() if k in ENGINE_OPTIONS}})
-        self.engine = LLMEngine(self.model, self.config, engine_cfg, dtype_)
+        engine = EngineConfig(**{k: v for k, v in options.items() if k in ENGINE_OPTIONS})
+        self.stack = build_stack(StackConfig(
+            model, max_model_len, device or "auto", dtype, tensor_parallel_size,
+            enable_expert_parallel, limit_mm_per_prompt=limit_mm_per_prompt or {}, engine=engine))
+        weakref.finalize(self, self.stack.close)  # the other ranks stop with this LLM
+        self.config, self.tokenizer, self.inputs = self.stack.config, self.stack.tokenizer, self.stack.inputs
+        self.model, self.engine = self.stack.model, self.stack.engine
+        self.max_model_len = self.engine.cfg.max_model_len
         self._ids = itertools.count()
 
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,

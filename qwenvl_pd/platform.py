@@ -30,3 +30,4 @@ def graph_api(device: torch.device):
     if device.type == "npu":
         return torch.npu.NPUGraph, torch.npu.graph
     return None
+

@@ -18,6 +18,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from qwenvl_pd.process import die_with_parent
+
 STARTUP_S = 900.0  # a large checkpoint takes minutes to load
 TINY_ARCH = "qwen2_5_vl"
 
@@ -72,17 +74,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _die_with_parent() -> None:
-    try:
-        import ctypes
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass  # not Linux: the process group still carries Ctrl-C
-
-
 def _spawn(role: str, args: list[str], address: str) -> Child:
     cmd = [sys.executable, "-m", "qwenvl_pd.cli", role, *args]
-    return Child(role, subprocess.Popen(cmd, preexec_fn=_die_with_parent), address)
+    return Child(role, subprocess.Popen(cmd, preexec_fn=die_with_parent), address)
 
 
 def _node_args(cfg: ServeConfig, model: str, port: int) -> list[str]:

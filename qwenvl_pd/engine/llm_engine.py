@@ -12,6 +12,7 @@ from qwenvl_pd.engine.model_runner import ModelRunner, ScheduledChunk
 from qwenvl_pd.engine.sampler import SamplerInput, sample
 from qwenvl_pd.engine.scheduler import Scheduler, SchedulerConfig
 from qwenvl_pd.engine.sequence import FinishReason, Sequence
+from qwenvl_pd.model.parallel import TensorParallel
 from qwenvl_pd.platform import graph_api
 
 
@@ -30,34 +31,44 @@ class EngineConfig:
     decode_graphs: str = "auto"  # auto: on CUDA/NPU for dense models | off | eager (static path, no capture)
 
 
+def build_runner(model, config: ModelConfig, cfg: EngineConfig, dtype: torch.dtype,
+                 tp: TensorParallel = TensorParallel(), channel=None) -> ModelRunner:
+    """This rank's KV region, decode graphs and runner; every rank builds the same shapes."""
+    device = next(model.parameters()).device
+    kv_heads = tp.kv_heads(config.text.num_kv_heads)[1]
+    num_blocks = cfg.num_kv_blocks or blocks_for_memory(config.text, cfg.block_size, dtype,
+                                                        cfg.kv_cache_bytes, kv_heads)
+    # one extra block at the end that no request owns: padded graph rows write there
+    kv_cache = allocate_kv_cache(config.text, num_blocks + 1, cfg.block_size, dtype, device, kv_heads)
+    graphs = _graphs(model, config, cfg, kv_cache, num_blocks)
+    return ModelRunner(model, kv_cache, cfg.block_size, graphs, channel)
+
+
+def _graphs(model, config: ModelConfig, cfg: EngineConfig, kv_cache: torch.Tensor, scratch: int):
+    api = graph_api(kv_cache.device)
+    # MoE routing syncs with the host (which experts are hit): not capturable
+    wanted = cfg.decode_graphs == "eager" or (
+        cfg.decode_graphs == "auto" and api is not None and config.text.num_experts == 0)
+    if not wanted:
+        return None
+    max_blocks = -(-cfg.max_model_len // cfg.block_size)
+    return DecodeGraphs(model, kv_cache, cfg.block_size, max_blocks, cfg.max_num_seqs,
+                        scratch, api if cfg.decode_graphs == "auto" else None)
+
+
 class LLMEngine:
-    def __init__(self, model, config: ModelConfig, cfg: EngineConfig, dtype: torch.dtype):
+    def __init__(self, model, config: ModelConfig, cfg: EngineConfig, dtype: torch.dtype,
+                 tp: TensorParallel = TensorParallel(), channel=None):
         self.model, self.config, self.cfg = model, config, cfg
-        device = next(model.parameters()).device
-        num_blocks = cfg.num_kv_blocks or blocks_for_memory(config.text, cfg.block_size, dtype,
-                                                            cfg.kv_cache_bytes)
-        # one extra block at the end that no request owns: padded graph rows write there
-        self.kv_cache = allocate_kv_cache(config.text, num_blocks + 1, cfg.block_size, dtype, device)
-        self.blocks = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
+        self.runner = build_runner(model, config, cfg, dtype, tp, channel)
+        self.kv_cache = self.runner.kv_cache
+        self.blocks = BlockManager(self.kv_cache.shape[2] - 1, cfg.block_size, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(SchedulerConfig(
             cfg.max_num_seqs, cfg.max_num_batched_tokens,
             recompute_on_preempt=cfg.mode != "decode"), self.blocks)
-        self.runner = ModelRunner(model, self.kv_cache, cfg.block_size,
-                                  self._graphs(model, config, cfg, num_blocks, device))
         self.encoder_cache = EncoderCache(cfg.encoder_cache_bytes)
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.requests_total = 0
-
-    def _graphs(self, model, config: ModelConfig, cfg: EngineConfig, scratch: int, device):
-        api = graph_api(device)
-        # MoE routing syncs with the host (which experts are hit): not capturable
-        wanted = cfg.decode_graphs == "eager" or (
-            cfg.decode_graphs == "auto" and api is not None and config.text.num_experts == 0)
-        if not wanted:
-            return None
-        max_blocks = -(-cfg.max_model_len // cfg.block_size)
-        return DecodeGraphs(model, self.kv_cache, cfg.block_size, max_blocks, cfg.max_num_seqs,
-                            scratch, api if cfg.decode_graphs == "auto" else None)
 
     def add(self, seq: Sequence) -> None:
         self.requests_total += 1

@@ -5,6 +5,7 @@ import torch
 
 from qwenvl_pd.engine.graphs import DecodeGraphs
 from qwenvl_pd.engine.sequence import Sequence
+from qwenvl_pd.engine.step_input import DecodeRows, PrefillChunk, StepInput
 from qwenvl_pd.model.base import VisionLanguageModel
 from qwenvl_pd.model.layers.attention import AttentionMetadata, DecodeGroup, PrefillSpan
 from qwenvl_pd.model.text import VisualInjection
@@ -22,9 +23,9 @@ class ScheduledChunk:
 
 class ModelRunner:
     def __init__(self, model: VisionLanguageModel, kv_cache: torch.Tensor, block_size: int,
-                 graphs: DecodeGraphs | None = None):
+                 graphs: DecodeGraphs | None = None, channel: "StepChannel | None" = None):
         self.model = model
-        self.graphs = graphs
+        self.graphs, self.channel = graphs, channel
         self.kv_cache = kv_cache
         self.block_size = block_size
         self.device = kv_cache.device
@@ -32,66 +33,98 @@ class ModelRunner:
         cfg = model.config
         self.mm_token_ids = torch.tensor([cfg.image_token_id, cfg.video_token_id])
 
-    @torch.inference_mode()
     def run(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
-        """Forward the chunks; logits [len(chunks), vocab] at each chunk's last token, in order."""
+        """Forward the chunks; logits [len(chunks), vocab] at each chunk's last token, in order.
+        With tensor parallelism every other rank runs the same step from the broadcast."""
+        step = self.prepare(chunks)
+        if self.channel is not None:
+            self.channel.send(step)
+        return self.execute(step)
+
+    @torch.inference_mode()
+    def execute(self, step: StepInput) -> torch.Tensor:
+        """One forward on this rank -> logits [len(step.logit_rows), vocab]."""
+        if step.graph:
+            rows, dev = step.decode[0], self.device
+            hidden = self.graphs.run(step.input_ids.to(dev), step.positions.to(dev),
+                                     step.slot_mapping.to(dev), rows.block_tables.to(dev),
+                                     rows.lens.to(dev))
+            return self.model.compute_logits(hidden)
+        hidden = self.model(*self.inputs(step))
+        return self.model.compute_logits(hidden[step.logit_rows.to(self.device)])
+
+    def inputs(self, step: StepInput):
+        """The model's arguments for an eager step: ids, positions, cache, metadata, visual."""
+        visual, dev = step.visual, self.device
+        if visual is not None:
+            visual = VisualInjection(visual.mask.to(dev), visual.embeds.to(dev),
+                                     None if visual.deepstack is None else visual.deepstack.to(dev))
+        return (step.input_ids.to(dev), step.positions.to(dev), self.kv_cache,
+                self._metadata(step), visual)
+
+    def prepare(self, chunks: list[ScheduledChunk]) -> StepInput:
+        """Host-side inputs of the step, the same on every rank."""
         if self.graphs is not None and self._graph_ready(chunks):
-            return self.model.compute_logits(self._run_graph(chunks))
+            return self._graph_step(chunks)
         # decode rows first, shortest context first, so that each decode group pads little
         order = sorted(range(len(chunks)), key=lambda i: (chunks[i].num_tokens > 1,
                                                           len(chunks[i].seq.block_ids)))
         ordered = [chunks[i] for i in order]
-        ids, positions, meta, visual = self.prepare(ordered)
-        hidden = self.model(ids, positions, self.kv_cache, meta, visual)
-        # each chunk's last token, back in the caller's order before the [rows, vocab] lm_head
-        ends = torch.tensor([c.num_tokens for c in ordered]).cumsum(0) - 1
-        rows = ends[torch.tensor(order).argsort()]
-        return self.model.compute_logits(hidden[rows.to(self.device)])
-
-    def _graph_ready(self, chunks: list[ScheduledChunk]) -> bool:
-        return (all(c.num_tokens == 1 for c in chunks)
-                and self.graphs.fits(len(chunks), max(len(c.seq.block_ids) for c in chunks)))
-
-    def _run_graph(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
-        seqs = [c.seq for c in chunks]
-        ids = torch.tensor([s.token_ids[s.num_computed] for s in seqs], device=self.device)
-        positions = torch.cat([s.positions(s.num_computed, s.num_computed + 1) for s in seqs], dim=1)
-        slots = torch.tensor([self._slot(s, s.num_computed) for s in seqs], device=self.device)
-        lens = torch.tensor([s.num_computed + 1 for s in seqs], device=self.device)
-        tables = self._block_tables(seqs).to(self.device)
-        return self.graphs.run(ids, positions.to(self.device), slots, tables, lens)
-
-    def prepare(self, chunks: list[ScheduledChunk]):
-        """chunks must list single-token chunks first (run() orders them)."""
         ids, pos, slots, masks, embeds, deep = [], [], [], [], [], []
-        for c in chunks:
+        for c in ordered:
             s, start = c.seq, c.seq.num_computed
             end = start + c.num_tokens
             ids.extend(s.token_ids[start:end])
             pos.append(s.positions(start, end))
             slots.extend(self._slot(s, i) for i in range(start, end))
             masks.append(self._collect_vision(s, start, end, embeds, deep))
-        meta = self._metadata(chunks, slots)
-        visual = self._visual(torch.cat(masks), embeds, deep)
-        return (torch.tensor(ids, device=self.device), torch.cat(pos, dim=1).to(self.device),
-                meta, visual)
+        # each chunk's last token, back in the caller's order before the [rows, vocab] lm_head
+        ends = torch.tensor([c.num_tokens for c in ordered]).cumsum(0) - 1
+        step = StepInput(torch.tensor(ids), torch.cat(pos, dim=1), torch.tensor(slots),
+                         ends[torch.tensor(order).argsort()],
+                         visual=self._visual(torch.cat(masks), embeds, deep))
+        self._attention_rows(ordered, step)
+        return step
 
-    def _metadata(self, chunks: list[ScheduledChunk], slots: list[int]) -> AttentionMetadata:
+    def _graph_ready(self, chunks: list[ScheduledChunk]) -> bool:
+        return (all(c.num_tokens == 1 for c in chunks)
+                and self.graphs.fits(len(chunks), max(len(c.seq.block_ids) for c in chunks)))
+
+    def _graph_step(self, chunks: list[ScheduledChunk]) -> StepInput:
+        seqs = [c.seq for c in chunks]
+        ids = torch.tensor([s.token_ids[s.num_computed] for s in seqs])
+        positions = torch.cat([s.positions(s.num_computed, s.num_computed + 1) for s in seqs], dim=1)
+        slots = torch.tensor([self._slot(s, s.num_computed) for s in seqs])
+        lens = torch.tensor([s.num_computed + 1 for s in seqs])
+        rows = DecodeRows(0, self._block_tables(seqs), lens)
+        return StepInput(ids, positions, slots, torch.arange(len(seqs)), [rows], graph=True)
+
+    def _attention_rows(self, chunks: list[ScheduledChunk], step: StepInput) -> None:
         decode = [c.seq for c in chunks if c.num_tokens == 1]
         # one launch for all rows where launches cost more than padding does (CUDA, NPU)
         size = DECODE_GROUP if self.device.type == "cpu" else max(len(decode), 1)
-        groups = [self._decode_group(decode[i:i + size], i) for i in range(0, len(decode), size)]
-        prefills, offset = [], len(decode)
+        for i in range(0, len(decode), size):
+            seqs = decode[i:i + size]
+            step.decode.append(DecodeRows(i, self._block_tables(seqs),
+                                          torch.tensor([s.num_computed + 1 for s in seqs])))
+        offset = len(decode)
         for c in chunks[len(decode):]:
             end = c.seq.num_computed + c.num_tokens
-            prefills.append(PrefillSpan(offset, offset + c.num_tokens, end,
-                                        torch.tensor(c.seq.block_ids, device=self.device)))
+            step.prefills.append(PrefillChunk(offset, offset + c.num_tokens, end,
+                                              torch.tensor(c.seq.block_ids)))
             offset += c.num_tokens
+
+    def _metadata(self, step: StepInput) -> AttentionMetadata:
+        groups = [self._decode_group(rows) for rows in step.decode]
+        dev = self.device
+        prefills = [PrefillSpan(p.start, p.end, p.context_len, p.block_table.to(dev))
+                    for p in step.prefills]
         # chunks with earlier keys gather them; a first chunk attends over its own K/V
         gathers = [len(p.block_table) for p in prefills if p.context_len > p.end - p.start]
         most = max([g.block_tables.numel() for g in groups] + gathers, default=0)
-        return AttentionMetadata(torch.tensor(slots, device=self.device), len(decode), groups,
-                                 prefills, self._gather_buffer(most))
+        num_decode = sum(len(rows.lens) for rows in step.decode)
+        return AttentionMetadata(step.slot_mapping.to(dev), num_decode, groups, prefills,
+                                 self._gather_buffer(most))
 
     def _gather_buffer(self, blocks: int) -> torch.Tensor:
         """Scratch for `blocks` gathered K/V blocks, grown by half again when short so that it is
@@ -101,13 +134,12 @@ class ModelRunner:
             self.gather_buffer = torch.empty(need * 3 // 2, dtype=self.kv_cache.dtype, device=self.device)
         return self.gather_buffer
 
-    def _decode_group(self, seqs: list[Sequence], start: int) -> DecodeGroup:
-        tables = self._block_tables(seqs)
-        lens = torch.tensor([s.num_computed + 1 for s in seqs])
+    def _decode_group(self, rows: DecodeRows) -> DecodeGroup:
+        tables, lens = rows.block_tables, rows.lens
         keys = torch.arange(tables.shape[1] * self.block_size)
         key_mask = (keys[None] < lens[:, None])[:, None, None]  # [rows, 1, 1, ctx]
         fused_lens = lens.to(torch.int32) if self.device.type == "npu" else None
-        return DecodeGroup(start, start + len(seqs), tables.to(self.device),
+        return DecodeGroup(rows.start, rows.start + len(lens), tables.to(self.device),
                            key_mask.to(self.device), fused_lens)
 
     def _slot(self, seq: Sequence, index: int) -> int:
@@ -135,5 +167,4 @@ class ModelRunner:
     def _visual(self, mask, embeds, deep) -> VisualInjection | None:
         if not embeds:
             return None
-        return VisualInjection(mask.to(self.device), torch.cat(embeds).to(self.device),
-                               torch.cat(deep, dim=1).to(self.device) if deep else None)
+        return VisualInjection(mask, torch.cat(embeds), torch.cat(deep, dim=1) if deep else None)

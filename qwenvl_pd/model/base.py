@@ -4,7 +4,9 @@ from torch import nn
 
 from qwenvl_pd.config import ModelConfig
 from qwenvl_pd.model.layers.attention import AttentionMetadata
+from qwenvl_pd.model.layers.linear import Linear, column_linear
 from qwenvl_pd.model.layers.mlp import GatedMLP
+from qwenvl_pd.model.parallel import TensorParallel, gather_columns
 from qwenvl_pd.model.text import Attention, TextModel, VisualInjection
 from qwenvl_pd.model.vision import VisionEmbeds, encode
 
@@ -14,6 +16,7 @@ class VisionLanguageModel(nn.Module):
     which are the checkpoint's own so that loading is a name map."""
 
     config: ModelConfig
+    tp: TensorParallel
 
     def language_model(self) -> TextModel:
         raise NotImplementedError
@@ -26,8 +29,9 @@ class VisionLanguageModel(nn.Module):
         return self.language_model()(input_ids, positions, kv_cache, meta, visual)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [N, hidden] -> logits [N, vocab] in float32."""
-        return self.lm_head(hidden).float()
+        """hidden [N, hidden] -> logits [N, vocab] in float32 (every rank's vocab slice)."""
+        logits = gather_columns(self.lm_head(hidden).float(), self.tp)
+        return logits[:, :self.config.text.vocab_size]  # the padded vocab rows of the last shard
 
     def encode_vision(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> VisionEmbeds:
         return encode(self.vision_tower(), pixel_values, grid_thw)
@@ -43,3 +47,9 @@ class VisionLanguageModel(nn.Module):
             if isinstance(module, (Attention, GatedMLP)):
                 module.pack()
         self.lm_head.pack()
+
+
+def lm_head(config: ModelConfig, tp: TensorParallel) -> Linear:
+    """The output projection, split by vocabulary rows like the embedding it may be tied to."""
+    vocab = config.text.vocab_size
+    return column_linear(config.text.hidden_size, vocab, False, tp.padded_split(vocab))

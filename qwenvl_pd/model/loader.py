@@ -8,6 +8,7 @@ from safetensors import safe_open
 
 from qwenvl_pd.config import ModelConfig
 from qwenvl_pd.model.base import VisionLanguageModel
+from qwenvl_pd.model.parallel import Shard, TensorParallel, check_divisible
 from qwenvl_pd.model.registry import MODELS
 
 
@@ -29,10 +30,13 @@ def checkpoint_files(model_dir: Path) -> list[Path]:
 
 
 def load_model(model_dir: str | Path, config: ModelConfig, dtype: torch.dtype,
-               device: torch.device | str = "cpu") -> VisionLanguageModel:
+               device: torch.device | str = "cpu", tp: TensorParallel = TensorParallel()
+               ) -> VisionLanguageModel:
+    """The model with this rank's shard of every weight (all of them at tensor_parallel 1)."""
+    check_divisible(config.text, tp)
     cls, renames = MODELS[config.family]
     with torch.device(device):
-        model = cls(config).to(dtype)
+        model = cls(config, tp).to(dtype)
     load_weights(model, Path(model_dir), renames)
     model.pack_weights()
     return model.eval()
@@ -47,7 +51,7 @@ def load_weights(model: VisionLanguageModel, model_dir: Path, renames) -> None:
                 name = _rename(key, renames)
                 if name not in params:
                     continue  # e.g. rotary caches some exporters write
-                _copy(params[name], f.get_tensor(key), name, file)
+                _copy(params[name], _read(f, key, params[name], name, file), name, file)
                 seen.add(name)
     if model.config.text.tie_word_embeddings:
         model.tie_weights()
@@ -62,6 +66,29 @@ def _rename(key: str, renames) -> str:
     for pattern, repl in renames:
         key = re.sub(pattern, repl, key)
     return key
+
+
+def _read(f, key: str, param: torch.Tensor, name: str, file: Path) -> torch.Tensor:
+    """The part of the checkpoint tensor the parameter holds; only those bytes are read."""
+    spec: Shard | None = getattr(param, "shard", None)
+    if spec is None:
+        return f.get_tensor(key)
+    tensor = f.get_slice(key)
+    shape = tuple(tensor.get_shape())
+    full = tuple(spec.full if i == spec.dim else n for i, n in enumerate(param.shape))
+    if shape != full:
+        raise WeightError(f"{file.name}: tensor {name} has shape {shape}, the config needs {full}")
+    return torch.cat([_piece(tensor, shape, spec.dim, *p) for p in spec.pieces], dim=spec.dim)
+
+
+def _piece(tensor, shape: tuple[int, ...], dim: int, start: int, stop: int) -> torch.Tensor:
+    end = min(stop, shape[dim])
+    part = tensor[(slice(None),) * dim + (slice(start, end),)]
+    if end == stop:
+        return part
+    pad = list(shape)
+    pad[dim] = stop - max(start, end)  # rows past the checkpoint's vocabulary
+    return torch.cat([part, part.new_zeros(pad)], dim=dim)
 
 
 def _copy(param: torch.Tensor, tensor: torch.Tensor, name: str, file: Path) -> None:

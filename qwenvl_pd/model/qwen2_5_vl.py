@@ -2,19 +2,20 @@
 from torch import nn
 
 from qwenvl_pd.config import ModelConfig
-from qwenvl_pd.model.base import VisionLanguageModel
-from qwenvl_pd.model.layers.linear import Linear
+from qwenvl_pd.model.base import VisionLanguageModel, lm_head
+from qwenvl_pd.model.parallel import TensorParallel
 from qwenvl_pd.model.text import TextModel
 from qwenvl_pd.model.vision import build_vision_tower
 
 
 class Qwen2_5_VLForConditionalGeneration(VisionLanguageModel):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, tp: TensorParallel = TensorParallel()):
         super().__init__()
-        self.config = config
-        self.model = TextModel(config.text)
-        self.visual = build_vision_tower(config.family, config.vision)
-        self.lm_head = Linear(config.text.hidden_size, config.text.vocab_size, bias=False)
+        self.config, self.tp = config, tp
+        self.model = TextModel(config.text, tp)
+        # rank 0 alone encodes images; the other ranks receive the embeddings with the step
+        self.visual = build_vision_tower(config.family, config.vision) if tp.rank == 0 else None
+        self.lm_head = lm_head(config, tp)
 
     def language_model(self) -> TextModel:
         return self.model

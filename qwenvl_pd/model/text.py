@@ -6,11 +6,13 @@ from torch import nn
 
 from qwenvl_pd.config import TextConfig
 from qwenvl_pd.model.layers.attention import AttentionMetadata, paged_attention, write_kv
-from qwenvl_pd.model.layers.linear import Linear, LinearGroup, pack_group
+from qwenvl_pd.model.layers.embedding import VocabEmbedding
+from qwenvl_pd.model.layers.linear import LinearGroup, RowLinear, column_linear, pack_group
 from qwenvl_pd.model.layers.mlp import GatedMLP
 from qwenvl_pd.model.layers.moe import SparseMoE
 from qwenvl_pd.model.layers.norm import RMSNorm
 from qwenvl_pd.model.layers.rotary import MRotaryEmbedding, apply_rotary
+from qwenvl_pd.model.parallel import TensorParallel
 
 
 @dataclass
@@ -22,14 +24,17 @@ class VisualInjection:
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: TextConfig):
+    def __init__(self, cfg: TextConfig, tp: TensorParallel):
         super().__init__()
         h, d = cfg.hidden_size, cfg.head_dim
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, d
-        self.q_proj = Linear(h, cfg.num_heads * d, bias=cfg.attention_bias)
-        self.k_proj = Linear(h, cfg.num_kv_heads * d, bias=cfg.attention_bias)
-        self.v_proj = Linear(h, cfg.num_kv_heads * d, bias=cfg.attention_bias)
-        self.o_proj = Linear(cfg.num_heads * d, h, bias=False)
+        first_kv, self.num_kv_heads = tp.kv_heads(cfg.num_kv_heads)
+        q_rows = tuple(i * d for i in tp.split(cfg.num_heads))
+        kv_rows = (first_kv * d, (first_kv + self.num_kv_heads) * d)
+        self.num_heads, self.head_dim = (q_rows[1] - q_rows[0]) // d, d
+        self.q_proj = column_linear(h, cfg.num_heads * d, cfg.attention_bias, q_rows)
+        self.k_proj = column_linear(h, cfg.num_kv_heads * d, cfg.attention_bias, kv_rows)
+        self.v_proj = column_linear(h, cfg.num_kv_heads * d, cfg.attention_bias, kv_rows)
+        self.o_proj = RowLinear(cfg.num_heads * d, h, tp)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
@@ -54,14 +59,14 @@ class Attention(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: TextConfig, index: int):
+    def __init__(self, cfg: TextConfig, index: int, tp: TensorParallel):
         super().__init__()
-        self.self_attn = Attention(cfg)
+        self.self_attn = Attention(cfg, tp)
         if cfg.is_moe_layer(index):
             self.mlp = SparseMoE(cfg.hidden_size, cfg.moe_intermediate_size,
-                                 cfg.num_experts, cfg.num_experts_per_tok)
+                                 cfg.num_experts, cfg.num_experts_per_tok, tp)
         else:
-            self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size)
+            self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, tp)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -71,10 +76,10 @@ class DecoderLayer(nn.Module):
 
 
 class TextModel(nn.Module):
-    def __init__(self, cfg: TextConfig):
+    def __init__(self, cfg: TextConfig, tp: TensorParallel):
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.embed_tokens = VocabEmbedding(cfg.vocab_size, cfg.hidden_size, tp)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, tp) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary = MRotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.mrope_section,
                                        cfg.mrope_interleaved)

@@ -3,6 +3,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qwenvl_pd.model.parallel import TensorParallel, all_reduce, shard
+
 # oneDNN picks its blocked weight layout for this many rows. Measured on 2 AVX2 cores
 # (benchmarks/linear_packing.py), the packed GEMM beats F.linear 1.3-3.4x from 8 to 32 tokens
 # (the lm_head at 19: 62 ms against 149 ms) but loses ~10% from 512 tokens up. Past DENSE_FROM
@@ -52,6 +54,30 @@ class Linear(nn.Linear):
         if self.packed is None:
             return F.linear(x, self.weight, self.bias)
         return self.packed(x)[0]
+
+
+class RowLinear(Linear):
+    """Input features split over the ranks: each computes a partial sum, one all-reduce adds
+    them (o_proj, down_proj)."""
+
+    def __init__(self, in_features: int, out_features: int, tp: TensorParallel):
+        start, stop = tp.split(in_features)
+        super().__init__(stop - start, out_features, bias=False)
+        shard(self.weight, 1, in_features, (start, stop))
+        self.tp = tp
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return all_reduce(super().forward(x), self.tp)
+
+
+def column_linear(in_features: int, out_features: int, bias: bool,
+                  rows: tuple[int, int]) -> Linear:
+    """The output rows [start, stop) of an [out_features, in_features] checkpoint linear; rows
+    past out_features are zeros (the padded vocabulary)."""
+    lin = Linear(in_features, rows[1] - rows[0], bias=bias)
+    for param in (lin.weight, lin.bias) if bias else (lin.weight,):
+        shard(param, 0, out_features, rows)
+    return lin
 
 
 class LinearGroup:

@@ -2,15 +2,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qwenvl_pd.model.layers.linear import Linear, LinearGroup, pack_group
+from qwenvl_pd.model.layers.linear import LinearGroup, RowLinear, column_linear, pack_group
+from qwenvl_pd.model.parallel import TensorParallel
 
 
 class GatedMLP(nn.Module):
-    def __init__(self, hidden: int, inter: int):
+    """gate/up column-parallel, down row-parallel: one all-reduce per MLP."""
+
+    def __init__(self, hidden: int, inter: int, tp: TensorParallel = TensorParallel()):
         super().__init__()
-        self.gate_proj = Linear(hidden, inter, bias=False)
-        self.up_proj = Linear(hidden, inter, bias=False)
-        self.down_proj = Linear(inter, hidden, bias=False)
+        rows = tp.split(inter)
+        self.gate_proj = column_linear(hidden, inter, False, rows)
+        self.up_proj = column_linear(hidden, inter, False, rows)
+        self.down_proj = RowLinear(inter, hidden, tp)
         self.gate_up = LinearGroup(self.gate_proj, self.up_proj)  # packed by pack()
 
     def pack(self) -> None:

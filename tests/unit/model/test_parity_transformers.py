@@ -63,8 +63,8 @@ def _our_prefill_logits(llm: LLM, prompt) -> torch.Tensor:
     seq.block_ids = engine.blocks.allocate_n(engine.blocks.blocks_needed(len(seq.token_ids)))
     try:
         with torch.inference_mode():
-            ids, pos, meta, visual = engine.runner.prepare([ScheduledChunk(seq, len(seq.token_ids))])
-            hidden = llm.model(ids, pos, engine.kv_cache, meta, visual)  # all positions
+            step = engine.runner.prepare([ScheduledChunk(seq, len(seq.token_ids))])
+            hidden = llm.model(*engine.runner.inputs(step))  # all positions
             return llm.model.compute_logits(hidden)
     finally:
         engine.blocks.free(seq.block_ids)

@@ -1,0 +1,158 @@
+"""The ranks of one tensor-parallel instance: child processes of the role's own command.
+
+Rank 0 is the calling process: it owns the scheduler and the block manager and broadcasts each
+step's StepInput; ranks 1..N-1 hold their shard of the weights and of the KV cache and run the
+same forward. Collectives of the forward go over the device's backend (gloo on CPU, nccl, hccl);
+the step messages over a gloo group of their own, on the host. A rank that dies breaks the
+collectives of the others, so rank 0's step raises and the instance fails loudly.
+"""
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import socket
+from dataclasses import dataclass, replace
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from qwenvl_pd.engine import step_input
+from qwenvl_pd.engine.step_input import StepInput
+from qwenvl_pd.model.parallel import TensorParallel
+from qwenvl_pd.process import die_with_parent
+
+log = logging.getLogger(__name__)
+BACKENDS = {"cpu": "gloo", "cuda": "nccl", "npu": "hccl"}
+# a rank alive but stuck (not dead: a dead one closes its sockets at once) fails after this
+COLLECTIVE_TIMEOUT = timedelta(minutes=10)
+STOP = -1  # header length that tells the ranks to exit
+
+
+@dataclass(frozen=True)
+class RankSpec:
+    """What a rank needs to build its shard: sent once to each child at start."""
+    model_dir: str
+    tp: TensorParallel
+    device_type: str
+    dtype: str
+    engine: "EngineConfig"
+    port: int
+    threads: int
+
+
+class StepChannel:
+    """Rank 0 sends each step's StepInput; the other ranks receive it."""
+
+    def __init__(self, group):
+        self.group = group
+
+    def send(self, step: StepInput) -> None:
+        ints, data = step_input.encode(step)
+        self._broadcast_sizes(len(ints), len(data))
+        dist.broadcast(ints, 0, group=self.group)
+        if len(data):
+            dist.broadcast(data, 0, group=self.group)
+
+    def recv(self) -> StepInput | None:
+        """The next step, or None when rank 0 closes the instance."""
+        sizes = torch.zeros(2, dtype=torch.long)
+        dist.broadcast(sizes, 0, group=self.group)
+        if sizes[0] == STOP:
+            return None
+        ints = torch.empty(int(sizes[0]), dtype=torch.long)
+        dist.broadcast(ints, 0, group=self.group)
+        data = torch.empty(int(sizes[1]), dtype=torch.uint8)
+        if len(data):
+            dist.broadcast(data, 0, group=self.group)
+        return step_input.decode(ints, data)
+
+    def close(self) -> None:
+        self._broadcast_sizes(STOP, 0)
+
+    def _broadcast_sizes(self, ints: int, data: int) -> None:
+        dist.broadcast(torch.tensor([ints, data]), 0, group=self.group)
+
+
+def rank_device(device_type: str, rank: int) -> torch.device:
+    if device_type == "cpu":
+        return torch.device("cpu")
+    getattr(torch, device_type).set_device(rank)
+    return torch.device(device_type, rank)
+
+
+def init_rank(spec: RankSpec):
+    """Join the instance's process group; -> the host-side group for step messages."""
+    dist.init_process_group(BACKENDS[spec.device_type], init_method=f"tcp://127.0.0.1:{spec.port}",
+                            rank=spec.tp.rank, world_size=spec.tp.size, timeout=COLLECTIVE_TIMEOUT)
+    if spec.device_type == "cpu":
+        torch.set_num_threads(spec.threads)
+    return dist.new_group(backend="gloo", timeout=COLLECTIVE_TIMEOUT)
+
+
+class Ranks:
+    """Rank 0's handle on the other ranks: start, watch, stop."""
+
+    def __init__(self, spec: RankSpec):
+        self._check_devices(spec)
+        ctx = mp.get_context("spawn")  # a forked child would inherit rank 0's threads and locks
+        self.procs = [ctx.Process(target=run_rank, name=f"tp-rank-{r}", daemon=True,
+                                  args=(replace(spec, tp=replace(spec.tp, rank=r)),))
+                      for r in range(1, spec.tp.size)]
+        for p in self.procs:
+            p.start()
+        self._threads = torch.get_num_threads()  # init_rank splits the cores among the ranks
+        self.channel = StepChannel(init_rank(spec))
+
+    @staticmethod
+    def _check_devices(spec: RankSpec) -> None:
+        if spec.device_type != "cpu":
+            have = getattr(torch, spec.device_type).device_count()
+            if have < spec.tp.size:
+                raise ValueError(f"tensor_parallel_size {spec.tp.size} needs {spec.tp.size} "
+                                 f"{spec.device_type} devices; {have} visible")
+
+    def ready(self) -> None:
+        """Wait until every rank has loaded its shard (a rank that failed ends the wait)."""
+        dist.barrier(group=self.channel.group)
+
+    def dead(self) -> list[int]:
+        return [r for r, p in enumerate(self.procs, 1) if not p.is_alive()]
+
+    def close(self) -> None:
+        if not self.dead():
+            try:
+                self.channel.close()
+            except RuntimeError:
+                pass  # a rank is gone: the others fail their next receive and exit
+        for p in self.procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+        dist.destroy_process_group()
+        torch.set_num_threads(self._threads)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_rank(spec: RankSpec) -> None:
+    """A child rank: build its shard, then run every step rank 0 broadcasts until told to stop."""
+    from qwenvl_pd.engine.stack import build_rank_runner
+    die_with_parent()
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s rank {spec.tp.rank} %(levelname)s: %(message)s")
+    group = init_rank(spec)
+    runner = build_rank_runner(spec)
+    channel = StepChannel(group)
+    dist.barrier(group=group)
+    try:
+        while (step := channel.recv()) is not None:
+            runner.execute(step)
+    except RuntimeError as e:  # rank 0 or a peer went away: nothing left to serve
+        log.error("rank %d stopping: %s", spec.tp.rank, e)
+        os._exit(1)
+    dist.destroy_process_group()

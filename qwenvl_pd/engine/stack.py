@@ -1,0 +1,93 @@
+"""The one place that builds what serves a checkpoint: config, tokenizer, input processor, model
+and engine (and, under tensor parallelism, the other ranks). LLM, the nodes and the colocated
+backend all call build_stack."""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+
+import torch
+from transformers import AutoTokenizer
+
+from qwenvl_pd.config import ModelConfig
+from qwenvl_pd.engine.llm_engine import EngineConfig, LLMEngine, build_runner
+from qwenvl_pd.engine.model_runner import ModelRunner
+from qwenvl_pd.engine.ranks import Ranks, RankSpec, free_port, rank_device
+from qwenvl_pd.model.inputs import InputProcessor
+from qwenvl_pd.model.loader import load_model
+from qwenvl_pd.model.parallel import TensorParallel, check_divisible
+from qwenvl_pd.platform import default_dtype, detect_device
+
+
+@dataclass(frozen=True)
+class StackConfig:
+    model: str
+    max_model_len: int | None = None  # None: the checkpoint's max_position_embeddings
+    device: str = "auto"
+    dtype: str = "auto"
+    tensor_parallel_size: int = 1
+    enable_expert_parallel: bool = False
+    threads: int = 0                  # torch CPU threads per rank (0: cores / ranks)
+    limit_mm_per_prompt: dict = field(default_factory=dict, hash=False)
+    engine: EngineConfig = EngineConfig()
+
+
+@dataclass
+class Stack:
+    config: ModelConfig
+    tokenizer: object
+    inputs: InputProcessor
+    model: torch.nn.Module
+    engine: LLMEngine
+    dtype: torch.dtype
+    tp: TensorParallel
+    ranks: Ranks | None = None
+
+    def close(self) -> None:
+        if self.ranks is not None:
+            self.ranks.close()
+            self.ranks = None
+
+
+def build_stack(cfg: StackConfig) -> Stack:
+    config = ModelConfig.from_hf(cfg.model)
+    max_len = cfg.max_model_len or config.text.max_position_embeddings
+    engine_cfg = dataclasses.replace(cfg.engine, max_model_len=max_len)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model)
+    inputs = InputProcessor(cfg.model, config, tokenizer.encode, max_len, cfg.limit_mm_per_prompt)
+    tp = TensorParallel(0, cfg.tensor_parallel_size, cfg.enable_expert_parallel)
+    device = detect_device(cfg.device)
+    dtype = default_dtype(device, cfg.dtype)
+    ranks = _start_ranks(cfg, config, tp, device, dtype, engine_cfg)
+    try:
+        model = load_model(cfg.model, config, dtype, rank_device(device.type, 0) if ranks else device, tp)
+        engine = LLMEngine(model, config, engine_cfg, dtype, tp, ranks and ranks.channel)
+        if ranks is not None:
+            ranks.ready()
+    except BaseException:
+        if ranks is not None:
+            ranks.close()
+        raise
+    return Stack(config, tokenizer, inputs, model, engine, dtype, tp, ranks)
+
+
+def _start_ranks(cfg: StackConfig, config: ModelConfig, tp: TensorParallel, device: torch.device,
+                 dtype: torch.dtype, engine_cfg: EngineConfig) -> Ranks | None:
+    if tp.size < 1:
+        raise ValueError(f"tensor_parallel_size must be >= 1, got {tp.size}")
+    if tp.size == 1:
+        return None
+    check_divisible(config.text, tp)  # before any child starts
+    threads = cfg.threads or max(1, (os.cpu_count() or 1) // tp.size)
+    return Ranks(RankSpec(cfg.model, tp, device.type, str(dtype).removeprefix("torch."),
+                          engine_cfg, free_port(), threads))
+
+
+def build_rank_runner(spec: RankSpec) -> ModelRunner:
+    """On ranks 1..N-1: the shard of the model and of the KV cache, and the runner over them."""
+    config = ModelConfig.from_hf(spec.model_dir)
+    dtype = getattr(torch, spec.dtype)
+    model = load_model(spec.model_dir, config, dtype, rank_device(spec.device_type, spec.tp.rank),
+                       spec.tp)
+    return build_runner(model, config, spec.engine, dtype, spec.tp)
