@@ -27,7 +27,7 @@ def _generate(args: argparse.Namespace) -> int:
 def _node(args: argparse.Namespace) -> int:
     import logging
     from qwenvl_pd.engine.llm_engine import EngineConfig
-    from qwenvl_pd.engine.runtime import NodeConfig
+    from qwenvl_pd.node.runtime import NodeConfig
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     engine = EngineConfig(
         mode=args.command, block_size=args.block_size, kv_cache_bytes=int(args.kv_cache_gib * (1 << 30)),
@@ -41,7 +41,9 @@ def _node(args: argparse.Namespace) -> int:
         device=args.device, dtype=args.dtype, transfer_protocol=args.transfer_protocol,
         transfer_device=args.transfer_device, transfer_timeout_s=args.transfer_timeout,
         lease_seconds=args.lease_seconds, instance_id=args.instance_id or "",
-        limit_mm_per_prompt={"image": args.limit_images, "video": args.limit_videos}, engine=engine)
+        limit_mm_per_prompt={"image": args.limit_images, "video": args.limit_videos}, engine=engine,
+        tensor_parallel_size=args.tensor_parallel_size, enable_expert_parallel=args.enable_expert_parallel,
+        threads=args.threads)
     if args.threads:
         import torch
         torch.set_num_threads(args.threads)  # several roles on one host must not oversubscribe
@@ -80,7 +82,28 @@ def _add_node_parser(sub, role: str, default_port: int) -> None:
     p.add_argument("--limit-videos", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    _add_parallel_args(p)
     p.set_defaults(func=_node)
+
+
+def _add_parallel_args(p, hidden: bool = False) -> None:
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                   help=argparse.SUPPRESS if hidden else "ranks (devices) this instance runs on")
+    p.add_argument("--enable-expert-parallel", action="store_true",
+                   help=argparse.SUPPRESS if hidden else "MoE: each rank owns whole experts")
+
+
+def _colocated_opener(args: argparse.Namespace):
+    """serve --colocated: the proxy runs one engine in-process (built here, never by the proxy)."""
+    if not args.colocated_model:
+        return None
+    from qwenvl_pd.engine.llm_engine import EngineConfig
+    from qwenvl_pd.engine.stack import StackConfig
+    from qwenvl_pd.node.colocated import colocated_opener
+    engine = EngineConfig(kv_cache_bytes=int(args.kv_cache_gib * (1 << 30)))
+    return colocated_opener(StackConfig(
+        args.colocated_model, args.max_model_len, args.device, tensor_parallel_size=args.tensor_parallel_size,
+        enable_expert_parallel=args.enable_expert_parallel, engine=engine))
 
 
 def _proxy(args: argparse.Namespace) -> int:
@@ -99,8 +122,7 @@ def _proxy(args: argparse.Namespace) -> int:
         media_timeout_s=args.media_timeout, max_image_pixels=args.max_image_pixels,
         health_interval_s=args.health_interval, load_interval_s=args.load_interval,
         prefill_load_cap=args.prefill_load_cap, model_info_timeout_s=args.model_info_timeout,
-        colocated_model=args.colocated_model or "", colocated_max_model_len=args.max_model_len,
-        colocated_kv_cache_gib=args.kv_cache_gib))
+        colocated_model=args.colocated_model or ""), _colocated_opener(args))
     return 0
 
 
@@ -132,6 +154,8 @@ def _add_proxy_parser(sub) -> None:
     p.add_argument("--colocated-model", help=argparse.SUPPRESS)  # serve --colocated
     p.add_argument("--max-model-len", type=int, default=8192, help=argparse.SUPPRESS)
     p.add_argument("--kv-cache-gib", type=float, default=1.0, help=argparse.SUPPRESS)
+    p.add_argument("--device", default="auto", help=argparse.SUPPRESS)
+    _add_parallel_args(p, hidden=True)
     p.set_defaults(func=_proxy)
 
 
@@ -141,7 +165,10 @@ def _serve(args: argparse.Namespace) -> int:
         model=args.model or "", host=args.host, port=args.port, num_prefill=args.num_prefill,
         num_decode=args.num_decode, max_model_len=args.max_model_len, kv_cache_gib=args.kv_cache_gib,
         served_model_name=args.served_model_name or "", api_key=args.api_key or "",
-        colocated=args.colocated, device=args.device, extra_proxy_args=tuple(args.proxy_arg)))
+        colocated=args.colocated, device=args.device, extra_proxy_args=tuple(args.proxy_arg),
+        prefill_tp=args.prefill_tensor_parallel_size or args.tensor_parallel_size,
+        decode_tp=args.decode_tensor_parallel_size or args.tensor_parallel_size,
+        enable_expert_parallel=args.enable_expert_parallel))
 
 
 def _add_serve_parser(sub) -> None:
@@ -160,6 +187,9 @@ def _add_serve_parser(sub) -> None:
                    help="one engine that prefills and decodes (the baseline PD is compared with)")
     p.add_argument("--proxy-arg", action="append", default=[], metavar="ARG",
                    help="pass ARG on to `qwenvl-pd proxy` (repeatable), e.g. --proxy-arg=--allow-private-media")
+    _add_parallel_args(p)
+    p.add_argument("--prefill-tensor-parallel-size", type=int, help="default: --tensor-parallel-size")
+    p.add_argument("--decode-tensor-parallel-size", type=int, help="default: --tensor-parallel-size")
     p.set_defaults(func=_serve)
 
 

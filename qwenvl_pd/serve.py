@@ -38,6 +38,16 @@ class ServeConfig:
     api_key: str = ""
     colocated: bool = False
     extra_proxy_args: tuple[str, ...] = ()
+    prefill_tp: int = 1
+    decode_tp: int = 1
+    enable_expert_parallel: bool = False
+
+    def check(self) -> None:
+        if self.prefill_tp != self.decode_tp:
+            # each decode rank pulls the heads of the prefill rank with its own index
+            raise ValueError(f"prefill tensor parallel size {self.prefill_tp} != decode "
+                             f"{self.decode_tp}: the KV handoff between different sizes is not "
+                             "supported yet; use one size for both roles")
 
 
 @dataclass
@@ -79,10 +89,16 @@ def _spawn(role: str, args: list[str], address: str) -> Child:
     return Child(role, subprocess.Popen(cmd, preexec_fn=die_with_parent), address)
 
 
-def _node_args(cfg: ServeConfig, model: str, port: int) -> list[str]:
+def _parallel_args(tp: int, cfg: ServeConfig) -> list[str]:
+    return ["--tensor-parallel-size", str(tp)] + (["--enable-expert-parallel"]
+                                                  if cfg.enable_expert_parallel else [])
+
+
+def _node_args(cfg: ServeConfig, role: str, model: str, port: int) -> list[str]:
+    tp = cfg.prefill_tp if role == "prefill" else cfg.decode_tp
     args = ["--model", model, "--port", str(port), "--host", "127.0.0.1", "--bind", "127.0.0.1",
             "--max-model-len", str(cfg.max_model_len), "--kv-cache-gib", str(cfg.kv_cache_gib),
-            "--device", cfg.device]
+            "--device", cfg.device, *_parallel_args(tp, cfg)]
     return args + (["--served-model-name", cfg.served_model_name] if cfg.served_model_name else [])
 
 
@@ -127,9 +143,10 @@ def _start(cfg: ServeConfig, model: str, children: list[Child]) -> Child:
         proxy_args += ["--served-model-name", cfg.served_model_name]
     if cfg.colocated:
         proxy_args += ["--colocated-model", model, "--max-model-len", str(cfg.max_model_len),
-                       "--kv-cache-gib", str(cfg.kv_cache_gib)]
+                       "--kv-cache-gib", str(cfg.kv_cache_gib), "--device", cfg.device,
+                       *_parallel_args(cfg.prefill_tp, cfg)]
     else:
-        nodes = [_spawn(role, _node_args(cfg, model, port), f"127.0.0.1:{port}")
+        nodes = [_spawn(role, _node_args(cfg, role, model, port), f"127.0.0.1:{port}")
                  for role, n in (("prefill", cfg.num_prefill), ("decode", cfg.num_decode))
                  for port in [free_port() for _ in range(n)]]
         children += nodes
@@ -176,6 +193,7 @@ def _on_sigterm(signum, frame) -> None:
 
 
 def main(cfg: ServeConfig) -> int:
+    cfg.check()
     model = cfg.model
     if not model:
         model = str(tiny_model_dir())

@@ -8,13 +8,13 @@ import grpc
 import torch
 
 from qwenvl_pd.engine.block_manager import OutOfBlocks
-from qwenvl_pd.engine.node_host import GRPC_OPTIONS, NodeHost, run_node
-from qwenvl_pd.engine.runtime import NodeConfig, Runtime
+from qwenvl_pd.node.host import NodeHost, run_node
+from qwenvl_pd.protos.channel import GRPC_OPTIONS
+from qwenvl_pd.node.runtime import NodeConfig, Runtime
 from qwenvl_pd.engine.sequence import FinishReason, Sequence
 from qwenvl_pd.kv_transfer.engine import TransferError, TransferTimeout
-from qwenvl_pd.kv_transfer.layout import Region, read_slices
 from qwenvl_pd.messages import DecodeRequest, SampledToken, TokenEvent
-from qwenvl_pd.prefill_node.server import load_report
+from qwenvl_pd.node.runtime import load_report
 from qwenvl_pd.protos import convert, qwenvl_pd_pb2 as pb, qwenvl_pd_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
@@ -95,14 +95,13 @@ class DecodeService(pb_grpc.DecodeServicer):
             blocks = await self.host.call(lambda: self.rt.engine.blocks.allocate_n(len(h.block_ids)))
         except OutOfBlocks:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "decode is out of KV blocks")
-        slices = read_slices(self.rt.region, Region.from_handle(h), h.block_ids, blocks)
         aborted = self.pulling[req.request_id] = asyncio.Event()
         start = time.perf_counter()
-        read = asyncio.get_running_loop().run_in_executor(
-            None, self.rt.transfer.read_batch, h.transfer_address, slices)
+        # every tensor-parallel rank reads its own heads; rank 0 counts its bytes
+        read = asyncio.get_running_loop().run_in_executor(None, self.rt.kv.pull, h, blocks)
         try:
-            await asyncio.shield(read)
-        except TransferError as e:
+            nbytes = await asyncio.shield(read)
+        except (TransferError, ValueError) as e:
             await self._free_after(e, blocks)
             await context.abort(grpc.StatusCode.UNAVAILABLE,
                                 f"KV read from prefill {h.instance_id} ({h.transfer_address}) failed: {e}")
@@ -111,7 +110,7 @@ class DecodeService(pb_grpc.DecodeServicer):
             raise
         finally:
             self.pulling.pop(req.request_id, None)
-        self._count(slices, time.perf_counter() - start)
+        self._count(nbytes, time.perf_counter() - start)
         # the lease still held at Release means it held for the whole read: the bytes are that
         # request's, not a restarted instance's or another request's that reused the blocks
         if not await self._release(h, req.request_id):
@@ -142,9 +141,9 @@ class DecodeService(pb_grpc.DecodeServicer):
         seq.block_ids = list(blocks)
         return seq
 
-    def _count(self, slices, seconds: float) -> None:
+    def _count(self, nbytes: int, seconds: float) -> None:
         self.transfers["kv_transfers_total"] += 1
-        self.transfers["kv_transfer_bytes_total"] += sum(n for _, _, n in slices)
+        self.transfers["kv_transfer_bytes_total"] += nbytes
         self.transfers["kv_transfer_seconds_total"] += seconds
 
     async def _release(self, h, request_id: str) -> bool:

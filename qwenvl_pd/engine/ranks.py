@@ -14,6 +14,7 @@ import os
 import socket
 from dataclasses import dataclass, replace
 from datetime import timedelta
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -31,6 +32,15 @@ STOP = -1  # header length that tells the ranks to exit
 
 
 @dataclass(frozen=True)
+class RankContext:
+    """What a rank_setup hook sees on every rank: its shard of the KV cache and a host-side group
+    of its own (None at tensor_parallel 1), e.g. for the node's KV transfers."""
+    tp: TensorParallel
+    kv_cache: torch.Tensor
+    group: object | None
+
+
+@dataclass(frozen=True)
 class RankSpec:
     """What a rank needs to build its shard: sent once to each child at start."""
     model_dir: str
@@ -40,6 +50,8 @@ class RankSpec:
     engine: "EngineConfig"
     port: int
     threads: int
+    # run on every rank once its KV cache exists (picklable: a top-level function or partial)
+    rank_setup: Callable[[RankContext], object] | None = None
 
 
 class StepChannel:
@@ -82,13 +94,14 @@ def rank_device(device_type: str, rank: int) -> torch.device:
     return torch.device(device_type, rank)
 
 
-def init_rank(spec: RankSpec):
-    """Join the instance's process group; -> the host-side group for step messages."""
+def init_rank(spec: RankSpec) -> tuple[object, object]:
+    """Join the instance's process group; -> host-side groups for step messages and for the
+    rank_setup hook (each used by one thread only)."""
     dist.init_process_group(BACKENDS[spec.device_type], init_method=f"tcp://127.0.0.1:{spec.port}",
                             rank=spec.tp.rank, world_size=spec.tp.size, timeout=COLLECTIVE_TIMEOUT)
     if spec.device_type == "cpu":
         torch.set_num_threads(spec.threads)
-    return dist.new_group(backend="gloo", timeout=COLLECTIVE_TIMEOUT)
+    return tuple(dist.new_group(backend="gloo", timeout=COLLECTIVE_TIMEOUT) for _ in range(2))
 
 
 class Ranks:
@@ -103,7 +116,8 @@ class Ranks:
         for p in self.procs:
             p.start()
         self._threads = torch.get_num_threads()  # init_rank splits the cores among the ranks
-        self.channel = StepChannel(init_rank(spec))
+        steps, self.aux_group = init_rank(spec)
+        self.channel = StepChannel(steps)
 
     @staticmethod
     def _check_devices(spec: RankSpec) -> None:
@@ -145,8 +159,10 @@ def run_rank(spec: RankSpec) -> None:
     from qwenvl_pd.engine.stack import build_rank_runner
     die_with_parent()
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s rank {spec.tp.rank} %(levelname)s: %(message)s")
-    group = init_rank(spec)
+    group, aux = init_rank(spec)
     runner = build_rank_runner(spec)
+    if spec.rank_setup is not None:
+        spec.rank_setup(RankContext(spec.tp, runner.kv_cache, aux))
     channel = StepChannel(group)
     dist.barrier(group=group)
     try:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from transformers import AutoTokenizer
@@ -13,7 +14,7 @@ from transformers import AutoTokenizer
 from qwenvl_pd.config import ModelConfig
 from qwenvl_pd.engine.llm_engine import EngineConfig, LLMEngine, build_runner
 from qwenvl_pd.engine.model_runner import ModelRunner
-from qwenvl_pd.engine.ranks import Ranks, RankSpec, free_port, rank_device
+from qwenvl_pd.engine.ranks import RankContext, Ranks, RankSpec, free_port, rank_device
 from qwenvl_pd.model.inputs import InputProcessor
 from qwenvl_pd.model.loader import load_model
 from qwenvl_pd.model.parallel import TensorParallel, check_divisible
@@ -43,6 +44,7 @@ class Stack:
     dtype: torch.dtype
     tp: TensorParallel
     ranks: Ranks | None = None
+    rank_state: object = None  # what rank_setup returned on rank 0
 
     def close(self) -> None:
         if self.ranks is not None:
@@ -50,7 +52,9 @@ class Stack:
             self.ranks = None
 
 
-def build_stack(cfg: StackConfig) -> Stack:
+def build_stack(cfg: StackConfig, rank_setup: Callable[[RankContext], object] | None = None) -> Stack:
+    """rank_setup runs on every rank once its KV cache exists (the nodes register it with
+    Mooncake there); rank 0's result is Stack.rank_state."""
     config = ModelConfig.from_hf(cfg.model)
     max_len = cfg.max_model_len or config.text.max_position_embeddings
     engine_cfg = dataclasses.replace(cfg.engine, max_model_len=max_len)
@@ -59,21 +63,23 @@ def build_stack(cfg: StackConfig) -> Stack:
     tp = TensorParallel(0, cfg.tensor_parallel_size, cfg.enable_expert_parallel)
     device = detect_device(cfg.device)
     dtype = default_dtype(device, cfg.dtype)
-    ranks = _start_ranks(cfg, config, tp, device, dtype, engine_cfg)
+    ranks = _start_ranks(cfg, config, tp, device, dtype, engine_cfg, rank_setup)
     try:
         model = load_model(cfg.model, config, dtype, rank_device(device.type, 0) if ranks else device, tp)
         engine = LLMEngine(model, config, engine_cfg, dtype, tp, ranks and ranks.channel)
+        context = RankContext(tp, engine.kv_cache, ranks and ranks.aux_group)
+        state = rank_setup(context) if rank_setup is not None else None
         if ranks is not None:
             ranks.ready()
     except BaseException:
         if ranks is not None:
             ranks.close()
         raise
-    return Stack(config, tokenizer, inputs, model, engine, dtype, tp, ranks)
+    return Stack(config, tokenizer, inputs, model, engine, dtype, tp, ranks, state)
 
 
 def _start_ranks(cfg: StackConfig, config: ModelConfig, tp: TensorParallel, device: torch.device,
-                 dtype: torch.dtype, engine_cfg: EngineConfig) -> Ranks | None:
+                 dtype: torch.dtype, engine_cfg: EngineConfig, rank_setup) -> Ranks | None:
     if tp.size < 1:
         raise ValueError(f"tensor_parallel_size must be >= 1, got {tp.size}")
     if tp.size == 1:
@@ -81,7 +87,7 @@ def _start_ranks(cfg: StackConfig, config: ModelConfig, tp: TensorParallel, devi
     check_divisible(config.text, tp)  # before any child starts
     threads = cfg.threads or max(1, (os.cpu_count() or 1) // tp.size)
     return Ranks(RankSpec(cfg.model, tp, device.type, str(dtype).removeprefix("torch."),
-                          engine_cfg, free_port(), threads))
+                          engine_cfg, free_port(), threads, rank_setup))
 
 
 def build_rank_runner(spec: RankSpec) -> ModelRunner:

@@ -28,6 +28,13 @@ class LayoutFingerprint:
 
 
 @dataclass(frozen=True)
+class KVSegment:
+    """Where one tensor-parallel rank's KV region lives."""
+    transfer_address: str  # "host:port" of that rank's Mooncake transfer engine
+    kv_base_ptr: int
+
+
+@dataclass(frozen=True)
 class KVHandle:
     """A request's KV blocks in the region [layers, 2 (K/V), region_num_blocks, block_size,
     kv_heads, head_dim] that prefill instance `instance_id` registered at `kv_base_ptr`."""
@@ -41,15 +48,27 @@ class KVHandle:
     fingerprint: LayoutFingerprint
     lease_expires_unix_ms: int = 0  # prefill frees the blocks then, pulled or not
     control_address: str = ""  # "host:port" of the prefill's gRPC service, for Release
+    # tensor parallel: ranks 1..N-1 (rank 0 is transfer_address, kv_base_ptr); the same block
+    # ids in every rank's region hold that rank's heads
+    rank_segments: tuple[KVSegment, ...] = ()
 
     def __post_init__(self):
         object.__setattr__(self, "block_ids", tuple(self.block_ids))
+        object.__setattr__(self, "rank_segments", tuple(self.rank_segments))
+        if len(self.rank_segments) != self.fingerprint.tp_size - 1:
+            raise ValueError(f"a handle of tp_size {self.fingerprint.tp_size} needs "
+                             f"{self.fingerprint.tp_size - 1} rank segments, got {len(self.rank_segments)}")
         if any(not 0 <= b < self.region_num_blocks for b in self.block_ids):
             raise ValueError(f"block ids {list(self.block_ids)} outside the region of "
                              f"{self.region_num_blocks} blocks")
         if not 0 < self.num_tokens <= len(self.block_ids) * self.fingerprint.block_size:
             raise ValueError(f"{self.num_tokens} tokens do not fit {len(self.block_ids)} blocks "
                              f"of {self.fingerprint.block_size}")
+
+    @property
+    def segments(self) -> tuple[KVSegment, ...]:
+        """Every rank's region, rank order."""
+        return (KVSegment(self.transfer_address, self.kv_base_ptr), *self.rank_segments)
 
     def block_address(self, layer: int, plane: int, block: int) -> int:
         """Remote address of block id `block` of `layer`, plane 0 (K) or 1 (V)."""

@@ -1,17 +1,16 @@
 """The prefill node: vision encoder + prompt prefill; holds the KV under a lease for decode."""
 import asyncio
-import io
 import logging
 import time
 
 import grpc
-from PIL import Image
 
-from qwenvl_pd.engine.node_host import NodeHost, run_node
-from qwenvl_pd.engine.runtime import NodeConfig, Runtime
+from qwenvl_pd.node.host import NodeHost, run_node
+from qwenvl_pd.node.requests import sequence_from_request
+from qwenvl_pd.node.runtime import NodeConfig, Runtime, load_report
 from qwenvl_pd.engine.sequence import FinishReason, Sequence
 from qwenvl_pd.kv_transfer.handle import KVHandle
-from qwenvl_pd.messages import LoadReport, PrefillRequest, PrefillResult, SampledToken
+from qwenvl_pd.messages import PrefillRequest, PrefillResult, SampledToken
 from qwenvl_pd.model.inputs import InputError
 from qwenvl_pd.prefill_node.leases import LeaseTable
 from qwenvl_pd.protos import convert, qwenvl_pd_pb2 as pb, qwenvl_pd_pb2_grpc as pb_grpc
@@ -76,7 +75,7 @@ class PrefillService(pb_grpc.PrefillServicer):
     async def Prefill(self, request, context):
         try:
             req: PrefillRequest = convert.from_proto(request)
-            seq = await asyncio.to_thread(self._sequence, req)
+            seq = await asyncio.to_thread(sequence_from_request, self.rt.inputs, req, self.rt.cfg.max_model_len)
         except (ValueError, InputError) as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         if req.request_id in self.waiters:
@@ -103,20 +102,6 @@ class PrefillService(pb_grpc.PrefillServicer):
         lease_s = req.lease_ms / 1000 or self.rt.cfg.lease_seconds
         return convert.to_proto(self._result(seq, lease_s))
 
-    def _sequence(self, req: PrefillRequest) -> Sequence:
-        images = [m.data for m in req.media if m.kind == "image"]
-        videos = [list(_frames(m)) if m.frames else m.data for m in req.media if m.kind == "video"]
-        fps = [m.fps for m in req.media if m.kind == "video"]
-        prompt = self.rt.inputs.process_expanded(list(req.prompt_token_ids), images, videos, fps or None)
-        _check_grids(req, prompt)
-        params = req.sampling
-        room = self.rt.cfg.max_model_len - len(prompt.token_ids)
-        if params.max_tokens is None or params.max_tokens > room:
-            raise ValueError(f"prompt ({len(prompt.token_ids)} tokens) + max_tokens "
-                             f"({params.max_tokens}) exceeds max_model_len ({self.rt.cfg.max_model_len})")
-        return Sequence(req.request_id, prompt.token_ids, prompt.positions, prompt.mrope_delta,
-                        params, items=prompt.items)
-
     def _result(self, seq: Sequence, lease_s: float) -> PrefillResult:
         logprob, top = seq.logprobs[0] if seq.logprobs else (None, ())
         token = SampledToken(seq.output_ids[0], logprob, tuple(top))
@@ -133,7 +118,8 @@ class PrefillService(pb_grpc.PrefillServicer):
             kv_base_ptr=self.rt.region.base, block_bytes=self.rt.region.block_bytes,
             region_num_blocks=self.rt.region.num_blocks, block_ids=tuple(seq.block_ids),
             num_tokens=seq.prompt_len, fingerprint=self.rt.fingerprint,
-            lease_expires_unix_ms=lease_ms, control_address=f"{self.rt.cfg.host}:{self.rt.cfg.port}")
+            lease_expires_unix_ms=lease_ms, control_address=f"{self.rt.cfg.host}:{self.rt.cfg.port}",
+            rank_segments=self.rt.kv.segments[1:])
 
     async def Release(self, request, context):
         released = await self.host.call(lambda: self._release(request.request_id, request.instance_id))
@@ -148,26 +134,6 @@ class PrefillService(pb_grpc.PrefillServicer):
 
     async def GetModelInfo(self, request, context):
         return convert.to_proto(self.rt.model_info())
-
-
-def load_report(rt: Runtime, role: str, **transfer) -> LoadReport:
-    engine = rt.engine
-    return LoadReport(role=role, instance_id=rt.instance_id, running=len(engine.scheduler.running),
-                      waiting=len(engine.scheduler.waiting), blocks_used=engine.blocks.num_used_blocks,
-                      blocks_total=engine.blocks.num_blocks, prefix_cache_queries=engine.blocks.prefix_queries,
-                      prefix_cache_hits=engine.blocks.prefix_hits,
-                      requests_total=engine.requests_total, **transfer)
-
-
-def _frames(item) -> list[Image.Image]:
-    return [Image.open(io.BytesIO(f)) for f in item.frames]
-
-
-def _check_grids(req: PrefillRequest, prompt) -> None:
-    for i, (sent, item) in enumerate(zip(req.media, prompt.items)):
-        if tuple(sent.grid_thw) != tuple(item.grid_thw):
-            raise ValueError(f"media {i}: the request says grid {tuple(sent.grid_thw)}, the image "
-                             f"gives {tuple(item.grid_thw)} with this model's processor")
 
 
 def main(cfg: NodeConfig) -> None:

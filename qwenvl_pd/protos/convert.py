@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from qwenvl_pd.kv_transfer.handle import KVHandle, LayoutFingerprint
+from qwenvl_pd.kv_transfer.handle import KVHandle, KVSegment, LayoutFingerprint
 from qwenvl_pd.messages import (DecodeRequest, LoadReport, MediaItem, ModelInfo, PrefillRequest,
                                 PrefillResult, SampledToken, TokenEvent)
 from qwenvl_pd.protos import qwenvl_pd_pb2 as pb
@@ -20,6 +20,7 @@ from qwenvl_pd.sampling_params import SamplingParams
 PAIRS: dict[type, type] = {
     SamplingParams: pb.SamplingParams, MediaItem: pb.MediaItem, PrefillRequest: pb.PrefillRequest,
     SampledToken: pb.SampledToken, LayoutFingerprint: pb.LayoutFingerprint, KVHandle: pb.KVHandle,
+    KVSegment: pb.KVSegment,
     PrefillResult: pb.PrefillResponse, DecodeRequest: pb.DecodeRequest, TokenEvent: pb.TokenEvent,
     LoadReport: pb.LoadReport, ModelInfo: pb.ModelInfo,
 }

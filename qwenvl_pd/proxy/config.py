@@ -46,8 +46,6 @@ class ProxyConfig:
     model_info_timeout_s: float = 300.0  # how long start-up waits for a prefill to answer
     prefill_timeout_s: float = 600.0
     colocated_model: str = ""  # serve --colocated: one in-process engine instead of PD nodes
-    colocated_max_model_len: int = 8192
-    colocated_kv_cache_gib: float = 1.0
 
     def __post_init__(self):
         if not (self.prefill or self.decode or self.discover_dns or self.colocated_model):

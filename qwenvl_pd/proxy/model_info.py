@@ -17,7 +17,7 @@ from typing import Any, Callable, Sequence
 
 import grpc
 
-from qwenvl_pd.engine.node_host import GRPC_OPTIONS
+from qwenvl_pd.protos.channel import GRPC_OPTIONS
 from qwenvl_pd.messages import ModelInfo
 from qwenvl_pd.model.processor import VisionPreprocessConfig, VisionTokenIds, _config_from_dicts
 from qwenvl_pd.protos import convert, qwenvl_pd_pb2 as pb, qwenvl_pd_pb2_grpc as pb_grpc

@@ -4,7 +4,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from qwenvl_pd.engine.node_host import GRPC_OPTIONS
+from qwenvl_pd.protos.channel import GRPC_OPTIONS
 from qwenvl_pd.messages import DecodeRequest, PrefillRequest, PrefillResult, TokenEvent
 from qwenvl_pd.protos import convert, qwenvl_pd_pb2 as pb, qwenvl_pd_pb2_grpc as pb_grpc
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from qwenvl_pd.engine.node_host import GRPC_OPTIONS
+from qwenvl_pd.protos.channel import GRPC_OPTIONS
 from qwenvl_pd.messages import LoadReport
 from qwenvl_pd.proxy import pd_client
 from qwenvl_pd.proxy.errors import no_backend

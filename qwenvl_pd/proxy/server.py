@@ -1,5 +1,5 @@
-"""`qwenvl-pd proxy`: open the backend (PD instances, static or discovered by DNS; or one
-colocated engine), fetch the model's info, serve the app with uvicorn."""
+"""`qwenvl-pd proxy`: open the backend (PD instances, static or discovered by DNS; or the one
+colocated engine the CLI hands in), fetch the model's info, serve the app with uvicorn."""
 from __future__ import annotations
 
 import logging
@@ -54,16 +54,15 @@ async def _close(router: Router, disc: DnsDiscovery | None) -> None:
 
 
 async def open_backend(cfg: ProxyConfig, metrics: ProxyMetrics):
-    if cfg.colocated_model:
-        from qwenvl_pd.proxy.colocated import open_colocated
-        return await open_colocated(cfg)
     return await open_pd(cfg, metrics)
 
 
-def main(cfg: ProxyConfig) -> None:
+def main(cfg: ProxyConfig, open_backend=None) -> None:
+    """open_backend: the CLI passes the colocated engine's (node/colocated.py) for
+    `serve --colocated`; the proxy itself never imports the engine."""
     import uvicorn
     from qwenvl_pd.proxy.app import create_app
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # one process, one event loop: the proxy's work is I/O and small CPU bursts
-    uvicorn.run(create_app(cfg), host=cfg.host, port=cfg.port, log_level="info",
+    uvicorn.run(create_app(cfg, open_backend), host=cfg.host, port=cfg.port, log_level="info",
                 timeout_graceful_shutdown=5)

@@ -8,7 +8,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from qwenvl_pd.kv_transfer.handle import KVHandle, LayoutFingerprint
+from qwenvl_pd.kv_transfer.handle import KVHandle, KVSegment, LayoutFingerprint
 from qwenvl_pd.messages import (DecodeRequest, LoadReport, MediaItem, ModelInfo, PrefillRequest,
                                 PrefillResult, SampledToken, TokenEvent)
 from qwenvl_pd.protos import qwenvl_pd_pb2 as pb
@@ -32,7 +32,8 @@ TOKEN = SampledToken(token_id=151643, logprob=-0.123456789012345,
 HANDLE = KVHandle(instance_id="prefill-0", transfer_address="10.0.0.7:17777",
                   kv_base_ptr=2 ** 64 - 2 ** 20, block_bytes=16 * 4 * 128 * 2, region_num_blocks=4096,
                   block_ids=(4095, 7, 8, 9), num_tokens=50, fingerprint=FP,
-                  lease_expires_unix_ms=1_760_000_000_123, control_address="10.0.0.7:50051")
+                  lease_expires_unix_ms=1_760_000_000_123, control_address="10.0.0.7:50051",
+                  rank_segments=(KVSegment("10.0.0.8:17778", 2 ** 64 - 2 ** 21),))
 IMAGE = MediaItem(kind="image", content_hash="ab" * 32, grid_thw=(1, 34, 52), data=b"\x89PNG\x00\xff")
 VIDEO = MediaItem(kind="video", content_hash="cd" * 32, grid_thw=(4, 16, 16), frames=(b"jpg1", b""),
                   fps=29.97, second_per_grid_t=0.5, timestamps=(0.25, 1.25, 2.0 / 3))
@@ -53,6 +54,7 @@ SAMPLES = [
     VIDEO,
     PREFILL_REQ,
     PREFILL_RESULT,
+    HANDLE.rank_segments[0],
     DECODE_REQ,
     TokenEvent(token=TOKEN, finish_reason="error", num_prompt_tokens=50, num_output_tokens=9,
                error="KV read timed out"),

@@ -9,12 +9,10 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from qwenvl_pd.engine.loop import EngineLoop
-from qwenvl_pd.engine.runtime import Runtime
+from qwenvl_pd.protos.channel import GRPC_OPTIONS
+from qwenvl_pd.node.runtime import Runtime
 
 log = logging.getLogger(__name__)
-MAX_MESSAGE_BYTES = 256 << 20  # prompts carry raw image and video bytes
-GRPC_OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
 
 
 class NodeHost:

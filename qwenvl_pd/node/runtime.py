@@ -4,19 +4,15 @@ import json
 import socket
 import uuid
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
-from transformers import AutoTokenizer
-
-from qwenvl_pd.config import ModelConfig
-from qwenvl_pd.engine.llm_engine import EngineConfig, LLMEngine
-from qwenvl_pd.kv_transfer.engine import KVTransferEngine
+from qwenvl_pd.engine.llm_engine import EngineConfig
+from qwenvl_pd.engine.stack import StackConfig, build_stack
 from qwenvl_pd.kv_transfer.handle import LayoutFingerprint
-from qwenvl_pd.kv_transfer.layout import Region, fingerprint_for
-from qwenvl_pd.messages import ModelInfo
-from qwenvl_pd.model.inputs import InputProcessor
-from qwenvl_pd.model.loader import load_model
-from qwenvl_pd.platform import default_dtype, detect_device
+from qwenvl_pd.kv_transfer.layout import fingerprint_for
+from qwenvl_pd.messages import LoadReport, ModelInfo
+from qwenvl_pd.node.rank_kv import TransferOptions, setup_rank_kv
 
 
 @dataclass(frozen=True)
@@ -37,6 +33,14 @@ class NodeConfig:
     instance_id: str = ""
     limit_mm_per_prompt: dict = field(default_factory=dict, hash=False)
     engine: EngineConfig = EngineConfig()
+    tensor_parallel_size: int = 1
+    enable_expert_parallel: bool = False
+    threads: int = 0
+
+    def stack(self) -> StackConfig:
+        return StackConfig(self.model, self.max_model_len, self.device, self.dtype,
+                           self.tensor_parallel_size, self.enable_expert_parallel, self.threads,
+                           self.limit_mm_per_prompt, self.engine)
 
 
 class Runtime:
@@ -46,18 +50,13 @@ class Runtime:
                              "touch blocks the lease already gave away")
         self.cfg = cfg
         self.instance_id = cfg.instance_id or f"{cfg.role}-{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
-        self.model_config = ModelConfig.from_hf(cfg.model)
-        device = detect_device(cfg.device)
-        self.dtype = default_dtype(device, cfg.dtype)
-        self.tokenizer = AutoTokenizer.from_pretrained(cfg.model)
-        self.inputs = InputProcessor(cfg.model, self.model_config, self.tokenizer.encode,
-                                     cfg.max_model_len, cfg.limit_mm_per_prompt)
-        self.model = load_model(cfg.model, self.model_config, self.dtype, device)
-        self.engine = LLMEngine(self.model, self.model_config, cfg.engine, self.dtype)
-        self.transfer = KVTransferEngine(cfg.host, cfg.transfer_protocol, cfg.transfer_device,
-                                         timeout_s=cfg.transfer_timeout_s)
-        self.transfer.register(self.engine.kv_cache)
-        self.region = Region.from_tensor(self.engine.kv_cache)
+        opts = TransferOptions(cfg.role, cfg.host, cfg.transfer_protocol, cfg.transfer_device,
+                               cfg.transfer_timeout_s)
+        self.stack = build_stack(cfg.stack(), rank_setup=partial(setup_rank_kv, opts))
+        self.model_config, self.tokenizer = self.stack.config, self.stack.tokenizer
+        self.inputs, self.model, self.engine = self.stack.inputs, self.stack.model, self.stack.engine
+        self.dtype, self.kv = self.stack.dtype, self.stack.rank_state
+        self.transfer, self.region = self.kv.transfer, self.kv.region
         self.fingerprint = self._fingerprint()
 
     def _fingerprint(self) -> LayoutFingerprint:
@@ -66,7 +65,7 @@ class Runtime:
         text = self.model_config.text
         return fingerprint_for(f"{self.model_config.family}:{digest}", self.dtype,
                                self.cfg.engine.block_size, text.num_layers, text.num_kv_heads,
-                               text.head_dim)
+                               text.head_dim, self.stack.tp.size)
 
     def model_info(self) -> ModelInfo:
         d, cfg = Path(self.cfg.model), self.model_config
@@ -82,7 +81,17 @@ class Runtime:
             generation_config_json=_read(d / "generation_config.json"))
 
     def close(self) -> None:
-        self.transfer.close()
+        self.kv.close()
+        self.stack.close()
+
+
+def load_report(rt: Runtime, role: str, **transfer) -> LoadReport:
+    engine = rt.engine
+    return LoadReport(role=role, instance_id=rt.instance_id, running=len(engine.scheduler.running),
+                      waiting=len(engine.scheduler.waiting), blocks_used=engine.blocks.num_used_blocks,
+                      blocks_total=engine.blocks.num_blocks, prefix_cache_queries=engine.blocks.prefix_queries,
+                      prefix_cache_hits=engine.blocks.prefix_hits,
+                      requests_total=engine.requests_total, **transfer)
 
 
 def _read(path: Path) -> str:

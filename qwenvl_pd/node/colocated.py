@@ -11,38 +11,27 @@ from collections.abc import AsyncIterator
 from types import SimpleNamespace
 
 from qwenvl_pd.engine.loop import EngineLoop
+from qwenvl_pd.engine.stack import StackConfig, build_stack
 from qwenvl_pd.engine.sequence import FinishReason, Sequence
 from qwenvl_pd.messages import PrefillRequest, SampledToken
 from qwenvl_pd.model.inputs import InputError
+from qwenvl_pd.node.requests import sequence_from_request
 from qwenvl_pd.proxy.backend import Step
 from qwenvl_pd.proxy.config import ProxyConfig
 from qwenvl_pd.proxy.errors import bad_request
 
 
 class ColocatedBackend:
-    def __init__(self, model_dir: str, max_model_len: int, kv_cache_gib: float):
-        from transformers import AutoTokenizer
-
-        from qwenvl_pd.config import ModelConfig
-        from qwenvl_pd.engine.llm_engine import EngineConfig, LLMEngine
-        from qwenvl_pd.model.inputs import InputProcessor
-        from qwenvl_pd.model.loader import load_model
-        from qwenvl_pd.platform import default_dtype, detect_device
-        self.model_dir, self.max_model_len = model_dir, max_model_len
-        self.config = ModelConfig.from_hf(model_dir)
-        device = detect_device("auto")
-        dtype = default_dtype(device, "auto")
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self.inputs = InputProcessor(model_dir, self.config, tokenizer.encode, max_model_len, {})
-        model = load_model(model_dir, self.config, dtype, device)
-        self.engine = LLMEngine(model, self.config, EngineConfig(kv_cache_bytes=int(kv_cache_gib * (1 << 30))),
-                                dtype)
+    def __init__(self, cfg: StackConfig):
+        self.stack = build_stack(cfg)
+        self.model_dir, self.max_model_len = cfg.model, self.stack.engine.cfg.max_model_len
+        self.config, self.inputs, self.engine = self.stack.config, self.stack.inputs, self.stack.engine
         self.loop = EngineLoop(self.engine, self._on_tokens)
         self.queues: dict[str, asyncio.Queue] = {}
         self.aio: asyncio.AbstractEventLoop | None = None
 
     def model_info(self):
-        from qwenvl_pd.engine.runtime import NodeConfig, Runtime
+        from qwenvl_pd.node.runtime import NodeConfig, Runtime
         # Runtime.model_info reads only these two attributes: reuse it rather than copy it
         cfg = NodeConfig(role="prefill", model=self.model_dir, port=0, max_model_len=self.max_model_len)
         return Runtime.model_info(SimpleNamespace(cfg=cfg, model_config=self.config))
@@ -69,14 +58,10 @@ class ColocatedBackend:
             queue.put_nowait(step)
 
     def _sequence(self, req: PrefillRequest) -> Sequence:
-        images = [m.data for m in req.media if m.kind == "image"]
-        videos = [m.data for m in req.media if m.kind == "video"]
         try:
-            prompt = self.inputs.process_expanded(list(req.prompt_token_ids), images, videos)
+            return sequence_from_request(self.inputs, req, self.max_model_len)
         except (ValueError, InputError) as e:
             raise bad_request(str(e)) from None
-        return Sequence(req.request_id, prompt.token_ids, prompt.positions, prompt.mrope_delta,
-                        req.sampling, items=prompt.items)
 
     async def generate(self, req: PrefillRequest, key: bytes) -> AsyncIterator[Step]:
         seq = await asyncio.to_thread(self._sequence, req)
@@ -95,11 +80,18 @@ class ColocatedBackend:
 
     def stop(self) -> None:
         self.loop.stop()
+        self.stack.close()
 
 
-async def open_colocated(cfg: ProxyConfig):
-    backend = await asyncio.to_thread(ColocatedBackend, cfg.colocated_model, cfg.colocated_max_model_len,
-                                      cfg.colocated_kv_cache_gib)
+def colocated_opener(stack: StackConfig):
+    """The proxy's open_backend for one colocated engine built from `stack`."""
+    async def open_colocated(cfg: ProxyConfig, metrics):
+        return await _open(stack)
+    return open_colocated
+
+
+async def _open(stack: StackConfig):
+    backend = await asyncio.to_thread(ColocatedBackend, stack)
     backend.start()
 
     async def close() -> None:

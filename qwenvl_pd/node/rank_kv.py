@@ -1,0 +1,157 @@
+"""Every rank's KV region on Mooncake, and decode pulls that run on all ranks at once.
+
+Each tensor-parallel rank registers its own shard of the KV cache with its own transfer engine;
+prefill lists every rank's segment in the KVHandle. A decode pull is one job that rank 0
+broadcasts on the ranks' host group: each rank reads its heads from the prefill rank of the
+same index (equal TP sizes), then the ranks agree on the outcome with one all-reduce. A timed-out
+read is waited for before the rank reports, so when a pull returns no read can still land.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from qwenvl_pd.engine.ranks import RankContext
+from qwenvl_pd.kv_transfer.engine import KVTransferEngine, TransferError, TransferTimeout
+from qwenvl_pd.kv_transfer.handle import KVHandle, KVSegment
+from qwenvl_pd.kv_transfer.layout import Region, read_slices
+
+log = logging.getLogger(__name__)
+ADDRESS_BYTES = 256  # a "host:port" session id, padded for the all-gather
+STOP = -1
+
+
+@dataclass(frozen=True)
+class TransferOptions:
+    role: str                # "prefill" | "decode"
+    host: str
+    protocol: str = "tcp"
+    device: str = ""
+    timeout_s: float = 10.0
+
+
+@dataclass(frozen=True)
+class PullJob:
+    """One request's blocks: remote ids in every prefill rank's region -> local ids."""
+    segments: tuple[KVSegment, ...]
+    region_num_blocks: int
+    block_bytes: int
+    remote_blocks: tuple[int, ...]
+    local_blocks: tuple[int, ...]
+
+
+class RankKV:
+    """This rank's transfer engine and registered region; on rank 0 also every rank's segment."""
+
+    def __init__(self, opts: TransferOptions, ctx: RankContext):
+        self.transfer = KVTransferEngine(opts.host, opts.protocol, opts.device, timeout_s=opts.timeout_s)
+        self.transfer.register(ctx.kv_cache)
+        self.region = Region.from_tensor(ctx.kv_cache)
+        self.tp, self.group = ctx.tp, ctx.group
+        own = KVSegment(self.transfer.session_id, self.region.base)
+        self.segments = _all_gather(own, ctx) if ctx.group is not None else (own,)
+        self._lock = threading.Lock()  # one job at a time on the group
+
+    def pull(self, handle: KVHandle, local_blocks: list[int]) -> int:
+        """Rank 0: read the handle's blocks into local_blocks on every rank -> bytes read here."""
+        job = PullJob(handle.segments, handle.region_num_blocks, handle.block_bytes,
+                      handle.block_ids, tuple(local_blocks))
+        if self.group is None:  # one rank: a late read keeps its TransferTimeout for the caller
+            return self._read(job, settle=False)
+        with self._lock:
+            _send(job, self.group)
+            return self._agree(job)
+
+    def serve_pulls(self) -> None:
+        """Ranks 1..N-1: run every job rank 0 sends until it closes the group."""
+        while (job := _recv(self.group)) is not None:
+            try:
+                self._agree(job)
+            except TransferError:
+                pass  # rank 0 reports it
+
+    def _agree(self, job: PullJob) -> int:
+        failed, read = torch.zeros(1, dtype=torch.long), 0
+        try:
+            read = self._read(job, settle=True)
+        except TransferError as e:
+            log.error("rank %d: KV read failed: %s", self.tp.rank, e)
+            failed[0] = 1
+        dist.all_reduce(failed, op=dist.ReduceOp.MAX, group=self.group)
+        if failed.item():
+            raise TransferError("KV read failed on at least one tensor-parallel rank")
+        return read
+
+    def _read(self, job: PullJob, settle: bool) -> int:
+        segment = job.segments[self.tp.rank]
+        remote = Region(segment.kv_base_ptr, self.region.num_layers, job.region_num_blocks,
+                        job.block_bytes)
+        slices = read_slices(self.region, remote, job.remote_blocks, job.local_blocks)
+        try:
+            self.transfer.read_batch(segment.transfer_address, slices)
+        except TransferTimeout as e:
+            if settle:
+                e.settled.result()
+            raise
+        return sum(n for _, _, n in slices)
+
+    def close(self) -> None:
+        if self.group is not None and self.tp.rank == 0:
+            with self._lock:
+                _send(None, self.group)
+        self.transfer.close()
+
+
+def setup_rank_kv(opts: TransferOptions, ctx: RankContext) -> RankKV:
+    """The rank_setup hook of the nodes: register this rank's KV; decode ranks 1..N-1 then
+    serve pull jobs on a thread of their own."""
+    kv = RankKV(opts, ctx)
+    if opts.role == "decode" and ctx.tp.rank > 0:
+        threading.Thread(target=kv.serve_pulls, name="kv-pulls", daemon=True).start()
+    return kv
+
+
+def _all_gather(own: KVSegment, ctx: RankContext) -> tuple[KVSegment, ...]:
+    address = own.transfer_address.encode()
+    if len(address) > ADDRESS_BYTES:
+        raise ValueError(f"transfer address {own.transfer_address!r} is too long")
+    mine = torch.zeros(ADDRESS_BYTES + 8, dtype=torch.uint8)
+    mine[:len(address)] = torch.tensor(list(address), dtype=torch.uint8)
+    mine[ADDRESS_BYTES:] = torch.tensor([own.kv_base_ptr], dtype=torch.long).view(torch.uint8)
+    parts = [torch.empty_like(mine) for _ in range(ctx.tp.size)]
+    dist.all_gather(parts, mine, group=ctx.group)
+    return tuple(KVSegment(bytes(p[:ADDRESS_BYTES].tolist()).rstrip(b"\0").decode(),
+                           int(p[ADDRESS_BYTES:].view(torch.long))) for p in parts)
+
+
+def _send(job: PullJob | None, group) -> None:
+    if job is None:
+        dist.broadcast(torch.tensor([STOP, 0]), 0, group=group)
+        return
+    addresses = "\n".join(s.transfer_address for s in job.segments).encode()
+    ints = torch.tensor([job.region_num_blocks, job.block_bytes, len(job.remote_blocks),
+                         *(s.kv_base_ptr for s in job.segments), *job.remote_blocks, *job.local_blocks])
+    dist.broadcast(torch.tensor([len(ints), len(addresses)]), 0, group=group)
+    dist.broadcast(ints, 0, group=group)
+    dist.broadcast(torch.tensor(list(addresses), dtype=torch.uint8), 0, group=group)
+
+
+def _recv(group) -> PullJob | None:
+    sizes = torch.zeros(2, dtype=torch.long)
+    dist.broadcast(sizes, 0, group=group)
+    if sizes[0] == STOP:
+        return None
+    ints, raw = torch.empty(int(sizes[0]), dtype=torch.long), torch.empty(int(sizes[1]), dtype=torch.uint8)
+    dist.broadcast(ints, 0, group=group)
+    dist.broadcast(raw, 0, group=group)
+    values = ints.tolist()
+    blocks, n = values[:2], values[2]
+    addresses = bytes(raw.tolist()).decode().split("\n")
+    ptrs = values[3:3 + len(addresses)]
+    ids = values[3 + len(addresses):]
+    return PullJob(tuple(KVSegment(a, p) for a, p in zip(addresses, ptrs)), blocks[0], blocks[1],
+                   tuple(ids[:n]), tuple(ids[n:]))
