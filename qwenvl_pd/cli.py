@@ -51,8 +51,7 @@ def _node(args: argparse.Namespace) -> int:
         from qwenvl_pd.prefill_node.server import main as run
     else:
         from qwenvl_pd.decode_node.server import main as run
-    run(cfg)
-    return 0
+    return run(cfg)
 
 
 def _add_node_parser(sub, role: str, default_port: int) -> None:

@@ -183,5 +183,5 @@ def _event(seq: Sequence) -> TokenEvent:
                       num_output_tokens=seq.num_output)
 
 
-def main(cfg: NodeConfig) -> None:
-    run_node(cfg, DecodeService, pb_grpc.add_DecodeServicer_to_server)
+def main(cfg: NodeConfig) -> int:
+    return run_node(cfg, DecodeService, pb_grpc.add_DecodeServicer_to_server)

@@ -21,6 +21,7 @@ class EngineLoop:
         self._on_tokens, self._on_tick = on_tokens, on_tick
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._stopped = threading.Event()
+        self.failure: str | None = None  # why the loop stopped on its own
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
 
     def start(self) -> None:
@@ -44,8 +45,9 @@ class EngineLoop:
             if self.engine.has_work():
                 try:
                     self._on_tokens(self.engine.step())
-                except Exception:  # a broken step must not kill the node silently
+                except Exception as e:  # a broken step must not kill the node silently
                     log.exception("engine step failed")
+                    self.failure = f"engine step failed: {e}"
                     self._stopped.set()
 
     def _drain(self, wait: bool) -> None:

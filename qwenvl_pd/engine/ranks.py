@@ -134,6 +134,12 @@ class Ranks:
     def dead(self) -> list[int]:
         return [r for r, p in enumerate(self.procs, 1) if not p.is_alive()]
 
+    def kill(self) -> None:
+        """After a failure: the collectives cannot be trusted, so no goodbye."""
+        for p in self.procs:
+            p.kill()
+            p.join(timeout=10)
+
     def close(self) -> None:
         if not self.dead():
             try:
@@ -161,8 +167,8 @@ def run_rank(spec: RankSpec) -> None:
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s rank {spec.tp.rank} %(levelname)s: %(message)s")
     group, aux = init_rank(spec)
     runner = build_rank_runner(spec)
-    if spec.rank_setup is not None:
-        spec.rank_setup(RankContext(spec.tp, runner.kv_cache, aux))
+    # what the hook made (a registered transfer engine) lives as long as the rank
+    kept = spec.rank_setup(RankContext(spec.tp, runner.kv_cache, aux)) if spec.rank_setup else None
     channel = StepChannel(group)
     dist.barrier(group=group)
     try:
@@ -171,4 +177,5 @@ def run_rank(spec: RankSpec) -> None:
     except RuntimeError as e:  # rank 0 or a peer went away: nothing left to serve
         log.error("rank %d stopping: %s", spec.tp.rank, e)
         os._exit(1)
+    del kept
     dist.destroy_process_group()

@@ -13,6 +13,7 @@ from qwenvl_pd.protos.channel import GRPC_OPTIONS
 from qwenvl_pd.node.runtime import Runtime
 
 log = logging.getLogger(__name__)
+WATCH_S = 0.5  # how often the engine and the ranks are checked
 
 
 class NodeHost:
@@ -30,8 +31,9 @@ class NodeHost:
         self.aio.call_soon_threadsafe(fn, *args)
 
 
-def run_node(cfg, make_service: Callable, add_to_server: Callable) -> None:
-    """Build the runtime for cfg, serve make_service(runtime) until SIGINT/SIGTERM."""
+def run_node(cfg, make_service: Callable, add_to_server: Callable) -> int:
+    """Build the runtime for cfg, serve make_service(runtime) until SIGINT/SIGTERM (exit code
+    0) or until the engine or a rank fails (1)."""
     runtime = Runtime(cfg)
 
     def register(server: grpc.aio.Server) -> NodeHost:
@@ -39,11 +41,11 @@ def run_node(cfg, make_service: Callable, add_to_server: Callable) -> None:
         add_to_server(service, server)
         return service.host
 
-    asyncio.run(serve(runtime, register))
+    return asyncio.run(serve(runtime, register))
 
 
-async def serve(runtime: Runtime, register: Callable[[grpc.aio.Server], NodeHost]) -> None:
-    """Start the engine and the gRPC server; run until SIGINT/SIGTERM."""
+async def serve(runtime: Runtime, register: Callable[[grpc.aio.Server], NodeHost]) -> int:
+    """Start the engine and the gRPC server; run until SIGINT/SIGTERM or a failure."""
     server = grpc.aio.server(options=GRPC_OPTIONS)
     host = register(server)
     health_servicer = health.aio.HealthServicer()
@@ -57,10 +59,27 @@ async def serve(runtime: Runtime, register: Callable[[grpc.aio.Server], NodeHost
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         asyncio.get_running_loop().add_signal_handler(sig, stop.set)
-    await stop.wait()
-    await server.stop(grace=2)
+    failed = await _until_stopped(stop, host, runtime, health_servicer)
+    # in-flight streams end with an RPC error now, not when their deadline passes
+    await server.stop(grace=0.5 if failed else 2)
     host.engine_loop.stop()
-    runtime.close()
+    runtime.close(failed)
+    return 1 if failed else 0
+
+
+async def _until_stopped(stop: asyncio.Event, host: NodeHost, runtime: Runtime, health_servicer) -> bool:
+    """Wait for a signal (-> False) or a failure of the engine or a rank (-> True)."""
+    while not stop.is_set():
+        reason = host.engine_loop.failure or runtime.failure()
+        if reason:
+            log.error("%s %s cannot serve: %s; exiting", runtime.cfg.role, runtime.instance_id, reason)
+            await health_servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+            return True
+        try:
+            await asyncio.wait_for(stop.wait(), WATCH_S)
+        except asyncio.TimeoutError:
+            pass
+    return False
 
 
 async def _set_serving(servicer) -> None:

@@ -51,7 +51,7 @@ class RankKV:
         self.transfer = KVTransferEngine(opts.host, opts.protocol, opts.device, timeout_s=opts.timeout_s)
         self.transfer.register(ctx.kv_cache)
         self.region = Region.from_tensor(ctx.kv_cache)
-        self.tp, self.group = ctx.tp, ctx.group
+        self.tp, self.group, self.role = ctx.tp, ctx.group, opts.role
         own = KVSegment(self.transfer.session_id, self.region.base)
         self.segments = _all_gather(own, ctx) if ctx.group is not None else (own,)
         self._lock = threading.Lock()  # one job at a time on the group
@@ -100,8 +100,8 @@ class RankKV:
         return sum(n for _, _, n in slices)
 
     def close(self) -> None:
-        if self.group is not None and self.tp.rank == 0:
-            with self._lock:
+        if self.group is not None and self.tp.rank == 0 and self.role == "decode":
+            with self._lock:  # ends the other ranks' serve_pulls
                 _send(None, self.group)
         self.transfer.close()
 

@@ -80,7 +80,16 @@ class Runtime:
             video_preprocessor_config_json=_read(d / "video_preprocessor_config.json"),
             generation_config_json=_read(d / "generation_config.json"))
 
-    def close(self) -> None:
+    def failure(self) -> str | None:
+        """Why this instance can no longer serve (a tensor-parallel rank died), or None."""
+        dead = self.stack.ranks.dead() if self.stack.ranks is not None else []
+        return f"tensor-parallel rank(s) {dead} died" if dead else None
+
+    def close(self, failed: bool = False) -> None:
+        if failed and self.stack.ranks is not None:
+            self.stack.ranks.kill()  # a rank is gone or stuck: no collective goodbye
+            self.kv.transfer.close()
+            return
         self.kv.close()
         self.stack.close()
 

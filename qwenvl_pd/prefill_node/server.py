@@ -136,5 +136,5 @@ class PrefillService(pb_grpc.PrefillServicer):
         return convert.to_proto(self.rt.model_info())
 
 
-def main(cfg: NodeConfig) -> None:
-    run_node(cfg, PrefillService, pb_grpc.add_PrefillServicer_to_server)
+def main(cfg: NodeConfig) -> int:
+    return run_node(cfg, PrefillService, pb_grpc.add_PrefillServicer_to_server)
