@@ -1,10 +1,8 @@
 """Builds one flat forward from a list of sequences (prefill chunks and decode tokens mixed)."""
-from dataclasses import dataclass
-
 import torch
 
 from qwenvl_pd.engine.graphs import DecodeGraphs
-from qwenvl_pd.engine.sequence import Sequence
+from qwenvl_pd.engine.sequence import ScheduledChunk, Sequence
 from qwenvl_pd.model.base import VisionLanguageModel
 from qwenvl_pd.model.layers.attention import AttentionMetadata, DecodeGroup, PrefillSpan
 from qwenvl_pd.model.text import VisualInjection
@@ -12,12 +10,6 @@ from qwenvl_pd.model.text import VisualInjection
 # decode rows attend in groups of this many (sorted by context length): one padded batch for
 # all rows would read up to max/mean times the keys it needs (4 measured best of 2-8 on CPU)
 DECODE_GROUP = 4
-
-
-@dataclass
-class ScheduledChunk:
-    seq: Sequence
-    num_tokens: int  # tokens of seq to compute this step, from seq.num_computed on
 
 
 class ModelRunner:

@@ -4,8 +4,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from qwenvl_pd.engine.block_manager import BlockManager
-from qwenvl_pd.engine.model_runner import ScheduledChunk
-from qwenvl_pd.engine.sequence import FinishReason, Sequence, Status
+from qwenvl_pd.engine.sequence import FinishReason, ScheduledChunk, Sequence, Status
 
 
 @dataclass(frozen=True)

@@ -64,3 +64,9 @@ class Sequence:
         head = self.prompt_positions[:, start:min(end, self.prompt_len)]
         tail = torch.arange(max(start, self.prompt_len), max(end, self.prompt_len)) + self.mrope_delta
         return torch.cat([head, tail.expand(3, -1)], dim=1)
+
+
+@dataclass
+class ScheduledChunk:
+    seq: Sequence
+    num_tokens: int  # tokens of seq to compute this step, from seq.num_computed on
