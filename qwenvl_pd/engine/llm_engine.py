@@ -1,4 +1,4 @@
-"""One engine loop for every mode: schedule -> run -> postprocess."""
+"""One engine loop for every role: schedule -> run -> postprocess."""
 from dataclasses import dataclass
 
 import torch
@@ -17,7 +17,10 @@ from qwenvl_pd.platform import graph_api
 
 @dataclass(frozen=True)
 class EngineConfig:
-    mode: str = "colocated"          # colocated | prefill | decode
+    # a prefill node stops each request at its first token and keeps the blocks for the handoff
+    finish_after_prefill: bool = False
+    # a decode node cannot prefill again: a preempted request is handed back instead
+    recompute_on_preempt: bool = True
     block_size: int = 16
     kv_cache_bytes: int = 1 << 30
     num_kv_blocks: int | None = None  # overrides kv_cache_bytes
@@ -41,7 +44,7 @@ class LLMEngine:
         self.blocks = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(SchedulerConfig(
             cfg.max_num_seqs, cfg.max_num_batched_tokens,
-            recompute_on_preempt=cfg.mode != "decode"), self.blocks)
+            recompute_on_preempt=cfg.recompute_on_preempt), self.blocks)
         self.runner = ModelRunner(model, self.kv_cache, cfg.block_size,
                                   self._graphs(model, config, cfg, num_blocks, device))
         self.encoder_cache = EncoderCache(cfg.encoder_cache_bytes)
@@ -110,7 +113,7 @@ class LLMEngine:
             self.finish(seq, FinishReason.STOP)
         elif seq.num_output >= p.max_tokens:
             self.finish(seq, FinishReason.LENGTH)
-        elif self.cfg.mode == "prefill":
+        elif self.cfg.finish_after_prefill:
             self.finish(seq, FinishReason.PREFILLED)
 
     def finish(self, seq: Sequence, reason: FinishReason) -> None:
