@@ -1,8 +1,10 @@
 """Builds one flat forward from a list of sequences (prefill chunks and decode tokens mixed)."""
 import torch
 
+from qwenvl_pd.engine.block_tables import BlockTables
 from qwenvl_pd.engine.graphs import DecodeGraphs
 from qwenvl_pd.engine.sequence import ScheduledChunk, Sequence
+from qwenvl_pd.engine.token_inputs import flat_tokens
 from qwenvl_pd.model.base import VisionLanguageModel
 from qwenvl_pd.model.layers.attention import AttentionMetadata, DecodeGroup, PrefillSpan
 from qwenvl_pd.model.text import VisualInjection
@@ -21,6 +23,7 @@ class ModelRunner:
         self.block_size = block_size
         self.device = kv_cache.device
         self.gather_buffer = torch.empty(0, dtype=kv_cache.dtype, device=self.device)
+        self.tables = BlockTables()
         cfg = model.config
         self.mm_token_ids = torch.tensor([cfg.image_token_id, cfg.video_token_id])
 
@@ -55,24 +58,21 @@ class ModelRunner:
 
     def prepare(self, chunks: list[ScheduledChunk]):
         """chunks must list single-token chunks first (run() orders them)."""
-        ids, pos, slots, masks, embeds, deep = [], [], [], [], [], []
-        for c in chunks:
-            s, start = c.seq, c.seq.num_computed
-            end = start + c.num_tokens
-            ids.extend(s.token_ids[start:end])
-            pos.append(s.positions(start, end))
-            slots.extend(self._slot(s, i) for i in range(start, end))
-            masks.append(self._collect_vision(s, start, end, embeds, deep))
+        embeds, deep = [], []
+        ids, pos, slots, mask = flat_tokens(chunks, self.block_size, lambda s, start, end:
+                                            self._collect_vision(s, start, end, embeds, deep))
         meta = self._metadata(chunks, slots)
-        visual = self._visual(torch.cat(masks), embeds, deep)
-        return (torch.tensor(ids, device=self.device), torch.cat(pos, dim=1).to(self.device),
-                meta, visual)
+        visual = self._visual(mask, embeds, deep)
+        return (torch.tensor(ids, device=self.device), pos.to(self.device), meta, visual)
 
     def _metadata(self, chunks: list[ScheduledChunk], slots: list[int]) -> AttentionMetadata:
         decode = [c.seq for c in chunks if c.num_tokens == 1]
         # one launch for all rows where launches cost more than padding does (CUDA, NPU)
         size = DECODE_GROUP if self.device.type == "cpu" else max(len(decode), 1)
-        groups = [self._decode_group(decode[i:i + size], i) for i in range(0, len(decode), size)]
+        # the tables and lengths of all decode rows at once; each group takes a slice
+        tables, lens = self._block_tables(decode), torch.tensor([s.num_computed + 1 for s in decode])
+        groups = [self._decode_group(decode[i:i + size], i, tables, lens)
+                  for i in range(0, len(decode), size)]
         prefills, offset = [], len(decode)
         for c in chunks[len(decode):]:
             end = c.seq.num_computed + c.num_tokens
@@ -93,9 +93,11 @@ class ModelRunner:
             self.gather_buffer = torch.empty(need * 3 // 2, dtype=self.kv_cache.dtype, device=self.device)
         return self.gather_buffer
 
-    def _decode_group(self, seqs: list[Sequence], start: int) -> DecodeGroup:
-        tables = self._block_tables(seqs)
-        lens = torch.tensor([s.num_computed + 1 for s in seqs])
+    def _decode_group(self, seqs: list[Sequence], start: int, all_tables: torch.Tensor,
+                      all_lens: torch.Tensor) -> DecodeGroup:
+        end = start + len(seqs)
+        tables = all_tables[start:end, :max(len(s.block_ids) for s in seqs)]
+        lens = all_lens[start:end]
         keys = torch.arange(tables.shape[1] * self.block_size)
         key_mask = (keys[None] < lens[:, None])[:, None, None]  # [rows, 1, 1, ctx]
         fused_lens = lens.to(torch.int32) if self.device.type == "npu" else None
@@ -106,9 +108,7 @@ class ModelRunner:
         return seq.block_ids[index // self.block_size] * self.block_size + index % self.block_size
 
     def _block_tables(self, seqs: list[Sequence]) -> torch.Tensor:
-        width = max(len(s.block_ids) for s in seqs)
-        rows = [s.block_ids + [0] * (width - len(s.block_ids)) for s in seqs]
-        return torch.tensor(rows, dtype=torch.long)
+        return self.tables.gather(seqs)
 
     def _collect_vision(self, seq: Sequence, start: int, end: int, embeds: list,
                         deep: list) -> torch.Tensor:

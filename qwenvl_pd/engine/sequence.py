@@ -23,7 +23,7 @@ class Status(Enum):
     FINISHED = 2
 
 
-@dataclass
+@dataclass(eq=False)  # by identity, so hashable: the runner keys block-table rows by sequence
 class Sequence:
     request_id: str
     token_ids: list[int]
