@@ -21,12 +21,14 @@ class Allocation:
     num_cached_tokens: int  # leading prompt tokens whose K/V already sit in block_ids
 
 
-def block_hashes(token_ids: Sequence[int], mm_spans: Iterable[MMSpan], block_size: int) -> list[bytes]:
-    """Chained sha256 of each full block: previous hash, token ids, and every multimodal item
-    whose span meets the block (placeholder pads are identical for all images, the hash is not)."""
+def block_hashes(token_ids: Sequence[int], mm_spans: Iterable[MMSpan], block_size: int,
+                 first: int = 0, prev: bytes = b"") -> list[bytes]:
+    """Chained sha256 of each full block from block `first` on (prev: the hash of the block
+    before it): previous hash, token ids, and every multimodal item whose span meets the block
+    (placeholder pads are identical for all images, the hash is not)."""
     spans = sorted(mm_spans, key=lambda s: (s[0], s[1]))
-    hashes, prev = [], b""
-    for start in range(0, len(token_ids) - block_size + 1, block_size):
+    hashes = []
+    for start in range(first * block_size, len(token_ids) - block_size + 1, block_size):
         end = start + block_size
         h = hashlib.sha256(prev)
         h.update(struct.pack(f"<{block_size}q", *token_ids[start:end]))
@@ -136,8 +138,14 @@ class BlockManager:
         shared once its K/V exist."""
         if not self.enable_prefix_caching:
             return 0
+        return self.seal_hashes(block_ids, block_hashes(token_ids, mm_spans, self.block_size))
+
+    def seal_hashes(self, block_ids: Sequence[int], hashes: Sequence[bytes]) -> int:
+        """seal() with the blocks' chained hashes already known: block_ids[i] holds hashes[i]."""
+        if not self.enable_prefix_caching:
+            return 0
         added = 0
-        for b, h in zip(block_ids, block_hashes(token_ids, mm_spans, self.block_size)):
+        for b, h in zip(block_ids, hashes):
             # a duplicate of an already cached block stays unhashed and returns to the pool when freed
             if self._hash[b] is None and h not in self._cached:
                 self._hash[b], self._cached[h] = h, b

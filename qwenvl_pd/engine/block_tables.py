@@ -52,7 +52,10 @@ class BlockTables:
             return
         rows = have_rows if rows <= have_rows else max(rows, 2 * have_rows)
         width = have_width if width <= have_width else max(width, 2 * have_width)
-        grown = torch.zeros(rows, width, dtype=torch.long)
-        grown[:have_rows, :have_width] = self._table
+        # a normal tensor even when called under inference_mode, so that steps prepared outside
+        # it can still write into the table
+        with torch.inference_mode(False):
+            grown = torch.zeros(rows, width, dtype=torch.long)
+            grown[:have_rows, :have_width] = self._table
         self._spare.extend(_Row(i, [], 0) for i in range(have_rows, grown.shape[0]))
         self._table = grown

@@ -11,7 +11,7 @@ from qwenvl_pd.engine.kv_cache import allocate_kv_cache, blocks_for_memory
 from qwenvl_pd.engine.model_runner import ModelRunner, ScheduledChunk
 from qwenvl_pd.engine.sampler import SamplerInput, sample
 from qwenvl_pd.engine.scheduler import Scheduler, SchedulerConfig
-from qwenvl_pd.engine.sequence import FinishReason, Sequence
+from qwenvl_pd.engine.sequence import FinishReason, Sequence, TokenSpan
 from qwenvl_pd.platform import graph_api
 
 
@@ -103,13 +103,14 @@ class LLMEngine:
         return seqs
 
     def _sampler_input(self, seq: Sequence) -> SamplerInput:
-        return SamplerInput(seq.params, len(seq.token_ids), seq.token_ids[:seq.prompt_len],
-                            seq.output_ids, self.config.eos_token_ids)
+        tokens = seq.token_ids
+        return SamplerInput(seq.params, len(tokens), TokenSpan(tokens, 0, seq.prompt_len),
+                            TokenSpan(tokens, seq.prompt_len), self.config.eos_token_ids)
 
     def _check_finish(self, seq: Sequence, token: int) -> None:
         p = seq.params
-        stops = set(p.stop_token_ids) | (set() if p.ignore_eos else set(self.config.eos_token_ids))
-        if seq.num_output >= p.min_tokens and token in stops:
+        stop = token in p.stop_token_ids or (not p.ignore_eos and token in self.config.eos_token_ids)
+        if stop and seq.num_output >= p.min_tokens:
             self.finish(seq, FinishReason.STOP)
         elif seq.num_output >= p.max_tokens:
             self.finish(seq, FinishReason.LENGTH)

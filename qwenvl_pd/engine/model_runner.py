@@ -69,10 +69,14 @@ class ModelRunner:
         decode = [c.seq for c in chunks if c.num_tokens == 1]
         # one launch for all rows where launches cost more than padding does (CUDA, NPU)
         size = DECODE_GROUP if self.device.type == "cpu" else max(len(decode), 1)
-        # the tables and lengths of all decode rows at once; each group takes a slice
-        tables, lens = self._block_tables(decode), torch.tensor([s.num_computed + 1 for s in decode])
-        groups = [self._decode_group(decode[i:i + size], i, tables, lens)
-                  for i in range(0, len(decode), size)]
+        # tables, lengths and key masks of all decode rows at once; each group takes a slice
+        widths = [len(s.block_ids) for s in decode]
+        tables = self._block_tables(decode)
+        lens = torch.tensor([s.num_computed + 1 for s in decode], dtype=torch.long)
+        masks = (torch.arange(tables.shape[1] * self.block_size)[None] < lens[:, None])[:, None, None]
+        groups = [self._decode_group(i * size, max(widths[i * size:(i + 1) * size]), *rows)
+                  for i, rows in enumerate(zip(tables.split(size), lens.split(size), masks.split(size)))
+                  ] if decode else []  # split() of nothing is one empty piece
         prefills, offset = [], len(decode)
         for c in chunks[len(decode):]:
             end = c.seq.num_computed + c.num_tokens
@@ -93,16 +97,13 @@ class ModelRunner:
             self.gather_buffer = torch.empty(need * 3 // 2, dtype=self.kv_cache.dtype, device=self.device)
         return self.gather_buffer
 
-    def _decode_group(self, seqs: list[Sequence], start: int, all_tables: torch.Tensor,
-                      all_lens: torch.Tensor) -> DecodeGroup:
-        end = start + len(seqs)
-        tables = all_tables[start:end, :max(len(s.block_ids) for s in seqs)]
-        lens = all_lens[start:end]
-        keys = torch.arange(tables.shape[1] * self.block_size)
-        key_mask = (keys[None] < lens[:, None])[:, None, None]  # [rows, 1, 1, ctx]
+    def _decode_group(self, start: int, width: int, tables: torch.Tensor, lens: torch.Tensor,
+                      masks: torch.Tensor) -> DecodeGroup:
+        """One group's rows, cut to the group's widest table: [rows, blocks], [rows],
+        masks [rows, 1, 1, ctx]."""
         fused_lens = lens.to(torch.int32) if self.device.type == "npu" else None
-        return DecodeGroup(start, start + len(seqs), tables.to(self.device),
-                           key_mask.to(self.device), fused_lens)
+        return DecodeGroup(start, start + len(lens), tables[:, :width].to(self.device),
+                           masks[..., :width * self.block_size].to(self.device), fused_lens)
 
     def _slot(self, seq: Sequence, index: int) -> int:
         return seq.block_ids[index // self.block_size] * self.block_size + index % self.block_size

@@ -33,3 +33,12 @@ def test_tables_grow_past_their_first_size():
     got = tables.gather(seqs)
     assert got.shape == (40, 5)
     assert got.tolist() == [s.block_ids + [0] * (5 - len(s.block_ids)) for s in seqs]
+
+
+def test_a_table_grown_under_inference_mode_is_written_outside_it():
+    tables = BlockTables()
+    a = _seq("a", [1, 2])
+    with torch.inference_mode():
+        assert tables.gather([a]).tolist() == [[1, 2]]
+    a.block_ids.append(3)
+    assert tables.gather([a]).tolist() == [[1, 2, 3]]
