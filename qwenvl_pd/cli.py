@@ -30,7 +30,8 @@ def _node(args: argparse.Namespace) -> int:
     from qwenvl_pd.node.runtime import NodeConfig
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     engine = EngineConfig(
-        mode=args.command, block_size=args.block_size, kv_cache_bytes=int(args.kv_cache_gib * (1 << 30)),
+        finish_after_prefill=args.command == "prefill", recompute_on_preempt=args.command != "decode",
+        block_size=args.block_size, kv_cache_bytes=int(args.kv_cache_gib * (1 << 30)),
         num_kv_blocks=args.num_kv_blocks, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         enable_prefix_caching=not args.no_prefix_caching, seed=args.seed,

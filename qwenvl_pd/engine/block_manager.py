@@ -1,11 +1,11 @@
 """Block ids of one instance's paged KV region: contiguous-run allocation, ref counts, prefix cache."""
 import hashlib
 import struct
-from bisect import bisect_left, insort
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from itertools import groupby
+
+from qwenvl_pd.engine.free_runs import FreeRuns
 
 # One image/video of a prompt: its placeholder tokens are [start, end) and its content hash.
 MMSpan = tuple[int, int, bytes | str]
@@ -21,12 +21,14 @@ class Allocation:
     num_cached_tokens: int  # leading prompt tokens whose K/V already sit in block_ids
 
 
-def block_hashes(token_ids: Sequence[int], mm_spans: Iterable[MMSpan], block_size: int) -> list[bytes]:
-    """Chained sha256 of each full block: previous hash, token ids, and every multimodal item
-    whose span meets the block (placeholder pads are identical for all images, the hash is not)."""
+def block_hashes(token_ids: Sequence[int], mm_spans: Iterable[MMSpan], block_size: int,
+                 first: int = 0, prev: bytes = b"") -> list[bytes]:
+    """Chained sha256 of each full block from block `first` on (prev: the hash of the block
+    before it): previous hash, token ids, and every multimodal item whose span meets the block
+    (placeholder pads are identical for all images, the hash is not)."""
     spans = sorted(mm_spans, key=lambda s: (s[0], s[1]))
-    hashes, prev = [], b""
-    for start in range(0, len(token_ids) - block_size + 1, block_size):
+    hashes = []
+    for start in range(first * block_size, len(token_ids) - block_size + 1, block_size):
         end = start + block_size
         h = hashlib.sha256(prev)
         h.update(struct.pack(f"<{block_size}q", *token_ids[start:end]))
@@ -44,8 +46,10 @@ def block_hashes(token_ids: Sequence[int], mm_spans: Iterable[MMSpan], block_siz
 class BlockManager:
     """Hands out ids 0..num_blocks-1 of one preallocated KV region; never touches the tensor.
 
-    Free pool = truly free blocks (sorted ids) + evictable blocks (ref 0 but still holding a
-    cached prefix hash, least recently freed first). Not thread-safe: one engine loop owns it.
+    Free pool = truly free blocks (runs of consecutive ids) + evictable blocks (ref 0 but still
+    holding a cached prefix hash, least recently freed first). Every operation costs O(log
+    num_blocks) per run it touches plus O(1) per block it hands out or takes back, whatever the
+    pool size. Not thread-safe: one engine loop owns it.
     """
 
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
@@ -57,7 +61,7 @@ class BlockManager:
         self._ref = [0] * num_blocks
         self._hash: list[bytes | None] = [None] * num_blocks
         self._cached: dict[bytes, int] = {}
-        self._free = list(range(num_blocks))
+        self._free = FreeRuns(num_blocks)
         self._evictable: OrderedDict[int, None] = OrderedDict()
         self.prefix_queries = 0  # in blocks: full prompt blocks eligible for a hit
         self.prefix_hits = 0     # in blocks: those found in the cache
@@ -65,7 +69,7 @@ class BlockManager:
     @property
     def num_free_blocks(self) -> int:
         """Truly free plus evictable cached blocks."""
-        return len(self._free) + len(self._evictable)
+        return self._free.count + len(self._evictable)
 
     @property
     def num_used_blocks(self) -> int:
@@ -122,9 +126,7 @@ class BlockManager:
             raise ValueError(f"{num_tokens} tokens need {need} more blocks; append_slot grows by one")
         self._check(1)
         nxt = block_ids[-1] + 1 if block_ids else -1
-        i = bisect_left(self._free, nxt)
-        if i < len(self._free) and self._free[i] == nxt:
-            del self._free[i]
+        if self._free.take_id(nxt):
             self._ref[nxt] = 1
             return nxt
         return self._take(1)[0]
@@ -136,8 +138,14 @@ class BlockManager:
         shared once its K/V exist."""
         if not self.enable_prefix_caching:
             return 0
+        return self.seal_hashes(block_ids, block_hashes(token_ids, mm_spans, self.block_size))
+
+    def seal_hashes(self, block_ids: Sequence[int], hashes: Sequence[bytes]) -> int:
+        """seal() with the blocks' chained hashes already known: block_ids[i] holds hashes[i]."""
+        if not self.enable_prefix_caching:
+            return 0
         added = 0
-        for b, h in zip(block_ids, block_hashes(token_ids, mm_spans, self.block_size)):
+        for b, h in zip(block_ids, hashes):
             # a duplicate of an already cached block stays unhashed and returns to the pool when freed
             if self._hash[b] is None and h not in self._cached:
                 self._hash[b], self._cached[h] = h, b
@@ -150,14 +158,16 @@ class BlockManager:
             raise ValueError(f"double free among blocks {list(block_ids)}")
         # tail first: the tail becomes the least recently freed, so it is evicted before the
         # prefix, which more prompts are likely to share
+        free = []
         for b in reversed(block_ids):
             self._ref[b] -= 1
             if self._ref[b] > 0:
                 continue
             if self._hash[b] is None:
-                insort(self._free, b)
+                free.append(b)
             else:
                 self._evictable[b] = None
+        self._free.add(free)
 
     def _eligible(self, num_tokens: int) -> int:
         # As in vLLM v1, hits are capped at num_tokens - 1 tokens in whole blocks: the last prompt
@@ -186,33 +196,14 @@ class BlockManager:
             raise OutOfBlocks(f"need {n} KV blocks, {self.num_free_blocks} of {self.num_blocks} free")
 
     def _take(self, n: int) -> list[int]:
-        ids = self._pick(min(n, len(self._free)))
-        taken = set(ids)
-        self._free = [b for b in self._free if b not in taken]
-        while len(ids) < n:  # truly free blocks ran out: evict the least recently freed cached one
+        # Policy, so that a KV transfer is few large slices: see FreeRuns.take. Cached blocks are
+        # evicted (LRU) only once no truly free block is left.
+        ids = self._free.take(min(n, self._free.count))
+        while len(ids) < n:
             b, _ = self._evictable.popitem(last=False)
             del self._cached[self._hash[b]]
             self._hash[b] = None
             ids.append(b)
         for b in ids:
             self._ref[b] = 1
-        return ids
-
-    def _pick(self, n: int) -> list[int]:
-        # Policy, so that a KV transfer is few large slices: the lowest-id free run that fits all n;
-        # else whole runs longest first (ties: lower id), the last one cut from its start so its rest
-        # stays free for append_slot, which tries last id + 1 first. Cached blocks are evicted (LRU)
-        # only once no truly free block is left. O(free), plus sorting the runs when none fits.
-        if n == 0:
-            return []
-        # ids minus their index is constant along a run of consecutive ids
-        runs = [[b for _, b in g] for _, g in groupby(enumerate(self._free), lambda t: t[1] - t[0])]
-        fit = next((r for r in runs if len(r) >= n), None)
-        if fit is not None:
-            return fit[:n]
-        ids: list[int] = []
-        for r in sorted(runs, key=len, reverse=True):
-            ids.extend(r[:n - len(ids)])
-            if len(ids) == n:
-                break
         return ids

@@ -1,4 +1,4 @@
-"""One engine loop for every mode: schedule -> run -> postprocess."""
+"""One engine loop for every role: schedule -> run -> postprocess."""
 from dataclasses import dataclass
 
 import torch
@@ -11,14 +11,17 @@ from qwenvl_pd.engine.kv_cache import allocate_kv_cache, blocks_for_memory
 from qwenvl_pd.engine.model_runner import ModelRunner, ScheduledChunk
 from qwenvl_pd.engine.sampler import SamplerInput, sample
 from qwenvl_pd.engine.scheduler import Scheduler, SchedulerConfig
-from qwenvl_pd.engine.sequence import FinishReason, Sequence
+from qwenvl_pd.engine.sequence import FinishReason, Sequence, TokenSpan
 from qwenvl_pd.model.parallel import TensorParallel
 from qwenvl_pd.platform import graph_api
 
 
 @dataclass(frozen=True)
 class EngineConfig:
-    mode: str = "colocated"          # colocated | prefill | decode
+    # a prefill node stops each request at its first token and keeps the blocks for the handoff
+    finish_after_prefill: bool = False
+    # a decode node cannot prefill again: a preempted request is handed back instead
+    recompute_on_preempt: bool = True
     block_size: int = 16
     kv_cache_bytes: int = 1 << 30
     num_kv_blocks: int | None = None  # overrides kv_cache_bytes
@@ -65,7 +68,7 @@ class LLMEngine:
         self.blocks = BlockManager(self.kv_cache.shape[2] - 1, cfg.block_size, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(SchedulerConfig(
             cfg.max_num_seqs, cfg.max_num_batched_tokens,
-            recompute_on_preempt=cfg.mode != "decode"), self.blocks)
+            recompute_on_preempt=cfg.recompute_on_preempt), self.blocks)
         self.encoder_cache = EncoderCache(cfg.encoder_cache_bytes)
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.requests_total = 0
@@ -111,17 +114,18 @@ class LLMEngine:
         return seqs
 
     def _sampler_input(self, seq: Sequence) -> SamplerInput:
-        return SamplerInput(seq.params, len(seq.token_ids), seq.token_ids[:seq.prompt_len],
-                            seq.output_ids, self.config.eos_token_ids)
+        tokens = seq.token_ids
+        return SamplerInput(seq.params, len(tokens), TokenSpan(tokens, 0, seq.prompt_len),
+                            TokenSpan(tokens, seq.prompt_len), self.config.eos_token_ids)
 
     def _check_finish(self, seq: Sequence, token: int) -> None:
         p = seq.params
-        stops = set(p.stop_token_ids) | (set() if p.ignore_eos else set(self.config.eos_token_ids))
-        if seq.num_output >= p.min_tokens and token in stops:
+        stop = token in p.stop_token_ids or (not p.ignore_eos and token in self.config.eos_token_ids)
+        if stop and seq.num_output >= p.min_tokens:
             self.finish(seq, FinishReason.STOP)
         elif seq.num_output >= p.max_tokens:
             self.finish(seq, FinishReason.LENGTH)
-        elif self.cfg.mode == "prefill":
+        elif self.cfg.finish_after_prefill:
             self.finish(seq, FinishReason.PREFILLED)
 
     def finish(self, seq: Sequence, reason: FinishReason) -> None:

@@ -1,11 +1,11 @@
 """Builds one flat forward from a list of sequences (prefill chunks and decode tokens mixed)."""
-from dataclasses import dataclass
-
 import torch
 
+from qwenvl_pd.engine.block_tables import BlockTables
 from qwenvl_pd.engine.graphs import DecodeGraphs
-from qwenvl_pd.engine.sequence import Sequence
+from qwenvl_pd.engine.sequence import ScheduledChunk, Sequence
 from qwenvl_pd.engine.step_input import DecodeRows, PrefillChunk, StepInput
+from qwenvl_pd.engine.token_inputs import flat_tokens
 from qwenvl_pd.model.base import VisionLanguageModel
 from qwenvl_pd.model.layers.attention import AttentionMetadata, DecodeGroup, PrefillSpan
 from qwenvl_pd.model.text import VisualInjection
@@ -13,12 +13,6 @@ from qwenvl_pd.model.text import VisualInjection
 # decode rows attend in groups of this many (sorted by context length): one padded batch for
 # all rows would read up to max/mean times the keys it needs (4 measured best of 2-8 on CPU)
 DECODE_GROUP = 4
-
-
-@dataclass
-class ScheduledChunk:
-    seq: Sequence
-    num_tokens: int  # tokens of seq to compute this step, from seq.num_computed on
 
 
 class ModelRunner:
@@ -30,6 +24,7 @@ class ModelRunner:
         self.block_size = block_size
         self.device = kv_cache.device
         self.gather_buffer = torch.empty(0, dtype=kv_cache.dtype, device=self.device)
+        self.tables = BlockTables()
         cfg = model.config
         self.mm_token_ids = torch.tensor([cfg.image_token_id, cfg.video_token_id])
 
@@ -70,19 +65,13 @@ class ModelRunner:
         order = sorted(range(len(chunks)), key=lambda i: (chunks[i].num_tokens > 1,
                                                           len(chunks[i].seq.block_ids)))
         ordered = [chunks[i] for i in order]
-        ids, pos, slots, masks, embeds, deep = [], [], [], [], [], []
-        for c in ordered:
-            s, start = c.seq, c.seq.num_computed
-            end = start + c.num_tokens
-            ids.extend(s.token_ids[start:end])
-            pos.append(s.positions(start, end))
-            slots.extend(self._slot(s, i) for i in range(start, end))
-            masks.append(self._collect_vision(s, start, end, embeds, deep))
+        embeds, deep = [], []
+        ids, pos, slots, mask = flat_tokens(ordered, self.block_size, lambda s, start, end:
+                                            self._collect_vision(s, start, end, embeds, deep))
         # each chunk's last token, back in the caller's order before the [rows, vocab] lm_head
         ends = torch.tensor([c.num_tokens for c in ordered]).cumsum(0) - 1
-        step = StepInput(torch.tensor(ids), torch.cat(pos, dim=1), torch.tensor(slots),
-                         ends[torch.tensor(order).argsort()],
-                         visual=self._visual(torch.cat(masks), embeds, deep))
+        step = StepInput(torch.tensor(ids), pos, torch.tensor(slots), ends[torch.tensor(order).argsort()],
+                         visual=self._visual(mask, embeds, deep))
         self._attention_rows(ordered, step)
         return step
 
@@ -103,10 +92,13 @@ class ModelRunner:
         decode = [c.seq for c in chunks if c.num_tokens == 1]
         # one launch for all rows where launches cost more than padding does (CUDA, NPU)
         size = DECODE_GROUP if self.device.type == "cpu" else max(len(decode), 1)
-        for i in range(0, len(decode), size):
-            seqs = decode[i:i + size]
-            step.decode.append(DecodeRows(i, self._block_tables(seqs),
-                                          torch.tensor([s.num_computed + 1 for s in seqs])))
+        if decode:  # one table for all decode rows (rows persist between steps); groups slice it
+            widths = [len(seq.block_ids) for seq in decode]
+            tables = self._block_tables(decode)
+            lens = torch.tensor([seq.num_computed + 1 for seq in decode])
+            for i in range(0, len(decode), size):
+                step.decode.append(DecodeRows(i, tables[i:i + size, :max(widths[i:i + size])],
+                                              lens[i:i + size]))
         offset = len(decode)
         for c in chunks[len(decode):]:
             end = c.seq.num_computed + c.num_tokens
@@ -115,8 +107,7 @@ class ModelRunner:
             offset += c.num_tokens
 
     def _metadata(self, step: StepInput) -> AttentionMetadata:
-        groups = [self._decode_group(rows) for rows in step.decode]
-        dev = self.device
+        groups, dev = self._decode_groups(step), self.device
         prefills = [PrefillSpan(p.start, p.end, p.context_len, p.block_table.to(dev))
                     for p in step.prefills]
         # chunks with earlier keys gather them; a first chunk attends over its own K/V
@@ -134,21 +125,27 @@ class ModelRunner:
             self.gather_buffer = torch.empty(need * 3 // 2, dtype=self.kv_cache.dtype, device=self.device)
         return self.gather_buffer
 
-    def _decode_group(self, rows: DecodeRows) -> DecodeGroup:
+    def _decode_groups(self, step: StepInput) -> list[DecodeGroup]:
+        if not step.decode:
+            return []
+        # key masks [rows, 1, 1, ctx] of all rows at once; each group takes its rows and width
+        lens = torch.cat([rows.lens for rows in step.decode])
+        widest = max(rows.block_tables.shape[1] for rows in step.decode)
+        masks = (torch.arange(widest * self.block_size)[None] < lens[:, None])[:, None, None]
+        return [self._decode_group(rows, masks[rows.start:rows.start + len(rows.lens)])
+                for rows in step.decode]
+
+    def _decode_group(self, rows: DecodeRows, masks: torch.Tensor) -> DecodeGroup:
         tables, lens = rows.block_tables, rows.lens
-        keys = torch.arange(tables.shape[1] * self.block_size)
-        key_mask = (keys[None] < lens[:, None])[:, None, None]  # [rows, 1, 1, ctx]
         fused_lens = lens.to(torch.int32) if self.device.type == "npu" else None
         return DecodeGroup(rows.start, rows.start + len(lens), tables.to(self.device),
-                           key_mask.to(self.device), fused_lens)
+                           masks[..., :tables.shape[1] * self.block_size].to(self.device), fused_lens)
 
     def _slot(self, seq: Sequence, index: int) -> int:
         return seq.block_ids[index // self.block_size] * self.block_size + index % self.block_size
 
     def _block_tables(self, seqs: list[Sequence]) -> torch.Tensor:
-        width = max(len(s.block_ids) for s in seqs)
-        rows = [s.block_ids + [0] * (width - len(s.block_ids)) for s in seqs]
-        return torch.tensor(rows, dtype=torch.long)
+        return self.tables.gather(seqs)
 
     def _collect_vision(self, seq: Sequence, start: int, end: int, embeds: list,
                         deep: list) -> torch.Tensor:

@@ -37,7 +37,7 @@ def sample(logits: torch.Tensor, inputs: list[SamplerInput],
     """logits [B, vocab], row i for inputs[i]; `generator` feeds the unseeded rows."""
     raw = logits.float()
     x = raw
-    if any(_penalised(i.params) or len(i.output_token_ids) < i.params.min_tokens for i in inputs):
+    if any(_penalised(i.params) or _below_min_tokens(i) for i in inputs):
         # raw stays untouched for logprobs; apply_penalties views the copy flat
         x = apply_penalties(mask_min_tokens(raw.clone(memory_format=torch.contiguous_format),
                                             inputs), inputs)
@@ -189,6 +189,11 @@ def _results(raw: torch.Tensor, token_ids: torch.Tensor,
     return out
 
 
+def _below_min_tokens(inp: SamplerInput) -> bool:
+    # min_tokens is mostly 0: skip counting the outputs then
+    return inp.params.min_tokens > 0 and len(inp.output_token_ids) < inp.params.min_tokens
+
+
 def _penalised(p: SamplingParams) -> bool:
     return p.repetition_penalty != 1 or p.presence_penalty != 0 or p.frequency_penalty != 0
 
@@ -204,6 +209,6 @@ def _column(values: list[float], like: torch.Tensor) -> torch.Tensor:
 
 def _cells(rows: list[int], seqs: list[Sequence[int]], like: torch.Tensor) -> torch.Tensor:
     """Flat indices row * vocab + token into `like` of every token of seqs[j], in row rows[j]."""
-    tokens = torch.cat([torch.as_tensor(s, dtype=torch.long) for s in seqs])
+    tokens = torch.cat([torch.tensor(list(s), dtype=torch.long) for s in seqs])
     row_ids = torch.repeat_interleave(torch.tensor(rows), torch.tensor([len(s) for s in seqs]))
     return (row_ids * like.shape[1] + tokens).to(like.device)

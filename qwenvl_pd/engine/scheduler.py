@@ -3,9 +3,8 @@ and preemption by recompute when blocks run out."""
 from collections import deque
 from dataclasses import dataclass
 
-from qwenvl_pd.engine.block_manager import BlockManager
-from qwenvl_pd.engine.model_runner import ScheduledChunk
-from qwenvl_pd.engine.sequence import FinishReason, Sequence, Status
+from qwenvl_pd.engine.block_manager import BlockManager, block_hashes
+from qwenvl_pd.engine.sequence import FinishReason, ScheduledChunk, Sequence, Status
 
 
 @dataclass(frozen=True)
@@ -37,7 +36,7 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> list[ScheduledChunk]:
-        budget = self.cfg.max_num_batched_tokens
+        budget, size = self.cfg.max_num_batched_tokens, self.blocks.block_size
         chunks: list[ScheduledChunk] = []
         for seq in list(self.running):
             if budget == 0:
@@ -45,7 +44,9 @@ class Scheduler:
             if seq.status != Status.RUNNING:
                 continue  # preempted earlier in this pass
             n = min(len(seq.token_ids) - seq.num_computed, budget)
-            if self._grow(seq, seq.num_computed + n):
+            end = seq.num_computed + n
+            # most steps a sequence still fits its blocks: no call for those
+            if end <= len(seq.block_ids) * size or self._grow(seq, end):
                 chunks.append(ScheduledChunk(seq, n))
                 budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.cfg.max_num_seqs:
@@ -94,12 +95,27 @@ class Scheduler:
             self.handed_back.append(seq)
 
     def seal(self, chunks: list[ScheduledChunk]) -> None:
-        """After a forward: register blocks that became full so later prompts can share them."""
+        """After a forward: register blocks that became full so later prompts can share them.
+        Only the blocks each chunk completed: the ones before were sealed when they filled, or
+        came from the prefix cache."""
+        if not self.blocks.enable_prefix_caching:
+            return
         size = self.blocks.block_size
         for c in chunks:
             s = c.seq
-            if s.num_computed // size > (s.num_computed - c.num_tokens) // size:
-                self.blocks.seal(s.block_ids, s.token_ids[:s.num_computed], s.mm_spans)
+            if c.num_tokens == 1 and s.num_computed % size:
+                continue  # a decode token that did not fill its block: the common case
+            first, full = (s.num_computed - c.num_tokens) // size, s.num_computed // size
+            if full > first:
+                self.blocks.seal_hashes(s.block_ids[first:full], self._hashes(s, full)[first:full])
+
+    def _hashes(self, seq: Sequence, full: int) -> list[bytes]:
+        # the chain is kept on the sequence: a block is hashed once, not at every later seal
+        have, size = seq.block_hashes, self.blocks.block_size
+        if len(have) < full:
+            have += block_hashes(seq.token_ids[:full * size], seq.mm_spans, size, len(have),
+                                 have[-1] if have else b"")
+        return have
 
     def finish(self, seq: Sequence, reason: FinishReason, keep_blocks: bool = False) -> None:
         seq.status, seq.finish_reason = Status.FINISHED, reason

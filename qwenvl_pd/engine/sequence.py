@@ -1,4 +1,5 @@
 """A request as the engine sees it: tokens, positions, KV blocks and the state of its sampling."""
+from collections import abc
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -23,7 +24,7 @@ class Status(Enum):
     FINISHED = 2
 
 
-@dataclass
+@dataclass(eq=False)  # by identity, so hashable: the runner keys block-table rows by sequence
 class Sequence:
     request_id: str
     token_ids: list[int]
@@ -38,6 +39,7 @@ class Sequence:
     status: Status = Status.WAITING
     finish_reason: FinishReason | None = None
     logprobs: list = field(default_factory=list)  # per output token: (logprob, top list) or None
+    block_hashes: list[bytes] = field(default_factory=list)  # of its full blocks, as far as sealed
     prompt_len: int = field(init=False)
 
     def __post_init__(self):
@@ -64,3 +66,32 @@ class Sequence:
         head = self.prompt_positions[:, start:min(end, self.prompt_len)]
         tail = torch.arange(max(start, self.prompt_len), max(end, self.prompt_len)) + self.mrope_delta
         return torch.cat([head, tail.expand(3, -1)], dim=1)
+
+
+class TokenSpan(abc.Sequence):
+    """tokens[start:stop] read in place: a copy per row and step would cost O(context) where
+    most samplers only count the tokens."""
+    __slots__ = ("_tokens", "_start", "_stop")
+
+    def __init__(self, tokens: list[int], start: int, stop: int | None = None):
+        self._tokens, self._start = tokens, start
+        self._stop = len(tokens) if stop is None else stop
+
+    def __len__(self) -> int:
+        return self._stop - self._start
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return self._tokens[self._start:self._stop][i]
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        return self._tokens[self._start + i % len(self)]
+
+    def __iter__(self):
+        return iter(self._tokens[self._start:self._stop])
+
+
+@dataclass
+class ScheduledChunk:
+    seq: Sequence
+    num_tokens: int  # tokens of seq to compute this step, from seq.num_computed on

@@ -256,3 +256,58 @@ def test_out_of_blocks_leaves_state_unchanged():
     assert state(bm) == before
     # the cached prefix survived the failed attempts, and the next fresh block is still 5
     assert bm.allocate(p) == Allocation([0, 1, 5], 4)
+
+
+# ---- contiguous runs after fragmentation -----------------------------------------------------
+
+def _fragment(bm: BlockManager, keep: set[int]) -> list[list[int]]:
+    """Allocate every block one by one, then free all but `keep`: the free pool becomes the gaps."""
+    held = [bm.allocate_n(1) for _ in range(bm.num_blocks)]
+    for b in range(bm.num_blocks):
+        if b not in keep:
+            bm.free(held[b])
+    return held
+
+
+def test_after_fragmentation_a_prompt_gets_the_lowest_gap_that_holds_it_whole():
+    bm = BlockManager(32, 4)
+    _fragment(bm, keep={0, 3, 9, 10, 20})  # gaps 1..2, 4..8, 11..19, 21..31
+    assert bm.allocate(list(range(17))).block_ids == [4, 5, 6, 7, 8]  # 5 blocks: the first fit
+    assert bm.allocate(list(range(30))).block_ids == [11, 12, 13, 14, 15, 16, 17, 18]
+    assert bm.allocate_n(2) == [1, 2]
+    assert bm.allocate_n(4) == [21, 22, 23, 24]  # 19 alone is too short
+    # gaps 19 and 25..31 left: no gap holds 8, so the longest goes whole, then the next longest
+    assert bm.allocate_n(8) == [25, 26, 27, 28, 29, 30, 31, 19]
+    assert bm.num_free_blocks == 0
+
+
+def test_freed_neighbours_merge_into_one_run_for_the_next_allocation():
+    bm = BlockManager(12, 2)
+    held = _fragment(bm, keep=set(range(12)))
+    for b in (5, 3, 4, 7, 6):  # freed out of order, one at a time
+        bm.free(held[b])
+    assert bm.allocate_n(5) == [3, 4, 5, 6, 7]
+
+
+def test_sequences_growing_side_by_side_stay_one_run_each_when_room_allows():
+    bm = BlockManager(64, 4)
+    a = bm.allocate(list(range(8))).block_ids  # [0, 1]
+    bm.allocate_n(2)                            # [2, 3] sits right after a
+    b = bm.allocate(list(range(7))).block_ids   # [4, 5]
+    assert bm.append_slot(b, 9) == 6            # b's next id is free
+    b.append(6)
+    assert bm.append_slot(a, 9) == 7            # a's next id (2) is held: the lowest free block
+    a.append(7)
+    assert (a, b) == ([0, 1, 7], [4, 5, 6])
+
+
+def test_a_large_pool_after_fragmentation():
+    n = 1 << 17
+    bm = BlockManager(n, 16)
+    bm.allocate_n(n)
+    bm.free(list(range(1000, 1003)) + list(range(50000, 50100)) + list(range(n - 10, n)))
+    assert bm.num_free_blocks == 113
+    assert bm.allocate_n(10) == list(range(50000, 50010))
+    assert bm.allocate_n(3) == [1000, 1001, 1002]
+    assert bm.allocate_n(100) == list(range(50010, 50100)) + list(range(n - 10, n))
+    assert bm.num_free_blocks == 0

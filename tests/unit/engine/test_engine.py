@@ -134,3 +134,15 @@ def test_gather_scratch_grows_by_half_and_is_kept(llm):
     assert first.numel() == 15_000 * per_block
     assert runner._gather_buffer(15_000) is first  # fits: no new allocation
     assert runner._gather_buffer(15_002).numel() == 22_503 * per_block
+
+
+def test_finish_after_prefill_stops_at_the_first_token_and_keeps_the_blocks(llm, path):
+    prefill = LLM(model=path, max_model_len=1024, num_kv_blocks=64, finish_after_prefill=True)
+    requests = [_request(i) for i in range(2)]
+    greedy = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    outs = prefill.generate(requests, greedy)
+    first = [o.outputs[0].token_ids[:1] for o in llm.generate(requests, greedy)]
+    assert [o.outputs[0].token_ids for o in outs] == first
+    assert [o.outputs[0].finish_reason for o in outs] == ["prefilled", "prefilled"]
+    prompts = [len(prefill.inputs.process(r).token_ids) for r in requests]
+    assert prefill.engine.blocks.num_used_blocks == sum(-(-n // 16) for n in prompts)

@@ -1,9 +1,10 @@
 """Scheduler decisions with exact block ids, chunk sizes and preemption order."""
+import pytest
 import torch
 
-from qwenvl_pd.engine.block_manager import BlockManager
+from qwenvl_pd.engine.block_manager import BlockManager, block_hashes
 from qwenvl_pd.engine.scheduler import Scheduler, SchedulerConfig
-from qwenvl_pd.engine.sequence import FinishReason, Sequence, Status
+from qwenvl_pd.engine.sequence import FinishReason, Sequence, Status, TokenSpan
 from qwenvl_pd.sampling_params import SamplingParams
 
 
@@ -100,3 +101,31 @@ def test_finish_frees_blocks_unless_kept():
     assert a.block_ids == [] and b.block_ids == [2, 3]
     assert [blocks.ref_count(i) for i in range(4)] == [0, 0, 1, 1]
     assert not sched.has_work()
+
+
+def test_seal_hashes_each_block_once_as_it_fills_and_later_prompts_hit_it():
+    blocks = BlockManager(16, 4)
+    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=6), blocks)
+    a = _seq("a", 10)
+    sched.add(a)
+    for _ in range(4):                    # 6 + 4 prompt tokens, then 2 decode steps
+        chunks = sched.schedule()
+        _advance(chunks, token=50 + a.num_output)
+        sched.seal(chunks)
+    assert a.num_computed == 12 and len(a.block_hashes) == 3
+    assert a.block_hashes == block_hashes(a.token_ids[:12], [], 4)
+    b = _seq("b", 13)
+    b.token_ids[10:12] = a.token_ids[10:12]  # the same 12 tokens, then one more
+    sched.add(b)
+    sched.schedule()
+    assert b.num_cached == 12 and b.block_ids[:3] == a.block_ids[:3] == [0, 1, 2]
+
+
+def test_token_span_reads_the_list_in_place():
+    tokens = [5, 6, 7, 8]
+    span = TokenSpan(tokens, 1, 3)
+    assert (len(span), list(span), span[0], span[-1], span[::-1]) == (2, [6, 7], 6, 7, [7, 6])
+    with pytest.raises(IndexError):
+        span[2]
+    tokens.append(9)  # the span keeps the length it was made with
+    assert list(TokenSpan(tokens, 2)) == [7, 8, 9] and len(span) == 2
