@@ -9,6 +9,7 @@ import time
 
 import httpx
 import openai
+import pytest
 
 from nodes import free_port, png_bytes
 
@@ -28,11 +29,13 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def test_serve_answers_the_openai_client_and_stops_everything(tmp_path):
+@pytest.mark.parametrize("tp", [1, 2])
+def test_serve_answers_the_openai_client_and_stops_everything(tmp_path, tp):
     port = free_port()
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}  # the tiny default model is built here
     log = tempfile.TemporaryFile("w+")
-    proc = subprocess.Popen([sys.executable, "-m", "qwenvl_pd.cli", "serve", "--port", str(port)],
+    proc = subprocess.Popen([sys.executable, "-m", "qwenvl_pd.cli", "serve", "--port", str(port),
+                             "--tensor-parallel-size", str(tp)],
                             env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 180
@@ -54,6 +57,9 @@ def test_serve_answers_the_openai_client_and_stops_everything(tmp_path):
         assert reply.usage.prompt_tokens > 12  # 112x84 at patch 14, merge 2: 12 image tokens + text
         children = _children(proc.pid)
         assert len(children) >= 3  # prefill, decode, proxy
+        ranks = [g for c in children for g in _children(c)]  # each node's rank 1 (and its tracker)
+        assert len(ranks) >= 2 * (tp - 1)
+        children += ranks
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -67,3 +73,10 @@ def test_serve_answers_the_openai_client_and_stops_everything(tmp_path):
     assert not any(_alive(c) for c in children)
     log.seek(0)
     assert "RANDOM" in log.read().upper()  # the loud random-weights banner
+
+
+def test_serve_refuses_different_prefill_and_decode_sizes():
+    out = subprocess.run([sys.executable, "-m", "qwenvl_pd.cli", "serve", "--prefill-tensor-parallel-size", "2",
+                          "--decode-tensor-parallel-size", "1"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1
+    assert "prefill tensor parallel size 2 != decode 1" in out.stderr
