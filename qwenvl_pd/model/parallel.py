@@ -80,9 +80,11 @@ def all_reduce(x: torch.Tensor, tp: TensorParallel) -> torch.Tensor:
 
 
 def gather_columns(x: torch.Tensor, tp: TensorParallel) -> torch.Tensor:
-    """x [..., cols / size] on every rank -> [..., cols] (vocab-parallel logits)."""
+    """x [..., cols / size] on every rank -> [..., cols] on rank 0, which alone samples (the
+    other ranks get their own slice back): half the traffic of an all-gather."""
     if tp.size == 1:
         return x
-    parts = [torch.empty_like(x) for _ in range(tp.size)]
-    dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts, dim=-1)
+    x = x.contiguous()
+    parts = [torch.empty_like(x) for _ in range(tp.size)] if tp.rank == 0 else None
+    dist.gather(x, parts, dst=0)
+    return torch.cat(parts, dim=-1) if tp.rank == 0 else x
