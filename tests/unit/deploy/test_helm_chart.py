@@ -136,9 +136,11 @@ def test_each_role_is_a_deployment_with_its_args(overlay: str, request: pytest.F
         "npu": ("/models/Qwen2.5-VL-7B-Instruct", "qwen2.5-vl-7b", "ascend", "npu"),
     }[overlay]
     assert container(docs, "prefill")["args"] == [
-        "prefill", "--port", "50051", "--model", model, "--transfer-protocol", proto, "--device", device]
+        "prefill", "--port", "50051", "--model", model, "--transfer-protocol", proto, "--device", device,
+        "--tensor-parallel-size", "1"]
     assert container(docs, "decode")["args"] == [
-        "decode", "--port", "50052", "--model", model, "--transfer-protocol", proto, "--device", device]
+        "decode", "--port", "50052", "--model", model, "--transfer-protocol", proto, "--device", device,
+        "--tensor-parallel-size", "1"]
     assert container(docs, "proxy")["args"] == [
         "proxy", "--port", "8000",
         "--discover-dns", f"prefill={fqdn('prefill')}:50051,decode={fqdn('decode')}:50052",
@@ -341,3 +343,36 @@ def test_unknown_transfer_protocol_fails(cpu_values: dict[str, Any]) -> None:
     values = copy.deepcopy(cpu_values)
     values["transfer"] = {"protocol": "udp"}
     assert "/transfer/protocol" in render_error(values)
+
+
+def test_tensor_parallel_size_and_expert_parallel_reach_the_args(cpu_values: dict[str, Any]) -> None:
+    values = copy.deepcopy(cpu_values)
+    values["enableExpertParallel"] = True
+    for role in ("prefill", "decode"):
+        values[role].update(device="cuda", tensorParallelSize=8,
+                            accelerator={"resource": "nvidia.com/gpu", "count": 8})
+    docs = render(values)
+    for role in ("prefill", "decode"):
+        c = container(docs, role)
+        assert arg(c, "--tensor-parallel-size") == "8" and "--enable-expert-parallel" in c["args"]
+        assert c["resources"]["limits"]["nvidia.com/gpu"] == 8
+    assert "--tensor-parallel-size" not in container(docs, "proxy")["args"]
+
+
+def test_fewer_accelerators_than_ranks_fails_the_render(cpu_values: dict[str, Any]) -> None:
+    values = copy.deepcopy(cpu_values)
+    values["decode"].update(tensorParallelSize=4, accelerator={"resource": "nvidia.com/gpu", "count": 2})
+    with pytest.raises(Exception, match=r"decode: accelerator.count \(2\) must be at least tensorParallelSize \(4\)"):
+        render(values)
+
+
+def test_the_235b_overlay_runs_tp8_ep_pods_of_8_npus() -> None:
+    values = load_values("values-npu.yaml")
+    for key, value in load_values("values-qwen3-vl-235b.yaml").items():
+        values[key] = {**values[key], **value} if isinstance(value, dict) else value
+    docs = render(values)
+    for role in ("prefill", "decode"):
+        c = container(docs, role)
+        assert arg(c, "--tensor-parallel-size") == "8" and "--enable-expert-parallel" in c["args"]
+        assert c["resources"]["limits"]["huawei.com/Ascend910"] == 8
+        assert arg(c, "--model") == "/models/Qwen3-VL-235B-A22B-Instruct"

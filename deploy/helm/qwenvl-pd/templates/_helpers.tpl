@@ -84,6 +84,14 @@ HOST being the role's headless Service FQDN (its A/AAAA records are the ready po
 {{- $args = concat $args (list "--discover-dns" (include "qwenvl-pd.discoverDns" .root) "--served-model-name" .root.Values.model.servedModelName) -}}
 {{- else -}}
 {{- $args = concat $args (list "--model" .root.Values.model.path "--transfer-protocol" .root.Values.transfer.protocol "--device" $v.device) -}}
+{{- $tp := int ($v.tensorParallelSize | default 1) -}}
+{{- if and $v.accelerator.resource (lt (int $v.accelerator.count) $tp) -}}
+{{- fail (printf "%s: accelerator.count (%d) must be at least tensorParallelSize (%d): one device per rank" .role (int $v.accelerator.count) $tp) -}}
+{{- end -}}
+{{- $args = concat $args (list "--tensor-parallel-size" (toString $tp)) -}}
+{{- if .root.Values.enableExpertParallel -}}
+{{- $args = append $args "--enable-expert-parallel" -}}
+{{- end -}}
 {{- end -}}
 {{- concat $args ($v.extraArgs | default list) | toYaml -}}
 {{- end -}}
