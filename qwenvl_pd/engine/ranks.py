@@ -12,6 +12,7 @@ import logging
 import multiprocessing as mp
 import os
 import socket
+from concurrent.futures import ThreadPoolExecutor, TimeoutError as FutureTimeout
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Callable
@@ -26,8 +27,13 @@ from qwenvl_pd.process import die_with_parent
 
 log = logging.getLogger(__name__)
 BACKENDS = {"cpu": "gloo", "cuda": "nccl", "npu": "hccl"}
-# a rank alive but stuck (not dead: a dead one closes its sockets at once) fails after this
+# a rank alive but stuck inside a forward (not dead: a dead one closes its sockets at once)
+# fails the step after this
 COLLECTIVE_TIMEOUT = timedelta(minutes=10)
+# the host-side groups wait for the next step or pull as long as the instance idles; a dead
+# peer still fails them at once, and rank 0 polls its children besides
+IDLE_TIMEOUT = timedelta(days=365)
+START_POLL_S = 0.2
 STOP = -1  # header length that tells the ranks to exit
 
 
@@ -99,9 +105,7 @@ def init_rank(spec: RankSpec) -> tuple[object, object]:
     rank_setup hook (each used by one thread only)."""
     dist.init_process_group(BACKENDS[spec.device_type], init_method=f"tcp://127.0.0.1:{spec.port}",
                             rank=spec.tp.rank, world_size=spec.tp.size, timeout=COLLECTIVE_TIMEOUT)
-    if spec.device_type == "cpu":
-        torch.set_num_threads(spec.threads)
-    return tuple(dist.new_group(backend="gloo", timeout=COLLECTIVE_TIMEOUT) for _ in range(2))
+    return tuple(dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT) for _ in range(2))
 
 
 class Ranks:
@@ -115,9 +119,23 @@ class Ranks:
                       for r in range(1, spec.tp.size)]
         for p in self.procs:
             p.start()
-        self._threads = torch.get_num_threads()  # init_rank splits the cores among the ranks
-        steps, self.aux_group = init_rank(spec)
+        self._threads = torch.get_num_threads()
+        if spec.device_type == "cpu":  # the ranks share the cores
+            torch.set_num_threads(spec.threads)
+        steps, self.aux_group = self._join(spec)
         self.channel = StepChannel(steps)
+
+    def _join(self, spec: RankSpec):
+        """init_rank on a helper thread: a child that dies before it joins (a bad install, no
+        device) ends the wait with its exit code instead of a 10-minute rendezvous timeout."""
+        pool = ThreadPoolExecutor(1, thread_name_prefix="tp-join")
+        joined = pool.submit(init_rank, spec)
+        pool.shutdown(wait=False)
+        while True:
+            try:
+                return joined.result(timeout=START_POLL_S)
+            except FutureTimeout:
+                self._raise_if_dead("while joining")
 
     @staticmethod
     def _check_devices(spec: RankSpec) -> None:
@@ -129,7 +147,17 @@ class Ranks:
 
     def ready(self) -> None:
         """Wait until every rank has loaded its shard (a rank that failed ends the wait)."""
-        dist.barrier(group=self.channel.group)
+        try:
+            dist.barrier(group=self.channel.group)
+        except RuntimeError:
+            self._raise_if_dead("while loading its shard")
+            raise
+
+    def _raise_if_dead(self, when: str) -> None:
+        for r, p in enumerate(self.procs, 1):
+            if p.exitcode is not None:
+                raise RuntimeError(f"tensor-parallel rank {r} exited with code {p.exitcode} {when}; "
+                                   "see its log above")
 
     def dead(self) -> list[int]:
         return [r for r, p in enumerate(self.procs, 1) if not p.is_alive()]
@@ -165,6 +193,8 @@ def run_rank(spec: RankSpec) -> None:
     from qwenvl_pd.engine.stack import build_rank_runner
     die_with_parent()
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s rank {spec.tp.rank} %(levelname)s: %(message)s")
+    if spec.device_type == "cpu":
+        torch.set_num_threads(spec.threads)
     group, aux = init_rank(spec)
     runner = build_rank_runner(spec)
     # what the hook made (a registered transfer engine) lives as long as the rank
