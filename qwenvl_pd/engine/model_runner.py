@@ -1,14 +1,21 @@
 """Builds one flat forward from a list of sequences (prefill chunks and decode tokens mixed)."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 import torch
 
 from qwenvl_pd.engine.block_tables import BlockTables
 from qwenvl_pd.engine.graphs import DecodeGraphs
 from qwenvl_pd.engine.sequence import ScheduledChunk, Sequence
-from qwenvl_pd.engine.step_input import DecodeRows, PrefillChunk, StepInput
+from qwenvl_pd.engine.step_input import DecodeRows, StepInput
 from qwenvl_pd.engine.token_inputs import flat_tokens
 from qwenvl_pd.model.base import VisionLanguageModel
 from qwenvl_pd.model.layers.attention import AttentionMetadata, DecodeGroup, PrefillSpan
 from qwenvl_pd.model.text import VisualInjection
+
+if TYPE_CHECKING:
+    from qwenvl_pd.engine.ranks import StepChannel
 
 # decode rows attend in groups of this many (sorted by context length): one padded batch for
 # all rows would read up to max/mean times the keys it needs (4 measured best of 2-8 on CPU)
@@ -17,7 +24,7 @@ DECODE_GROUP = 4
 
 class ModelRunner:
     def __init__(self, model: VisionLanguageModel, kv_cache: torch.Tensor, block_size: int,
-                 graphs: DecodeGraphs | None = None, channel: "StepChannel | None" = None):
+                 graphs: DecodeGraphs | None = None, channel: StepChannel | None = None):
         self.model = model
         self.graphs, self.channel = graphs, channel
         self.kv_cache = kv_cache
@@ -102,7 +109,7 @@ class ModelRunner:
         offset = len(decode)
         for c in chunks[len(decode):]:
             end = c.seq.num_computed + c.num_tokens
-            step.prefills.append(PrefillChunk(offset, offset + c.num_tokens, end,
+            step.prefills.append(PrefillSpan(offset, offset + c.num_tokens, end,
                                               torch.tensor(c.seq.block_ids)))
             offset += c.num_tokens
 

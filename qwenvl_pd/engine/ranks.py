@@ -15,7 +15,7 @@ import socket
 from concurrent.futures import ThreadPoolExecutor, TimeoutError as FutureTimeout
 from dataclasses import dataclass, replace
 from datetime import timedelta
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.distributed as dist
@@ -24,6 +24,9 @@ from qwenvl_pd.engine import step_input
 from qwenvl_pd.engine.step_input import StepInput
 from qwenvl_pd.model.parallel import TensorParallel
 from qwenvl_pd.process import die_with_parent
+
+if TYPE_CHECKING:
+    from qwenvl_pd.engine.llm_engine import EngineConfig
 
 log = logging.getLogger(__name__)
 BACKENDS = {"cpu": "gloo", "cuda": "nccl", "npu": "hccl"}

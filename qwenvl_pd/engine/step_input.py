@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from qwenvl_pd.model.layers.attention import PrefillSpan
 from qwenvl_pd.model.text import VisualInjection
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -23,21 +24,13 @@ class DecodeRows:
 
 
 @dataclass
-class PrefillChunk:
-    start: int                  # first token of the chunk in the flat batch
-    end: int
-    context_len: int            # keys after this step, the chunk's own tokens included
-    block_table: torch.Tensor   # [blocks] of this sequence
-
-
-@dataclass
 class StepInput:
     input_ids: torch.Tensor     # [T]
     positions: torch.Tensor     # [3, T]
     slot_mapping: torch.Tensor  # [T] where each new token's K/V is written
     logit_rows: torch.Tensor    # [R] rows of the hidden states that get logits, caller's order
     decode: list[DecodeRows] = field(default_factory=list)  # rows [0, num_decode), in groups
-    prefills: list[PrefillChunk] = field(default_factory=list)
+    prefills: list[PrefillSpan] = field(default_factory=list)  # block tables on the host
     visual: VisualInjection | None = None
     graph: bool = False         # decode only, one DecodeRows in the caller's order: replay a graph
 
@@ -81,7 +74,7 @@ def decode(ints: torch.Tensor, data: torch.Tensor) -> StepInput:
         step.decode.append(DecodeRows(start, body.take(r * b).view(r, b), body.take(r)))
     for _ in range(chunks):
         start, end, ctx, b = (next(header) for _ in range(4))
-        step.prefills.append(PrefillChunk(start, end, ctx, body.take(b)))
+        step.prefills.append(PrefillSpan(start, end, ctx, body.take(b)))
     if next(header):
         step.visual = _decode_visual(header, body.take(tokens).bool(), data)
     return step

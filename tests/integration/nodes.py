@@ -73,6 +73,23 @@ def pd_pair(model: str, prefill_args=(), decode_args=()):
             stop(proc)
 
 
+def loads(addresses: dict[str, str]) -> dict:
+    """LoadReport of each named instance ("p..." prefill, "d..." decode), as the proxy polls them."""
+    import asyncio
+    from qwenvl_pd.proxy import pd_client
+
+    async def one(name):
+        inst = pd_client.Instance.connect(addresses[name])
+        try:
+            return await pd_client.load(inst, "prefill" if name[0] == "p" else "decode")
+        finally:
+            await inst.channel.close()
+
+    async def all_():
+        return dict(zip(addresses, await asyncio.gather(*(one(n) for n in addresses))))
+    return asyncio.run(all_())
+
+
 def png_bytes(image) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="PNG")

@@ -21,11 +21,10 @@ from PIL import Image
 
 from qwenvl_pd import LLM, SamplingParams
 from qwenvl_pd.model.tiny import make_tiny
-from qwenvl_pd.proxy import pd_client
 from qwenvl_pd.proxy.router import _rendezvous, affinity_key
 from qwenvl_pd.serve import _grpc_serving
 
-from nodes import free_port, png_bytes, stop
+from nodes import free_port, loads, png_bytes, stop
 
 KEY = "test-key"
 NODE_ARGS = ["--host", "127.0.0.1", "--bind", "127.0.0.1", "--max-model-len", "2048", "--kv-cache-gib", "0.05"]
@@ -98,17 +97,7 @@ class Cluster:
             "--api-key", KEY, "--prefill-load-cap", "1", "--max-image-pixels", "4000000")
 
     def loads(self) -> dict:
-        async def one(name):
-            inst = pd_client.Instance.connect(self.addr[name])
-            try:
-                return await pd_client.load(inst, "prefill" if name[0] == "p" else "decode")
-            finally:
-                await inst.channel.close()
-
-        async def all_():
-            live = [n for n, p in self.procs.items() if p.poll() is None]
-            return dict(zip(live, await asyncio.gather(*(one(n) for n in live))))
-        return asyncio.run(all_())
+        return loads({n: self.addr[n] for n, p in self.procs.items() if p.poll() is None})
 
     def stop(self) -> None:
         for proc in [getattr(self, "proxy", None), *self.procs.values()]:

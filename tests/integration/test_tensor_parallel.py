@@ -2,7 +2,6 @@
 behind the proxy, against the colocated engine at 2 ranks; and a rank that dies mid-stream."""
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import subprocess
@@ -14,9 +13,8 @@ import openai
 import pytest
 
 from qwenvl_pd.model.tiny import make_tiny
-from qwenvl_pd.proxy import pd_client
 
-from nodes import free_port, stop
+from nodes import free_port, loads, stop
 from test_proxy import NODE_ARGS, _cli, _image, _image_messages, _log, _wait_node, start_proxy
 
 TP = ["--tensor-parallel-size", "2", "--threads", "1"]
@@ -44,17 +42,7 @@ class TPCluster:
             "--tensor-parallel-size", "2")
 
     def loads(self) -> dict:
-        async def one(name):
-            inst = pd_client.Instance.connect(self.addr[name])
-            try:
-                return await pd_client.load(inst, "prefill" if name[0] == "p" else "decode")
-            finally:
-                await inst.channel.close()
-
-        async def all_():
-            live = [n for n, p in self.procs.items() if p.poll() is None]
-            return dict(zip(live, await asyncio.gather(*(one(n) for n in live))))
-        return asyncio.run(all_())
+        return loads({n: self.addr[n] for n, p in self.procs.items() if p.poll() is None})
 
     def stop(self) -> None:
         for proc in [getattr(self, "proxy", None), getattr(self, "colocated", None), *self.procs.values()]:

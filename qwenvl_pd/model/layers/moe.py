@@ -19,22 +19,31 @@ class Router(nn.Module):
 
 
 class Experts(nn.Module):
+    """Checkpoint layout: gate_up [E, hidden, 2*inter] (gate then up), down [E, inter, hidden]."""
+
     def __init__(self, num_experts: int, hidden: int, inter: int, tp: TensorParallel):
         super().__init__()
-        # checkpoint layout: gate_up [E, hidden, 2*inter] (gate then up), down [E, inter, hidden]
         if tp.expert_parallel:
-            self.first, self.stop = tp.split(num_experts)
-            n, cols = self.stop - self.first, inter
-            gate_up = down = ((self.first, self.stop),)
-            dims = (0, 0)
+            self._whole_experts(num_experts, hidden, inter, tp)
         else:
-            self.first, self.stop = 0, num_experts
-            (a, b), n = tp.split(inter), num_experts
-            cols, gate_up, down, dims = b - a, ((a, b), (inter + a, inter + b)), ((a, b),), (2, 1)
-        self.gate_up_proj = nn.Parameter(torch.empty(n, hidden, 2 * cols))
-        self.down_proj = nn.Parameter(torch.empty(n, cols, hidden))
-        shard(self.gate_up_proj, dims[0], num_experts if dims[0] == 0 else 2 * inter, *gate_up)
-        shard(self.down_proj, dims[1], num_experts if dims[1] == 0 else inter, *down)
+            self._split_experts(num_experts, hidden, inter, tp)
+
+    def _whole_experts(self, num_experts: int, hidden: int, inter: int, tp: TensorParallel) -> None:
+        """Experts [first, stop), each complete."""
+        self.first, self.stop = tp.split(num_experts)
+        n = self.stop - self.first
+        self.gate_up_proj = shard(nn.Parameter(torch.empty(n, hidden, 2 * inter)), 0, num_experts,
+                                  (self.first, self.stop))
+        self.down_proj = shard(nn.Parameter(torch.empty(n, inter, hidden)), 0, num_experts,
+                               (self.first, self.stop))
+
+    def _split_experts(self, num_experts: int, hidden: int, inter: int, tp: TensorParallel) -> None:
+        """Every expert, columns [a, b) of its intermediate axis (of gate and of up)."""
+        self.first, self.stop = 0, num_experts
+        a, b = tp.split(inter)
+        self.gate_up_proj = shard(nn.Parameter(torch.empty(num_experts, hidden, 2 * (b - a))), 2,
+                                  2 * inter, (a, b), (inter + a, inter + b))
+        self.down_proj = shard(nn.Parameter(torch.empty(num_experts, b - a, hidden)), 1, inter, (a, b))
 
 
 class SparseMoE(nn.Module):

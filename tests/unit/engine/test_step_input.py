@@ -1,7 +1,8 @@
 """The step message every tensor-parallel rank rebuilds: exact round trips."""
 import torch
 
-from qwenvl_pd.engine.step_input import DecodeRows, PrefillChunk, StepInput, decode, encode
+from qwenvl_pd.engine.step_input import DecodeRows, StepInput, decode, encode
+from qwenvl_pd.model.layers.attention import PrefillSpan
 from qwenvl_pd.model.text import VisualInjection
 
 
@@ -23,7 +24,7 @@ def test_mixed_step_with_vision_round_trips_bit_exactly():
                      torch.arange(18).view(3, 6), torch.tensor([40, 17, 18, 19, 20, 21]),
                      torch.tensor([1, 0]),
                      decode=[DecodeRows(0, torch.tensor([[2, 5, 0]]), torch.tensor([35]))],
-                     prefills=[PrefillChunk(1, 6, 5, torch.tensor([1]))],
+                     prefills=[PrefillSpan(1, 6, 5, torch.tensor([1]))],
                      visual=VisualInjection(mask[:], embeds, deep))
     back = decode(*encode(step))
     _same(step, back)
