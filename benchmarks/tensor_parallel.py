@@ -87,7 +87,7 @@ def run(path: Path, tp: int, n: int, out_tokens: int) -> dict:
         t = time.perf_counter()
         llm.generate([prompt + str(i) for i in range(n)], params)
         wall = time.perf_counter() - t
-    llm.stack.close()
+    llm.close()
     total = timers.prefill + timers.decode
     return {"wall": wall, "tok/s": n * out_tokens / wall, "prefill_s": timers.prefill,
             "decode_ms": 1e3 * timers.decode / max(timers.decode_steps, 1),

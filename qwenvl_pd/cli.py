@@ -14,7 +14,8 @@ def _make_tiny(args: argparse.Namespace) -> int:
 def _generate(args: argparse.Namespace) -> int:
     from qwenvl_pd import LLM, SamplingParams
     from PIL import Image
-    llm = LLM(model=args.model, max_model_len=args.max_model_len)
+    llm = LLM(model=args.model, max_model_len=args.max_model_len,
+              tensor_parallel_size=args.tensor_parallel_size, enable_expert_parallel=args.enable_expert_parallel)
     images = [Image.open(p) for p in args.image]
     pads = "<|vision_start|><|image_pad|><|vision_end|>" * len(images)
     prompt = f"<|im_start|>user\n{pads}{args.prompt}<|im_end|>\n<|im_start|>assistant\n"
@@ -211,6 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--max-model-len", type=int, default=8192)
+    _add_parallel_args(gen)
     gen.set_defaults(func=_generate)
     _add_node_parser(sub, "prefill", 50051)
     _add_node_parser(sub, "decode", 50052)

@@ -33,6 +33,10 @@ class LLM:
         self.max_model_len = self.engine.cfg.max_model_len
         self._ids = itertools.count()
 
+    def close(self) -> None:
+        """Stop the other tensor-parallel ranks now (they also stop when this LLM is collected)."""
+        self.stack.close()
+
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool = False) -> list[RequestOutput]:
         prompts = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)

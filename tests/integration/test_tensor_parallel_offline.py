@@ -39,7 +39,7 @@ def test_tp2_gives_transformers_greedy_tokens(checkpoints, name):
     requests = [{"prompt": _chat(body), "multi_modal_data": mm} for body, mm in CASES.values()]
     got = [o.outputs[0].token_ids for o in llm.generate(requests, GREEDY)]
     prompts = [llm.inputs.process(r) for r in requests]
-    llm.stack.close()
+    llm.close()
     ref = transformers.AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
     for case, prompt, tokens in zip(CASES, prompts, got):
         with torch.inference_mode():
@@ -56,7 +56,7 @@ def test_seeded_sampling_is_the_same_at_tp1_and_tp2(tiny_dirs):
     for tp in (1, 2):
         llm = LLM(path, max_model_len=2048, tensor_parallel_size=tp)
         runs.append([o.outputs[0].token_ids for o in llm.generate([prompt] * 3, params)])
-        llm.stack.close()
+        llm.close()
     assert runs[0] == runs[1]
     assert len({tuple(t) for t in runs[0]}) == 3  # the seeds do differ
 
