@@ -60,7 +60,8 @@ class TokenTable:
             return self._added[token_id].encode("utf-8")
         piece = self._tok.convert_ids_to_tokens(token_id)
         if not isinstance(piece, str):
-            raise ValueError(f"token id {token_id} is not in the vocabulary")
+            # the model's padded vocabulary (config 151936 > tokenizer's): text "", as vLLM has it
+            return b""
         # characters outside the byte map pass through as UTF-8, as the ByteLevel decoder does
         return b"".join(bytes([self._u2b[c]]) if c in self._u2b else c.encode("utf-8") for c in piece)
 
