@@ -166,6 +166,9 @@ def test_chat_with_image_equals_offline_llm_streaming_and_not(client, llm, clust
     # a second time: with two prefills and a load cap of 1 it may land on the other one, after
     # which both hold the prompt's blocks and the streamed third request must hit
     client.chat.completions.create(model="tiny", messages=_image_messages(data), **GREEDY)
+    # the proxy routes on polled loads (every 0.5 s): a report still counting the request just
+    # served would send the third one to the least loaded prefill, which may hold nothing
+    time.sleep(1.2)
 
     chunks = list(client.chat.completions.create(model="tiny", messages=_image_messages(data), stream=True,
                                                  stream_options={"include_usage": True}, **GREEDY))
