@@ -92,7 +92,7 @@ class DecodeService(pb_grpc.DecodeServicer):
     async def _pull_and_join(self, req: DecodeRequest, context) -> None:
         h = req.handle
         try:
-            blocks = await self.host.call(lambda: self.rt.engine.blocks.allocate_n(len(h.block_ids)))
+            blocks = await self._allocate(len(h.block_ids))
         except OutOfBlocks:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "decode is out of KV blocks")
         aborted = self.pulling[req.request_id] = asyncio.Event()
@@ -113,7 +113,12 @@ class DecodeService(pb_grpc.DecodeServicer):
         self._count(nbytes, time.perf_counter() - start)
         # the lease still held at Release means it held for the whole read: the bytes are that
         # request's, not a restarted instance's or another request's that reused the blocks
-        if not await self._release(h, req.request_id):
+        try:
+            leased = await self._release(h, req.request_id)
+        except asyncio.CancelledError:  # the stream went away while prefill was asked
+            self._free_later(blocks)
+            raise
+        if not leased:
             await self.host.call(lambda: self.rt.engine.blocks.free(blocks))
             await context.abort(grpc.StatusCode.UNAVAILABLE,
                                 f"KV of request {req.request_id} was no longer leased on prefill "
@@ -123,6 +128,17 @@ class DecodeService(pb_grpc.DecodeServicer):
             self.streams[req.request_id].put_nowait(TokenEvent(finish_reason="abort"))
             return
         await self.host.call(lambda: self._join(self._sequence(req, blocks)))
+
+    async def _allocate(self, n: int) -> list[int]:
+        """n blocks from the engine thread; a stream cancelled meanwhile gives them back once
+        the allocation has happened (it happens anyway: the engine thread does not see the
+        cancel)."""
+        done = self.host.engine_loop.submit(lambda: self.rt.engine.blocks.allocate_n(n))
+        try:
+            return await asyncio.shield(asyncio.wrap_future(done))
+        except asyncio.CancelledError:
+            done.add_done_callback(lambda f: f.exception() is None and self._free_later(f.result()))
+            raise
 
     def _free_later(self, blocks: list[int]) -> None:
         self.host.engine_loop.submit(lambda: self.rt.engine.blocks.free(blocks))

@@ -16,6 +16,7 @@ from qwenvl_pd.engine.sequence import FinishReason, Sequence
 from qwenvl_pd.messages import PrefillRequest, SampledToken
 from qwenvl_pd.model.inputs import InputError
 from qwenvl_pd.node.requests import sequence_from_request
+from qwenvl_pd.node.runtime import NodeConfig, Runtime, check_pool
 from qwenvl_pd.proxy.backend import Step
 from qwenvl_pd.proxy.config import ProxyConfig
 from qwenvl_pd.proxy.errors import bad_request
@@ -24,6 +25,11 @@ from qwenvl_pd.proxy.errors import bad_request
 class ColocatedBackend:
     def __init__(self, cfg: StackConfig):
         self.stack = build_stack(cfg)
+        try:
+            check_pool(self.stack.engine.blocks, self.stack.engine.cfg.max_model_len)
+        except ValueError:
+            self.stack.close()
+            raise
         self.model_dir, self.max_model_len = cfg.model, self.stack.engine.cfg.max_model_len
         self.config, self.inputs, self.engine = self.stack.config, self.stack.inputs, self.stack.engine
         self.loop = EngineLoop(self.engine, self._on_tokens)
@@ -31,7 +37,6 @@ class ColocatedBackend:
         self.aio: asyncio.AbstractEventLoop | None = None
 
     def model_info(self):
-        from qwenvl_pd.node.runtime import NodeConfig, Runtime
         # Runtime.model_info reads only these two attributes: reuse it rather than copy it
         cfg = NodeConfig(role="prefill", model=self.model_dir, port=0, max_model_len=self.max_model_len)
         return Runtime.model_info(SimpleNamespace(cfg=cfg, model_config=self.config))

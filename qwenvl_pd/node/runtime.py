@@ -58,6 +58,11 @@ class Runtime:
         self.dtype, self.kv = self.stack.dtype, self.stack.rank_state
         self.transfer, self.region = self.kv.transfer, self.kv.region
         self.fingerprint = self._fingerprint()
+        try:
+            check_pool(self.engine.blocks, cfg.max_model_len)
+        except ValueError:
+            self.close()
+            raise
 
     def _fingerprint(self) -> LayoutFingerprint:
         # the model identity is the config's content: same architecture and sizes, same layout
@@ -92,6 +97,15 @@ class Runtime:
             return
         self.kv.close()
         self.stack.close()
+
+
+def check_pool(blocks, max_model_len: int) -> None:
+    """A pool that cannot hold one max_model_len sequence would leave such a prompt waiting for
+    blocks forever: a server refuses to start instead."""
+    if blocks.num_blocks * blocks.block_size < max_model_len:
+        raise ValueError(f"the KV pool holds {blocks.num_blocks * blocks.block_size} tokens "
+                         f"({blocks.num_blocks} blocks), less than max_model_len {max_model_len}: "
+                         "raise --kv-cache-gib or lower --max-model-len")
 
 
 def load_report(rt: Runtime, role: str, **transfer) -> LoadReport:

@@ -3,6 +3,8 @@ import asyncio
 import dataclasses
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import grpc
@@ -15,7 +17,7 @@ from qwenvl_pd.messages import MediaItem, PrefillRequest
 from qwenvl_pd.proxy import pd_client
 from qwenvl_pd.proxy.pd_client import Instance
 
-from nodes import pd_pair, png_bytes, start_node, stop
+from nodes import free_port, pd_pair, png_bytes, start_node, stop
 
 IMG = "<|vision_start|><|image_pad|><|vision_end|>"
 ARCHS = ["qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"]
@@ -259,3 +261,43 @@ def test_prefill_killed_after_answering_decode_fails_cleanly(shared):
     assert error.code() == grpc.StatusCode.UNAVAILABLE
     assert "KV read from prefill" in error.details()
     assert used == 0
+
+
+def test_a_pool_smaller_than_max_model_len_refuses_to_start(tiny_dirs):
+    # 0.0001 GiB holds 4 blocks of the tiny model: 64 tokens, far below max_model_len 2048
+    out = subprocess.run([sys.executable, "-m", "qwenvl_pd.cli", "prefill", "--model", str(tiny_dirs["qwen2_5_vl"]),
+                          "--port", str(free_port()), "--max-model-len", "2048", "--kv-cache-gib", "0.0001"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1
+    assert ("the KV pool holds 64 tokens (4 blocks), less than max_model_len 2048: raise --kv-cache-gib "
+            "or lower --max-model-len") in out.stderr
+
+
+def test_decode_streams_cancelled_at_any_moment_leave_no_block_behind(shared):
+    # cancellation lands in the allocation, the pull, the Release or the join, depending on
+    # the delay: every one of those exits must hand its blocks back
+    llm, _, (_, p_addr), (_, d_addr) = shared
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    reqs = [_pd_request(llm, f"c{i}", {"prompt": _chat(f"cancel me {i} " * 8)}, params) for i in range(24)]
+
+    async def scenario():
+        p, d = Instance.connect(p_addr), Instance.connect(d_addr)
+        results = [await pd_client.prefill(p, r) for r in reqs]
+
+        async def consume(req, result):
+            async for _ in pd_client.decode(d, pd_client.decode_request(req, result)):
+                pass
+
+        for i, (req, result) in enumerate(zip(reqs, results)):
+            task = asyncio.ensure_future(consume(req, result))
+            await asyncio.sleep(i * 0.0005)
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        for req in reqs:  # leases decode never released
+            await pd_client.abort(p, "prefill", req.request_id)
+        await p.channel.close()
+        await d.channel.close()
+
+    asyncio.run(scenario())
+    pl, dl = asyncio.run(_settled_loads(p_addr, d_addr))
+    assert (pl.blocks_used, dl.blocks_used, dl.running) == (0, 0, 0)
