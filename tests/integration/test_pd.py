@@ -202,6 +202,36 @@ def test_abort_during_transfer_frees_both_sides(shared):
     assert (pl.blocks_used, dl.blocks_used) == (0, 0)
 
 
+def test_decode_streams_cancelled_at_any_moment_leave_no_block_behind(shared):
+    # cancellation lands in the allocation, the pull, the Release or the join, depending on
+    # the delay: every one of those exits must hand its blocks back
+    llm, _, (_, p_addr), (_, d_addr) = shared
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    reqs = [_pd_request(llm, f"c{i}", {"prompt": _chat(f"cancel me {i} " * 8)}, params) for i in range(24)]
+
+    async def scenario():
+        p, d = Instance.connect(p_addr), Instance.connect(d_addr)
+        results = [await pd_client.prefill(p, r) for r in reqs]
+
+        async def consume(req, result):
+            async for _ in pd_client.decode(d, pd_client.decode_request(req, result)):
+                pass
+
+        for i, (req, result) in enumerate(zip(reqs, results)):
+            task = asyncio.ensure_future(consume(req, result))
+            await asyncio.sleep(i * 0.0005)
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        for req in reqs:  # leases decode never released
+            await pd_client.abort(p, "prefill", req.request_id)
+        await p.channel.close()
+        await d.channel.close()
+
+    asyncio.run(scenario())
+    pl, dl = asyncio.run(_settled_loads(p_addr, d_addr))
+    assert (pl.blocks_used, dl.blocks_used, dl.running) == (0, 0, 0)
+
+
 def test_decode_killed_mid_transfer_lease_frees_prefill_blocks(shared):
     llm, model, (p_proc, p_addr), _ = shared
     victim, victim_addr = start_node("decode", model)
@@ -271,33 +301,3 @@ def test_a_pool_smaller_than_max_model_len_refuses_to_start(tiny_dirs):
     assert out.returncode == 1
     assert ("the KV pool holds 64 tokens (4 blocks), less than max_model_len 2048: raise --kv-cache-gib "
             "or lower --max-model-len") in out.stderr
-
-
-def test_decode_streams_cancelled_at_any_moment_leave_no_block_behind(shared):
-    # cancellation lands in the allocation, the pull, the Release or the join, depending on
-    # the delay: every one of those exits must hand its blocks back
-    llm, _, (_, p_addr), (_, d_addr) = shared
-    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
-    reqs = [_pd_request(llm, f"c{i}", {"prompt": _chat(f"cancel me {i} " * 8)}, params) for i in range(24)]
-
-    async def scenario():
-        p, d = Instance.connect(p_addr), Instance.connect(d_addr)
-        results = [await pd_client.prefill(p, r) for r in reqs]
-
-        async def consume(req, result):
-            async for _ in pd_client.decode(d, pd_client.decode_request(req, result)):
-                pass
-
-        for i, (req, result) in enumerate(zip(reqs, results)):
-            task = asyncio.ensure_future(consume(req, result))
-            await asyncio.sleep(i * 0.0005)
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-        for req in reqs:  # leases decode never released
-            await pd_client.abort(p, "prefill", req.request_id)
-        await p.channel.close()
-        await d.channel.close()
-
-    asyncio.run(scenario())
-    pl, dl = asyncio.run(_settled_loads(p_addr, d_addr))
-    assert (pl.blocks_used, dl.blocks_used, dl.running) == (0, 0, 0)
