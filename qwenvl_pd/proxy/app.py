@@ -100,6 +100,8 @@ async def read_json(request: Request, limit: int):
         raise bad_request(f"the request body is not valid JSON: {e}{_culprit(e)}") from None
     except UnicodeDecodeError as e:
         raise bad_request(f"the request body is not valid JSON: {e}") from None
+    except RecursionError:  # thousands of nested brackets: no request of the API nests so deep
+        raise bad_request("the request body nests JSON too deeply") from None
 
 
 async def accept(request: Request, parse):

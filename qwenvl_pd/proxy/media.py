@@ -116,8 +116,11 @@ async def _from_file_url(url: str, limits: MediaLimits) -> bytes:
     if parts.netloc not in ("", "localhost"):
         raise MediaError("file:// URLs must name a local path (file:///path)")
     root = os.path.realpath(limits.allowed_local_media_path)
+    raw = urllib.parse.unquote(parts.path)
+    if "\0" in raw:  # the OS would refuse it with a ValueError, not an OSError
+        raise MediaError("file:// path contains a NUL byte")
     # realpath resolves symlinks and '..', so a link inside the root cannot lead outside it
-    path = os.path.realpath(urllib.parse.unquote(parts.path))
+    path = os.path.realpath(raw)
     if os.path.commonpath([path, root]) != root:
         raise MediaError("file:// path is outside the allowed local media directory")
     try:

@@ -173,6 +173,7 @@ def test_completion_default_max_tokens_and_text(client):
 
 @pytest.mark.parametrize("body, status, param", [
     (b"{not json", 400, None),
+    (b"[" * 100_000 + b"]" * 100_000, 400, None),  # nesting past Python's recursion limit
     (b'{"model": "tiny", "messages": "hi"}', 400, "messages"),
     (b'{"model": "tiny", "messages": [{"role": "user", "content": 5}]}', 400, "messages[0].content"),
     (b'{"model": "other", "messages": [{"role": "user", "content": "x"}]}', 404, "model"),

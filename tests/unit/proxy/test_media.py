@@ -333,6 +333,8 @@ def test_file_errors(media_dir):
         run(fetch_media(f"file://{media_dir}/none.png", limits))
     with pytest.raises(MediaError, match="local path"):
         run(fetch_media(f"file://otherhost{media_dir}/sub/a.png", limits))
+    with pytest.raises(MediaError, match="NUL byte"):
+        run(fetch_media(f"file://{media_dir}/sub/a.png%00.jpg", limits))
     with pytest.raises(MediaError, match="10-byte limit"):
         run(fetch_media(f"file://{media_dir}/sub/a.png", file_limits(media_dir, max_bytes=10)))
 
