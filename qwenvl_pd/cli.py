@@ -42,7 +42,7 @@ def _node(args: argparse.Namespace) -> int:
         served_model_name=args.served_model_name or "", max_model_len=args.max_model_len,
         device=args.device, dtype=args.dtype, transfer_protocol=args.transfer_protocol,
         transfer_device=args.transfer_device, transfer_timeout_s=args.transfer_timeout,
-        lease_seconds=args.lease_seconds, instance_id=args.instance_id or "",
+        lease_seconds=args.lease_seconds, drain_seconds=args.drain_seconds, instance_id=args.instance_id or "",
         limit_mm_per_prompt={"image": args.limit_images, "video": args.limit_videos}, engine=engine,
         tensor_parallel_size=args.tensor_parallel_size, enable_expert_parallel=args.enable_expert_parallel,
         threads=args.threads)
@@ -70,6 +70,8 @@ def _add_node_parser(sub, role: str, default_port: int) -> None:
     p.add_argument("--transfer-device", default="", help="RDMA/Ascend device name(s) for Mooncake")
     p.add_argument("--transfer-timeout", type=float, default=10.0, help="seconds; < --lease-seconds")
     p.add_argument("--lease-seconds", type=float, default=30.0)
+    p.add_argument("--drain-seconds", type=float, default=30.0,
+                   help="on SIGTERM: report NOT_SERVING, let running streams finish this long")
     p.add_argument("--instance-id")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--kv-cache-gib", type=float, default=1.0)

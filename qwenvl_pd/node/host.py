@@ -60,8 +60,11 @@ async def serve(runtime: Runtime, register: Callable[[grpc.aio.Server], NodeHost
     for sig in (signal.SIGINT, signal.SIGTERM):
         asyncio.get_running_loop().add_signal_handler(sig, stop.set)
     failed = await _until_stopped(stop, host, runtime, health_servicer)
-    # in-flight streams end with an RPC error now, not when their deadline passes
-    await server.stop(grace=0.5 if failed else 2)
+    if not failed:  # a signal: the proxy stops routing here while running streams finish
+        log.info("draining for up to %.0f s", runtime.cfg.drain_seconds)
+        await health_servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+    # after a failure in-flight streams end with an RPC error now, not when their deadline passes
+    await server.stop(grace=0.5 if failed else runtime.cfg.drain_seconds)
     host.engine_loop.stop()
     runtime.close(failed)
     return 1 if failed else 0

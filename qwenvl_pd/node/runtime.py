@@ -30,6 +30,7 @@ class NodeConfig:
     transfer_device: str = ""
     transfer_timeout_s: float = 10.0
     lease_seconds: float = 30.0
+    drain_seconds: float = 30.0    # on SIGTERM: NOT_SERVING, then this long for running RPCs
     instance_id: str = ""
     limit_mm_per_prompt: dict = field(default_factory=dict, hash=False)
     engine: EngineConfig = EngineConfig()

@@ -16,6 +16,7 @@ from qwenvl_pd import LLM, SamplingParams
 from qwenvl_pd.messages import MediaItem, PrefillRequest
 from qwenvl_pd.proxy import pd_client
 from qwenvl_pd.proxy.pd_client import Instance
+from qwenvl_pd.serve import _grpc_serving
 
 from nodes import free_port, pd_pair, png_bytes, start_node, stop
 
@@ -231,6 +232,35 @@ def test_decode_streams_cancelled_at_any_moment_leave_no_block_behind(shared):
     pl, dl = asyncio.run(_settled_loads(p_addr, d_addr))
     assert (pl.blocks_used, dl.blocks_used, dl.running) == (0, 0, 0)
 
+
+
+def test_sigterm_drains_a_running_stream_then_exits_0(shared):
+    llm, model, (_, p_addr), _ = shared
+    node, addr = start_node("decode", model)
+    req = _pd_request(llm, "t1", {"prompt": _chat("drain me")},
+                      SamplingParams(max_tokens=300, temperature=0, ignore_eos=True))
+
+    async def scenario():
+        p, d = Instance.connect(p_addr), Instance.connect(addr)
+        result = await pd_client.prefill(p, req)
+        events, serving = [], None
+        async for ev in pd_client.decode(d, pd_client.decode_request(req, result)):
+            events.append(ev)
+            if len(events) == 3:
+                node.send_signal(signal.SIGTERM)
+                await asyncio.sleep(0.5)
+                serving = await asyncio.to_thread(_grpc_serving, addr)
+        await p.channel.close()
+        await d.channel.close()
+        return events, serving
+
+    try:
+        events, serving = asyncio.run(scenario())
+        assert serving is False  # NOT_SERVING at once: the proxy routes elsewhere
+        assert events[-1].finish_reason == "length" and events[-1].num_output_tokens == 300
+        assert node.wait(timeout=30) == 0
+    finally:
+        stop(node)
 
 def test_decode_killed_mid_transfer_lease_frees_prefill_blocks(shared):
     llm, model, (p_proc, p_addr), _ = shared
