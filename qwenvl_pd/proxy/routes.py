@@ -65,6 +65,13 @@ async def health(request: Request):
                         status_code=200 if ready else 503)
 
 
+@router.get("/live")
+async def live():
+    """Liveness: the process answers. /health is readiness: 503 while the backends are down, so a
+    liveness probe on it would restart every proxy during an outage."""
+    return {"status": "alive"}
+
+
 @router.get("/metrics")
 async def metrics(request: Request):
     return PlainTextResponse(proxy_of(request).metrics.render(), media_type=CONTENT_TYPE)

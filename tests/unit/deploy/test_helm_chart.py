@@ -167,8 +167,9 @@ def test_discover_dns_names_the_headless_services(cpu: list[dict[str, Any]]) -> 
 def test_probes(overlay: str, request: pytest.FixtureRequest) -> None:
     docs = request.getfixturevalue(overlay)
     proxy = container(docs, "proxy")
-    for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert proxy[kind]["httpGet"] == {"path": "/health", "port": "http"}
+    # only readiness follows the backends: an outage must not restart every proxy
+    for kind, path in (("startupProbe", "/live"), ("readinessProbe", "/health"), ("livenessProbe", "/live")):
+        assert proxy[kind]["httpGet"] == {"path": path, "port": "http"}
     assert proxy["ports"] == [{"name": "http", "containerPort": 8000, "protocol": "TCP"}]
     for role, port in (("prefill", 50051), ("decode", 50052)):
         c = container(docs, role)

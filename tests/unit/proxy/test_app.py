@@ -227,6 +227,7 @@ def test_health_metrics_version_and_unknown_route(client):
     assert client.get("/health").status_code == 200
     backend.is_ready = False
     assert client.get("/health").status_code == 503
+    assert client.get("/live").json() == {"status": "alive"}  # liveness ignores the backends
     client.post("/v1/chat/completions", json=chat(max_tokens=2))
     metrics = client.get("/metrics")
     assert metrics.headers["content-type"].startswith("text/plain; version=0.0.4")
