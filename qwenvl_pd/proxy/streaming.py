@@ -7,16 +7,19 @@ code; anything after that travels as an error event followed by [DONE].
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from qwenvl_pd.proxy.errors import APIError
+from qwenvl_pd.proxy.errors import APIError, server_error
 from qwenvl_pd.proxy.generation import Delta, RequestRun
 from qwenvl_pd.proxy.responses import (SSE_DONE, Choice, ChunkBuilder, TokenLogprob, chat_completion,
                                        completion, completion_logprobs, sse, sse_error)
+
+log = logging.getLogger(__name__)
 
 
 def error_response(err: APIError) -> JSONResponse:
@@ -98,6 +101,9 @@ async def stream(run: RequestRun, rid: str, model: str, chat: bool, include_usag
                 yield sse(out.build.usage(run.usage()))
         except APIError as e:
             yield sse_error(e)
+        except Exception as e:  # a bug past the status line: an error event, never a torn stream
+            log.exception("stream %s failed after its first chunk", rid)
+            yield sse_error(server_error(f"internal error: {type(e).__name__}: {e}"))
         finally:
             on_close()  # first: after a disconnect every further await may be cancelled again
             await deltas.aclose()  # a client that went away cancels every sample's stream

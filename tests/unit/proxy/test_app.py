@@ -279,3 +279,21 @@ def test_vllm_bench_completion_payload_is_accepted(client):
     assert r.status_code == 200 and sse_events(r.text)[-1]["usage"]["completion_tokens"] == 4
     r = client.post("/v1/completions", json={**body, "best_of": 2})
     assert r.status_code == 400 and r.json()["error"]["param"] == "best_of"
+
+
+def test_a_failure_after_the_first_chunk_ends_the_stream_with_an_error_event_and_done(info, qwen_tokenizer):
+    client, backend = make_client(info, qwen_tokenizer.encode(ANSWER))
+    scripted = backend.generate
+
+    async def breaks_after_one(req, key):
+        async for step in scripted(req, key):
+            yield step
+            raise RuntimeError("a bug past the status line")
+    backend.generate = breaks_after_one
+    with client as c:
+        r = c.post("/v1/chat/completions", json=chat(stream=True, max_tokens=20))
+    assert r.status_code == 200
+    assert r.text.rstrip().endswith("data: [DONE]")
+    events = sse_events(r.text)
+    assert events[-1]["error"]["message"] == "internal error: RuntimeError: a bug past the status line"
+    assert events[-1]["error"]["type"] == "server_error"
