@@ -25,6 +25,8 @@ ROLES = ("system", "user", "assistant", "tool")
 URL_SCHEMES = ("data", "http", "https", "file")
 MAX_N = 128
 MAX_STOP = 64
+MAX_STOP_CHARS = 1024       # one stop string: each is searched in every new piece of text
+MAX_STOP_TOKEN_IDS = 1024
 MAX_LOGPROBS = 20  # what the sampler returns; OpenAI's own cap for chat
 INT64 = (-(2**63), 2**63 - 1)  # the proto's seed type
 
@@ -142,6 +144,8 @@ def _stop(body: dict) -> list[str]:
         raise bad_request("'stop' must be a non-empty string or a list of non-empty strings", "stop")
     if len(items) > MAX_STOP:
         raise bad_request(f"'stop' has {len(items)} strings; at most {MAX_STOP} are allowed", "stop")
+    if any(len(s) > MAX_STOP_CHARS for s in items):
+        raise bad_request(f"a 'stop' string is longer than {MAX_STOP_CHARS} characters", "stop")
     return items
 
 
@@ -151,6 +155,9 @@ def _stop_token_ids(body: dict) -> list[int]:
         isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in v)
     if not ok:
         raise bad_request("'stop_token_ids' must be a list of non-negative integers", "stop_token_ids")
+    if v and len(v) > MAX_STOP_TOKEN_IDS:
+        raise bad_request(f"'stop_token_ids' has {len(v)} ids; at most {MAX_STOP_TOKEN_IDS} are allowed",
+                          "stop_token_ids")
     return v or []
 
 

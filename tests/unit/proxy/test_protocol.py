@@ -145,6 +145,8 @@ def test_top_k_zero_is_off_and_logprobs_without_top():
     ({"stop": 3}, "stop"),
     ({"stop": ["x"] * 65}, "stop"),
     ({"stop_token_ids": [1, -1]}, "stop_token_ids"),
+    ({"stop_token_ids": list(range(1025))}, "stop_token_ids"),
+    ({"stop": ["x" * 1025]}, "stop"),
     ({"presence_penalty": 3}, "presence_penalty"),
     ({"frequency_penalty": -2.5}, "frequency_penalty"),
     ({"repetition_penalty": 0}, "repetition_penalty"),
