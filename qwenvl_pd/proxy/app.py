@@ -34,14 +34,16 @@ OpenBackend = Callable[[ProxyConfig, ProxyMetrics], Awaitable[tuple[Backend, Mod
 
 @dataclass
 class Slot:
-    """One admitted request; release() is idempotent, so every exit path may call it."""
+    """One admitted request of `weight` samples; release() is idempotent, so every exit path
+    may call it."""
     proxy: "Proxy"
+    weight: int = 1
     released: bool = False
 
     def release(self) -> None:
         if not self.released:
             self.released = True
-            self.proxy.active -= 1
+            self.proxy.active -= self.weight
 
 
 @dataclass
@@ -67,18 +69,23 @@ class Proxy:
         if name is not None and name != self.model.name:
             raise not_found_model(name)
 
-    def admit(self) -> Slot:
+    def admit(self, n: int = 1) -> Slot:
+        """A request of n samples takes n places: each is its own prefill and decode."""
+        bound = self.cfg.max_concurrent_requests
+        if n > bound:
+            raise bad_request(f"n ({n}) is more than this server runs at once "
+                              f"(--max-concurrent-requests {bound})", "n")
         # a bound, not a queue: past it the client hears 429 at once and may retry elsewhere
-        if self.active >= self.cfg.max_concurrent_requests:
-            raise overloaded(f"{self.active} requests are in progress (--max-concurrent-requests "
-                             f"{self.cfg.max_concurrent_requests}); retry later")
-        self.active += 1
-        return Slot(self)
+        if self.active + n > bound:
+            raise overloaded(f"{self.active} samples are in progress (--max-concurrent-requests "
+                             f"{bound}); retry later")
+        self.active += n
+        return Slot(self, n)
 
-    async def admit_and_prepare(self, prepare: Callable[[], Awaitable]) -> tuple[Slot, object]:
-        """Admit, then await prepare() (media fetches count against the bound); the slot is
-        released if preparing fails."""
-        slot = self.admit()
+    async def admit_and_prepare(self, prepare: Callable[[], Awaitable], n: int = 1) -> tuple[Slot, object]:
+        """Admit n samples, then await prepare() (media fetches count against the bound); the
+        slot is released if preparing fails."""
+        slot = self.admit(n)
         try:
             return slot, await prepare()
         except BaseException:

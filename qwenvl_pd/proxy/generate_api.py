@@ -52,7 +52,7 @@ async def generate(request: Request):
             return await prepare_chat(req, p.model, p.cfg), ""
         return prepare_completion(req, p.model), req.prompt
 
-    slot, (prompt, head) = await p.admit_and_prepare(prepare)
+    slot, (prompt, head) = await p.admit_and_prepare(prepare, req.n)
     run = RequestRun(new_id("cmpl"), prompt, p.model, p.backend, p.metrics, False,
                      p.cfg.affinity_tokens, arrived)
     if req.stream:

@@ -36,7 +36,7 @@ async def _respond(request: Request, p: Proxy, slot: Slot, prompt: PreparedPromp
 async def chat_completions(request: Request):
     arrived = time.perf_counter()
     p, req = await accept(request, parse_chat_request)
-    slot, prompt = await p.admit_and_prepare(lambda: prepare_chat(req, p.model, p.cfg))
+    slot, prompt = await p.admit_and_prepare(lambda: prepare_chat(req, p.model, p.cfg), req.n)
     return await _respond(request, p, slot, prompt, True, req.stream, req.include_usage, req.logprobs,
                           arrived)
 
@@ -46,7 +46,7 @@ async def completions(request: Request):
     arrived = time.perf_counter()
     p, req = await accept(request, parse_completion_request)
     prompt = prepare_completion(req, p.model)
-    slot = p.admit()
+    slot = p.admit(req.n)
     return await _respond(request, p, slot, prompt, False, req.stream, req.include_usage,
                           req.logprobs is not None, arrived)
 

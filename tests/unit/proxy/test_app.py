@@ -297,3 +297,22 @@ def test_a_failure_after_the_first_chunk_ends_the_stream_with_an_error_event_and
     events = sse_events(r.text)
     assert events[-1]["error"]["message"] == "internal error: RuntimeError: a bug past the status line"
     assert events[-1]["error"]["type"] == "server_error"
+
+
+def test_n_samples_count_n_against_admission(info, qwen_tokenizer):
+    c, backend = make_client(info, qwen_tokenizer.encode(ANSWER), max_concurrent_requests=4)
+    backend.gate = threading.Event()
+    with c:
+        first = threading.Thread(target=lambda: c.post("/v1/chat/completions", json=chat(n=3)))
+        first.start()
+        deadline = time.monotonic() + 10
+        while len(backend.requests) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert c.app.state.proxy.active == 3
+        assert c.post("/v1/chat/completions", json=chat(n=2)).status_code == 429  # 3 + 2 > 4
+        too_many = c.post("/v1/completions", json={"prompt": "hi", "n": 5})
+        assert too_many.status_code == 400 and too_many.json()["error"]["param"] == "n"
+        backend.gate.set()
+        first.join(timeout=10)
+        assert c.post("/v1/chat/completions", json=chat(n=4)).status_code == 200
+        assert c.app.state.proxy.active == 0
