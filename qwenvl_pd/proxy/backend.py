@@ -20,12 +20,14 @@ import grpc
 
 from qwenvl_pd.messages import PrefillRequest, PrefillResult, SampledToken, TokenEvent
 from qwenvl_pd.proxy import pd_client
-from qwenvl_pd.proxy.errors import APIError, bad_request
+from qwenvl_pd.proxy.errors import APIError, bad_request, overloaded
 from qwenvl_pd.proxy.router import InstanceState, Router
 
 log = logging.getLogger(__name__)
 MAX_REPREFILLS = 4  # a request preempted this often is not going to fit
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+# a decode out of blocks, or one whose KV layout does not match: another decode may take it
+DECODE_ELSEWHERE = RETRYABLE + (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.FAILED_PRECONDITION)
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,8 @@ def rpc_error(e: grpc.aio.AioRpcError, where: str) -> APIError:
     """A gRPC failure -> the status a client should see."""
     if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
         return bad_request(e.details())
+    if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:  # full (blocks, queue): retry later
+        return overloaded(f"{where}: {e.details()}")
     if e.code() in RETRYABLE:
         return APIError(503, f"{where}: {e.details()}", "service_unavailable", None, "backend_unavailable")
     return APIError(500, f"{where}: {e.code().name}: {e.details()}", "server_error", None, "backend_error")
@@ -101,9 +105,10 @@ class PDBackend:
                 try:
                     return await pd_client.prefill(state.instance, req, self.prefill_timeout_s), state
                 except grpc.aio.AioRpcError as e:
-                    if e.code() != grpc.StatusCode.UNAVAILABLE or tried:
+                    if e.code() not in RETRYABLE or tried:
                         raise rpc_error(e, f"prefill {state.address}") from None
-                    log.warning("prefill %s unavailable (%s); retrying on another", state.address, e.details())
+                    log.warning("prefill %s %s (%s); retrying on another", state.address,
+                                e.code().name, e.details())
                     self.router.mark_failed(state)
                     tried.append(state)
 
@@ -124,11 +129,11 @@ class PDBackend:
                             yield ev
                     return
                 except grpc.aio.AioRpcError as e:
-                    if seen or tried or e.code() not in RETRYABLE:
+                    if seen or tried or e.code() not in DECODE_ELSEWHERE:
                         raise rpc_error(e, f"decode {state.address}") from None
                     log.warning("decode %s failed before its first token (%s); retrying once",
                                 state.address, e.details())
-                    if not e.details().startswith("KV read"):  # decode itself is the problem
+                    if e.code() in RETRYABLE and not e.details().startswith("KV read"):  # decode is down
                         self.router.mark_failed(state)
                     tried.append(state)
 

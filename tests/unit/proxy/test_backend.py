@@ -43,7 +43,11 @@ class Script:
         return result(req, outcome)
 
     async def decode(self, inst, dreq):
-        for ev in self.decodes.pop(0):
+        self.decode_calls = getattr(self, "decode_calls", []) + [inst.address]
+        outcome = self.decodes.pop(0)
+        if isinstance(outcome, Exception):
+            raise outcome
+        for ev in outcome:
             yield ev
 
     async def abort(self, inst, service, request_id):
@@ -51,13 +55,13 @@ class Script:
         return True
 
 
-def run(script: Script, body):
+def run(script: Script, body, decodes=("10.0.1.1:1",)):
     async def main():
         async def healthy(_):
             return True
         router = Router(ProxyMetrics(), health_check=healthy)
         router.set_members("prefill", ["10.0.0.1:1", "10.0.0.2:1"])
-        router.set_members("decode", ["10.0.1.1:1"])
+        router.set_members("decode", list(decodes))
         await router.health_round()
         try:
             return await body(PDBackend(router), router)
@@ -83,8 +87,9 @@ def ev(token, reason=""):
     return TokenEvent(SampledToken(token) if token is not None else None, reason)
 
 
-def test_prefill_unavailable_is_retried_once_on_another():
-    script = Script([rpc_error(grpc.StatusCode.UNAVAILABLE), 10], [[ev(11), ev(12, "length")]])
+@pytest.mark.parametrize("code", [grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED])
+def test_prefill_unavailable_is_retried_once_on_another(code):
+    script = Script([rpc_error(code), 10], [[ev(11), ev(12, "length")]])
 
     async def body(backend, router):
         steps = await collect(backend)
@@ -147,3 +152,26 @@ def test_decode_error_event_is_a_server_error():
         return err.value
     err = run(script, body)
     assert err.status == 500 and "KV gone" in err.message
+
+
+@pytest.mark.parametrize("code", [grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.FAILED_PRECONDITION])
+def test_a_full_or_mismatched_decode_hands_the_request_to_the_other(code):
+    script = Script([10], [rpc_error(code, "decode is out of KV blocks"), [ev(11), ev(12, "length")]])
+
+    async def body(backend, router):
+        return await collect(backend), [s.address for s in router.healthy("decode")]
+    steps, healthy = run(script, body, decodes=("10.0.1.1:1", "10.0.1.2:1"))
+    assert steps == [(10, ""), (11, ""), (12, "length")]
+    assert len(set(script.decode_calls)) == 2 and len(healthy) == 2  # full is not down
+
+
+def test_every_decode_full_is_a_429():
+    full = rpc_error(grpc.StatusCode.RESOURCE_EXHAUSTED, "decode is out of KV blocks")
+    script = Script([10], [full, full])
+
+    async def body(backend, router):
+        with pytest.raises(APIError) as err:
+            await collect(backend)
+        return err.value
+    err = run(script, body, decodes=("10.0.1.1:1", "10.0.1.2:1"))
+    assert err.status == 429 and "out of KV blocks" in err.message
