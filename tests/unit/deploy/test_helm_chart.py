@@ -98,8 +98,9 @@ def test_every_manifest_validates_against_kubernetes_schemas(overlay: str, reque
         except kubernetes_validate.ValidationError as e:
             pytest.fail(f"{doc['kind']}/{doc['metadata']['name']}: {'.'.join(map(str, e.path))}: {e.message}")
         validated.append(doc["kind"])
-    expected = {"cpu": ["Deployment", "Service"],
-                "npu": ["Deployment", "HorizontalPodAutoscaler", "Service", "ServiceMonitor"]}[overlay]
+    expected = {"cpu": ["Deployment", "NetworkPolicy", "Service"],
+                "npu": ["Deployment", "HorizontalPodAutoscaler", "NetworkPolicy", "Service",
+                        "ServiceMonitor"]}[overlay]
     assert kinds == expected
     assert validated.count("Deployment") == 3 and validated.count("Service") == 3
 
@@ -231,7 +232,7 @@ def test_shm_and_model_volumes(cpu: list[dict[str, Any]]) -> None:
         assert mounts["dshm"]["mountPath"] == "/dev/shm"
         assert mounts["model"] == {"name": "model", "mountPath": "/models", "readOnly": True}
     # The proxy needs no weights (it asks prefill for the tokenizer).
-    assert "volumes" not in workload(cpu, "proxy")["spec"]["template"]["spec"]
+    assert [v["name"] for v in workload(cpu, "proxy")["spec"]["template"]["spec"]["volumes"]] == ["tmp"]
 
 
 def test_image_baked_model_mounts_nothing(cpu_values: dict[str, Any]) -> None:
@@ -377,3 +378,18 @@ def test_the_235b_overlay_runs_tp8_ep_pods_of_8_npus() -> None:
         assert arg(c, "--tensor-parallel-size") == "8" and "--enable-expert-parallel" in c["args"]
         assert c["resources"]["limits"]["huawei.com/Ascend910"] == 8
         assert arg(c, "--model") == "/models/Qwen3-VL-235B-A22B-Instruct"
+
+
+def test_engines_admit_only_the_releases_pods_and_nothing_escalates(cpu: list[dict[str, Any]]) -> None:
+    policies = {d["metadata"]["name"]: d for d in find(cpu, "NetworkPolicy")}
+    assert sorted(policies) == [f"{RELEASE}-decode", f"{RELEASE}-prefill"]
+    for role in ("prefill", "decode"):
+        spec = policies[f"{RELEASE}-{role}"]["spec"]
+        assert spec["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == role
+        assert spec["ingress"] == [{"from": [{"podSelector": {"matchLabels": {
+            "app.kubernetes.io/name": "qwenvl-pd", "app.kubernetes.io/instance": RELEASE}}}]}]
+        assert container(cpu, role)["securityContext"]["allowPrivilegeEscalation"] is False
+    proxy = container(cpu, "proxy")
+    assert proxy["securityContext"] == {"runAsNonRoot": True, "runAsUser": 1000, "allowPrivilegeEscalation": False,
+                                        "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]}}
+    assert {"name": "tmp", "mountPath": "/tmp"} in proxy["volumeMounts"]
