@@ -27,6 +27,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 def _node(args: argparse.Namespace) -> int:
     import logging
+    from qwenvl_pd.protos.auth import read_secret
     from qwenvl_pd.engine.llm_engine import EngineConfig
     from qwenvl_pd.node.runtime import NodeConfig
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -43,6 +44,7 @@ def _node(args: argparse.Namespace) -> int:
         device=args.device, dtype=args.dtype, transfer_protocol=args.transfer_protocol,
         transfer_device=args.transfer_device, transfer_timeout_s=args.transfer_timeout,
         lease_seconds=args.lease_seconds, drain_seconds=args.drain_seconds, instance_id=args.instance_id or "",
+        cluster_secret=read_secret(args.cluster_secret_file or ""),
         limit_mm_per_prompt={"image": args.limit_images, "video": args.limit_videos}, engine=engine,
         tensor_parallel_size=args.tensor_parallel_size, enable_expert_parallel=args.enable_expert_parallel,
         threads=args.threads)
@@ -73,6 +75,7 @@ def _add_node_parser(sub, role: str, default_port: int) -> None:
     p.add_argument("--drain-seconds", type=float, default=30.0,
                    help="on SIGTERM: report NOT_SERVING, let running streams finish this long")
     p.add_argument("--instance-id")
+    _add_secret_arg(p)
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--kv-cache-gib", type=float, default=1.0)
     p.add_argument("--num-kv-blocks", type=int)
@@ -87,6 +90,11 @@ def _add_node_parser(sub, role: str, default_port: int) -> None:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     _add_parallel_args(p)
     p.set_defaults(func=_node)
+
+
+def _add_secret_arg(p) -> None:
+    p.add_argument("--cluster-secret-file", help="file with the secret every role shares (or "
+                   "$QWENVL_PD_CLUSTER_SECRET); node RPCs without it are refused, KV handles signed")
 
 
 def _add_parallel_args(p, hidden: bool = False) -> None:
@@ -110,6 +118,7 @@ def _colocated_opener(args: argparse.Namespace):
 
 
 def _proxy(args: argparse.Namespace) -> int:
+    from qwenvl_pd.protos.auth import read_secret
     from qwenvl_pd.proxy.config import ProxyConfig, parse_addresses
     from qwenvl_pd.proxy.server import main as run
     if args.discover_dns:
@@ -118,7 +127,8 @@ def _proxy(args: argparse.Namespace) -> int:
     run(ProxyConfig(
         host=args.host, port=args.port, prefill=parse_addresses(args.prefill),
         decode=parse_addresses(args.decode), discover_dns=args.discover_dns or "",
-        api_key=args.api_key or "", served_model_name=args.served_model_name or "",
+        api_key=args.api_key or "", cluster_secret=read_secret(args.cluster_secret_file or ""),
+        served_model_name=args.served_model_name or "",
         allowed_local_media_path=args.allowed_local_media_path or "",
         allow_private_media=args.allow_private_media, max_concurrent_requests=args.max_concurrent_requests,
         max_images_per_request=args.max_images_per_request, max_media_bytes=args.max_media_bytes,
@@ -139,6 +149,7 @@ def _add_proxy_parser(sub) -> None:
     p.add_argument("--api-key", help="require Authorization: Bearer KEY on /v1 (or $QWENVL_PD_API_KEY)",
                    default=os.environ.get("QWENVL_PD_API_KEY"))
     p.add_argument("--served-model-name", help="the model name clients send (default: prefill's)")
+    _add_secret_arg(p)
     p.add_argument("--allowed-local-media-path", help="serve file:// media from under this directory")
     p.add_argument("--allow-private-media", action="store_true",
                    help="allow media URLs that resolve to private/loopback addresses")

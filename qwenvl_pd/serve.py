@@ -8,6 +8,7 @@ itself dies, so no node outlives it holding its ports.
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -201,6 +202,9 @@ def main(cfg: ServeConfig) -> int:
                  f"  ({model}); its answers are noise. For a real model:",
                  "  qwenvl-pd serve --model /path/to/Qwen2.5-VL-7B-Instruct --port 8000"])
     signal.signal(signal.SIGTERM, _on_sigterm)
+    # the roles of this run share a fresh secret (children inherit it): nothing else on the
+    # host can call their node ports or hand decode a KV handle
+    os.environ.setdefault("QWENVL_PD_CLUSTER_SECRET", secrets.token_hex(32))
     children: list[Child] = []
     try:
         proxy = _start(cfg, model, children)

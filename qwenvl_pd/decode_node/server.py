@@ -15,7 +15,7 @@ from qwenvl_pd.engine.sequence import FinishReason, Sequence
 from qwenvl_pd.kv_transfer.engine import TransferError, TransferTimeout
 from qwenvl_pd.messages import DecodeRequest, SampledToken, TokenEvent
 from qwenvl_pd.node.runtime import load_report
-from qwenvl_pd.protos import convert, qwenvl_pd_pb2 as pb, qwenvl_pd_pb2_grpc as pb_grpc
+from qwenvl_pd.protos import auth, convert, qwenvl_pd_pb2 as pb, qwenvl_pd_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +81,7 @@ class DecodeService(pb_grpc.DecodeServicer):
             req: DecodeRequest = convert.from_proto(request)
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        await self._check_origin(req, context)
         mismatch = req.handle.fingerprint.mismatch(self.rt.fingerprint, names=("prefill", "decode"))
         if mismatch:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"KV layout mismatch: {mismatch}")
@@ -88,6 +89,21 @@ class DecodeService(pb_grpc.DecodeServicer):
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                 f"KV lease of request {req.request_id} expired on {req.handle.instance_id}")
         return req
+
+    async def _check_origin(self, req: DecodeRequest, context) -> None:
+        """With the cluster secret a handle must carry its prefill's signature and the address
+        Release confirms the lease at; always, it must describe this request's prompt."""
+        h, secret = req.handle, self.rt.cfg.cluster_secret
+        if secret and not auth.is_signed(h, secret):
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                f"the KV handle of request {req.request_id} was not signed by a prefill "
+                                "of this cluster")
+        if secret and not h.control_address:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, "the KV handle names no prefill to "
+                                "release it at, so its lease cannot be confirmed")
+        if h.num_tokens != req.prompt_len:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"the handle holds {h.num_tokens} tokens, the prompt has {req.prompt_len}")
 
     async def _pull_and_join(self, req: DecodeRequest, context) -> None:
         h = req.handle
@@ -168,8 +184,8 @@ class DecodeService(pb_grpc.DecodeServicer):
             return True
         channel = self._channels.get(h.control_address)
         if channel is None:
-            channel = self._channels[h.control_address] = grpc.aio.insecure_channel(
-                h.control_address, options=GRPC_OPTIONS)
+            channel = self._channels[h.control_address] = auth.channel(
+                h.control_address, self.rt.cfg.cluster_secret, GRPC_OPTIONS)
         request = pb.ReleaseRequest(request_id=request_id, instance_id=h.instance_id)
         try:
             return (await pb_grpc.PrefillStub(channel).Release(request, timeout=5)).released

@@ -51,6 +51,7 @@ class KVHandle:
     # tensor parallel: ranks 1..N-1 (rank 0 is transfer_address, kv_base_ptr); the same block
     # ids in every rank's region hold that rank's heads
     rank_segments: tuple[KVSegment, ...] = ()
+    signature: bytes = b""  # set by a prefill that has the cluster secret (protos/auth.py)
 
     def __post_init__(self):
         object.__setattr__(self, "block_ids", tuple(self.block_ids))

@@ -9,6 +9,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from qwenvl_pd.engine.loop import EngineLoop
+from qwenvl_pd.protos.auth import ServerAuth
 from qwenvl_pd.protos.channel import GRPC_OPTIONS
 from qwenvl_pd.node.runtime import Runtime
 
@@ -46,7 +47,8 @@ def run_node(cfg, make_service: Callable, add_to_server: Callable) -> int:
 
 async def serve(runtime: Runtime, register: Callable[[grpc.aio.Server], NodeHost]) -> int:
     """Start the engine and the gRPC server; run until SIGINT/SIGTERM or a failure."""
-    server = grpc.aio.server(options=GRPC_OPTIONS)
+    secret = runtime.cfg.cluster_secret
+    server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=[ServerAuth(secret)] if secret else None)
     host = register(server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -31,6 +31,7 @@ class NodeConfig:
     transfer_timeout_s: float = 10.0
     lease_seconds: float = 30.0
     drain_seconds: float = 30.0    # on SIGTERM: NOT_SERVING, then this long for running RPCs
+    cluster_secret: bytes = field(default=b"", repr=False)  # b"": node RPCs are not checked
     instance_id: str = ""
     limit_mm_per_prompt: dict = field(default_factory=dict, hash=False)
     engine: EngineConfig = EngineConfig()

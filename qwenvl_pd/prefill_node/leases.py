@@ -3,6 +3,14 @@ import time
 from dataclasses import dataclass
 
 
+MAX_LEASE_S = 600.0  # a caller may ask for less than the node's default, never for days
+
+
+def lease_seconds(requested_ms: int, default_s: float) -> float:
+    """The lease a prefill grants: the request's (0: the node's default), at most MAX_LEASE_S."""
+    return min(requested_ms / 1000 or default_s, MAX_LEASE_S)
+
+
 @dataclass
 class Lease:
     block_ids: list[int]

@@ -12,8 +12,8 @@ from qwenvl_pd.engine.sequence import FinishReason, Sequence
 from qwenvl_pd.kv_transfer.handle import KVHandle
 from qwenvl_pd.messages import PrefillRequest, PrefillResult, SampledToken
 from qwenvl_pd.model.inputs import InputError
-from qwenvl_pd.prefill_node.leases import LeaseTable
-from qwenvl_pd.protos import convert, qwenvl_pd_pb2 as pb, qwenvl_pd_pb2_grpc as pb_grpc
+from qwenvl_pd.prefill_node.leases import LeaseTable, lease_seconds
+from qwenvl_pd.protos import auth, convert, qwenvl_pd_pb2 as pb, qwenvl_pd_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ class PrefillService(pb_grpc.PrefillServicer):
             await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"request {req.request_id} is in flight")
         fut = asyncio.get_running_loop().create_future()
         self.waiters[req.request_id] = fut
-        self.lease_seconds[req.request_id] = req.lease_ms / 1000 or self.rt.cfg.lease_seconds
+        self.lease_seconds[req.request_id] = lease_seconds(req.lease_ms, self.rt.cfg.lease_seconds)
         try:
             await self.host.call(lambda: self._add(seq))
         except KeyError:
@@ -99,7 +99,7 @@ class PrefillService(pb_grpc.PrefillServicer):
             self.lease_seconds.pop(req.request_id, None)
         if seq.finish_reason == FinishReason.ABORT:
             await context.abort(grpc.StatusCode.CANCELLED, f"request {req.request_id} aborted")
-        lease_s = req.lease_ms / 1000 or self.rt.cfg.lease_seconds
+        lease_s = lease_seconds(req.lease_ms, self.rt.cfg.lease_seconds)
         return convert.to_proto(self._result(seq, lease_s))
 
     def _result(self, seq: Sequence, lease_s: float) -> PrefillResult:
@@ -112,6 +112,11 @@ class PrefillService(pb_grpc.PrefillServicer):
         return PrefillResult(**result, handle=self._handle(seq, lease_s))
 
     def _handle(self, seq: Sequence, lease_s: float) -> KVHandle:
+        handle = self._unsigned_handle(seq, lease_s)
+        secret = self.rt.cfg.cluster_secret
+        return auth.sign(handle, secret) if secret else handle
+
+    def _unsigned_handle(self, seq: Sequence, lease_s: float) -> KVHandle:
         lease_ms = int((time.time() + lease_s) * 1000)
         return KVHandle(
             instance_id=self.rt.instance_id, transfer_address=self.rt.transfer.session_id,

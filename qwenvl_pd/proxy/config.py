@@ -1,7 +1,7 @@
 """The proxy's settings, built once at the CLI and read everywhere else."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from qwenvl_pd.proxy.media import MediaLimits
 
@@ -28,6 +28,7 @@ class ProxyConfig:
     decode: tuple[str, ...] = ()
     discover_dns: str = ""  # "prefill=NAME:PORT,decode=NAME:PORT" (proxy/discovery.py)
     api_key: str = ""  # "" : no authentication
+    cluster_secret: bytes = field(default=b"", repr=False)  # sent on every node RPC
     served_model_name: str = ""  # "" : the name prefill reports
     allowed_local_media_path: str = ""
     allow_private_media: bool = False

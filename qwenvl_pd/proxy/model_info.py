@@ -17,6 +17,7 @@ from typing import Any, Callable, Sequence
 
 import grpc
 
+from qwenvl_pd.protos import auth
 from qwenvl_pd.protos.channel import GRPC_OPTIONS
 from qwenvl_pd.messages import ModelInfo
 from qwenvl_pd.model.processor import VisionPreprocessConfig, VisionTokenIds, _config_from_dicts
@@ -76,14 +77,15 @@ def build_model(info: ModelInfo, served_model_name: str = "") -> ProxyModel:
                            info.image_token_id, info.video_token_id))
 
 
-async def fetch_model_info(addresses: Sequence[str] | Callable[[], Sequence[str]], timeout_s: float) -> ModelInfo:
+async def fetch_model_info(addresses: Sequence[str] | Callable[[], Sequence[str]], timeout_s: float,
+                           secret: bytes = b"") -> ModelInfo:
     """GetModelInfo from the first prefill that answers, retrying until timeout_s.
     `addresses` may be a callable, so instances discovered meanwhile are tried too."""
     deadline = time.monotonic() + timeout_s
     last = "no prefill instance known yet"
     while time.monotonic() < deadline:
         for address in (addresses() if callable(addresses) else addresses):
-            async with grpc.aio.insecure_channel(address, options=GRPC_OPTIONS) as channel:
+            async with auth.channel(address, secret, GRPC_OPTIONS) as channel:
                 try:
                     reply = await pb_grpc.PrefillStub(channel).GetModelInfo(pb.ModelInfoRequest(), timeout=10)
                     return convert.from_proto(reply)

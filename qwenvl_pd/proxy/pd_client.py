@@ -6,7 +6,7 @@ import grpc
 
 from qwenvl_pd.protos.channel import GRPC_OPTIONS
 from qwenvl_pd.messages import DecodeRequest, PrefillRequest, PrefillResult, TokenEvent
-from qwenvl_pd.protos import convert, qwenvl_pd_pb2 as pb, qwenvl_pd_pb2_grpc as pb_grpc
+from qwenvl_pd.protos import auth, convert, qwenvl_pd_pb2 as pb, qwenvl_pd_pb2_grpc as pb_grpc
 
 
 @dataclass
@@ -15,8 +15,8 @@ class Instance:
     channel: grpc.aio.Channel
 
     @classmethod
-    def connect(cls, address: str) -> "Instance":
-        return cls(address, grpc.aio.insecure_channel(address, options=GRPC_OPTIONS))
+    def connect(cls, address: str, secret: bytes = b"") -> "Instance":
+        return cls(address, auth.channel(address, secret, GRPC_OPTIONS))
 
 
 async def prefill(inst: Instance, req: PrefillRequest, timeout: float = 600) -> PrefillResult:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from qwenvl_pd.protos import auth
 from qwenvl_pd.protos.channel import GRPC_OPTIONS
 from qwenvl_pd.messages import LoadReport
 from qwenvl_pd.proxy import pd_client
@@ -62,11 +63,11 @@ def _rendezvous(key: bytes, address: str) -> int:
     return int.from_bytes(hashlib.sha256(key + address.encode()).digest()[:8], "big")
 
 
-def _connect(address: str) -> pd_client.Instance:
+def _connect(address: str, secret: bytes) -> pd_client.Instance:
     # gRPC backs off up to 2 minutes between reconnects; a restarted instance should be back
     # in rotation within a few health rounds
     options = GRPC_OPTIONS + [("grpc.initial_reconnect_backoff_ms", 500), ("grpc.max_reconnect_backoff_ms", 3000)]
-    return pd_client.Instance(address, grpc.aio.insecure_channel(address, options=options))
+    return pd_client.Instance(address, auth.channel(address, secret, options))
 
 
 async def grpc_healthy(instance: pd_client.Instance) -> bool:
@@ -81,8 +82,8 @@ async def grpc_healthy(instance: pd_client.Instance) -> bool:
 class Router:
     def __init__(self, metrics: ProxyMetrics, prefill_load_cap: int = 8,
                  health_interval_s: float = 2.0, load_interval_s: float = 1.0,
-                 health_check: Callable = grpc_healthy):
-        self.metrics = metrics
+                 health_check: Callable = grpc_healthy, secret: bytes = b""):
+        self.metrics, self.secret = metrics, secret
         self.cap = prefill_load_cap
         self.health_interval_s, self.load_interval_s = health_interval_s, load_interval_s
         self._check = health_check
@@ -96,7 +97,7 @@ class Router:
         checked them) or wait for the next health round."""
         wanted, current = set(addresses), self.instances[role]
         for address in sorted(wanted - set(current)):
-            current[address] = InstanceState(role, address, _connect(address), healthy)
+            current[address] = InstanceState(role, address, _connect(address, self.secret), healthy)
         for address in sorted(set(current) - wanted):
             self._drop(current.pop(address))
 

@@ -31,13 +31,15 @@ async def _discovery(cfg: ProxyConfig, router: Router) -> DnsDiscovery:
 
 
 async def open_pd(cfg: ProxyConfig, metrics: ProxyMetrics):
-    router = Router(metrics, cfg.prefill_load_cap, cfg.health_interval_s, cfg.load_interval_s)
+    router = Router(metrics, cfg.prefill_load_cap, cfg.health_interval_s, cfg.load_interval_s,
+                    secret=cfg.cluster_secret)
     for role in ROLES:
         router.set_members(role, getattr(cfg, role))
     disc = await _discovery(cfg, router) if cfg.discover_dns else None
     await router.start()
     try:
-        info = await fetch_model_info(lambda: list(router.instances["prefill"]), cfg.model_info_timeout_s)
+        info = await fetch_model_info(lambda: list(router.instances["prefill"]), cfg.model_info_timeout_s,
+                                      cfg.cluster_secret)
     except BaseException:
         await _close(router, disc)
         raise

@@ -331,3 +331,37 @@ def test_a_pool_smaller_than_max_model_len_refuses_to_start(tiny_dirs):
     assert out.returncode == 1
     assert ("the KV pool holds 64 tokens (4 blocks), less than max_model_len 2048: raise --kv-cache-gib "
             "or lower --max-model-len") in out.stderr
+
+
+def test_with_the_cluster_secret_unsigned_calls_and_handles_are_refused(shared, tmp_path):
+    llm, model, _, _ = shared
+    secret = tmp_path / "secret"
+    secret.write_text("s3cret-of-this-cluster\n")
+    with pd_pair(model, ("--cluster-secret-file", str(secret)), ("--cluster-secret-file", str(secret))) as (
+            (_, p_addr), (_, d_addr)):
+        req = _pd_request(llm, "auth1", {"prompt": _chat("who may call?")},
+                          SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+        key = b"s3cret-of-this-cluster"
+
+        async def scenario():
+            bare, p, d = Instance.connect(p_addr), Instance.connect(p_addr, key), Instance.connect(d_addr, key)
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await pd_client.prefill(bare, req)
+            result = await pd_client.prefill(p, req)
+            # another request's blocks, as someone who can reach decode's port might ask for
+            other = tuple(b + 1 for b in result.handle.block_ids)
+            forged = dataclasses.replace(result, handle=dataclasses.replace(result.handle, block_ids=other))
+            with pytest.raises(grpc.aio.AioRpcError) as unsigned:
+                async for _ in pd_client.decode(d, pd_client.decode_request(req, forged)):
+                    pass
+            events = [ev async for ev in pd_client.decode(d, pd_client.decode_request(req, result))]
+            for inst in (bare, p, d):
+                await inst.channel.close()
+            return refused.value, unsigned.value, events
+
+        refused, unsigned, events = asyncio.run(scenario())
+        assert refused.code() == grpc.StatusCode.UNAUTHENTICATED and "cluster secret" in refused.details()
+        assert unsigned.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert "was not signed by a prefill of this cluster" in unsigned.details()
+        assert events[-1].finish_reason == "length"  # the signed handle decodes
+        assert _grpc_serving(p_addr) and _grpc_serving(d_addr)  # health stays open for kubelet

@@ -393,3 +393,19 @@ def test_engines_admit_only_the_releases_pods_and_nothing_escalates(cpu: list[di
     assert proxy["securityContext"] == {"runAsNonRoot": True, "runAsUser": 1000, "allowPrivilegeEscalation": False,
                                         "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]}}
     assert {"name": "tmp", "mountPath": "/tmp"} in proxy["volumeMounts"]
+
+
+def test_cluster_secret_reaches_every_role_and_the_api_key_the_proxy(cpu_values: dict[str, Any]) -> None:
+    values = copy.deepcopy(cpu_values)
+    values["clusterSecret"] = {"existingSecret": "qwenvl-cluster", "key": "secret"}
+    values.setdefault("proxy", {})["apiKeySecret"] = {"name": "qwenvl-api", "key": "api-key"}
+    docs = render(values)
+    for role in ROLES:
+        env = {e["name"]: e for e in container(docs, role).get("env", [])}
+        assert env["QWENVL_PD_CLUSTER_SECRET"]["valueFrom"] == {
+            "secretKeyRef": {"name": "qwenvl-cluster", "key": "secret"}}
+        assert ("QWENVL_PD_API_KEY" in env) == (role == "proxy")
+    proxy_env = {e["name"]: e for e in container(docs, "proxy")["env"]}
+    assert proxy_env["QWENVL_PD_API_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "qwenvl-api", "key": "api-key"}
+    for role in ROLES:
+        kubernetes_validate.validate(workload(docs, role), KUBE_VERSION, strict=True)
