@@ -1,5 +1,13 @@
-"""Child processes that do not outlive their parent (torch-free: `serve` imports it)."""
+"""Child processes that do not outlive their parent, and ports for them (torch-free: `serve`
+imports it)."""
 import signal
+import socket
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def die_with_parent() -> None:

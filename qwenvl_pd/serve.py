@@ -11,7 +11,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from qwenvl_pd.process import die_with_parent
+from qwenvl_pd.process import die_with_parent, free_port
 
 STARTUP_S = 900.0  # a large checkpoint takes minutes to load
 TINY_ARCH = "qwen2_5_vl"
@@ -77,12 +76,6 @@ def tiny_model_dir() -> Path:
 def _banner(lines: list[str]) -> None:
     bar = "=" * max(len(line) for line in lines)
     print("\n".join([bar, *lines, bar]), file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _spawn(role: str, args: list[str], address: str) -> Child:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import os
-import socket
 from concurrent.futures import ThreadPoolExecutor, TimeoutError as FutureTimeout
 from dataclasses import dataclass, replace
 from datetime import timedelta
@@ -63,6 +62,30 @@ class RankSpec:
     rank_setup: Callable[[RankContext], object] | None = None
 
 
+def send_message(ints: torch.Tensor | None, data: torch.Tensor, group) -> None:
+    """Rank 0: one message of an int64 and a uint8 tensor to every rank; ints None says stop."""
+    sizes = [STOP, 0] if ints is None else [len(ints), len(data)]
+    dist.broadcast(torch.tensor(sizes), 0, group=group)
+    if ints is not None:
+        dist.broadcast(ints, 0, group=group)
+    if len(data):
+        dist.broadcast(data, 0, group=group)
+
+
+def recv_message(group) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Ranks 1..N-1: the next (ints, data) rank 0 sends, or None when it says stop."""
+    sizes = torch.zeros(2, dtype=torch.long)
+    dist.broadcast(sizes, 0, group=group)
+    if sizes[0] == STOP:
+        return None
+    ints = torch.empty(int(sizes[0]), dtype=torch.long)
+    data = torch.empty(int(sizes[1]), dtype=torch.uint8)
+    dist.broadcast(ints, 0, group=group)
+    if len(data):
+        dist.broadcast(data, 0, group=group)
+    return ints, data
+
+
 class StepChannel:
     """Rank 0 sends each step's StepInput; the other ranks receive it."""
 
@@ -70,30 +93,15 @@ class StepChannel:
         self.group = group
 
     def send(self, step: StepInput) -> None:
-        ints, data = step_input.encode(step)
-        self._broadcast_sizes(len(ints), len(data))
-        dist.broadcast(ints, 0, group=self.group)
-        if len(data):
-            dist.broadcast(data, 0, group=self.group)
+        send_message(*step_input.encode(step), self.group)
 
     def recv(self) -> StepInput | None:
         """The next step, or None when rank 0 closes the instance."""
-        sizes = torch.zeros(2, dtype=torch.long)
-        dist.broadcast(sizes, 0, group=self.group)
-        if sizes[0] == STOP:
-            return None
-        ints = torch.empty(int(sizes[0]), dtype=torch.long)
-        dist.broadcast(ints, 0, group=self.group)
-        data = torch.empty(int(sizes[1]), dtype=torch.uint8)
-        if len(data):
-            dist.broadcast(data, 0, group=self.group)
-        return step_input.decode(ints, data)
+        message = recv_message(self.group)
+        return None if message is None else step_input.decode(*message)
 
     def close(self) -> None:
-        self._broadcast_sizes(STOP, 0)
-
-    def _broadcast_sizes(self, ints: int, data: int) -> None:
-        dist.broadcast(torch.tensor([ints, data]), 0, group=self.group)
+        send_message(None, torch.empty(0, dtype=torch.uint8), self.group)
 
 
 def rank_device(device_type: str, rank: int) -> torch.device:
@@ -183,12 +191,6 @@ class Ranks:
                 p.kill()
         dist.destroy_process_group()
         torch.set_num_threads(self._threads)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_rank(spec: RankSpec) -> None:

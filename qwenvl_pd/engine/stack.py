@@ -14,11 +14,12 @@ from transformers import AutoTokenizer
 from qwenvl_pd.config import ModelConfig
 from qwenvl_pd.engine.llm_engine import EngineConfig, LLMEngine, build_runner
 from qwenvl_pd.engine.model_runner import ModelRunner
-from qwenvl_pd.engine.ranks import RankContext, Ranks, RankSpec, free_port, rank_device
+from qwenvl_pd.engine.ranks import RankContext, Ranks, RankSpec, rank_device
 from qwenvl_pd.model.inputs import InputProcessor
 from qwenvl_pd.model.loader import load_model
 from qwenvl_pd.model.parallel import TensorParallel, check_divisible
 from qwenvl_pd.platform import default_dtype, detect_device
+from qwenvl_pd.process import free_port
 
 
 @dataclass(frozen=True)

@@ -15,14 +15,13 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from qwenvl_pd.engine.ranks import RankContext
+from qwenvl_pd.engine.ranks import RankContext, recv_message, send_message
 from qwenvl_pd.kv_transfer.engine import KVTransferEngine, TransferError, TransferTimeout
 from qwenvl_pd.kv_transfer.handle import KVHandle, KVSegment
 from qwenvl_pd.kv_transfer.layout import Region, read_slices
 
 log = logging.getLogger(__name__)
 ADDRESS_BYTES = 256  # a "host:port" session id, padded for the all-gather
-STOP = -1
 
 
 @dataclass(frozen=True)
@@ -130,28 +129,20 @@ def _all_gather(own: KVSegment, ctx: RankContext) -> tuple[KVSegment, ...]:
 
 def _send(job: PullJob | None, group) -> None:
     if job is None:
-        dist.broadcast(torch.tensor([STOP, 0]), 0, group=group)
+        send_message(None, torch.empty(0, dtype=torch.uint8), group)
         return
-    addresses = "\n".join(s.transfer_address for s in job.segments).encode()
+    addresses = "\n".join(seg.transfer_address for seg in job.segments).encode()
     ints = torch.tensor([job.region_num_blocks, job.block_bytes, len(job.remote_blocks),
-                         *(s.kv_base_ptr for s in job.segments), *job.remote_blocks, *job.local_blocks])
-    dist.broadcast(torch.tensor([len(ints), len(addresses)]), 0, group=group)
-    dist.broadcast(ints, 0, group=group)
-    dist.broadcast(torch.tensor(list(addresses), dtype=torch.uint8), 0, group=group)
+                         *(seg.kv_base_ptr for seg in job.segments), *job.remote_blocks, *job.local_blocks])
+    send_message(ints, torch.tensor(list(addresses), dtype=torch.uint8), group)
 
 
 def _recv(group) -> PullJob | None:
-    sizes = torch.zeros(2, dtype=torch.long)
-    dist.broadcast(sizes, 0, group=group)
-    if sizes[0] == STOP:
+    message = recv_message(group)
+    if message is None:
         return None
-    ints, raw = torch.empty(int(sizes[0]), dtype=torch.long), torch.empty(int(sizes[1]), dtype=torch.uint8)
-    dist.broadcast(ints, 0, group=group)
-    dist.broadcast(raw, 0, group=group)
-    values = ints.tolist()
-    blocks, n = values[:2], values[2]
-    addresses = bytes(raw.tolist()).decode().split("\n")
-    ptrs = values[3:3 + len(addresses)]
-    ids = values[3 + len(addresses):]
-    return PullJob(tuple(KVSegment(a, p) for a, p in zip(addresses, ptrs)), blocks[0], blocks[1],
+    values, addresses = message[0].tolist(), bytes(message[1].tolist()).decode().split("\n")
+    region_blocks, block_bytes, n = values[:3]
+    ptrs, ids = values[3:3 + len(addresses)], values[3 + len(addresses):]
+    return PullJob(tuple(KVSegment(a, p) for a, p in zip(addresses, ptrs)), region_blocks, block_bytes,
                    tuple(ids[:n]), tuple(ids[n:]))
