@@ -47,7 +47,7 @@ def _node(args: argparse.Namespace) -> int:
         cluster_secret=read_secret(args.cluster_secret_file or ""),
         limit_mm_per_prompt={"image": args.limit_images, "video": args.limit_videos}, engine=engine,
         tensor_parallel_size=args.tensor_parallel_size, enable_expert_parallel=args.enable_expert_parallel,
-        threads=args.threads)
+        threads=args.threads, max_queued_requests=args.max_queued_requests)
     if args.threads:
         import torch
         torch.set_num_threads(args.threads)  # several roles on one host must not oversubscribe
@@ -81,6 +81,8 @@ def _add_node_parser(sub, role: str, default_port: int) -> None:
     p.add_argument("--num-kv-blocks", type=int)
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--max-queued-requests", type=int, default=1024,
+                   help="waiting requests beyond this are refused with RESOURCE_EXHAUSTED (429)")
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--decode-graphs", default="auto", choices=["auto", "off", "eager"],
                    help="auto: CUDA/ACL graphs for decode steps where available")
@@ -135,6 +137,7 @@ def _proxy(args: argparse.Namespace) -> int:
         media_timeout_s=args.media_timeout, max_image_pixels=args.max_image_pixels,
         health_interval_s=args.health_interval, load_interval_s=args.load_interval,
         prefill_load_cap=args.prefill_load_cap, model_info_timeout_s=args.model_info_timeout,
+        prefill_timeout_s=args.prefill_timeout, token_timeout_s=args.token_timeout,
         colocated_model=args.colocated_model or ""), _colocated_opener(args))
     return 0
 
@@ -165,6 +168,10 @@ def _add_proxy_parser(sub) -> None:
                    help="requests on a prefill before affinity gives way to the least loaded")
     p.add_argument("--model-info-timeout", type=float, default=300.0,
                    help="seconds to wait at start for a prefill to answer")
+    p.add_argument("--prefill-timeout", type=float, default=600.0,
+                   help="seconds a prefill may take (queueing included) before it is retried elsewhere")
+    p.add_argument("--token-timeout", type=float, default=60.0,
+                   help="seconds a running request may go without a token before its decode counts as stuck")
     p.add_argument("--colocated-model", help=argparse.SUPPRESS)  # serve --colocated
     p.add_argument("--max-model-len", type=int, default=8192, help=argparse.SUPPRESS)
     p.add_argument("--kv-cache-gib", type=float, default=1.0, help=argparse.SUPPRESS)

@@ -10,7 +10,7 @@ import torch
 from qwenvl_pd.engine.block_manager import OutOfBlocks
 from qwenvl_pd.node.host import NodeHost, run_node
 from qwenvl_pd.protos.channel import GRPC_OPTIONS
-from qwenvl_pd.node.runtime import NodeConfig, Runtime
+from qwenvl_pd.node.runtime import NodeConfig, QueueFull, Runtime, check_queue
 from qwenvl_pd.engine.sequence import FinishReason, Sequence
 from qwenvl_pd.kv_transfer.engine import TransferError, TransferTimeout
 from qwenvl_pd.messages import DecodeRequest, SampledToken, TokenEvent
@@ -74,7 +74,7 @@ class DecodeService(pb_grpc.DecodeServicer):
         finally:
             self.streams.pop(req.request_id, None)
             # a client that went away (or any error) frees the blocks at once
-            await self.host.call(lambda: self._abort(req.request_id))
+            await self.host.settle(lambda: self._abort(req.request_id))
 
     async def _validate(self, request, context) -> DecodeRequest:
         try:
@@ -111,6 +111,8 @@ class DecodeService(pb_grpc.DecodeServicer):
             blocks = await self._allocate(len(h.block_ids))
         except OutOfBlocks:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "decode is out of KV blocks")
+        except QueueFull as e:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
         aborted = self.pulling[req.request_id] = asyncio.Event()
         start = time.perf_counter()
         # every tensor-parallel rank reads its own heads; rank 0 counts its bytes
@@ -130,31 +132,34 @@ class DecodeService(pb_grpc.DecodeServicer):
         # the lease still held at Release means it held for the whole read: the bytes are that
         # request's, not a restarted instance's or another request's that reused the blocks
         try:
-            leased = await self._release(h, req.request_id)
+            unconfirmed = await self._release(h, req.request_id)
         except asyncio.CancelledError:  # the stream went away while prefill was asked
             self._free_later(blocks)
             raise
-        if not leased:
-            await self.host.call(lambda: self.rt.engine.blocks.free(blocks))
-            await context.abort(grpc.StatusCode.UNAVAILABLE,
-                                f"KV of request {req.request_id} was no longer leased on prefill "
-                                f"{h.instance_id} (expired, aborted or restarted); not using the read")
+        if unconfirmed:
+            await self.host.settle(lambda: self.rt.engine.blocks.free(blocks))
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"KV lease of request {req.request_id} on "
+                                f"prefill {h.instance_id} {unconfirmed}; not using the read")
         if aborted.is_set():
-            await self.host.call(lambda: self.rt.engine.blocks.free(blocks))
+            await self.host.settle(lambda: self.rt.engine.blocks.free(blocks))
             self.streams[req.request_id].put_nowait(TokenEvent(finish_reason="abort"))
             return
-        await self.host.call(lambda: self._join(self._sequence(req, blocks)))
+        await self.host.settle(lambda: self._join(self._sequence(req, blocks)))
 
     async def _allocate(self, n: int) -> list[int]:
         """n blocks from the engine thread; a stream cancelled meanwhile gives them back once
         the allocation has happened (it happens anyway: the engine thread does not see the
         cancel)."""
-        done = self.host.engine_loop.submit(lambda: self.rt.engine.blocks.allocate_n(n))
+        done = self.host.engine_loop.submit(lambda: self._reserve(n))
         try:
             return await asyncio.shield(asyncio.wrap_future(done))
         except asyncio.CancelledError:
             done.add_done_callback(lambda f: f.exception() is None and self._free_later(f.result()))
             raise
+
+    def _reserve(self, n: int) -> list[int]:
+        check_queue(self.rt)
+        return self.rt.engine.blocks.allocate_n(n)
 
     def _free_later(self, blocks: list[int]) -> None:
         self.host.engine_loop.submit(lambda: self.rt.engine.blocks.free(blocks))
@@ -164,7 +169,7 @@ class DecodeService(pb_grpc.DecodeServicer):
         if isinstance(error, TransferTimeout):
             error.settled.add_done_callback(lambda _: self._free_later(blocks))
         else:
-            await self.host.call(lambda: self.rt.engine.blocks.free(blocks))
+            await self.host.settle(lambda: self.rt.engine.blocks.free(blocks))
 
     def _sequence(self, req: DecodeRequest, blocks: list[int]) -> Sequence:
         seq = Sequence(req.request_id, list(req.prompt_token_ids), torch.zeros(3, 0, dtype=torch.long),
@@ -178,27 +183,30 @@ class DecodeService(pb_grpc.DecodeServicer):
         self.transfers["kv_transfer_bytes_total"] += nbytes
         self.transfers["kv_transfer_seconds_total"] += seconds
 
-    async def _release(self, h, request_id: str) -> bool:
-        """Tell prefill the blocks are pulled; False when it no longer leased them to us."""
+    async def _release(self, h, request_id: str) -> str:
+        """Tell prefill the blocks are pulled; "" when it confirms it leased them to us until
+        now, else why not. A Release that fails cannot confirm: the lease may have expired and
+        the blocks gone to another request while we read."""
         if not h.control_address:
-            return True
+            return ""  # only without the cluster secret: nothing to confirm with
         channel = self._channels.get(h.control_address)
         if channel is None:
             channel = self._channels[h.control_address] = auth.channel(
                 h.control_address, self.rt.cfg.cluster_secret, GRPC_OPTIONS)
         request = pb.ReleaseRequest(request_id=request_id, instance_id=h.instance_id)
         try:
-            return (await pb_grpc.PrefillStub(channel).Release(request, timeout=5)).released
-        except grpc.RpcError as e:  # the read itself succeeded; the lease frees prefill's side
+            released = (await pb_grpc.PrefillStub(channel).Release(request, timeout=5)).released
+        except grpc.RpcError as e:
             log.warning("release of %s on %s failed: %s", request_id, h.control_address, e.code())
-            return True
+            return f"could not be confirmed (Release at {h.control_address}: {e.code().name})"
+        return "" if released else "was no longer held (expired, aborted or restarted)"
 
     async def Abort(self, request, context):
         pulling = self.pulling.get(request.request_id)
         if pulling is not None:
             pulling.set()
             return pb.AbortResponse(found=True)
-        found = await self.host.call(lambda: self._abort(request.request_id))
+        found = await self.host.settle(lambda: self._abort(request.request_id))
         return pb.AbortResponse(found=found)
 
     async def GetLoad(self, request, context):

@@ -2,7 +2,7 @@
 import logging
 import queue
 import threading
-from concurrent.futures import Future, InvalidStateError
+from concurrent.futures import Future
 from typing import Callable
 
 from qwenvl_pd.engine.llm_engine import LLMEngine
@@ -33,7 +33,8 @@ class EngineLoop:
         self._thread.join(timeout=10)
 
     def submit(self, fn: Callable[[], object]) -> Future:
-        """Run fn on the engine thread between steps; the future holds its result or error."""
+        """Run fn on the engine thread between steps; the future holds its result or error.
+        Cancelling the future before fn started skips fn: its caller went away."""
         fut: Future = Future()
         self._inbox.put((fn, fut))
         return fut
@@ -56,16 +57,17 @@ class EngineLoop:
         except queue.Empty:
             return
         while item is not None:
-            fn, fut = item
-            try:
-                result, error = fn(), None
-            except Exception as e:  # handed to the caller through the future
-                result, error = None, e
-            try:
-                fut.set_exception(error) if error else fut.set_result(result)
-            except InvalidStateError:
-                pass  # the waiter was cancelled (e.g. its RPC went away); the work itself is done
+            self._run_one(*item)
             try:
                 item = self._inbox.get_nowait()
             except queue.Empty:
                 return
+
+    @staticmethod
+    def _run_one(fn: Callable[[], object], fut: Future) -> None:
+        if not fut.set_running_or_notify_cancel():
+            return  # cancelled while queued
+        try:
+            fut.set_result(fn())
+        except Exception as e:  # handed to the caller through the future
+            fut.set_exception(e)

@@ -24,8 +24,13 @@ class NodeHost:
         self.engine_loop = EngineLoop(runtime.engine, on_tokens, on_tick)
 
     async def call(self, fn: Callable):
-        """Run fn on the engine thread and await its result."""
+        """Run fn on the engine thread and await its result; a caller cancelled before fn
+        started skips it."""
         return await asyncio.wrap_future(self.engine_loop.submit(fn))
+
+    async def settle(self, fn: Callable):
+        """Like call, for clean-up: fn runs even if the awaiting task is cancelled meanwhile."""
+        return await asyncio.shield(asyncio.wrap_future(self.engine_loop.submit(fn)))
 
     def post(self, fn: Callable, *args) -> None:
         """From the engine thread: run fn(*args) on the asyncio loop."""
@@ -48,7 +53,8 @@ def run_node(cfg, make_service: Callable, add_to_server: Callable) -> int:
 async def serve(runtime: Runtime, register: Callable[[grpc.aio.Server], NodeHost]) -> int:
     """Start the engine and the gRPC server; run until SIGINT/SIGTERM or a failure."""
     secret = runtime.cfg.cluster_secret
-    server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=[ServerAuth(secret)] if secret else None)
+    server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=[ServerAuth(secret)] if secret else None,
+                             maximum_concurrent_rpcs=runtime.cfg.max_concurrent_rpcs)
     host = register(server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

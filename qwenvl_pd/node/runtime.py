@@ -38,6 +38,16 @@ class NodeConfig:
     tensor_parallel_size: int = 1
     enable_expert_parallel: bool = False
     threads: int = 0
+    max_queued_requests: int = 1024  # waiting requests beyond this are refused (RESOURCE_EXHAUSTED)
+
+    def __post_init__(self):
+        if self.max_queued_requests < 1:
+            raise ValueError("--max-queued-requests must be >= 1")
+
+    @property
+    def max_concurrent_rpcs(self) -> int:
+        # every queued or running request holds one RPC; the rest is room for health, load, release
+        return self.max_queued_requests + self.engine.max_num_seqs + 64
 
     def stack(self) -> StackConfig:
         return StackConfig(self.model, self.max_model_len, self.device, self.dtype,
@@ -108,6 +118,18 @@ def check_pool(blocks, max_model_len: int) -> None:
         raise ValueError(f"the KV pool holds {blocks.num_blocks * blocks.block_size} tokens "
                          f"({blocks.num_blocks} blocks), less than max_model_len {max_model_len}: "
                          "raise --kv-cache-gib or lower --max-model-len")
+
+
+class QueueFull(RuntimeError):
+    """The waiting queue is at its bound: the caller should go elsewhere or come back later."""
+
+
+def check_queue(rt: Runtime) -> None:
+    """Engine thread: refuse new work once max_queued_requests wait (no unbounded queue)."""
+    waiting, limit = len(rt.engine.scheduler.waiting), rt.cfg.max_queued_requests
+    if waiting >= limit:
+        raise QueueFull(f"{rt.cfg.role} {rt.instance_id} has {waiting} requests waiting "
+                        f"(--max-queued-requests {limit}); try again later")
 
 
 def load_report(rt: Runtime, role: str, **transfer) -> LoadReport:

@@ -7,7 +7,7 @@ import grpc
 
 from qwenvl_pd.node.host import NodeHost, run_node
 from qwenvl_pd.node.requests import sequence_from_request
-from qwenvl_pd.node.runtime import NodeConfig, Runtime, load_report
+from qwenvl_pd.node.runtime import NodeConfig, QueueFull, Runtime, check_queue, load_report
 from qwenvl_pd.engine.sequence import FinishReason, Sequence
 from qwenvl_pd.kv_transfer.handle import KVHandle
 from qwenvl_pd.messages import PrefillRequest, PrefillResult, SampledToken
@@ -44,6 +44,7 @@ class PrefillService(pb_grpc.PrefillServicer):
     def _add(self, seq: Sequence) -> None:
         if seq.request_id in self.seqs or seq.request_id in self.leases:
             raise KeyError(seq.request_id)
+        check_queue(self.rt)
         self.seqs[seq.request_id] = seq
         self.rt.engine.add(seq)
 
@@ -84,23 +85,27 @@ class PrefillService(pb_grpc.PrefillServicer):
         self.waiters[req.request_id] = fut
         self.lease_seconds[req.request_id] = lease_seconds(req.lease_ms, self.rt.cfg.lease_seconds)
         try:
-            await self.host.call(lambda: self._add(seq))
-        except KeyError:
-            self.waiters.pop(req.request_id, None)
-            self.lease_seconds.pop(req.request_id, None)
-            await context.abort(grpc.StatusCode.ALREADY_EXISTS,
-                                f"request {req.request_id} holds KV not yet released")
-        try:
-            seq = await fut
-        except asyncio.CancelledError:  # the proxy gave up: free at once
-            await self.host.call(lambda: self._abort(req.request_id))
-            raise
+            seq = await self._run(seq, fut, context)
         finally:
+            self.waiters.pop(req.request_id, None)
             self.lease_seconds.pop(req.request_id, None)
         if seq.finish_reason == FinishReason.ABORT:
             await context.abort(grpc.StatusCode.CANCELLED, f"request {req.request_id} aborted")
         lease_s = lease_seconds(req.lease_ms, self.rt.cfg.lease_seconds)
         return convert.to_proto(self._result(seq, lease_s))
+
+    async def _run(self, seq: Sequence, fut: asyncio.Future, context) -> Sequence:
+        try:
+            await self.host.call(lambda: self._add(seq))  # skipped if the caller is gone by then
+            return await fut
+        except KeyError:
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS,
+                                f"request {seq.request_id} holds KV not yet released")
+        except QueueFull as e:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+        except asyncio.CancelledError:  # the proxy gave up: free at once (a no-op if never added)
+            await self.host.settle(lambda: self._abort(seq.request_id))
+            raise
 
     def _result(self, seq: Sequence, lease_s: float) -> PrefillResult:
         logprob, top = seq.logprobs[0] if seq.logprobs else (None, ())
@@ -127,11 +132,11 @@ class PrefillService(pb_grpc.PrefillServicer):
             rank_segments=self.rt.kv.segments[1:])
 
     async def Release(self, request, context):
-        released = await self.host.call(lambda: self._release(request.request_id, request.instance_id))
+        released = await self.host.settle(lambda: self._release(request.request_id, request.instance_id))
         return pb.ReleaseResponse(released=released)
 
     async def Abort(self, request, context):
-        found = await self.host.call(lambda: self._abort(request.request_id))
+        found = await self.host.settle(lambda: self._abort(request.request_id))
         return pb.AbortResponse(found=found)
 
     async def GetLoad(self, request, context):

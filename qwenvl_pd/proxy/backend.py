@@ -28,6 +28,7 @@ MAX_REPREFILLS = 4  # a request preempted this often is not going to fit
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 # a decode out of blocks, or one whose KV layout does not match: another decode may take it
 DECODE_ELSEWHERE = RETRYABLE + (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.FAILED_PRECONDITION)
+PREFILL_ELSEWHERE = RETRYABLE + (grpc.StatusCode.RESOURCE_EXHAUSTED,)  # full: another may have room
 
 
 @dataclass(frozen=True)
@@ -49,10 +50,29 @@ def rpc_error(e: grpc.aio.AioRpcError, where: str) -> APIError:
     return APIError(500, f"{where}: {e.code().name}: {e.details()}", "server_error", None, "backend_error")
 
 
+def _no_answer(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
+    # what a call to a hung instance would end with, had gRPC noticed: one path for all failures
+    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details=details)
+
+
+async def _unless_lost(state: InstanceState, awaitable):
+    """awaitable's result, unless the instance stops answering health checks first."""
+    work, lost = asyncio.ensure_future(awaitable), asyncio.ensure_future(state.lost.wait())
+    try:
+        await asyncio.wait({work, lost}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        lost.cancel()
+        if not work.done():
+            work.cancel()
+    if work.done() and not work.cancelled():
+        return work.result()
+    raise _no_answer(grpc.StatusCode.UNAVAILABLE, f"{state.address} stopped answering health checks")
+
+
 class PDBackend:
-    def __init__(self, router: Router, prefill_timeout_s: float = 600.0):
+    def __init__(self, router: Router, prefill_timeout_s: float = 600.0, token_timeout_s: float = 60.0):
         self.router = router
-        self.prefill_timeout_s = prefill_timeout_s
+        self.prefill_timeout_s, self.token_timeout_s = prefill_timeout_s, token_timeout_s
 
     def ready(self) -> bool:
         return self.router.ready()
@@ -103,14 +123,19 @@ class PDBackend:
             state = self.router.pick_prefill(key, exclude=tried)  # 503 once none is left
             with self.router.using(state):
                 try:
-                    return await pd_client.prefill(state.instance, req, self.prefill_timeout_s), state
+                    call = pd_client.prefill(state.instance, req, self.prefill_timeout_s)
+                    return await _unless_lost(state, call), state
                 except grpc.aio.AioRpcError as e:
-                    if e.code() not in RETRYABLE or tried:
+                    if e.code() not in PREFILL_ELSEWHERE or tried or not self._others("prefill", state):
                         raise rpc_error(e, f"prefill {state.address}") from None
                     log.warning("prefill %s %s (%s); retrying on another", state.address,
                                 e.code().name, e.details())
-                    self.router.mark_failed(state)
+                    if e.code() in RETRYABLE:  # down or hung; a full one is merely busy
+                        self.router.mark_failed(state)
                     tried.append(state)
+
+    def _others(self, role: str, state: InstanceState) -> bool:
+        return any(s is not state for s in self.router.healthy(role))
 
     async def _decode(self, req: PrefillRequest, result: PrefillResult) -> AsyncIterator[TokenEvent]:
         dreq = pd_client.decode_request(req, result)
@@ -120,7 +145,7 @@ class PDBackend:
             seen = False
             with self.router.using(state):
                 try:
-                    async with contextlib.aclosing(pd_client.decode(state.instance, dreq)) as events:
+                    async with contextlib.aclosing(self._events(state, dreq)) as events:
                         async for ev in events:
                             seen = True
                             if ev.finish_reason:  # let the call end on its own: a cancel now
@@ -129,13 +154,34 @@ class PDBackend:
                             yield ev
                     return
                 except grpc.aio.AioRpcError as e:
+                    if not seen and e.details().startswith("KV lease"):  # prefill's KV is gone:
+                        log.warning("request %s: %s; prefilling it again", req.request_id, e.details())
+                        yield TokenEvent(finish_reason="preempted")  # re-prefill, as a hand-back does
+                        return
                     if seen or tried or e.code() not in DECODE_ELSEWHERE:
                         raise rpc_error(e, f"decode {state.address}") from None
                     log.warning("decode %s failed before its first token (%s); retrying once",
                                 state.address, e.details())
-                    if e.code() in RETRYABLE and not e.details().startswith("KV read"):  # decode is down
+                    if e.code() in RETRYABLE and not e.details().startswith("KV "):  # decode is down
                         self.router.mark_failed(state)
                     tried.append(state)
+
+    async def _events(self, state: InstanceState, dreq) -> AsyncIterator[TokenEvent]:
+        """The decode stream, given up when decode stops answering health checks, or when a
+        running request gets no token for token_timeout_s (the first may wait in decode's queue)."""
+        async with contextlib.aclosing(pd_client.decode(state.instance, dreq)) as events:
+            first = True
+            while True:
+                pending = _unless_lost(state, anext(events))
+                try:
+                    ev = await (pending if first else asyncio.wait_for(pending, self.token_timeout_s))
+                except StopAsyncIteration:
+                    return
+                except asyncio.TimeoutError:
+                    raise _no_answer(grpc.StatusCode.DEADLINE_EXCEEDED, f"no token for "
+                                     f"{self.token_timeout_s:g} s from {state.address}") from None
+                first = False
+                yield ev
 
     def _pick_decode(self, tried: list[InstanceState]) -> InstanceState:
         if tried:  # a KV read that failed may succeed from the same decode on the retry

@@ -46,6 +46,7 @@ class ProxyConfig:
     affinity_tokens: int = 16  # prompt tokens in the affinity key (one KV block by default)
     model_info_timeout_s: float = 300.0  # how long start-up waits for a prefill to answer
     prefill_timeout_s: float = 600.0
+    token_timeout_s: float = 60.0  # a running request without a token this long: decode is stuck
     colocated_model: str = ""  # serve --colocated: one in-process engine instead of PD nodes
 
     def __post_init__(self):
@@ -55,6 +56,8 @@ class ProxyConfig:
             raise ValueError("give at least one --prefill and one --decode address (or --discover-dns)")
         if self.max_concurrent_requests < 1 or self.prefill_load_cap < 1:
             raise ValueError("--max-concurrent-requests and --prefill-load-cap must be >= 1")
+        if not (self.prefill_timeout_s > 0 and self.token_timeout_s > 0):
+            raise ValueError("--prefill-timeout and --token-timeout must be > 0")
 
     @property
     def media_limits(self) -> MediaLimits:

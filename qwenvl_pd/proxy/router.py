@@ -15,7 +15,7 @@ import hashlib
 import itertools
 import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -30,6 +30,7 @@ from qwenvl_pd.proxy.metrics import ProxyMetrics
 log = logging.getLogger(__name__)
 ROLES = ("prefill", "decode")
 RPC_TIMEOUT_S = 2.0
+LOST_AFTER = 2  # health checks in a row without an answer: the instance is hung or cut off
 
 
 @dataclass(eq=False)
@@ -40,6 +41,10 @@ class InstanceState:
     healthy: bool = False
     inflight: int = 0  # requests this proxy has on it now: fresher than any polled report
     report: LoadReport | None = None
+    misses: int = 0  # health checks in a row it did not answer
+    # set while it does not answer: calls in flight on it give up instead of waiting for a
+    # process that may be stopped (a draining node answers NOT_SERVING and is not lost)
+    lost: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
     def load(self) -> int:
@@ -70,12 +75,14 @@ def _connect(address: str, secret: bytes) -> pd_client.Instance:
     return pd_client.Instance(address, auth.channel(address, secret, options))
 
 
-async def grpc_healthy(instance: pd_client.Instance) -> bool:
+async def grpc_healthy(instance: pd_client.Instance) -> bool | None:
+    """SERVING: True; another status: False; no answer in time (or no connection): None."""
     try:
         reply = await health_pb2_grpc.HealthStub(instance.channel).Check(
             health_pb2.HealthCheckRequest(), timeout=RPC_TIMEOUT_S)
-    except grpc.aio.AioRpcError:
-        return False
+    except grpc.aio.AioRpcError as e:
+        no_answer = e.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE)
+        return None if no_answer else False
     return reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
@@ -152,10 +159,21 @@ class Router:
         states = [s for role in ROLES for s in self.instances[role].values()]
         results = await asyncio.gather(*(self._check(s.instance) for s in states))
         for state, ok in zip(states, results):
-            if ok != state.healthy:
+            if bool(ok) != state.healthy:
                 (log.info if ok else log.warning)("%s %s is %s", state.role, state.address,
                                                   "healthy" if ok else "UNHEALTHY")
-            state.healthy = ok
+            state.healthy = bool(ok)
+            self._count_miss(state, ok is None)
+
+    @staticmethod
+    def _count_miss(state: InstanceState, missed: bool) -> None:
+        state.misses = state.misses + 1 if missed else 0
+        if state.misses == LOST_AFTER:
+            log.warning("%s %s has not answered %d health checks; giving up its calls in flight",
+                        state.role, state.address, LOST_AFTER)
+            state.lost.set()
+        elif not missed:
+            state.lost.clear()
 
     async def load_round(self) -> None:
         states = [s for role in ROLES for s in self.healthy(role)]

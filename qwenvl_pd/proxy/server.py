@@ -46,7 +46,7 @@ async def open_pd(cfg: ProxyConfig, metrics: ProxyMetrics):
 
     async def close() -> None:
         await _close(router, disc)
-    return PDBackend(router, cfg.prefill_timeout_s), info, close
+    return PDBackend(router, cfg.prefill_timeout_s, cfg.token_timeout_s), info, close
 
 
 async def _close(router: Router, disc: DnsDiscovery | None) -> None:

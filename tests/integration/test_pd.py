@@ -163,7 +163,22 @@ def test_a_handle_from_another_instance_is_never_trusted(shared):
 
     error, (pl, dl) = asyncio.run(_decode_refused(p_addr, d_addr, req, stale))
     assert error.code() == grpc.StatusCode.UNAVAILABLE
-    assert "no longer leased on prefill prefill-old" in error.details()
+    assert "on prefill prefill-old was no longer held" in error.details()
+    assert (pl.blocks_used, dl.blocks_used) == (0, 0)
+
+
+def test_a_release_that_fails_is_not_taken_as_a_held_lease(shared):
+    llm, _, (_, p_addr), (_, d_addr) = shared
+    req = _pd_request(llm, "r1", {"prompt": _chat("release fails")},
+                      SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
+    closed = f"127.0.0.1:{free_port()}"  # nothing listens: Release cannot confirm the lease
+
+    def unconfirmable(result):
+        return dataclasses.replace(result, handle=dataclasses.replace(result.handle, control_address=closed))
+
+    error, (pl, dl) = asyncio.run(_decode_refused(p_addr, d_addr, req, unconfirmable))
+    assert error.code() == grpc.StatusCode.UNAVAILABLE
+    assert f"could not be confirmed (Release at {closed}: UNAVAILABLE)" in error.details()
     assert (pl.blocks_used, dl.blocks_used) == (0, 0)
 
 
@@ -320,6 +335,33 @@ def test_prefill_killed_after_answering_decode_fails_cleanly(shared):
     error, used = asyncio.run(scenario())
     assert error.code() == grpc.StatusCode.UNAVAILABLE
     assert "KV read from prefill" in error.details()
+    assert used == 0
+
+
+def test_a_full_waiting_queue_refuses_with_resource_exhausted(tiny_dirs):
+    model = str(tiny_dirs["qwen2_5_vl"])
+    llm = LLM(model=model, max_model_len=2048)
+    proc, addr = start_node("prefill", model, "--max-queued-requests", "1", "--max-num-seqs", "1")
+    reqs = [_pd_request(llm, f"q{i}", {"prompt": _chat("word " * 300)},
+                        SamplingParams(max_tokens=4, temperature=0)) for i in range(8)]
+
+    async def scenario():
+        inst = Instance.connect(addr)
+        outcomes = await asyncio.gather(*(pd_client.prefill(inst, r) for r in reqs), return_exceptions=True)
+        for r, out in zip(reqs, outcomes):
+            if not isinstance(out, Exception):
+                await pd_client.abort(inst, "prefill", r.request_id)
+        used = (await pd_client.load(inst, "prefill")).blocks_used
+        await inst.channel.close()
+        return outcomes, used
+    try:
+        outcomes, used = asyncio.run(scenario())
+    finally:
+        stop(proc)
+    refused = [o for o in outcomes if isinstance(o, grpc.aio.AioRpcError)]
+    assert refused and len(refused) < len(reqs)  # the running one and the one waiting got through
+    assert {e.code() for e in refused} == {grpc.StatusCode.RESOURCE_EXHAUSTED}
+    assert "requests waiting (--max-queued-requests 1)" in refused[0].details()
     assert used == 0
 
 

@@ -48,6 +48,8 @@ class Script:
         if isinstance(outcome, Exception):
             raise outcome
         for ev in outcome:
+            if ev is HANG:  # a stopped process: the stream neither ends nor sends
+                await asyncio.Event().wait()
             yield ev
 
     async def abort(self, inst, service, request_id):
@@ -55,16 +57,22 @@ class Script:
         return True
 
 
-def run(script: Script, body, decodes=("10.0.1.1:1",)):
+HANG = object()
+
+
+def run(script: Script, body, decodes=("10.0.1.1:1",), health=None, **backend_args):
+    """health: address -> what its health check answers (True, or None for no answer)."""
+    health = {} if health is None else health
+
     async def main():
-        async def healthy(_):
-            return True
-        router = Router(ProxyMetrics(), health_check=healthy)
+        async def check(inst):
+            return health.get(inst.address, True)
+        router = Router(ProxyMetrics(), health_check=check)
         router.set_members("prefill", ["10.0.0.1:1", "10.0.0.2:1"])
         router.set_members("decode", list(decodes))
         await router.health_round()
         try:
-            return await body(PDBackend(router), router)
+            return await body(PDBackend(router, **backend_args), router)
         finally:
             await router.stop()
     mp = pytest.MonkeyPatch()
@@ -175,3 +183,56 @@ def test_every_decode_full_is_a_429():
         return err.value
     err = run(script, body, decodes=("10.0.1.1:1", "10.0.1.2:1"))
     assert err.status == 429 and "out of KV blocks" in err.message
+
+
+async def raises(aw) -> APIError:
+    with pytest.raises(APIError) as err:
+        await aw
+    return err.value
+
+
+def test_a_decode_that_stops_answering_health_checks_ends_the_stream_with_a_503():
+    script = Script([10], [[ev(11), HANG]])
+    health = {}
+
+    async def body(backend, router):
+        task = asyncio.ensure_future(raises(collect(backend)))
+        await asyncio.sleep(0.05)  # the request is waiting for its third token
+        health["10.0.1.1:1"] = None
+        await router.health_round()
+        assert not task.done()  # one missed check is not yet lost
+        await router.health_round()
+        return await asyncio.wait_for(task, 5)
+    err = run(script, body, health=health)
+    assert (err.status, err.message) == (503, "decode 10.0.1.1:1: 10.0.1.1:1 stopped answering health checks")
+
+
+def test_a_running_request_without_a_token_for_token_timeout_is_a_503():
+    script = Script([10], [[ev(11), HANG]])
+    err = run(script, lambda backend, router: raises(collect(backend)), token_timeout_s=0.2)
+    assert (err.status, err.message) == (503, "decode 10.0.1.1:1: no token for 0.2 s from 10.0.1.1:1")
+
+
+def test_a_full_prefill_hands_the_request_to_the_other_and_stays_in_rotation():
+    full = rpc_error(grpc.StatusCode.RESOURCE_EXHAUSTED, "prefill p has 4 requests waiting")
+    script = Script([full, 10], [[ev(11), ev(12, "length")]])
+
+    async def body(backend, router):
+        return await collect(backend), len(router.healthy("prefill"))
+    steps, healthy = run(script, body)
+    assert steps == [(10, ""), (11, ""), (12, "length")] and healthy == 2
+    assert len({addr for addr, _ in script.prefill_calls}) == 2
+
+
+def test_every_prefill_full_is_a_429():
+    full = rpc_error(grpc.StatusCode.RESOURCE_EXHAUSTED, "prefill p has 4 requests waiting")
+    err = run(Script([full, full], []), lambda backend, router: raises(collect(backend)))
+    assert err.status == 429 and "4 requests waiting" in err.message
+
+
+def test_a_lease_decode_could_not_confirm_gets_the_request_prefilled_again():
+    lost = rpc_error(grpc.StatusCode.UNAVAILABLE, "KV lease of request r on prefill p could not be confirmed")
+    script = Script([10, 13], [lost, [ev(14), ev(15, "length")]])
+    steps = run(script, lambda backend, router: collect(backend))
+    assert steps == [(10, ""), (13, ""), (14, ""), (15, "length")]
+    assert script.prefill_calls[1][1].prompt_token_ids == (1, 2, 3, 10)

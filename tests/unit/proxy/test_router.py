@@ -107,6 +107,26 @@ def test_health_drops_and_brings_back_and_503_when_none():
     assert not ready and err.status == 503 and err.code == "no_backend"
 
 
+def test_lost_after_two_unanswered_checks_and_found_again_on_an_answer():
+    answers: dict[str, bool | None] = {}
+
+    async def main():
+        async def check(instance):
+            return answers.get(instance.address, True)
+        router = Router(ProxyMetrics(), health_check=check)
+        router.set_members("decode", D)
+        seen = []
+        for answer in (None, None, False, True, None):  # no answer, no answer, NOT_SERVING, ...
+            answers[D[0]] = answer
+            await router.health_round()
+            s = router.instances["decode"][D[0]]
+            seen.append((s.healthy, s.misses, s.lost.is_set()))
+        await router.stop()
+        return seen
+    assert asyncio.run(main()) == [(False, 1, False), (False, 2, True), (False, 0, False),
+                                   (True, 0, False), (False, 1, False)]
+
+
 def test_mark_failed_and_exclude():
     async def body(router, _):
         first = router.pick_prefill(key(5))
