@@ -28,7 +28,7 @@ def _generate(args: argparse.Namespace) -> int:
 def _node(args: argparse.Namespace) -> int:
     import logging
     from qwenvl_pd.protos.auth import read_secret
-    from qwenvl_pd.engine.llm_engine import EngineConfig
+    from qwenvl_pd.engine.config import EngineConfig
     from qwenvl_pd.node.runtime import NodeConfig
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     engine = EngineConfig(
@@ -110,7 +110,7 @@ def _colocated_opener(args: argparse.Namespace):
     """serve --colocated: the proxy runs one engine in-process (built here, never by the proxy)."""
     if not args.colocated_model:
         return None
-    from qwenvl_pd.engine.llm_engine import EngineConfig
+    from qwenvl_pd.engine.config import EngineConfig
     from qwenvl_pd.engine.stack import StackConfig
     from qwenvl_pd.node.colocated import colocated_opener
     engine = EngineConfig(kv_cache_bytes=int(args.kv_cache_gib * (1 << 30)))

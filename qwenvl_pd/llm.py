@@ -4,7 +4,7 @@ import itertools
 import logging
 import weakref
 
-from qwenvl_pd.engine.llm_engine import EngineConfig
+from qwenvl_pd.engine.config import EngineConfig
 from qwenvl_pd.engine.sequence import FinishReason, Sequence
 from qwenvl_pd.engine.stack import StackConfig, build_stack
 from qwenvl_pd.model.inputs import ProcessedPrompt

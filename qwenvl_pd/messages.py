@@ -104,12 +104,15 @@ class DecodeRequest:
 
 @dataclass(frozen=True)
 class TokenEvent:
-    """decode -> proxy, one per streamed token; the last one has a finish_reason."""
+    """One sampled token (or an end without one), from the gRPC edge to the response builder:
+    decode -> proxy per streamed token, and the proxy's backend -> its request runner (whose
+    first event is prefill's token). The last one has a finish_reason."""
     token: SampledToken | None = None  # None on an end event that carries no token
     finish_reason: str = ""  # "" while running; "stop" | "length" | "abort" | "error"
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0  # produced so far, this token included
     error: str = ""  # why, when finish_reason is "error"
+    num_cached_tokens: int = 0  # first event of a sample: prompt tokens served from prefix cache
 
     def __post_init__(self):
         _check(self.finish_reason in FINISH_REASONS,

@@ -1,10 +1,10 @@
 """One engine loop for every role: schedule -> run -> postprocess."""
-from dataclasses import dataclass
 
 import torch
 
 from qwenvl_pd.config import ModelConfig
 from qwenvl_pd.engine.block_manager import BlockManager
+from qwenvl_pd.engine.config import EngineConfig
 from qwenvl_pd.engine.encoder_cache import EncoderCache
 from qwenvl_pd.engine.graphs import DecodeGraphs
 from qwenvl_pd.engine.kv_cache import allocate_kv_cache, blocks_for_memory
@@ -14,24 +14,6 @@ from qwenvl_pd.engine.scheduler import Scheduler, SchedulerConfig
 from qwenvl_pd.engine.sequence import FinishReason, Sequence, TokenSpan
 from qwenvl_pd.model.parallel import TensorParallel
 from qwenvl_pd.platform import graph_api
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    # a prefill node stops each request at its first token and keeps the blocks for the handoff
-    finish_after_prefill: bool = False
-    # a decode node cannot prefill again: a preempted request is handed back instead
-    recompute_on_preempt: bool = True
-    block_size: int = 16
-    kv_cache_bytes: int = 1 << 30
-    num_kv_blocks: int | None = None  # overrides kv_cache_bytes
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 2048
-    enable_prefix_caching: bool = True
-    encoder_cache_bytes: int = 256 << 20
-    seed: int = 0
-    max_model_len: int = 8192
-    decode_graphs: str = "auto"  # auto: on CUDA/NPU for dense models | off | eager (static path, no capture)
 
 
 def build_runner(model, config: ModelConfig, cfg: EngineConfig, dtype: torch.dtype,

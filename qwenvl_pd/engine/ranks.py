@@ -25,7 +25,7 @@ from qwenvl_pd.model.parallel import TensorParallel
 from qwenvl_pd.process import die_with_parent
 
 if TYPE_CHECKING:
-    from qwenvl_pd.engine.llm_engine import EngineConfig
+    from qwenvl_pd.engine.config import EngineConfig
 
 log = logging.getLogger(__name__)
 BACKENDS = {"cpu": "gloo", "cuda": "nccl", "npu": "hccl"}
@@ -58,6 +58,9 @@ class RankSpec:
     engine: "EngineConfig"
     port: int
     threads: int
+    # builds the rank's model shard and runner (stack.build_rank_runner; handed in, so this
+    # module does not import the stack that spawns it)
+    build_runner: Callable[["RankSpec"], object]
     # run on every rank once its KV cache exists (picklable: a top-level function or partial)
     rank_setup: Callable[[RankContext], object] | None = None
 
@@ -195,13 +198,12 @@ class Ranks:
 
 def run_rank(spec: RankSpec) -> None:
     """A child rank: build its shard, then run every step rank 0 broadcasts until told to stop."""
-    from qwenvl_pd.engine.stack import build_rank_runner
     die_with_parent()
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s rank {spec.tp.rank} %(levelname)s: %(message)s")
     if spec.device_type == "cpu":
         torch.set_num_threads(spec.threads)
     group, aux = init_rank(spec)
-    runner = build_rank_runner(spec)
+    runner = spec.build_runner(spec)
     # what the hook made (a registered transfer engine) lives as long as the rank
     kept = spec.rank_setup(RankContext(spec.tp, runner.kv_cache, aux)) if spec.rank_setup else None
     channel = StepChannel(group)

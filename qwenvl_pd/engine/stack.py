@@ -12,7 +12,8 @@ import torch
 from transformers import AutoTokenizer
 
 from qwenvl_pd.config import ModelConfig
-from qwenvl_pd.engine.llm_engine import EngineConfig, LLMEngine, build_runner
+from qwenvl_pd.engine.config import EngineConfig
+from qwenvl_pd.engine.llm_engine import LLMEngine, build_runner
 from qwenvl_pd.engine.model_runner import ModelRunner
 from qwenvl_pd.engine.ranks import RankContext, Ranks, RankSpec, rank_device
 from qwenvl_pd.model.inputs import InputProcessor
@@ -88,7 +89,7 @@ def _start_ranks(cfg: StackConfig, config: ModelConfig, tp: TensorParallel, devi
     check_divisible(config.text, tp)  # before any child starts
     threads = cfg.threads or max(1, (os.cpu_count() or 1) // tp.size)
     return Ranks(RankSpec(cfg.model, tp, device.type, str(dtype).removeprefix("torch."),
-                          engine_cfg, free_port(), threads, rank_setup))
+                          engine_cfg, free_port(), threads, build_rank_runner, rank_setup))
 
 
 def build_rank_runner(spec: RankSpec) -> ModelRunner:

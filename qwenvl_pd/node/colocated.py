@@ -13,11 +13,10 @@ from types import SimpleNamespace
 from qwenvl_pd.engine.loop import EngineLoop
 from qwenvl_pd.engine.stack import StackConfig, build_stack
 from qwenvl_pd.engine.sequence import FinishReason, Sequence
-from qwenvl_pd.messages import PrefillRequest, SampledToken
+from qwenvl_pd.messages import PrefillRequest, SampledToken, TokenEvent
 from qwenvl_pd.model.inputs import InputError
 from qwenvl_pd.node.requests import sequence_from_request
 from qwenvl_pd.node.runtime import NodeConfig, Runtime, check_pool
-from qwenvl_pd.proxy.backend import Step
 from qwenvl_pd.proxy.config import ProxyConfig
 from qwenvl_pd.proxy.errors import bad_request
 
@@ -52,15 +51,15 @@ class ColocatedBackend:
     def _on_tokens(self, seqs: list[Sequence]) -> None:
         for seq in seqs:
             logprob, top = seq.logprobs[-1] if seq.logprobs else (None, ())
-            step = Step(SampledToken(seq.token_ids[-1], logprob, tuple(top)),
-                        seq.finish_reason.value if seq.finished else "",
-                        seq.num_cached if seq.num_output == 1 else 0)
-            self.aio.call_soon_threadsafe(self._publish, seq.request_id, step)
+            event = TokenEvent(SampledToken(seq.token_ids[-1], logprob, tuple(top)),
+                               seq.finish_reason.value if seq.finished else "",
+                               num_cached_tokens=seq.num_cached if seq.num_output == 1 else 0)
+            self.aio.call_soon_threadsafe(self._publish, seq.request_id, event)
 
-    def _publish(self, request_id: str, step: Step) -> None:
+    def _publish(self, request_id: str, event: TokenEvent) -> None:
         queue = self.queues.get(request_id)
         if queue is not None:
-            queue.put_nowait(step)
+            queue.put_nowait(event)
 
     def _sequence(self, req: PrefillRequest) -> Sequence:
         try:
@@ -68,16 +67,16 @@ class ColocatedBackend:
         except (ValueError, InputError) as e:
             raise bad_request(str(e)) from None
 
-    async def generate(self, req: PrefillRequest, key: bytes) -> AsyncIterator[Step]:
+    async def generate(self, req: PrefillRequest, key: bytes) -> AsyncIterator[TokenEvent]:
         seq = await asyncio.to_thread(self._sequence, req)
         queue = self.queues[req.request_id] = asyncio.Queue()
         await asyncio.wrap_future(self.loop.submit(lambda: self.engine.add(seq)))
         finished = False
         try:
             while not finished:
-                step = await queue.get()
-                finished = bool(step.finish_reason)
-                yield step
+                event = await queue.get()
+                finished = bool(event.finish_reason)
+                yield event
         finally:
             self.queues.pop(req.request_id, None)
             if not finished:  # a stop string or a client that left: free the blocks now

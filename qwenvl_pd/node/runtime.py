@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-from qwenvl_pd.engine.llm_engine import EngineConfig
+from qwenvl_pd.engine.config import EngineConfig
 from qwenvl_pd.engine.stack import StackConfig, build_stack
 from qwenvl_pd.kv_transfer.handle import LayoutFingerprint
 from qwenvl_pd.kv_transfer.layout import fingerprint_for

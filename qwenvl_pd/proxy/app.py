@@ -1,18 +1,15 @@
-"""The FastAPI application: state, error handlers, authentication and admission.
+"""The FastAPI application: error handlers and the lifespan that opens the backend.
 
 Every error leaves as OpenAI's body ({"error": {...}}); validation failures are 400, never
-FastAPI's 422. The routes live in routes.py, the request pipeline in inputs.py / generation.py /
-streaming.py, and building the backend (PD cluster or colocated engine) in server.py.
+FastAPI's 422. Shared state, authentication and admission live in state.py, the routes in
+routes.py and generate_api.py, the request pipeline in inputs.py / generation.py / streaming.py,
+and building the PD backend in server.py.
 """
 from __future__ import annotations
 
-import hmac
-import json
 import logging
-import unicodedata
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -20,112 +17,19 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from qwenvl_pd.messages import ModelInfo
 from qwenvl_pd.proxy.config import ProxyConfig
-from qwenvl_pd.proxy.media import read_capped
-from qwenvl_pd.proxy.errors import APIError, bad_request, not_found_model, overloaded, unauthorized
+from qwenvl_pd.proxy.errors import APIError, bad_request
+from qwenvl_pd.proxy.generate_api import router as generate_api
 from qwenvl_pd.proxy.generation import Backend
 from qwenvl_pd.proxy.metrics import ProxyMetrics
-from qwenvl_pd.proxy.model_info import ProxyModel, build_model
+from qwenvl_pd.proxy.model_info import build_model
+from qwenvl_pd.proxy.routes import router as routes
+from qwenvl_pd.proxy.state import Proxy
 from qwenvl_pd.proxy.streaming import error_response
 
 log = logging.getLogger(__name__)
-# (backend, model info, close) for a config; server.py has the real one, tests may pass theirs
+# (backend, model info, close) for a config: server.py's PD cluster, the CLI's colocated engine,
+# or a test's
 OpenBackend = Callable[[ProxyConfig, ProxyMetrics], Awaitable[tuple[Backend, ModelInfo, Callable]]]
-
-
-@dataclass
-class Slot:
-    """One admitted request of `weight` samples; release() is idempotent, so every exit path
-    may call it."""
-    proxy: "Proxy"
-    weight: int = 1
-    released: bool = False
-
-    def release(self) -> None:
-        if not self.released:
-            self.released = True
-            self.proxy.active -= self.weight
-
-
-@dataclass
-class Proxy:
-    cfg: ProxyConfig
-    model: ProxyModel
-    backend: Backend
-    metrics: ProxyMetrics
-    active: int = 0
-    _key: bytes = field(default=b"", repr=False)
-
-    def __post_init__(self):
-        self._key = self.cfg.api_key.encode()
-
-    def authorize(self, request: Request) -> None:
-        if not self._key:
-            return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self._key):
-            raise unauthorized()
-
-    def check_model(self, name: str | None) -> None:
-        if name is not None and name != self.model.name:
-            raise not_found_model(name)
-
-    def admit(self, n: int = 1) -> Slot:
-        """A request of n samples takes n places: each is its own prefill and decode."""
-        bound = self.cfg.max_concurrent_requests
-        if n > bound:
-            raise bad_request(f"n ({n}) is more than this server runs at once "
-                              f"(--max-concurrent-requests {bound})", "n")
-        # a bound, not a queue: past it the client hears 429 at once and may retry elsewhere
-        if self.active + n > bound:
-            raise overloaded(f"{self.active} samples are in progress (--max-concurrent-requests "
-                             f"{bound}); retry later")
-        self.active += n
-        return Slot(self, n)
-
-    async def admit_and_prepare(self, prepare: Callable[[], Awaitable], n: int = 1) -> tuple[Slot, object]:
-        """Admit n samples, then await prepare() (media fetches count against the bound); the
-        slot is released if preparing fails."""
-        slot = self.admit(n)
-        try:
-            return slot, await prepare()
-        except BaseException:
-            slot.release()
-            raise
-
-
-def proxy_of(request: Request) -> Proxy:
-    return request.app.state.proxy
-
-
-async def read_json(request: Request, limit: int):
-    """The body as JSON, whatever the Content-Type says (curl -d sends a form type)."""
-    buf = await read_capped(request.stream(), request.headers.get("content-length", ""), limit,
-                            lambda m: bad_request(f"the request body is {m}"))
-    try:
-        return json.loads(buf)
-    except json.JSONDecodeError as e:
-        raise bad_request(f"the request body is not valid JSON: {e}{_culprit(e)}") from None
-    except UnicodeDecodeError as e:
-        raise bad_request(f"the request body is not valid JSON: {e}") from None
-    except RecursionError:  # thousands of nested brackets: no request of the API nests so deep
-        raise bad_request("the request body nests JSON too deeply") from None
-
-
-async def accept(request: Request, parse):
-    """Authorize, parse the body with parse() and check the model: (proxy, parsed request)."""
-    p = proxy_of(request)
-    p.authorize(request)
-    req = parse(await read_json(request, p.cfg.max_body_bytes))
-    p.check_model(req.model)
-    return p, req
-
-
-def _culprit(e: json.JSONDecodeError) -> str:
-    # guides written with a Chinese input method carry full-width commas and colons into JSON
-    ch = e.doc[e.pos:e.pos + 1]
-    if not ch or ch.isascii():
-        return ""
-    return f"; found {unicodedata.name(ch, repr(ch))} {ch!r} there, JSON needs ASCII punctuation"
 
 
 def _install_handlers(app: FastAPI) -> None:
@@ -150,13 +54,8 @@ def _install_handlers(app: FastAPI) -> None:
         return error_response(APIError(500, f"internal error: {type(exc).__name__}: {exc}", "server_error"))
 
 
-def create_app(cfg: ProxyConfig, open_backend: OpenBackend | None = None) -> FastAPI:
+def create_app(cfg: ProxyConfig, open_backend: OpenBackend) -> FastAPI:
     """The app; its lifespan opens the backend and fetches the model's info before serving."""
-    from qwenvl_pd.proxy.generate_api import router as generate_api
-    from qwenvl_pd.proxy.routes import router as routes
-    if open_backend is None:
-        from qwenvl_pd.proxy.server import open_backend
-
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         metrics = ProxyMetrics()

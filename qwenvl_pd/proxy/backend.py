@@ -14,11 +14,10 @@ import contextlib
 import dataclasses
 import logging
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
 import grpc
 
-from qwenvl_pd.messages import PrefillRequest, PrefillResult, SampledToken, TokenEvent
+from qwenvl_pd.messages import PrefillRequest, PrefillResult, TokenEvent
 from qwenvl_pd.proxy import pd_client
 from qwenvl_pd.proxy.errors import APIError, bad_request, overloaded
 from qwenvl_pd.proxy.router import InstanceState, Router
@@ -29,14 +28,6 @@ RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 # a decode out of blocks, or one whose KV layout does not match: another decode may take it
 DECODE_ELSEWHERE = RETRYABLE + (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.FAILED_PRECONDITION)
 PREFILL_ELSEWHERE = RETRYABLE + (grpc.StatusCode.RESOURCE_EXHAUSTED,)  # full: another may have room
-
-
-@dataclass(frozen=True)
-class Step:
-    """One token of a sample (or an end without one)."""
-    token: SampledToken | None
-    finish_reason: str = ""  # "" while running
-    num_cached_tokens: int = 0  # prompt tokens prefill served from its prefix cache (first step)
 
 
 def rpc_error(e: grpc.aio.AioRpcError, where: str) -> APIError:
@@ -77,7 +68,7 @@ class PDBackend:
     def ready(self) -> bool:
         return self.router.ready()
 
-    async def generate(self, req: PrefillRequest, key: bytes) -> AsyncIterator[Step]:
+    async def generate(self, req: PrefillRequest, key: bytes) -> AsyncIterator[TokenEvent]:
         produced: list[int] = []
         current = req
         for round_ in range(MAX_REPREFILLS + 1):
@@ -85,8 +76,8 @@ class PDBackend:
             produced.append(result.first_token.token_id)
             finished = bool(result.finish_reason)
             try:
-                yield Step(result.first_token, result.finish_reason,
-                           result.num_cached_tokens if round_ == 0 else 0)
+                yield TokenEvent(result.first_token, result.finish_reason,
+                                 num_cached_tokens=result.num_cached_tokens if round_ == 0 else 0)
                 if finished:
                     return
                 preempted = False
@@ -101,7 +92,7 @@ class PDBackend:
                         if ev.finish_reason == "error":
                             raise APIError(500, f"decode failed: {ev.error}", "server_error", None,
                                            "decode_error")
-                        yield Step(ev.token, ev.finish_reason)
+                        yield ev
                         if finished:
                             return
                 if not preempted:

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from qwenvl_pd.proxy.app import accept
+from qwenvl_pd.proxy.state import accept
 from qwenvl_pd.proxy.errors import APIError, bad_request
 from qwenvl_pd.proxy.generation import RequestRun
 from qwenvl_pd.proxy.inputs import prepare_chat, prepare_completion

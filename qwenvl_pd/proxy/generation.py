@@ -1,4 +1,4 @@
-"""One OpenAI request = n independent samples; token steps -> text deltas, usage and metrics.
+"""One OpenAI request = n independent samples; token events -> text deltas, usage and metrics.
 
 Each sample is its own PD request (its own prefill, its own decode stream). Samples run as tasks
 feeding one queue, so the client sees deltas in the order tokens arrive. Stop strings are applied
@@ -14,8 +14,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from qwenvl_pd.messages import PrefillRequest, SampledToken
-from qwenvl_pd.proxy.backend import Step
+from qwenvl_pd.messages import PrefillRequest, SampledToken, TokenEvent
 from qwenvl_pd.proxy.detokenizer import IncrementalDetokenizer
 from qwenvl_pd.proxy.inputs import PreparedPrompt
 from qwenvl_pd.proxy.metrics import ProxyMetrics
@@ -29,7 +28,7 @@ SEED_STRIDE = 7919  # n samples of one seeded request differ by this, as in qwen
 class Backend(Protocol):
     def ready(self) -> bool: ...
 
-    def generate(self, req: PrefillRequest, key: bytes) -> AsyncIterator[Step]: ...
+    def generate(self, req: PrefillRequest, key: bytes) -> AsyncIterator[TokenEvent]: ...
 
 
 @dataclass(frozen=True)
@@ -105,22 +104,22 @@ class RequestRun:
     async def _sample(self, index: int, req: PrefillRequest) -> AsyncIterator[Delta]:
         sp, st = req.sampling, self.stats[index]
         detok = IncrementalDetokenizer(self.model.tokens, sp.stop or (), sp.skip_special_tokens)
-        async with contextlib.aclosing(self.backend.generate(req, self.key)) as steps:
-            async for step in steps:
+        async with contextlib.aclosing(self.backend.generate(req, self.key)) as events:
+            async for event in events:
                 if st.first_token_at is None:
-                    st.cached = step.num_cached_tokens
+                    st.cached = event.num_cached_tokens
                 text, stopped, lp = "", False, None
-                if step.token is not None:
+                if event.token is not None:
                     self._count(st)
-                    text, stopped = detok.add(step.token.token_id)
-                    lp = (self._logprob(step.token),) if self.want_logprobs else None
-                finish = "stop" if stopped else (step.finish_reason or None)
+                    text, stopped = detok.add(event.token.token_id)
+                    lp = (self._logprob(event.token),) if self.want_logprobs else None
+                finish = "stop" if stopped else (event.finish_reason or None)
                 if finish and not stopped:
                     text += detok.flush()
                 if finish:
                     st.finish_reason = finish
                     yield Delta(index, text, lp, finish)
-                    return  # closing `steps` cancels the decode stream (a stop string hit)
+                    return  # closing `events` cancels the decode stream (a stop string hit)
                 if text or lp:
                     yield Delta(index, text, lp)
 

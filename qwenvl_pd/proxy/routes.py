@@ -7,7 +7,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 
 from qwenvl_pd import __version__
-from qwenvl_pd.proxy.app import Proxy, Slot, accept, proxy_of
+from qwenvl_pd.proxy.state import Proxy, Slot, accept, proxy_of
 from qwenvl_pd.proxy.generation import RequestRun
 from qwenvl_pd.proxy.inputs import PreparedPrompt, prepare_chat, prepare_completion
 from qwenvl_pd.proxy.metrics import CONTENT_TYPE

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+from qwenvl_pd.proxy.app import create_app
 from qwenvl_pd.proxy.backend import PDBackend
 from qwenvl_pd.proxy.config import ProxyConfig
 from qwenvl_pd.proxy.discovery import DnsDiscovery, parse_discover_dns
@@ -55,16 +56,11 @@ async def _close(router: Router, disc: DnsDiscovery | None) -> None:
     await router.stop()
 
 
-async def open_backend(cfg: ProxyConfig, metrics: ProxyMetrics):
-    return await open_pd(cfg, metrics)
-
-
 def main(cfg: ProxyConfig, open_backend=None) -> None:
     """open_backend: the CLI passes the colocated engine's (node/colocated.py) for
     `serve --colocated`; the proxy itself never imports the engine."""
     import uvicorn
-    from qwenvl_pd.proxy.app import create_app
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # one process, one event loop: the proxy's work is I/O and small CPU bursts
-    uvicorn.run(create_app(cfg, open_backend), host=cfg.host, port=cfg.port, log_level="info",
+    uvicorn.run(create_app(cfg, open_backend or open_pd), host=cfg.host, port=cfg.port, log_level="info",
                 timeout_graceful_shutdown=5)

@@ -57,7 +57,7 @@ SAMPLES = [
     HANDLE.rank_segments[0],
     DECODE_REQ,
     TokenEvent(token=TOKEN, finish_reason="error", num_prompt_tokens=50, num_output_tokens=9,
-               error="KV read timed out"),
+               error="KV read timed out", num_cached_tokens=32),
     LoadReport(role="decode", instance_id="decode-3", running=5, waiting=2, blocks_used=100,
                blocks_total=4096, kv_transfers_total=17, kv_transfer_bytes_total=2 ** 40 + 1,
                kv_transfer_seconds_total=0.1 + 0.7, prefix_cache_queries=90, prefix_cache_hits=45,

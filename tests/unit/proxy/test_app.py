@@ -13,10 +13,9 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from qwenvl_pd.messages import ModelInfo, SampledToken
+from qwenvl_pd.messages import ModelInfo, SampledToken, TokenEvent
 from qwenvl_pd.model.processor import VisionPreprocessConfig, expand_placeholders, process_images
 from qwenvl_pd.proxy.app import create_app
-from qwenvl_pd.proxy.backend import Step
 from qwenvl_pd.proxy.config import ProxyConfig
 from qwenvl_pd.proxy.generation import SEED_STRIDE
 
@@ -42,8 +41,8 @@ class ScriptedBackend:
             for i, t in enumerate(self.tokens[:n]):
                 if i and self.gate is not None:
                     await asyncio.to_thread(self.gate.wait)
-                yield Step(SampledToken(t, -0.25, ((t, -0.25), (11, -2.0))), "length" if i == n - 1 else "",
-                           3 if i == 0 else 0)
+                yield TokenEvent(SampledToken(t, -0.25, ((t, -0.25), (11, -2.0))), "length" if i == n - 1 else "",
+                                 num_cached_tokens=3 if i == 0 else 0)
         finally:
             self.closed += 1
 

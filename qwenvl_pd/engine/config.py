@@ -1,0 +1,20 @@
+"""The engine's settings, built once by the CLI or LLM and passed down."""
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    # a prefill node stops each request at its first token and keeps the blocks for the handoff
+    finish_after_prefill: bool = False
+    # a decode node cannot prefill again: a preempted request is handed back instead
+    recompute_on_preempt: bool = True
+    block_size: int = 16
+    kv_cache_bytes: int = 1 << 30
+    num_kv_blocks: int | None = None  # overrides kv_cache_bytes
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    enable_prefix_caching: bool = True
+    encoder_cache_bytes: int = 256 << 20
+    seed: int = 0
+    max_model_len: int = 8192
+    decode_graphs: str = "auto"  # auto: on CUDA/NPU for dense models | off | eager (static path, no capture)
