@@ -60,9 +60,8 @@ def open_video(src) -> Iterator:
         raise ValueError(f"could not decode video: {e}") from None
 
 
-def _check_frames(n: int, limits: VideoLimits, what: str) -> None:
-    if n > limits.max_source_frames:
-        raise ValueError(f"the video {what} {n} frames; the limit is {limits.max_source_frames}")
+def _too_many(what: str, limits: VideoLimits) -> ValueError:
+    return ValueError(f"the video {what} frames; the limit is {limits.max_source_frames}")
 
 
 def _count_packets(container, stream, limits: VideoLimits, deadline: Deadline) -> int:
@@ -71,7 +70,7 @@ def _count_packets(container, stream, limits: VideoLimits, deadline: Deadline) -
     for packet in container.demux(stream):
         n += packet.size > 0 and not packet.is_discard  # the demuxer ends with an empty packet
         if n > limits.max_source_frames:
-            _check_frames(n - 1, limits, "has more than")
+            raise _too_many(f"has more than {limits.max_source_frames}", limits)
         deadline.check()
     return n
 
@@ -90,7 +89,8 @@ def stream_info(container, limits: VideoLimits, deadline: Deadline) -> StreamInf
     if width * height > limits.max_frame_pixels:
         raise ValueError(f"video frames are {width}x{height} = {width * height} pixels; the limit is "
                          f"{limits.max_frame_pixels} per frame")
-    _check_frames(stream.frames, limits, "declares")
+    if stream.frames > limits.max_source_frames:
+        raise _too_many(f"declares {stream.frames}", limits)
     packets = _count_packets(container, stream, limits, deadline)
     total = stream.frames or packets  # some containers (MKV, WebM) omit the count
     if total <= 0 or packets <= 0:
