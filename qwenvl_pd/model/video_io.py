@@ -75,6 +75,16 @@ def _count_packets(container, stream, limits: VideoLimits, deadline: Deadline) -
     return n
 
 
+def _frame_size(stream, limits: VideoLimits) -> tuple[int, int]:
+    width, height = stream.width, stream.height
+    if width <= 0 or height <= 0:
+        raise ValueError(f"the video stream declares no frame size ({width}x{height})")
+    if width * height > limits.max_frame_pixels:
+        raise ValueError(f"video frames are {width}x{height} = {width * height} pixels; the limit is "
+                         f"{limits.max_frame_pixels} per frame")
+    return width, height
+
+
 def stream_info(container, limits: VideoLimits, deadline: Deadline) -> StreamInfo:
     """The first video stream's frame count, rate and size, checked against the limits."""
     if not container.streams.video:
@@ -83,12 +93,7 @@ def stream_info(container, limits: VideoLimits, deadline: Deadline) -> StreamInf
     rate = stream.average_rate or stream.guessed_rate
     if not rate:
         raise ValueError("the video stream has no frame rate")
-    width, height = stream.width, stream.height
-    if width <= 0 or height <= 0:
-        raise ValueError(f"the video stream declares no frame size ({width}x{height})")
-    if width * height > limits.max_frame_pixels:
-        raise ValueError(f"video frames are {width}x{height} = {width * height} pixels; the limit is "
-                         f"{limits.max_frame_pixels} per frame")
+    width, height = _frame_size(stream, limits)
     if stream.frames > limits.max_source_frames:
         raise _too_many(f"declares {stream.frames}", limits)
     packets = _count_packets(container, stream, limits, deadline)

@@ -2,7 +2,8 @@
 
 Every check that can fail does so here, before any instance is chosen, so a bad request costs
 the cluster nothing. Images are never decoded: their header gives the size, and the model's own
-smart-resize turns the size into the grid and the placeholder count.
+smart-resize turns the size into the grid and the placeholder count. Nor are videos: their header
+and packets give the frames prefill will sample (model/video.py probe_clip), within the limits.
 """
 from __future__ import annotations
 
@@ -60,7 +61,8 @@ def _video_grid(data: bytes, model: ProxyModel,
                 limits: MediaLimits) -> tuple[tuple[int, int, int], float | None, tuple]:
     # the header and the packets give the frames prefill will sample and their size: no pixel is
     # decoded here, and prefill's decode of the same plan gives the same grid
-    from qwenvl_pd.model.video import VideoLimits, plan_grid, probe_clip, time_info
+    from qwenvl_pd.model.video import plan_grid, probe_clip, time_info
+    from qwenvl_pd.model.video_io import VideoLimits
     fam = normalize_family(model.family)
     bounds = VideoLimits(limits.max_video_frames, limits.max_image_pixels, limits.timeout_s)
     plan = probe_clip(data, model.vision, fam, bounds)
