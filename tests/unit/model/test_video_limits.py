@@ -145,11 +145,11 @@ def test_qwen3_decodes_again_at_the_right_size_when_frames_go_missing(files, mon
     real = video.decode_frames
     calls = []
 
-    def loses_the_last(container, info, wanted, keep, deadline):
+    def ends_before_frame_23(container, info, wanted, keep, deadline):
         calls.append(sorted(wanted))
         got = real(container, info, wanted, keep, deadline)
         return {i: f for i, f in got.items() if len(calls) > 1 or i < 23}
-    monkeypatch.setattr(video, "decode_frames", loses_the_last)
+    monkeypatch.setattr(video, "decode_frames", ends_before_frame_23)
     ours = process_videos([files["png.mp4"]], CFG3, "qwen3_vl")
     assert calls == [[0, 6, 12, 17, 23, 29], [0, 6, 12, 17]]
     with av.open(io.BytesIO(files["png.mp4"])) as c:
