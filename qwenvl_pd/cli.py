@@ -135,6 +135,7 @@ def _proxy(args: argparse.Namespace) -> int:
         allow_private_media=args.allow_private_media, max_concurrent_requests=args.max_concurrent_requests,
         max_images_per_request=args.max_images_per_request, max_media_bytes=args.max_media_bytes,
         media_timeout_s=args.media_timeout, max_image_pixels=args.max_image_pixels,
+        max_video_frames=args.max_video_frames,
         health_interval_s=args.health_interval, load_interval_s=args.load_interval,
         prefill_load_cap=args.prefill_load_cap, model_info_timeout_s=args.model_info_timeout,
         prefill_timeout_s=args.prefill_timeout, token_timeout_s=args.token_timeout,
@@ -161,7 +162,9 @@ def _add_proxy_parser(sub) -> None:
     p.add_argument("--max-media-bytes", type=int, default=20 << 20)
     p.add_argument("--media-timeout", type=float, default=10.0, help="seconds per media fetch")
     p.add_argument("--max-image-pixels", type=int, default=8192 * 8192,
-                   help="largest width*height an image header may declare")
+                   help="largest width*height an image header (or a video frame) may declare")
+    p.add_argument("--max-video-frames", type=int, default=100_000,
+                   help="most frames a video may declare or hold; refused before decoding")
     p.add_argument("--health-interval", type=float, default=2.0)
     p.add_argument("--load-interval", type=float, default=1.0)
     p.add_argument("--prefill-load-cap", type=int, default=8,

@@ -2,12 +2,13 @@
 
 Sampling and sizes follow transformers' Qwen2VLVideoProcessor / Qwen3VLVideoProcessor; frames are
 resized with PIL bicubic like images (transformers resizes videos with torchvision, which we do
-not depend on). Decoding uses PyAV, as transformers' "pyav" backend does.
+not depend on). Decoding uses PyAV, as transformers' "pyav" backend does, within VideoLimits
+(video_io.py); process_videos resizes each frame as it is decoded, so only model-size frames
+are ever held.
 """
 
 from __future__ import annotations
 
-import io
 import math
 import os
 from collections.abc import Sequence
@@ -27,6 +28,7 @@ from qwenvl_pd.model.processor import (
     resize_normalize,
     smart_resize,
 )
+from qwenvl_pd.model.video_io import Deadline, StreamInfo, VideoLimits, decode_frames, open_video, stream_info
 
 # transformers' VideoMetadata.sampled_fps falls back to this when frames come without a rate
 DEFAULT_SOURCE_FPS = 24.0
@@ -49,6 +51,7 @@ class Clip:
     indices: tuple[int, ...]  # their positions in the source
     total_frames: int  # frames in the source
     fps: float  # source frame rate
+    size: tuple[int, int] | None = None  # (h, w) the frames were resized to while decoding
 
 
 def qwen2_5_frame_indices(total: int, fps: float, cfg: VisionPreprocessConfig) -> list[int]:
@@ -81,47 +84,65 @@ def _sampler(family: str):
     return qwen3_frame_indices if family == "qwen3_vl" else qwen2_5_frame_indices
 
 
-def _stream_info(container) -> tuple[int, float]:
-    if not container.streams.video:
-        raise ValueError("the container has no video stream")
-    stream = container.streams.video[0]
-    rate = stream.average_rate or stream.guessed_rate
-    if not rate:
-        raise ValueError("the video stream has no frame rate")
-    total = stream.frames or sum(1 for _ in container.decode(video=0))  # some containers omit the count
-    if total <= 0:
-        raise ValueError("the video has no frames")
-    return int(total), float(rate)
+@dataclass(frozen=True)
+class ClipPlan:
+    """What a video file gives, known from its header and packets before any frame is decoded."""
+    indices: tuple[int, ...]  # the sampler's picks that the file holds
+    total_frames: int
+    fps: float
+    width: int  # of every frame, as decoded
+    height: int
 
 
-def _decode_frames(container, wanted: set[int]) -> dict[int, Image.Image]:
-    got: dict[int, Image.Image] = {}
-    container.seek(0)
-    for i, frame in enumerate(container.decode(video=0)):
-        if i > max(wanted):
-            break
-        if i in wanted:
-            got[i] = Image.fromarray(frame.to_ndarray(format="rgb24"))
-    return got
+def _plan(container, cfg: VisionPreprocessConfig, family: str, limits: VideoLimits,
+          deadline: Deadline) -> tuple[ClipPlan, StreamInfo]:
+    info = stream_info(container, limits, deadline)
+    # a header can overstate the frames: those past the last packet cannot decode, so both the
+    # proxy (which only probes) and prefill (which decodes) leave them out
+    indices = [i for i in _sampler(family)(info.total_frames, info.fps, cfg) if i < info.packets]
+    return ClipPlan(tuple(indices), info.total_frames, info.fps, info.width, info.height), info
 
 
-def decode_clip(src, cfg: VisionPreprocessConfig, family: str) -> Clip:
-    """Video file path or bytes -> the frames the family's sampler picks."""
-    import av  # imported lazily: image-only deployments never load FFmpeg
+def probe_clip(src, cfg: VisionPreprocessConfig, family: str,
+               limits: VideoLimits = VideoLimits()) -> ClipPlan:
+    """Video file path or bytes -> the frames the family's sampler will take; decodes nothing."""
+    with open_video(src) as container:
+        return _plan(container, cfg, normalize_family(family), limits, Deadline(limits.timeout_s))[0]
 
-    is_bytes = isinstance(src, (bytes, bytearray, memoryview))
-    try:
-        with av.open(io.BytesIO(bytes(src)) if is_bytes else os.fspath(src)) as container:
-            total, fps = _stream_info(container)
-            indices = _sampler(family)(total, fps, cfg)
-            got = _decode_frames(container, set(indices))
-    except (av.error.FFmpegError, OSError) as e:
-        raise ValueError(f"could not decode video: {e}") from None
-    # a frame count from the header can overstate what decodes; keep the frames that exist
-    indices = [i for i in indices if i in got]
+
+def _resizer(size: tuple[int, int] | None):
+    if size is None:
+        return lambda img: img
+    h, w = size
+    # the same PIL call resize_normalize makes, so the pixels are those of resizing later
+    return lambda img: img.resize((w, h), Image.Resampling.BICUBIC)
+
+
+def _decode_planned(container, plan: ClipPlan, info: StreamInfo, cfg, family: str, resize: bool,
+                    deadline: Deadline) -> tuple[list[int], dict, tuple[int, int] | None]:
+    size = plan_size(plan, cfg, family) if resize else None
+    got = decode_frames(container, info, set(plan.indices), _resizer(size), deadline)
+    indices = [i for i in plan.indices if i in got]  # the decoder may still end early
     if not indices:
         raise ValueError("no frame of the video could be decoded")
-    return Clip(tuple(got[i] for i in indices), tuple(indices), total, fps)
+    new = size and _target_size(len(indices), plan.height, plan.width, cfg, family)
+    if new != size:  # Qwen3-VL's size depends on the frame count: decode the kept ones again
+        got, size = decode_frames(container, info, set(indices), _resizer(new), deadline), new
+    return indices, got, size
+
+
+def decode_clip(src, cfg: VisionPreprocessConfig, family: str, limits: VideoLimits = VideoLimits(),
+                resize: bool = False) -> Clip:
+    """Video file path or bytes -> the frames the family's sampler picks.
+
+    resize=True resizes each frame to the model's size as it is decoded (what process_videos
+    uses: memory then holds only model-size frames); False keeps them as decoded."""
+    family = normalize_family(family)
+    deadline = Deadline(limits.timeout_s)
+    with open_video(src) as container:
+        plan, info = _plan(container, cfg, family, limits, deadline)
+        indices, got, size = _decode_planned(container, plan, info, cfg, family, resize, deadline)
+    return Clip(tuple(got[i] for i in indices), tuple(indices), plan.total_frames, plan.fps, size)
 
 
 def frames_clip(frames: Sequence[FrameLike], cfg: VisionPreprocessConfig, family: str,
@@ -135,9 +156,11 @@ def frames_clip(frames: Sequence[FrameLike], cfg: VisionPreprocessConfig, family
     return Clip(tuple(rgb[i] for i in indices), tuple(indices), len(rgb), fps)
 
 
-def load_clip(video: VideoLike, cfg: VisionPreprocessConfig, family: str, fps: float | None = None) -> Clip:
+def load_clip(video: VideoLike, cfg: VisionPreprocessConfig, family: str, fps: float | None = None,
+              limits: VideoLimits = VideoLimits(), resize: bool = False) -> Clip:
+    """A file (bounded by limits; resized while decoding if asked) or caller-given frames -> Clip."""
     if isinstance(video, (str, os.PathLike, bytes, bytearray, memoryview)):
-        return decode_clip(video, cfg, family)
+        return decode_clip(video, cfg, family, limits, resize)
     if isinstance(video, np.ndarray) and video.ndim == 4:
         video = list(video)  # [N, H, W, C] array of frames
     if not isinstance(video, Sequence):
@@ -171,37 +194,59 @@ def smart_resize_video(num_frames: int, height: int, width: int, temporal_factor
     return h_bar, w_bar
 
 
+def _target_size(num_frames: int, height: int, width: int, cfg: VisionPreprocessConfig,
+                 family: str) -> tuple[int, int]:
+    if family == "qwen3_vl":
+        return smart_resize_video(num_frames, height, width, cfg.temporal_patch_size, cfg.factor,
+                                  cfg.video_min_pixels, cfg.video_max_pixels)
+    return smart_resize(height, width, cfg.factor, cfg.video_min_pixels, cfg.video_max_pixels)
+
+
 def clip_size(clip: Clip, cfg: VisionPreprocessConfig, family: str) -> tuple[int, int]:
+    if clip.size is not None:
+        return clip.size
     sizes = {f.size for f in clip.frames}
     if len(sizes) != 1:
         raise ValueError(f"all frames of a video must have one size, got {sorted(sizes)}")
     (width, height), = sizes
-    if family == "qwen3_vl":
-        return smart_resize_video(len(clip.frames), height, width, cfg.temporal_patch_size, cfg.factor,
-                                  cfg.video_min_pixels, cfg.video_max_pixels)
-    return smart_resize(height, width, cfg.factor, cfg.video_min_pixels, cfg.video_max_pixels)
+    return _target_size(len(clip.frames), height, width, cfg, family)
+
+
+def plan_size(plan: ClipPlan, cfg: VisionPreprocessConfig, family: str) -> tuple[int, int]:
+    """(h, w) the planned frames are resized to: clip_size of the clip decoding would give."""
+    return _target_size(len(plan.indices), plan.height, plan.width, cfg, normalize_family(family))
+
+
+def plan_grid(plan: ClipPlan, cfg: VisionPreprocessConfig, family: str) -> tuple[int, int, int]:
+    """grid_thw that process_videos gives the decoded clip, from the plan alone."""
+    h, w = plan_size(plan, cfg, family)
+    p = cfg.patch_size
+    return math.ceil(len(plan.indices) / cfg.temporal_patch_size), h // p, w // p
 
 
 def process_clip(clip: Clip, cfg: VisionPreprocessConfig, family: str):
     """Clip -> (patches [gt*gh*gw, C*T*P*P], grid (gt, gh, gw))."""
     h, w = clip_size(clip, cfg, family)
+    # frames resized while decoding are already (h, w): PIL's resize to the same size is a copy
     return patchify(np.stack([resize_normalize(f, h, w, cfg) for f in clip.frames]), cfg)
 
 
-def _time_info(clip: Clip, cfg: VisionPreprocessConfig, family: str):
+def time_info(clip: Clip | ClipPlan, cfg: VisionPreprocessConfig, family: str):
+    """Qwen3-VL: seconds of each grid step; Qwen2.5-VL: seconds per grid step."""
     tp = cfg.temporal_patch_size
-    if family == "qwen3_vl":
+    if normalize_family(family) == "qwen3_vl":
         return grid_timestamps(clip.indices, clip.fps, tp)
     # VideoMetadata.sampled_fps: the rate of the frames kept; each grid step spans T of them
     return tp / (len(clip.indices) / clip.total_frames * clip.fps)
 
 
 def process_videos(videos: Sequence[VideoLike], cfg: VisionPreprocessConfig, family: str,
-                   fps: float | Sequence[float | None] | None = None) -> VideoInputs:
+                   fps: float | Sequence[float | None] | None = None,
+                   limits: VideoLimits = VideoLimits()) -> VideoInputs:
     """Videos (paths, bytes or frame lists) -> pixel_values_videos, video_grid_thw and time info.
 
     fps is the frame rate of caller-given frames (one for all or one per video); files carry
-    their own. Unknown rates default to 24, as transformers does.
+    their own. Unknown rates default to 24, as transformers does. Files are refused past limits.
     """
     fam = normalize_family(family)
     if not videos:
@@ -209,9 +254,9 @@ def process_videos(videos: Sequence[VideoLike], cfg: VisionPreprocessConfig, fam
     rates = list(fps) if isinstance(fps, Sequence) else [fps] * len(videos)
     if len(rates) != len(videos):
         raise ValueError(f"got {len(rates)} fps values for {len(videos)} videos")
-    clips = [load_clip(v, cfg, fam, r) for v, r in zip(videos, rates)]
+    clips = [load_clip(v, cfg, fam, r, limits, resize=True) for v, r in zip(videos, rates)]
     done = [process_clip(c, cfg, fam) for c in clips]
-    times = tuple(_time_info(c, cfg, fam) for c in clips)
+    times = tuple(time_info(c, cfg, fam) for c in clips)
     return VideoInputs(
         pixel_values_videos=torch.cat([p for p, _ in done]),
         video_grid_thw=torch.tensor([g for _, g in done], dtype=torch.long),

@@ -38,6 +38,7 @@ class ProxyConfig:
     max_media_bytes: int = 20 << 20
     media_timeout_s: float = 10.0
     max_image_pixels: int = 8192 * 8192  # declared in the header; decompression-bomb guard
+    max_video_frames: int = 100_000  # in the source video, declared or counted; checked before decoding
     max_body_bytes: int = 64 << 20  # base64 images make bodies large, but not unbounded
     health_interval_s: float = 2.0
     load_interval_s: float = 1.0
@@ -64,4 +65,4 @@ class ProxyConfig:
         return MediaLimits(max_bytes=self.max_media_bytes, timeout_s=self.media_timeout_s,
                            allow_private=self.allow_private_media,
                            allowed_local_media_path=self.allowed_local_media_path or None,
-                           max_image_pixels=self.max_image_pixels)
+                           max_image_pixels=self.max_image_pixels, max_video_frames=self.max_video_frames)

@@ -2,20 +2,20 @@
 
 Every check that can fail does so here, before any instance is chosen, so a bad request costs
 the cluster nothing. Images are never decoded: their header gives the size, and the model's own
-smart-resize turns the size into the grid and the placeholder count.
+smart-resize turns the size into the grid and the placeholder count. Nor are videos: their header
+and packets give the frames prefill will sample (model/video.py probe_clip), within the limits.
 """
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import math
 from dataclasses import dataclass
 
 from qwenvl_pd.messages import MediaItem
 from qwenvl_pd.model.processor import expand_placeholders, normalize_family
 from qwenvl_pd.proxy.config import ProxyConfig
 from qwenvl_pd.proxy.errors import bad_request
-from qwenvl_pd.proxy.media import MediaError, content_hash, fetch_media, prepare_image
+from qwenvl_pd.proxy.media import MediaError, MediaLimits, content_hash, fetch_media, prepare_image
 from qwenvl_pd.proxy.model_info import ProxyModel
 from qwenvl_pd.proxy.protocol import ChatRequest, CompletionRequest, ImagePart, VideoPart
 from qwenvl_pd.sampling_params import SamplingParams
@@ -57,22 +57,23 @@ async def _image_item(url: str, model: ProxyModel, cfg: ProxyConfig) -> MediaIte
     return MediaItem(kind="image", content_hash=img.content_hash, grid_thw=img.grid_thw, data=img.data)
 
 
-def _video_grid(data: bytes, model: ProxyModel) -> tuple[tuple[int, int, int], float | None, tuple]:
-    # a video's grid depends on its frame count and rate, which only decoding tells reliably
-    from qwenvl_pd.model.video import _time_info, clip_size, load_clip
+def _video_grid(data: bytes, model: ProxyModel,
+                limits: MediaLimits) -> tuple[tuple[int, int, int], float | None, tuple]:
+    # the header and the packets give the frames prefill will sample and their size: no pixel is
+    # decoded here, and prefill's decode of the same plan gives the same grid
+    from qwenvl_pd.model.video import plan_grid, probe_clip, time_info
+    from qwenvl_pd.model.video_io import VideoLimits
     fam = normalize_family(model.family)
-    clip = load_clip(data, model.vision, fam)
-    h, w = clip_size(clip, model.vision, fam)
-    v = model.vision
-    grid = (math.ceil(len(clip.frames) / v.temporal_patch_size), h // v.patch_size, w // v.patch_size)
-    info = _time_info(clip, v, fam)
+    bounds = VideoLimits(limits.max_video_frames, limits.max_image_pixels, limits.timeout_s)
+    plan = probe_clip(data, model.vision, fam, bounds)
+    grid, info = plan_grid(plan, model.vision, fam), time_info(plan, model.vision, fam)
     return grid, (None if fam == "qwen3_vl" else info), (info if fam == "qwen3_vl" else ())
 
 
 async def _video_item(url: str, model: ProxyModel, cfg: ProxyConfig) -> MediaItem:
     data = await fetch_media(url, cfg.media_limits, "video")
     try:
-        grid, per_grid_t, stamps = await asyncio.to_thread(_video_grid, data, model)
+        grid, per_grid_t, stamps = await asyncio.to_thread(_video_grid, data, model, cfg.media_limits)
     except ValueError as e:
         raise MediaError(str(e)) from None
     return MediaItem(kind="video", content_hash=content_hash(data), grid_thw=grid, data=data,

@@ -45,7 +45,8 @@ class MediaLimits:
     max_redirects: int = 3
     allow_private: bool = False
     allowed_local_media_path: str | None = None  # file:// URLs are refused unless set
-    max_image_pixels: int = 8192 * 8192  # header-declared width * height
+    max_image_pixels: int = 8192 * 8192  # header-declared width * height (of a video frame too)
+    max_video_frames: int = 100_000  # frames a video's stream declares or holds
 
 
 @dataclass(frozen=True)

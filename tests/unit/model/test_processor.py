@@ -426,7 +426,7 @@ def test_bad_videos_are_refused(cfg3):
 
 
 def test_video_without_frame_count_is_counted(video_file, cfg3, tmp_path):
-    """MKV stores no frame count (transformers' reader then divides by zero): we count by decoding."""
+    """MKV stores no frame count (transformers' reader then divides by zero): we count its packets."""
     mkv = _write_video(tmp_path / "clip.mkv", "ffv1", "bgr0")
     assert av.open(str(mkv)).streams.video[0].frames == 0
     a, b = load_clip(mkv, cfg3, "qwen3_vl"), load_clip(video_file, cfg3, "qwen3_vl")

@@ -270,6 +270,21 @@ def test_video_part_gets_the_processors_grid(info, qwen_tokenizer):
     assert backend.requests[0].prompt_token_ids.count(151656) == t * h * w // 4
 
 
+
+@pytest.mark.parametrize("limit, message", [
+    ({"max_image_pixels": 64 * 48 - 1}, "video frames are 64x48 = 3072 pixels; the limit is 3071 per frame"),
+    ({"max_video_frames": 7}, "the video declares 8 frames; the limit is 7"),
+])
+def test_a_video_over_the_limits_is_a_400_before_any_decoding(info, qwen_tokenizer, limit, message):
+    c, backend = make_client(info, qwen_tokenizer.encode(ANSWER), **limit)
+    url = "data:video/mp4;base64," + base64.b64encode(_mp4()).decode()
+    with c:
+        r = c.post("/v1/chat/completions", json=chat([{"type": "video_url", "video_url": {"url": url}}]))
+    assert r.status_code == 400, r.text
+    assert r.json()["error"] == {"message": message, "type": "invalid_request_error",
+                                 "param": "messages[0].content[0].video_url.url", "code": None}
+    assert backend.requests == []
+
 def test_vllm_bench_completion_payload_is_accepted(client):
     # what `vllm bench serve` sends by default (best_of 1 is a no-op; anything else is refused)
     body = {"model": "tiny", "prompt": "the of and", "temperature": 0.0, "best_of": 1, "max_tokens": 4,
