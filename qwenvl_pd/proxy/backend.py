@@ -55,6 +55,7 @@ async def _unless_lost(state: InstanceState, awaitable):
         lost.cancel()
         if not work.done():
             work.cancel()
+            await asyncio.wait({work})  # let it unwind: a stream's generator must not be running when closed
     if work.done() and not work.cancelled():
         return work.result()
     raise _no_answer(grpc.StatusCode.UNAVAILABLE, f"{state.address} stopped answering health checks")

@@ -1,0 +1,265 @@
+"""Fault soak: minutes of mixed load on a PD cluster while its nodes are killed, hung and drained.
+
+Two prefills and two decodes of a tiny model behind one proxy, all on loopback. Clients send
+text, images, streaming, n > 1, bad requests, and streams they walk away from; meanwhile one
+node at a time is SIGKILLed and restarted, SIGSTOPped for a few seconds, or SIGTERMed (drain)
+and restarted. Every request is classified by what the client saw:
+
+  completed / failed cleanly (an OpenAI error body or stream error event, then [DONE]) /
+  hung (past the client's deadline) / torn (a stream that ends without [DONE]) / unclean
+  (an error without the OpenAI body, or a bad request that was accepted)
+
+At the end it prints requests sent, outcomes by reason, faults injected, and each live node's
+used KV blocks once leases have run out. Exit code 0 when nothing hung, tore or was unclean and
+every live node is back to 0 blocks.
+
+    python benchmarks/soak.py --duration 120
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import io
+import itertools
+import json
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import httpx
+import numpy as np
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).parent))
+from soak_cluster import Node, free_port, settled_blocks, start_proxy, wait_serving  # noqa: E402
+
+from qwenvl_pd.serve import tiny_model_dir  # noqa: E402
+
+BAD = "unclean", "hung", "torn"
+FAULTS = "kill", "hang", "drain"
+ROLES = "prefill", "decode"
+WORDS = "the sea sky red blue cat dog runs over under a small large house tree river".split()
+
+
+def _image_url(rng: random.Random) -> str:
+    pixels = np.random.default_rng(rng.randrange(1 << 30)).integers(0, 255, (48, 64, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _bad_body(rng: random.Random, model: str) -> dict:
+    msg = [{"role": "user", "content": "hi"}]
+    return rng.choice([
+        {"model": model, "messages": msg, "max_tokens": -1},
+        {"model": "no-such-model", "messages": msg},
+        {"model": model, "messages": "not a list"},
+        {"model": model, "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,bm90IGFuIGltYWdl"}}]}]},
+        {"model": model, "messages": msg, "stop_token_ids": list(range(5000))},
+    ])
+
+
+def make_request(rng: random.Random, model: str) -> tuple[str, dict]:
+    """(kind, body): kind says what the client expects and how it reads the answer."""
+    kind = rng.choices(["text", "stream", "image", "n2", "walk_away", "bad"], [30, 20, 15, 10, 10, 15])[0]
+    if kind == "bad":
+        return kind, _bad_body(rng, model)
+    content = " ".join(rng.choices(WORDS, k=rng.randint(4, 60)))
+    if kind == "image":
+        content = [{"type": "image_url", "image_url": {"url": _image_url(rng)}}, {"type": "text", "text": content}]
+    body = {"model": model, "messages": [{"role": "user", "content": content}],
+            "max_tokens": rng.randint(4, 32), "temperature": rng.choice([0, 0.8]), "seed": rng.randint(0, 99)}
+    body["stream"] = kind in ("stream", "walk_away") or (kind == "image" and rng.random() < 0.5)
+    body["n"] = 2 if kind == "n2" else 1
+    return kind, body
+
+
+EXAMPLES: dict[str, str] = {}  # outcome -> the first message seen with it
+
+
+def _seen(reason: str, message: str) -> str:
+    EXAMPLES.setdefault(reason, message[:300])
+    return reason
+
+
+def _error_reason(status: int, text: str) -> str:
+    try:
+        err = json.loads(text)["error"]
+        if isinstance(err["message"], str):
+            return _seen(f"failed {status} {err.get('code') or err['type']}", err["message"])
+    except (ValueError, KeyError, TypeError):
+        pass
+    return _seen("unclean", f"{status}: {text}")
+
+
+async def _read_stream(resp: httpx.Response, walk_away: bool) -> str:
+    chunks = 0
+    async for line in resp.aiter_lines():
+        if not line.startswith("data: "):
+            continue
+        data = line[6:]
+        if data == "[DONE]":
+            return "completed"
+        event = json.loads(data)
+        if "error" in event:
+            err = event["error"]
+            if not isinstance(err.get("message"), str):
+                return _seen("unclean", data)
+            return _seen(f"stream error event {err.get('code') or err.get('type')}", err["message"])
+        chunks += 1
+        if walk_away and chunks == 2:
+            return "walked away"  # closing the response cancels the request upstream
+    return _seen("torn", f"stream ended after {chunks} chunks without [DONE]")
+
+
+async def send(client: httpx.AsyncClient, url: str, kind: str, body: dict, deadline: float) -> str:
+    try:
+        async with asyncio.timeout(deadline):
+            async with client.stream("POST", url, json=body) as resp:
+                if resp.status_code != 200:
+                    text = (await resp.aread()).decode(errors="replace")
+                    return "rejected (bad request)" if kind == "bad" and resp.status_code in (400, 404) \
+                        else _error_reason(resp.status_code, text)
+                if kind == "bad":
+                    return _seen("unclean", f"accepted: {json.dumps(body)[:200]}")  # must never be
+                if body.get("stream"):
+                    return await _read_stream(resp, kind == "walk_away")
+                data = json.loads(await resp.aread())
+                return "completed" if len(data["choices"]) == body["n"] else "unclean"
+    except TimeoutError:
+        return _seen("hung", json.dumps(body)[:200])
+    except httpx.HTTPError as e:
+        return _seen("torn", f"{type(e).__name__}: {e}")
+
+
+async def client_loop(url: str, model: str, seed: int, stop: asyncio.Event, deadline: float, out: Counter) -> None:
+    rng = random.Random(seed)
+    async with httpx.AsyncClient(timeout=None) as client:
+        while not stop.is_set():
+            kind, body = make_request(rng, model)
+            out[await send(client, url, kind, body, deadline)] += 1
+            out["sent"] += 1
+
+
+async def _restart(node: Node, sig: int) -> None:
+    node.signal(sig)
+    try:
+        await asyncio.to_thread(node.proc.wait, 30)
+    except subprocess.TimeoutExpired:  # a drain that does not end is itself a finding: log it
+        print(f"{node.name} did not exit 30 s after signal {sig}; killing it", file=sys.stderr)
+        node.proc.kill()
+        node.proc.wait(10)
+    node.start()
+    await asyncio.to_thread(wait_serving, [node])
+
+
+async def inject(node: Node, fault: str, rng: random.Random) -> None:
+    if fault == "kill":
+        await _restart(node, signal.SIGKILL)
+    elif fault == "drain":
+        await _restart(node, signal.SIGTERM)
+    else:  # hang: a stopped process keeps its sockets open but answers nothing
+        node.signal(signal.SIGSTOP)
+        await asyncio.sleep(rng.uniform(3, 6))
+        node.signal(signal.SIGCONT)
+
+
+async def fault_loop(nodes: list[Node], plan: list[tuple[str, str]], seed: int, until: float,
+                     interval: float, out: Counter) -> None:
+    """One fault at a time: each of plan's (fault, role) once, or random ones until `until`."""
+    rng = random.Random(seed)
+    await asyncio.sleep(interval / 2)
+    for i in itertools.count():
+        if (plan and i == len(plan)) or (not plan and time.monotonic() >= until):
+            return
+        fault, role = plan[i] if plan else (rng.choice(FAULTS), rng.choice(ROLES))
+        node = rng.choice([n for n in nodes if n.role == role])
+        out[f"{fault} {role}"] += 1
+        await inject(node, fault, rng)
+        await asyncio.sleep(interval)
+
+
+def parse_plan(spec: str) -> list[tuple[str, str]]:
+    plan = [tuple(item.split(":")) for item in spec.split(",") if item]
+    for item in plan:
+        if len(item) != 2 or item[0] not in FAULTS or item[1] not in ROLES:
+            raise SystemExit(f"--faults: {':'.join(item)!r} is not FAULT:ROLE with FAULT in {FAULTS}, ROLE in {ROLES}")
+    return plan
+
+
+async def soak(args, nodes: list[Node], url: str, model: str) -> tuple[Counter, Counter, dict]:
+    """Load until --duration has passed and the fault plan is done; then each node's blocks."""
+    outcomes, faults, stop = Counter(), Counter(), asyncio.Event()
+    until = time.monotonic() + args.duration
+    clients = [client_loop(url, model, args.seed + i, stop, args.deadline, outcomes) for i in range(args.clients)]
+    load = asyncio.gather(*clients)
+    await fault_loop(nodes, parse_plan(args.faults), args.seed, until, args.fault_interval, faults)
+    await asyncio.sleep(max(0.0, until - time.monotonic()))
+    stop.set()
+    await load
+    for node in nodes:
+        node.signal(signal.SIGCONT)
+    return outcomes, faults, await settled_blocks(nodes, timeout=30)
+
+
+def report(outcomes: Counter, faults: Counter, blocks: dict, nodes: list[Node]) -> dict:
+    sent = outcomes.pop("sent", 0)
+    print(f"\nrequests sent: {sent}")
+    print("| outcome | requests | first message |\n|---|---|---|")
+    for reason, count in sorted(outcomes.items(), key=lambda kv: -kv[1]):
+        print(f"| {reason} | {count} | {EXAMPLES.get(reason, '')} |")
+    print("\n| fault injected | times |\n|---|---|")
+    for fault, count in sorted(faults.items()):
+        print(f"| {fault} | {count} |")
+    print("\n| node | used KV blocks at the end |\n|---|---|")
+    for node in nodes:
+        print(f"| {node.name} | {blocks.get(node.name, 'down')} |")
+    ok = not any(outcomes.get(b) for b in BAD) and all(v == 0 for v in blocks.values())
+    print(f"\n{'PASS' if ok else 'FAIL'}: nothing hung, tore or was unclean; every live node at 0 blocks")
+    return {"sent": sent, "outcomes": dict(outcomes), "examples": EXAMPLES, "faults": dict(faults),
+            "blocks": blocks, "ok": ok}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", help="checkpoint (default: the tiny random-weight Qwen2.5-VL)")
+    ap.add_argument("--duration", type=float, default=120, help="seconds of load")
+    ap.add_argument("--clients", type=int, default=6, help="concurrent clients, one request each at a time")
+    ap.add_argument("--fault-interval", type=float, default=8, help="seconds between faults")
+    ap.add_argument("--deadline", type=float, default=60, help="a request past this many seconds is hung")
+    ap.add_argument("--faults", default="", help="FAULT:ROLE,... each once, in turn (kill|hang|drain : "
+                    "prefill|decode); default: random ones for --duration")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", help="also write the result here")
+    args = ap.parse_args()
+    model = args.model or str(tiny_model_dir())
+    nodes = [Node(name, model) for name in ("p0", "p1", "d0", "d1")]
+    proxy = None
+    try:
+        for node in nodes:
+            node.start()
+        wait_serving(nodes)
+        port = free_port()
+        proxy = start_proxy(nodes, port, token_timeout=10)
+        url = f"http://127.0.0.1:{port}/v1/chat/completions"
+        served = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=10).json()["data"][0]["id"]
+        result = report(*asyncio.run(soak(args, nodes, url, served)), nodes)
+    finally:
+        for node in nodes:
+            node.stop()
+        if proxy is not None:
+            proxy.terminate()
+            proxy.wait(timeout=20)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    return 0 if result["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
