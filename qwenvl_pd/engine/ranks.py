@@ -60,6 +60,7 @@ class RankSpec:
     threads: int
     # run on every rank once its KV cache exists (picklable: a top-level function or partial)
     rank_setup: Callable[[RankContext], object] | None = None
+    quantization: str | None = None
 
 
 def send_message(ints: torch.Tensor | None, data: torch.Tensor, group) -> None:

@@ -11,13 +11,12 @@ from qwenvl_pd.config import ModelConfig
 from qwenvl_pd.model.base import VisionLanguageModel
 from qwenvl_pd.model.expert_layout import TRANSFORMERS5, saved_major, which_layout
 from qwenvl_pd.model.parallel import Shard, TensorParallel, check_divisible
+from qwenvl_pd.model.quant.apply import check_quantised, quantise_modules
+from qwenvl_pd.model.quant.description import read_description, resolve_method
 from qwenvl_pd.model.registry import MODELS
+from qwenvl_pd.model.weight_error import WeightError
 
 log = logging.getLogger(__name__)
-
-
-class WeightError(ValueError):
-    """The checkpoint's tensors do not fit the model its config.json describes."""
 
 
 def checkpoint_files(model_dir: Path) -> list[Path]:
@@ -34,14 +33,20 @@ def checkpoint_files(model_dir: Path) -> list[Path]:
 
 
 def load_model(model_dir: str | Path, config: ModelConfig, dtype: torch.dtype,
-               device: torch.device | str = "cpu", tp: TensorParallel = TensorParallel()
-               ) -> VisionLanguageModel:
-    """The model with this rank's shard of every weight (all of them at tensor_parallel 1)."""
+               device: torch.device | str = "cpu", tp: TensorParallel = TensorParallel(),
+               quantization: str | None = None) -> VisionLanguageModel:
+    """The model with this rank's shard of every weight (all of them at tensor_parallel 1).
+    quantization: "ascend" (msModelSlim W8A8), "none", or None to detect it."""
     check_divisible(config.text, tp)
     cls, renames = MODELS[config.family]
+    desc = read_description(model_dir, resolve_method(model_dir, quantization), renames)
     with torch.device(device):
         model = cls(config, tp).to(dtype)
+    if desc is not None:
+        quantise_modules(model, desc, tp)
     load_weights(model, Path(model_dir), renames)
+    check_quantised(model)
+    model.quantization = desc.label if desc else "none"
     model.pack_weights()
     return model.eval()
 
@@ -117,6 +122,12 @@ def _piece(tensor, shape: tuple[int, ...], dim: int, start: int, stop: int) -> t
 
 
 def _copy(param: torch.Tensor, tensor: torch.Tensor, name: str, file: Path) -> None:
+    allowed = getattr(param, "dtypes", None)  # quantised tensors: copy_ would cast silently
+    if allowed and tensor.dtype not in allowed:
+        raise WeightError(f"{file.name}: tensor {name} is {str(tensor.dtype).removeprefix('torch.')}, "
+                          f"its scheme needs {' or '.join(str(d).removeprefix('torch.') for d in allowed)}")
+    if getattr(param, "decode", None):
+        tensor = param.decode(tensor)
     if tuple(param.shape) != tuple(tensor.shape):
         raise WeightError(f"{file.name}: tensor {name} has shape {tuple(tensor.shape)}, "
                           f"the config needs {tuple(param.shape)}")

@@ -49,6 +49,12 @@ class Experts(nn.Module):
                                              inter, (a, b)))
 
 
+    def run(self, local: int, x: torch.Tensor) -> torch.Tensor:
+        """x [tokens, hidden] through expert first + local -> [tokens, hidden]."""
+        gate, up = (x @ self.gate_up_proj[local]).chunk(2, dim=-1)
+        return (F.silu(gate) * up) @ self.down_proj[local]
+
+
 class SparseMoE(nn.Module):
     def __init__(self, hidden: int, inter: int, num_experts: int, top_k: int,
                  tp: TensorParallel = TensorParallel()):
@@ -67,7 +73,6 @@ class SparseMoE(nn.Module):
             if not held.first <= e < held.stop:
                 continue  # another rank's expert
             token, slot = torch.where(experts == e)
-            gate, up = (x[token] @ held.gate_up_proj[e - held.first]).chunk(2, dim=-1)
-            y = (F.silu(gate) * up) @ held.down_proj[e - held.first]
+            y = held.run(e - held.first, x[token])
             out.index_add_(0, token, y * weights[token, slot, None])
         return all_reduce(out, self.tp)
