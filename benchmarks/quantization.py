@@ -34,10 +34,8 @@ def linear_bytes(model) -> int:
             if isinstance(value, PackedWeights) and id(value) not in seen:
                 seen.add(id(value))
                 total += value.weight.to_dense().numel() * 4
-        if isinstance(module, (QuantLinear, Experts)) or type(module) is Linear:
+        if isinstance(module, (QuantLinear, Experts, Linear)):  # packed linears hold None here
             total += sum(p.numel() * p.element_size() for p in module.parameters(recurse=False))
-        if isinstance(module, Linear) and module.packed is not None:
-            total += module.packed.weight.to_dense().numel() * 4
     return total
 
 
