@@ -12,6 +12,7 @@ from qwenvl_pd.config import ModelConfig
 from qwenvl_pd.model.quant.apply import PROJECTIONS
 from qwenvl_pd.model.quant.description import DESCRIPTION
 from qwenvl_pd.model.registry import MODELS
+from qwenvl_pd.model.tiny import save_shards
 
 MODES = {"w8a8": "W8A8", "w8a8_dynamic": "W8A8_DYNAMIC"}
 DECODER = re.compile(r"layers\.\d+\.(self_attn|mlp)\.(\w+)\.weight$")
@@ -32,7 +33,6 @@ def quantize_checkpoint(model_dir: Path, mode: str, seed: int = 0) -> None:
             desc[key] = scheme
     for f in files:
         f.unlink()
-    from qwenvl_pd.model.tiny import save_shards
     save_shards(model_dir, out)
     (model_dir / DESCRIPTION).write_text(json.dumps(desc, indent=2) + "\n")
 
