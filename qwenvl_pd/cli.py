@@ -6,8 +6,9 @@ import sys
 
 def _make_tiny(args: argparse.Namespace) -> int:
     from qwenvl_pd.model.tiny import make_tiny
-    path = make_tiny(args.arch, args.out, seed=args.seed)
-    print(f"wrote a tiny {args.arch} checkpoint with RANDOM weights to {path}")
+    path = make_tiny(args.arch, args.out, seed=args.seed, quantize=args.quantize)
+    kind = "" if args.quantize == "none" else f" {args.quantize.upper()}"
+    print(f"wrote a tiny{kind} {args.arch} checkpoint with RANDOM weights to {path}")
     return 0
 
 
@@ -15,7 +16,8 @@ def _generate(args: argparse.Namespace) -> int:
     from qwenvl_pd import LLM, SamplingParams
     from PIL import Image
     llm = LLM(model=args.model, max_model_len=args.max_model_len,
-              tensor_parallel_size=args.tensor_parallel_size, enable_expert_parallel=args.enable_expert_parallel)
+              tensor_parallel_size=args.tensor_parallel_size, enable_expert_parallel=args.enable_expert_parallel,
+              quantization=args.quantization)
     images = [Image.open(p) for p in args.image]
     pads = "<|vision_start|><|image_pad|><|vision_end|>" * len(images)
     prompt = f"<|im_start|>user\n{pads}{args.prompt}<|im_end|>\n<|im_start|>assistant\n"
@@ -47,7 +49,7 @@ def _node(args: argparse.Namespace) -> int:
         cluster_secret=read_secret(args.cluster_secret_file or ""),
         limit_mm_per_prompt={"image": args.limit_images, "video": args.limit_videos}, engine=engine,
         tensor_parallel_size=args.tensor_parallel_size, enable_expert_parallel=args.enable_expert_parallel,
-        threads=args.threads, max_queued_requests=args.max_queued_requests)
+        threads=args.threads, quantization=args.quantization, max_queued_requests=args.max_queued_requests)
     if args.threads:
         import torch
         torch.set_num_threads(args.threads)  # several roles on one host must not oversubscribe
@@ -104,6 +106,9 @@ def _add_parallel_args(p, hidden: bool = False) -> None:
                    help=argparse.SUPPRESS if hidden else "ranks (devices) this instance runs on")
     p.add_argument("--enable-expert-parallel", action="store_true",
                    help=argparse.SUPPRESS if hidden else "MoE: each rank owns whole experts")
+    p.add_argument("--quantization", choices=["none", "ascend"],
+                   help=argparse.SUPPRESS if hidden else "ascend: msModelSlim W8A8 weights (default: "
+                   "ascend where quant_model_description.json is beside the weights)")
 
 
 def _colocated_opener(args: argparse.Namespace):
@@ -116,7 +121,7 @@ def _colocated_opener(args: argparse.Namespace):
     engine = EngineConfig(kv_cache_bytes=int(args.kv_cache_gib * (1 << 30)))
     return colocated_opener(StackConfig(
         args.colocated_model, args.max_model_len, args.device, tensor_parallel_size=args.tensor_parallel_size,
-        enable_expert_parallel=args.enable_expert_parallel, engine=engine))
+        enable_expert_parallel=args.enable_expert_parallel, engine=engine, quantization=args.quantization))
 
 
 def _proxy(args: argparse.Namespace) -> int:
@@ -192,7 +197,7 @@ def _serve(args: argparse.Namespace) -> int:
         colocated=args.colocated, device=args.device, extra_proxy_args=tuple(args.proxy_arg),
         prefill_tp=args.prefill_tensor_parallel_size or args.tensor_parallel_size,
         decode_tp=args.decode_tensor_parallel_size or args.tensor_parallel_size,
-        enable_expert_parallel=args.enable_expert_parallel))
+        enable_expert_parallel=args.enable_expert_parallel, quantization=args.quantization))
 
 
 def _add_serve_parser(sub) -> None:
@@ -226,6 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--arch", required=True, choices=["qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"])
     tiny.add_argument("--out", required=True)
     tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--quantize", default="none", choices=["none", "w8a8", "w8a8_dynamic"],
+                      help="write msModelSlim's W8A8 layout (static or dynamic activations)")
     tiny.set_defaults(func=_make_tiny)
     gen = sub.add_parser("generate", help="one offline chat completion (text and images)")
     gen.add_argument("--model", required=True)

@@ -5,6 +5,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from transformers import AutoConfig
+
 # model_type in config.json -> our family name
 FAMILIES = {"qwen2_5_vl": "qwen2_5_vl", "qwen3_vl": "qwen3_vl", "qwen3_vl_moe": "qwen3_vl_moe"}
 
@@ -66,89 +68,91 @@ class ModelConfig:
 
     @staticmethod
     def from_hf(model_dir: str | Path) -> "ModelConfig":
+        """Read config.json through transformers' config classes (their aliases and defaults),
+        then normalise once."""
         path = Path(model_dir) / "config.json"
         if not path.is_file():
             raise ConfigError(f"{path}: no config.json (is this a Hugging Face checkpoint directory?)")
         try:
-            raw = json.loads(path.read_text())
+            model_type = json.loads(path.read_text()).get("model_type")
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path}: not valid JSON ({e})") from None
-        model_type = raw.get("model_type")
         if model_type not in FAMILIES:
             raise ConfigError(f"{path}: unsupported model_type {model_type!r}; "
                               f"supported: {', '.join(sorted(FAMILIES))}")
         try:
-            return _build(FAMILIES[model_type], raw, Path(model_dir))
-        except KeyError as e:
-            raise ConfigError(f"{path}: missing key {e.args[0]!r}") from None
+            hf = AutoConfig.from_pretrained(str(model_dir))
+            return _build(FAMILIES[model_type], hf, Path(model_dir))
+        except ConfigError:
+            raise
+        except (KeyError, AttributeError, TypeError, ValueError) as e:
+            raise ConfigError(f"{path}: {type(e).__name__}: {e}") from None
 
 
-def _build(family: str, raw: dict, model_dir: Path) -> ModelConfig:
-    # Qwen2.5-VL keeps text fields at the top level; Qwen3-VL nests them under text_config.
-    text_raw = {**raw, **raw.get("text_config", {})}
-    vision_raw = dict(raw["vision_config"])
+def _build(family: str, hf, model_dir: Path) -> ModelConfig:
+    text = hf.get_text_config()
     return ModelConfig(
         family=family,
-        text=_text_config(text_raw, raw),
-        vision=_vision_config(vision_raw, text_raw),
-        image_token_id=raw.get("image_token_id", 151655),
-        video_token_id=raw.get("video_token_id", 151656),
-        vision_start_token_id=raw.get("vision_start_token_id", 151652),
-        vision_end_token_id=raw.get("vision_end_token_id", 151653),
-        eos_token_ids=_eos_ids(text_raw, model_dir),
-        torch_dtype=str(text_raw.get("torch_dtype") or text_raw.get("dtype") or "bfloat16"),
+        text=_text_config(text, hf),
+        vision=_vision_config(hf.vision_config.to_dict(), text),
+        image_token_id=_first(hf, "image_token_id", 151655),
+        video_token_id=_first(hf, "video_token_id", 151656),
+        vision_start_token_id=_first(hf, "vision_start_token_id", 151652),
+        vision_end_token_id=_first(hf, "vision_end_token_id", 151653),
+        eos_token_ids=_eos_ids(text, model_dir),
+        torch_dtype=str(_first(text, "dtype", None) or _first(hf, "dtype", None) or "bfloat16"
+                        ).removeprefix("torch."),
     )
 
 
-def _rope(text_raw: dict) -> tuple[float, dict]:
-    # transformers 4.x writes rope_theta + rope_scaling; 5.x writes rope_parameters.
-    rope = dict(text_raw.get("rope_scaling") or {})
-    rope.update(text_raw.get("rope_parameters") or {})
-    theta = rope.get("rope_theta", text_raw.get("rope_theta", 10000.0))
-    return float(theta), rope
+def _first(obj, name: str, default):
+    value = getattr(obj, name, None)
+    return default if value is None else value
 
 
-def _text_config(t: dict, top: dict) -> TextConfig:
-    theta, rope = _rope(t)
-    head_dim = t.get("head_dim") or t["hidden_size"] // t["num_attention_heads"]
+def _text_config(t, top) -> TextConfig:
+    rope = dict(getattr(t, "rope_parameters", None) or {})
+    head_dim = _first(t, "head_dim", 0) or t.hidden_size // t.num_attention_heads
     section = tuple(rope.get("mrope_section", ()))
     if sum(section) != head_dim // 2:
         raise ConfigError(f"rope mrope_section {list(section)} must sum to head_dim/2 = {head_dim // 2}")
-    qwen3 = t.get("model_type", top.get("model_type", "")).startswith("qwen3")
+    qwen3 = t.model_type.startswith("qwen3")
     return TextConfig(
-        vocab_size=t["vocab_size"], hidden_size=t["hidden_size"],
-        intermediate_size=t["intermediate_size"], num_layers=t["num_hidden_layers"],
-        num_heads=t["num_attention_heads"],
-        num_kv_heads=t.get("num_key_value_heads") or t["num_attention_heads"],
-        head_dim=head_dim, rms_norm_eps=float(t["rms_norm_eps"]), rope_theta=theta,
-        mrope_section=section, mrope_interleaved=bool(rope.get("mrope_interleaved", qwen3)),
-        attention_bias=bool(t.get("attention_bias", not qwen3)), qk_norm=qwen3,
-        tie_word_embeddings=bool(top.get("tie_word_embeddings", t.get("tie_word_embeddings", False))),
-        max_position_embeddings=t.get("max_position_embeddings", 32768),
-        num_experts=t.get("num_experts", 0), num_experts_per_tok=t.get("num_experts_per_tok", 0),
-        moe_intermediate_size=t.get("moe_intermediate_size", 0),
-        decoder_sparse_step=t.get("decoder_sparse_step", 1),
-        mlp_only_layers=tuple(t.get("mlp_only_layers", ())),
+        vocab_size=t.vocab_size, hidden_size=t.hidden_size,
+        intermediate_size=t.intermediate_size, num_layers=t.num_hidden_layers,
+        num_heads=t.num_attention_heads,
+        num_kv_heads=_first(t, "num_key_value_heads", t.num_attention_heads),
+        head_dim=head_dim, rms_norm_eps=float(t.rms_norm_eps),
+        rope_theta=float(rope.get("rope_theta", 10000.0)), mrope_section=section,
+        mrope_interleaved=bool(rope.get("mrope_interleaved", qwen3)),
+        attention_bias=bool(_first(t, "attention_bias", not qwen3)), qk_norm=qwen3,
+        tie_word_embeddings=bool(_first(top, "tie_word_embeddings", False)),
+        max_position_embeddings=_first(t, "max_position_embeddings", 32768),
+        # transformers 5 saves num_local_experts; the config class maps it back to num_experts
+        num_experts=_first(t, "num_experts", 0), num_experts_per_tok=_first(t, "num_experts_per_tok", 0),
+        moe_intermediate_size=_first(t, "moe_intermediate_size", 0),
+        decoder_sparse_step=_first(t, "decoder_sparse_step", 1),
+        mlp_only_layers=tuple(_first(t, "mlp_only_layers", ())),
     )
 
 
-def _vision_config(v: dict, t: dict) -> VisionConfig:
+def _vision_config(v: dict, t) -> VisionConfig:
     return VisionConfig(
         patch_size=v.get("patch_size", v.get("spatial_patch_size", 14)),
         spatial_merge_size=v.get("spatial_merge_size", 2),
         temporal_patch_size=v.get("temporal_patch_size", 2),
-        out_hidden_size=v.get("out_hidden_size", t["hidden_size"]),
+        out_hidden_size=v.get("out_hidden_size", t.hidden_size),
         tokens_per_second=float(v.get("tokens_per_second", 2)),
         num_deepstack=len(v.get("deepstack_visual_indexes", ())),
         raw=v,
     )
 
 
-def _eos_ids(text_raw: dict, model_dir: Path) -> tuple[int, ...]:
+def _eos_ids(text, model_dir: Path) -> tuple[int, ...]:
     ids: list[int] = []
     gen = model_dir / "generation_config.json"
     sources = [json.loads(gen.read_text()).get("eos_token_id")] if gen.is_file() else []
-    sources.append(text_raw.get("eos_token_id"))
+    sources.append(getattr(text, "eos_token_id", None))
     for src in sources:
         for i in ([src] if isinstance(src, int) else src or []):
             if i not in ids:

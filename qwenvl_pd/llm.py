@@ -19,14 +19,15 @@ class LLM:
     def __init__(self, model: str, max_model_len: int | None = None,
                  limit_mm_per_prompt: dict[str, int] | None = None, dtype: str = "auto",
                  device: str | None = None, tensor_parallel_size: int = 1,
-                 enable_expert_parallel: bool = False, **options):
+                 enable_expert_parallel: bool = False, quantization: str | None = None, **options):
         ignored = sorted(set(options) - ENGINE_OPTIONS)
         if ignored:
             log.info("ignoring engine options not used here: %s", ", ".join(ignored))
         engine = EngineConfig(**{k: v for k, v in options.items() if k in ENGINE_OPTIONS})
         self.stack = build_stack(StackConfig(
             model, max_model_len, device or "auto", dtype, tensor_parallel_size,
-            enable_expert_parallel, limit_mm_per_prompt=limit_mm_per_prompt or {}, engine=engine))
+            enable_expert_parallel, limit_mm_per_prompt=limit_mm_per_prompt or {}, engine=engine,
+            quantization=quantization))
         weakref.finalize(self, self.stack.close)  # the other ranks stop with this LLM
         self.config, self.tokenizer, self.inputs = self.stack.config, self.stack.tokenizer, self.stack.inputs
         self.model, self.engine = self.stack.model, self.stack.engine

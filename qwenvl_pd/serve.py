@@ -41,6 +41,7 @@ class ServeConfig:
     prefill_tp: int = 1
     decode_tp: int = 1
     enable_expert_parallel: bool = False
+    quantization: str | None = None
 
     def check(self) -> None:
         if self.prefill_tp != self.decode_tp:
@@ -84,8 +85,9 @@ def _spawn(role: str, args: list[str], address: str) -> Child:
 
 
 def _parallel_args(tp: int, cfg: ServeConfig) -> list[str]:
-    return ["--tensor-parallel-size", str(tp)] + (["--enable-expert-parallel"]
-                                                  if cfg.enable_expert_parallel else [])
+    return (["--tensor-parallel-size", str(tp)]
+            + (["--enable-expert-parallel"] if cfg.enable_expert_parallel else [])
+            + (["--quantization", cfg.quantization] if cfg.quantization else []))
 
 
 def _node_args(cfg: ServeConfig, role: str, model: str, port: int) -> list[str]:

@@ -63,6 +63,7 @@ class RankSpec:
     build_runner: Callable[["RankSpec"], object]
     # run on every rank once its KV cache exists (picklable: a top-level function or partial)
     rank_setup: Callable[[RankContext], object] | None = None
+    quantization: str | None = None
 
 
 def send_message(ints: torch.Tensor | None, data: torch.Tensor, group) -> None:

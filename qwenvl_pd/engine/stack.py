@@ -34,6 +34,7 @@ class StackConfig:
     threads: int = 0                  # torch CPU threads per rank (0: cores / ranks)
     limit_mm_per_prompt: dict = field(default_factory=dict, hash=False)
     engine: EngineConfig = EngineConfig()
+    quantization: str | None = None   # "ascend" | "none"; None: detected from the checkpoint
 
 
 @dataclass
@@ -67,7 +68,8 @@ def build_stack(cfg: StackConfig, rank_setup: Callable[[RankContext], object] | 
     dtype = default_dtype(device, cfg.dtype)
     ranks = _start_ranks(cfg, config, tp, device, dtype, engine_cfg, rank_setup)
     try:
-        model = load_model(cfg.model, config, dtype, rank_device(device.type, 0) if ranks else device, tp)
+        model = load_model(cfg.model, config, dtype, rank_device(device.type, 0) if ranks else device, tp,
+                           cfg.quantization)
         engine = LLMEngine(model, config, engine_cfg, dtype, tp, ranks and ranks.channel)
         context = RankContext(tp, engine.kv_cache, ranks and ranks.aux_group)
         state = rank_setup(context) if rank_setup is not None else None
@@ -89,7 +91,8 @@ def _start_ranks(cfg: StackConfig, config: ModelConfig, tp: TensorParallel, devi
     check_divisible(config.text, tp)  # before any child starts
     threads = cfg.threads or max(1, (os.cpu_count() or 1) // tp.size)
     return Ranks(RankSpec(cfg.model, tp, device.type, str(dtype).removeprefix("torch."),
-                          engine_cfg, free_port(), threads, build_rank_runner, rank_setup))
+                          engine_cfg, free_port(), threads, build_rank_runner, rank_setup,
+                          cfg.quantization))
 
 
 def build_rank_runner(spec: RankSpec) -> ModelRunner:
@@ -97,5 +100,5 @@ def build_rank_runner(spec: RankSpec) -> ModelRunner:
     config = ModelConfig.from_hf(spec.model_dir)
     dtype = getattr(torch, spec.dtype)
     model = load_model(spec.model_dir, config, dtype, rank_device(spec.device_type, spec.tp.rank),
-                       spec.tp)
+                       spec.tp, spec.quantization)
     return build_runner(model, config, spec.engine, dtype, spec.tp)

@@ -15,6 +15,7 @@ class LayoutFingerprint:
     head_dim: int
     tp_size: int = 1
     tp_rank: int = 0
+    quantization: str = "none"  # W8A8 and float weights write different KV
 
     def mismatch(self, other: LayoutFingerprint, names: tuple[str, str] = ("prefill", "decode")
                  ) -> str | None:

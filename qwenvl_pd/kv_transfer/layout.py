@@ -117,7 +117,8 @@ def _check_ids(side: str, ids: Sequence[int], num_blocks: int) -> None:
 
 
 def fingerprint_for(model_name: str, dtype, block_size: int, num_layers: int, num_kv_heads: int,
-                    head_dim: int, tp_size: int = 1, tp_rank: int = 0) -> LayoutFingerprint:
+                    head_dim: int, tp_size: int = 1, tp_rank: int = 0,
+                    quantization: str = "none") -> LayoutFingerprint:
     """The layout fingerprint both sides compute from their own config; `dtype` is a torch.dtype
     or its name, normalised to "bfloat16" style so the two sides compare strings, not objects."""
     name = str(dtype).removeprefix("torch.")
@@ -129,4 +130,4 @@ def fingerprint_for(model_name: str, dtype, block_size: int, num_layers: int, nu
         raise ValueError(f"tp_rank {tp_rank} outside tp_size {tp_size}")
     return LayoutFingerprint(model=model_name, dtype=name, block_size=block_size, num_layers=num_layers,
                              num_kv_heads=num_kv_heads, head_dim=head_dim, tp_size=tp_size,
-                             tp_rank=tp_rank)
+                             tp_rank=tp_rank, quantization=quantization)

@@ -42,7 +42,8 @@ class Attention(nn.Module):
         self.qkv = LinearGroup(self.q_proj, self.k_proj, self.v_proj)  # packed by pack()
 
     def pack(self) -> None:
-        self.qkv = pack_group(self.qkv)
+        # regrouped from the attributes: quantisation may have swapped the linears since
+        self.qkv = pack_group(LinearGroup(self.q_proj, self.k_proj, self.v_proj))
         self.o_proj.pack()
 
     def forward(self, x, rope, cache, meta: AttentionMetadata):

@@ -84,9 +84,11 @@ def _preprocessor(arch: str) -> tuple[dict, dict | None]:
     return image, video
 
 
-def make_tiny(arch: str, out: str | Path, seed: int = 0, text_overrides: dict | None = None) -> Path:
+def make_tiny(arch: str, out: str | Path, seed: int = 0, text_overrides: dict | None = None,
+              quantize: str = "none") -> Path:
     """Write a tiny checkpoint of `arch` into `out` and return its path. text_overrides changes
-    language-model sizes (benchmarks use larger ones); "mrope_section" goes to the rope settings."""
+    language-model sizes (benchmarks use larger ones); "mrope_section" goes to the rope settings.
+    quantize "w8a8" | "w8a8_dynamic": msModelSlim's layout, calibrated on random tokens."""
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
     out = Path(out)
@@ -103,6 +105,9 @@ def make_tiny(arch: str, out: str | Path, seed: int = 0, text_overrides: dict | 
         _write_json(out / "video_preprocessor_config.json", video)
     _write_tokenizer(out, arch)
     _write_weights(out, ModelConfig.from_hf(out), seed)
+    if quantize != "none":
+        from qwenvl_pd.model.quant.calibrate import quantize_checkpoint
+        quantize_checkpoint(out, quantize, seed)
     return out
 
 
@@ -130,7 +135,11 @@ def _write_weights(out: Path, config: ModelConfig, seed: int) -> None:
     if config.text.tie_word_embeddings:
         shapes.pop("lm_head.weight")  # tied checkpoints ship no lm_head
     gen = torch.Generator().manual_seed(seed)
-    tensors = {n: _init(n, s, gen) for n, s in shapes.items()}
+    save_shards(out, {n: _init(n, s, gen) for n, s in shapes.items()})
+
+
+def save_shards(out: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Two safetensors shards and their index, as sharded releases ship."""
     names = sorted(tensors)
     shards = [names[: len(names) // 2], names[len(names) // 2:]]
     weight_map, total = {}, 0

@@ -38,6 +38,7 @@ class NodeConfig:
     tensor_parallel_size: int = 1
     enable_expert_parallel: bool = False
     threads: int = 0
+    quantization: str | None = None  # "ascend" | "none"; None: from the checkpoint
     max_queued_requests: int = 1024  # waiting requests beyond this are refused (RESOURCE_EXHAUSTED)
 
     def __post_init__(self):
@@ -52,7 +53,7 @@ class NodeConfig:
     def stack(self) -> StackConfig:
         return StackConfig(self.model, self.max_model_len, self.device, self.dtype,
                            self.tensor_parallel_size, self.enable_expert_parallel, self.threads,
-                           self.limit_mm_per_prompt, self.engine)
+                           self.limit_mm_per_prompt, self.engine, self.quantization)
 
 
 class Runtime:
@@ -82,7 +83,8 @@ class Runtime:
         text = self.model_config.text
         return fingerprint_for(f"{self.model_config.family}:{digest}", self.dtype,
                                self.cfg.engine.block_size, text.num_layers, text.num_kv_heads,
-                               text.head_dim, self.stack.tp.size)
+                               text.head_dim, self.stack.tp.size,
+                               quantization=self.model.quantization)
 
     def model_info(self) -> ModelInfo:
         d, cfg = Path(self.cfg.model), self.model_config

@@ -407,3 +407,25 @@ def test_with_the_cluster_secret_unsigned_calls_and_handles_are_refused(shared, 
         assert "was not signed by a prefill of this cluster" in unsigned.details()
         assert events[-1].finish_reason == "length"  # the signed handle decodes
         assert _grpc_serving(p_addr) and _grpc_serving(d_addr)  # health stays open for kubelet
+
+
+def test_w8a8_through_pd_equals_offline_and_refuses_a_float_decode(tiny_dirs, tmp_path_factory):
+    from qwenvl_pd.model.tiny import make_tiny
+    model = str(make_tiny("qwen3_vl_moe", tmp_path_factory.mktemp("pd_w8a8") / "m", quantize="w8a8"))
+    llm = LLM(model=model, max_model_len=2048)
+    greedy = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+    requests = [{"prompt": _chat(f"{IMG}What is this?"), "multi_modal_data": {"image": [_image(90, 70, 1)]}},
+                {"prompt": _chat("Tell me a story about the sea.")}]
+    with pd_pair(model, decode_args=("--quantization", "ascend")) as ((_, p_addr), (_, d_addr)):
+        for i, req in enumerate(requests):
+            tokens, _ = asyncio.run(_run(p_addr, d_addr, _pd_request(llm, f"q{i}", req, greedy)))
+            assert tokens == llm.generate(req, greedy)[0].outputs[0].token_ids
+        # same config.json, float weights: only the quantisation tells the KV apart
+        other, other_addr = start_node("decode", str(tiny_dirs["qwen3_vl_moe"]))
+        try:
+            error, _ = asyncio.run(_decode_refused(p_addr, other_addr, _pd_request(llm, "q9", requests[1], greedy),
+                                                   lambda r: r))
+        finally:
+            stop(other)
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "quantization: prefill ascend-w8a8:" in error.details() and ", decode none" in error.details()

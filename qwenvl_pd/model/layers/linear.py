@@ -91,5 +91,7 @@ class LinearGroup:
 
 
 def pack_group(group: LinearGroup) -> LinearGroup | PackedWeights:
-    """One packed GEMM for the group's linears; the group itself where packing does not apply."""
-    return PackedWeights(*group.linears) if can_pack(group.linears[0].weight) else group
+    """One packed GEMM for the group's linears; the group itself where packing does not apply
+    (another device or dtype, or an int8 linear among them)."""
+    packable = all(isinstance(lin, Linear) and can_pack(lin.weight) for lin in group.linears)
+    return PackedWeights(*group.linears) if packable else group

@@ -18,7 +18,7 @@ class GatedMLP(nn.Module):
         self.gate_up = LinearGroup(self.gate_proj, self.up_proj)  # packed by pack()
 
     def pack(self) -> None:
-        self.gate_up = pack_group(self.gate_up)
+        self.gate_up = pack_group(LinearGroup(self.gate_proj, self.up_proj))  # maybe swapped since
         self.down_proj.pack()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qwenvl_pd.model.expert_layout import fused_experts
 from qwenvl_pd.model.parallel import TensorParallel, all_reduce, shard
 
 
@@ -19,7 +20,8 @@ class Router(nn.Module):
 
 
 class Experts(nn.Module):
-    """Checkpoint layout: gate_up [E, hidden, 2*inter] (gate then up), down [E, inter, hidden]."""
+    """Held as the released layout: gate_up [E, hidden, 2*inter] (gate then up), down [E, inter,
+    hidden]; either layout loads (model/expert_layout.py)."""
 
     def __init__(self, num_experts: int, hidden: int, inter: int, tp: TensorParallel):
         super().__init__()
@@ -32,18 +34,25 @@ class Experts(nn.Module):
         """Experts [first, stop), each complete."""
         self.first, self.stop = tp.split(num_experts)
         n = self.stop - self.first
-        self.gate_up_proj = shard(nn.Parameter(torch.empty(n, hidden, 2 * inter)), 0, num_experts,
-                                  (self.first, self.stop))
-        self.down_proj = shard(nn.Parameter(torch.empty(n, inter, hidden)), 0, num_experts,
-                               (self.first, self.stop))
+        self.gate_up_proj = fused_experts(shard(nn.Parameter(torch.empty(n, hidden, 2 * inter)), 0,
+                                                num_experts, (self.first, self.stop)))
+        self.down_proj = fused_experts(shard(nn.Parameter(torch.empty(n, inter, hidden)), 0,
+                                             num_experts, (self.first, self.stop)))
 
     def _split_experts(self, num_experts: int, hidden: int, inter: int, tp: TensorParallel) -> None:
         """Every expert, columns [a, b) of its intermediate axis (of gate and of up)."""
         self.first, self.stop = 0, num_experts
         a, b = tp.split(inter)
-        self.gate_up_proj = shard(nn.Parameter(torch.empty(num_experts, hidden, 2 * (b - a))), 2,
-                                  2 * inter, (a, b), (inter + a, inter + b))
-        self.down_proj = shard(nn.Parameter(torch.empty(num_experts, b - a, hidden)), 1, inter, (a, b))
+        self.gate_up_proj = fused_experts(shard(nn.Parameter(torch.empty(num_experts, hidden, 2 * (b - a))),
+                                                2, 2 * inter, (a, b), (inter + a, inter + b)))
+        self.down_proj = fused_experts(shard(nn.Parameter(torch.empty(num_experts, b - a, hidden)), 1,
+                                             inter, (a, b)))
+
+
+    def run(self, local: int, x: torch.Tensor) -> torch.Tensor:
+        """x [tokens, hidden] through expert first + local -> [tokens, hidden]."""
+        gate, up = (x @ self.gate_up_proj[local]).chunk(2, dim=-1)
+        return (F.silu(gate) * up) @ self.down_proj[local]
 
 
 class SparseMoE(nn.Module):
@@ -64,7 +73,6 @@ class SparseMoE(nn.Module):
             if not held.first <= e < held.stop:
                 continue  # another rank's expert
             token, slot = torch.where(experts == e)
-            gate, up = (x[token] @ held.gate_up_proj[e - held.first]).chunk(2, dim=-1)
-            y = (F.silu(gate) * up) @ held.down_proj[e - held.first]
+            y = held.run(e - held.first, x[token])
             out.index_add_(0, token, y * weights[token, slot, None])
         return all_reduce(out, self.tp)
