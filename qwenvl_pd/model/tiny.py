@@ -10,10 +10,10 @@ from importlib import resources
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from qwenvl_pd.config import ModelConfig
 from qwenvl_pd.model.registry import MODELS
+from qwenvl_pd.model.shards import save_shards
 from qwenvl_pd.model.tokenizer_files import write_tokenizer
 
 ARCHS = ("qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
@@ -136,21 +136,6 @@ def _write_weights(out: Path, config: ModelConfig, seed: int) -> None:
         shapes.pop("lm_head.weight")  # tied checkpoints ship no lm_head
     gen = torch.Generator().manual_seed(seed)
     save_shards(out, {n: _init(n, s, gen) for n, s in shapes.items()})
-
-
-def save_shards(out: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """Two safetensors shards and their index, as sharded releases ship."""
-    names = sorted(tensors)
-    shards = [names[: len(names) // 2], names[len(names) // 2:]]
-    weight_map, total = {}, 0
-    for i, shard in enumerate(shards, 1):
-        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file({n: tensors[n].contiguous() for n in shard}, str(out / fname), metadata={"format": "pt"})
-        for n in shard:
-            weight_map[n] = fname
-            total += tensors[n].numel() * tensors[n].element_size()
-    _write_json(out / "model.safetensors.index.json",
-                {"metadata": {"total_size": total}, "weight_map": weight_map})
 
 
 def _init(name: str, shape: torch.Size, gen: torch.Generator) -> torch.Tensor:

@@ -12,7 +12,7 @@ from qwenvl_pd.config import ModelConfig
 from qwenvl_pd.model.quant.apply import PROJECTIONS
 from qwenvl_pd.model.quant.description import DESCRIPTION
 from qwenvl_pd.model.registry import MODELS
-from qwenvl_pd.model.tiny import save_shards
+from qwenvl_pd.model.shards import save_shards
 
 MODES = {"w8a8": "W8A8", "w8a8_dynamic": "W8A8_DYNAMIC"}
 DECODER = re.compile(r"layers\.\d+\.(self_attn|mlp)\.(\w+)\.weight$")
