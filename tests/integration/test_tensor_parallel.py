@@ -92,7 +92,9 @@ def test_a_decode_rank_killed_mid_stream_ends_the_stream_with_an_error(cluster):
         model="tiny", messages=[{"role": "user", "content": "a long answer"}], stream=True,
         max_tokens=1500, temperature=0, extra_body={"ignore_eos": True})
     chunks = iter(stream)
-    next(chunks)  # the first token comes from prefill: wait for decode to take the request
+    next(chunks)  # the first token comes from prefill
+    for _ in range(3):  # these come from decode: the failure below is mid-stream, not before its
+        next(chunks)    # first token (where the proxy hands the request to the other decode)
     deadline, busy = time.monotonic() + 10, []
     while not busy and time.monotonic() < deadline:
         busy = [n for n, r in cluster.loads().items() if n[0] == "d" and r.running]
