@@ -39,7 +39,7 @@ def render(values: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def render_error(values: dict[str, Any]) -> str:
-    with helm.Chart.load(CHART) as chart, pytest.raises(helm.HelmValuesError) as info:
+    with helm.Chart.load(CHART) as chart, pytest.raises((helm.HelmValuesError, helm.HelmRenderError)) as info:
         chart.render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
     return str(info.value)
 
@@ -409,3 +409,14 @@ def test_cluster_secret_reaches_every_role_and_the_api_key_the_proxy(cpu_values:
     assert proxy_env["QWENVL_PD_API_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "qwenvl-api", "key": "api-key"}
     for role in ROLES:
         kubernetes_validate.validate(workload(docs, role), KUBE_VERSION, strict=True)
+
+
+def test_host_network_engines_need_the_cluster_secret(npu: list[dict[str, Any]]) -> None:
+    # hostNetwork pods are outside every NetworkPolicy: authentication is all that guards their ports
+    for role in ("prefill", "decode"):
+        env = {e["name"]: e for e in container(npu, role)["env"]}
+        assert env["QWENVL_PD_CLUSTER_SECRET"]["valueFrom"]["secretKeyRef"] == {"name": "qwenvl-cluster", "key": "secret"}
+    values = load_values("values-npu.yaml")
+    values["clusterSecret"]["existingSecret"] = ""
+    assert "prefill.hostNetwork puts its ports outside any NetworkPolicy: set clusterSecret.existingSecret" \
+        in render_error(values)
