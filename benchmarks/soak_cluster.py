@@ -11,10 +11,8 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
-import httpx
-
 from qwenvl_pd.proxy import pd_client
-from qwenvl_pd.serve import _grpc_serving
+from qwenvl_pd.serve import _grpc_serving, _http_ok
 
 NODE_ARGS = ["--max-model-len", "2048", "--kv-cache-gib", "0.05", "--threads", "1", "--lease-seconds", "4",
              "--transfer-timeout", "2", "--drain-seconds", "3", "--max-queued-requests", "8"]
@@ -99,11 +97,8 @@ def start_proxy(nodes: list[Node], port: int, token_timeout: float) -> subproces
                    "--max-concurrent-requests", "24"])
     deadline = time.monotonic() + START_S
     while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
+        if _http_ok(f"http://127.0.0.1:{port}/health"):
+            return proc
         time.sleep(0.3)
     raise RuntimeError(f"the proxy did not start:\n{tail(proc)}")
 
