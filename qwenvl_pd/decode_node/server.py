@@ -9,7 +9,7 @@ import torch
 
 from qwenvl_pd.engine.block_manager import OutOfBlocks
 from qwenvl_pd.node.host import NodeHost, run_node
-from qwenvl_pd.protos.channel import GRPC_OPTIONS
+from qwenvl_pd.protos.channel import CLIENT_OPTIONS
 from qwenvl_pd.node.runtime import NodeConfig, QueueFull, Runtime, check_queue
 from qwenvl_pd.engine.sequence import FinishReason, Sequence
 from qwenvl_pd.kv_transfer.engine import TransferError, TransferTimeout
@@ -192,7 +192,7 @@ class DecodeService(pb_grpc.DecodeServicer):
         channel = self._channels.get(h.control_address)
         if channel is None:
             channel = self._channels[h.control_address] = auth.channel(
-                h.control_address, self.rt.cfg.cluster_secret, GRPC_OPTIONS)
+                h.control_address, self.rt.cfg.cluster_secret, CLIENT_OPTIONS)
         request = pb.ReleaseRequest(request_id=request_id, instance_id=h.instance_id)
         try:
             released = (await pb_grpc.PrefillStub(channel).Release(request, timeout=5)).released

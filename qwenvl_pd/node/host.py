@@ -10,7 +10,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from qwenvl_pd.engine.loop import EngineLoop
 from qwenvl_pd.protos.auth import ServerAuth
-from qwenvl_pd.protos.channel import GRPC_OPTIONS
+from qwenvl_pd.protos.channel import SERVER_OPTIONS
 from qwenvl_pd.node.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ def run_node(cfg, make_service: Callable, add_to_server: Callable) -> int:
 async def serve(runtime: Runtime, register: Callable[[grpc.aio.Server], NodeHost]) -> int:
     """Start the engine and the gRPC server; run until SIGINT/SIGTERM or a failure."""
     secret = runtime.cfg.cluster_secret
-    server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=[ServerAuth(secret)] if secret else None,
+    server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[ServerAuth(secret)] if secret else None,
                              maximum_concurrent_rpcs=runtime.cfg.max_concurrent_rpcs)
     host = register(server)
     health_servicer = health.aio.HealthServicer()

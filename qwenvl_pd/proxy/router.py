@@ -21,7 +21,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from qwenvl_pd.protos import auth
-from qwenvl_pd.protos.channel import GRPC_OPTIONS
+from qwenvl_pd.protos.channel import CLIENT_OPTIONS
 from qwenvl_pd.messages import LoadReport
 from qwenvl_pd.proxy import pd_client
 from qwenvl_pd.proxy.errors import no_backend
@@ -71,7 +71,7 @@ def _rendezvous(key: bytes, address: str) -> int:
 def _connect(address: str, secret: bytes) -> pd_client.Instance:
     # gRPC backs off up to 2 minutes between reconnects; a restarted instance should be back
     # in rotation within a few health rounds
-    options = GRPC_OPTIONS + [("grpc.initial_reconnect_backoff_ms", 500), ("grpc.max_reconnect_backoff_ms", 3000)]
+    options = CLIENT_OPTIONS + [("grpc.initial_reconnect_backoff_ms", 500), ("grpc.max_reconnect_backoff_ms", 3000)]
     return pd_client.Instance(address, auth.channel(address, secret, options))
 
 
