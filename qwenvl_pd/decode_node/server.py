@@ -13,6 +13,7 @@ from qwenvl_pd.protos.channel import CLIENT_OPTIONS
 from qwenvl_pd.node.runtime import NodeConfig, QueueFull, Runtime, check_queue
 from qwenvl_pd.engine.sequence import FinishReason, Sequence
 from qwenvl_pd.kv_transfer.engine import TransferError, TransferTimeout
+from qwenvl_pd.kv_transfer.heads import handle_problem
 from qwenvl_pd.messages import DecodeRequest, SampledToken, TokenEvent
 from qwenvl_pd.node.runtime import load_report
 from qwenvl_pd.protos import auth, convert, qwenvl_pd_pb2 as pb, qwenvl_pd_pb2_grpc as pb_grpc
@@ -82,7 +83,9 @@ class DecodeService(pb_grpc.DecodeServicer):
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         await self._check_origin(req, context)
-        mismatch = req.handle.fingerprint.mismatch(self.rt.fingerprint, names=("prefill", "decode"))
+        # refused before any block is allocated or read: a layout the heads cannot map between
+        mismatch = (req.handle.fingerprint.mismatch(self.rt.fingerprint, names=("prefill", "decode"))
+                    or handle_problem(req.handle, self.rt.region))
         if mismatch:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"KV layout mismatch: {mismatch}")
         if req.handle.lease_expires_unix_ms and req.handle.lease_expires_unix_ms < time.time() * 1000:

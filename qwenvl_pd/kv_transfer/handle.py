@@ -6,7 +6,9 @@ from dataclasses import dataclass, fields
 
 @dataclass(frozen=True)
 class LayoutFingerprint:
-    """The KV layout of one TP rank; prefill and decode must agree on every field."""
+    """The KV layout of one TP rank. Prefill and decode must agree on every field but the TP
+    ones: tp_size with num_kv_heads says which heads each rank's region holds (a split, or
+    replicas when tp_size > num_kv_heads), and any two valid splits of the same heads map."""
     model: str
     dtype: str
     block_size: int
@@ -23,9 +25,21 @@ class LayoutFingerprint:
         "block_size: prefill 16, decode 32" (self is names[0], other is names[1])."""
         for f in fields(self):
             mine, theirs = getattr(self, f.name), getattr(other, f.name)
-            if mine != theirs:
+            if f.name not in TP_FIELDS and mine != theirs:
                 return f"{f.name}: {names[0]} {mine}, {names[1]} {theirs}"
+        for name, fp in zip(names, (self, other)):
+            if fp.num_kv_heads % fp.tp_size and fp.tp_size % fp.num_kv_heads:
+                return (f"tp_size: {name} {fp.tp_size} cannot split {fp.num_kv_heads} KV heads "
+                        "(neither divides the other)")
         return None
+
+    @property
+    def heads_per_rank(self) -> int:
+        """KV heads in each rank's region (model.parallel.TensorParallel.kv_heads)."""
+        return max(1, self.num_kv_heads // self.tp_size)
+
+
+TP_FIELDS = ("tp_size", "tp_rank")
 
 
 @dataclass(frozen=True)
@@ -37,12 +51,13 @@ class KVSegment:
 
 @dataclass(frozen=True)
 class KVHandle:
-    """A request's KV blocks in the region [layers, 2 (K/V), region_num_blocks, block_size,
-    kv_heads, head_dim] that prefill instance `instance_id` registered at `kv_base_ptr`."""
+    """A request's KV blocks in the region [layers, 2 (K/V), region_num_blocks, kv_heads,
+    block_size, head_dim] that prefill instance `instance_id` registered at `kv_base_ptr`; under
+    tensor parallelism every rank registered its own region of its heads (rank_segments)."""
     instance_id: str
     transfer_address: str  # "host:port" of its Mooncake transfer engine
     kv_base_ptr: int
-    block_bytes: int  # one block of one (layer, K|V) plane
+    block_bytes: int  # one block of one (layer, K|V) plane of one rank: heads_per_rank heads
     region_num_blocks: int
     block_ids: tuple[int, ...]
     num_tokens: int

@@ -3,7 +3,7 @@
 Tests and benchmarks need the remote side in another process (Mooncake shortcuts nothing then,
 and a peer can really die); this is that process and the parent-side handle that starts it:
 
-    with spawn_peer((layers, 2, blocks, block_size, kv_heads, head_dim)) as peer:
+    with spawn_peer((layers, 2, blocks, kv_heads, block_size, head_dim)) as peer:
         engine.read_batch(peer.session, read_slices(local, peer.region, [3, 4], [0, 1]))
 
 The child prints one JSON line {"session", "base", "shape", "itemsize"} once its region is
@@ -93,7 +93,7 @@ def spawn_peer(shape: Sequence[int], fill: str = "arange", host: str = "127.0.0.
 
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shape", required=True, help="layers,2,blocks,block_size,kv_heads,head_dim")
+    ap.add_argument("--shape", required=True, help="layers,2,blocks,kv_heads,block_size,head_dim")
     ap.add_argument("--fill", choices=("arange", "ones"), default="arange")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--protocol", default="tcp")

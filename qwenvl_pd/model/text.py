@@ -87,7 +87,7 @@ class TextModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
                 meta: AttentionMetadata, visual: VisualInjection | None = None) -> torch.Tensor:
-        """input_ids [T], positions [3, T], kv_cache [layers, 2, blocks, block_size, kv_heads, d]
+        """input_ids [T], positions [3, T], kv_cache [layers, 2, blocks, kv_heads, block_size, d]
         -> hidden states [T, hidden]."""
         x = self.embed_tokens(input_ids)
         if visual is not None:

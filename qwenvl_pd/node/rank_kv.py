@@ -2,8 +2,9 @@
 
 Each tensor-parallel rank registers its own shard of the KV cache with its own transfer engine;
 prefill lists every rank's segment in the KVHandle. A decode pull is one job that rank 0
-broadcasts on the ranks' host group: each rank reads its heads from the prefill rank of the
-same index (equal TP sizes), then the ranks agree on the outcome with one all-reduce. A timed-out
+broadcasts on the ranks' host group: each rank reads the heads it owns from the prefill rank(s)
+holding them (kv_transfer/heads.py: any TP sizes that split the same heads), one batched read per
+prefill rank, then the ranks agree on the outcome with one all-reduce. A timed-out
 read is waited for before the rank reports, so when a pull returns no read can still land.
 """
 from __future__ import annotations
@@ -18,7 +19,8 @@ import torch.distributed as dist
 from qwenvl_pd.engine.ranks import RankContext, recv_message, send_message
 from qwenvl_pd.kv_transfer.engine import KVTransferEngine, TransferError, TransferTimeout
 from qwenvl_pd.kv_transfer.handle import KVHandle, KVSegment
-from qwenvl_pd.kv_transfer.layout import Region, read_slices
+from qwenvl_pd.kv_transfer.heads import head_pieces, heads_per_rank, pull_plan
+from qwenvl_pd.kv_transfer.layout import Region
 
 log = logging.getLogger(__name__)
 ADDRESS_BYTES = 256  # a "host:port" session id, padded for the all-gather
@@ -36,9 +38,10 @@ class TransferOptions:
 @dataclass(frozen=True)
 class PullJob:
     """One request's blocks: remote ids in every prefill rank's region -> local ids."""
-    segments: tuple[KVSegment, ...]
+    segments: tuple[KVSegment, ...]  # every prefill rank's, rank order
     region_num_blocks: int
-    block_bytes: int
+    block_bytes: int  # of a prefill rank's block
+    num_kv_heads: int  # of the model: with len(segments) it says which heads each prefill rank holds
     remote_blocks: tuple[int, ...]
     local_blocks: tuple[int, ...]
 
@@ -58,7 +61,7 @@ class RankKV:
     def pull(self, handle: KVHandle, local_blocks: list[int]) -> int:
         """Rank 0: read the handle's blocks into local_blocks on every rank -> bytes read here."""
         job = PullJob(handle.segments, handle.region_num_blocks, handle.block_bytes,
-                      handle.block_ids, tuple(local_blocks))
+                      handle.fingerprint.num_kv_heads, handle.block_ids, tuple(local_blocks))
         if self.group is None:  # one rank: a late read keeps its TransferTimeout for the caller
             return self._read(job, settle=False)
         with self._lock:
@@ -74,29 +77,34 @@ class RankKV:
                 pass  # rank 0 reports it
 
     def _agree(self, job: PullJob) -> int:
-        failed, read = torch.zeros(1, dtype=torch.long), 0
+        failed, read, error = torch.zeros(1, dtype=torch.long), 0, None
         try:
             read = self._read(job, settle=True)
-        except TransferError as e:
+        except (TransferError, ValueError) as e:  # a bad job must not skip the all-reduce
             log.error("rank %d: KV read failed: %s", self.tp.rank, e)
-            failed[0] = 1
+            failed[0], error = 1, e
         dist.all_reduce(failed, op=dist.ReduceOp.MAX, group=self.group)
         if failed.item():
-            raise TransferError("KV read failed on at least one tensor-parallel rank")
+            raise TransferError("KV read failed on at least one tensor-parallel rank"
+                                + (f": {error}" if error else ""))
         return read
 
     def _read(self, job: PullJob, settle: bool) -> int:
-        segment = job.segments[self.tp.rank]
-        remote = Region(segment.kv_base_ptr, self.region.num_layers, job.region_num_blocks,
-                        job.block_bytes)
-        slices = read_slices(self.region, remote, job.remote_blocks, job.local_blocks)
-        try:
-            self.transfer.read_batch(segment.transfer_address, slices)
-        except TransferTimeout as e:
-            if settle:
-                e.settled.result()
-            raise
-        return sum(n for _, _, n in slices)
+        """One batched read per prefill rank holding heads of ours, in turn: a timeout ends the
+        pull with every earlier read done, so its `settled` covers the whole pull."""
+        pieces = head_pieces(job.num_kv_heads, len(job.segments), self.tp.size, self.tp.rank)
+        heads = heads_per_rank(job.num_kv_heads, len(job.segments))  # of each prefill rank
+        remotes = [Region(seg.kv_base_ptr, self.region.num_layers, job.region_num_blocks,
+                          job.block_bytes, heads) for seg in job.segments]
+        plan = pull_plan(self.region, remotes, pieces, job.remote_blocks, job.local_blocks)
+        for rank, slices in plan.items():
+            try:
+                self.transfer.read_batch(job.segments[rank].transfer_address, slices)
+            except TransferTimeout as e:
+                if settle:
+                    e.settled.result()
+                raise
+        return sum(n for slices in plan.values() for _, _, n in slices)
 
     def close(self) -> None:
         if self.group is not None and self.tp.rank == 0 and self.role == "decode":
@@ -132,7 +140,7 @@ def _send(job: PullJob | None, group) -> None:
         send_message(None, torch.empty(0, dtype=torch.uint8), group)
         return
     addresses = "\n".join(seg.transfer_address for seg in job.segments).encode()
-    ints = torch.tensor([job.region_num_blocks, job.block_bytes, len(job.remote_blocks),
+    ints = torch.tensor([job.region_num_blocks, job.block_bytes, job.num_kv_heads, len(job.remote_blocks),
                          *(seg.kv_base_ptr for seg in job.segments), *job.remote_blocks, *job.local_blocks])
     send_message(ints, torch.tensor(list(addresses), dtype=torch.uint8), group)
 
@@ -142,7 +150,7 @@ def _recv(group) -> PullJob | None:
     if message is None:
         return None
     values, addresses = message[0].tolist(), bytes(message[1].tolist()).decode().split("\n")
-    region_blocks, block_bytes, n = values[:3]
-    ptrs, ids = values[3:3 + len(addresses)], values[3 + len(addresses):]
+    region_blocks, block_bytes, heads, n = values[:4]
+    ptrs, ids = values[4:4 + len(addresses)], values[4 + len(addresses):]
     return PullJob(tuple(KVSegment(a, p) for a, p in zip(addresses, ptrs)), region_blocks, block_bytes,
-                   tuple(ids[:n]), tuple(ids[n:]))
+                   heads, tuple(ids[:n]), tuple(ids[n:]))

@@ -36,6 +36,13 @@ def wait_healthy(address: str, proc: subprocess.Popen, timeout: float = STARTUP_
 
 
 def start_node(role: str, model: str, *extra: str) -> tuple[subprocess.Popen, str]:
+    proc, address = spawn_node(role, model, *extra)
+    wait_healthy(address, proc)
+    return proc, address
+
+
+def spawn_node(role: str, model: str, *extra: str) -> tuple[subprocess.Popen, str]:
+    """start_node without waiting for health: start several, then wait_healthy each."""
     port = free_port()
     cmd = [sys.executable, "-m", "qwenvl_pd.cli", role, "--model", model, "--port", str(port),
            "--host", "127.0.0.1", "--bind", "127.0.0.1", "--max-model-len", "2048",
@@ -44,9 +51,7 @@ def start_node(role: str, model: str, *extra: str) -> tuple[subprocess.Popen, st
     log = tempfile.TemporaryFile("w+")
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, text=True)
     proc.log = log
-    address = f"127.0.0.1:{port}"
-    wait_healthy(address, proc)
-    return proc, address
+    return proc, f"127.0.0.1:{port}"
 
 
 def stop(proc: subprocess.Popen) -> None:

@@ -14,7 +14,7 @@ from qwenvl_pd.kv_transfer.layout import Region, read_slices  # noqa: E402
 from qwenvl_pd.kv_transfer.peer import pattern, spawn_peer  # noqa: E402
 
 pytestmark = pytest.mark.timeout(120)
-REMOTE_SHAPE = (3, 2, 16, 4, 2, 8)  # layers, K/V, blocks, block_size, kv_heads, head_dim
+REMOTE_SHAPE = (3, 2, 16, 4, 2, 8)  # layers, K/V, blocks, kv_heads, block_size, head_dim
 LOCAL_BLOCKS = 12  # decode's region is sized independently of prefill's
 
 

@@ -97,10 +97,11 @@ def test_slices_applied_as_raw_copies_equal_block_indexing():
 
 
 def test_region_from_shape_tensor_and_handle_agree():
-    kv = torch.zeros(2, 2, 5, 16, 4, 8, dtype=torch.bfloat16)
+    kv = torch.zeros(2, 2, 5, 4, 16, 8, dtype=torch.bfloat16)  # 4 heads of 16 tokens x 8
     r = Region.from_tensor(kv)
     assert r == Region.from_shape(kv.data_ptr(), kv.shape, 2)
     assert (r.num_layers, r.num_blocks, r.block_bytes, r.nbytes) == (2, 5, 16 * 4 * 8 * 2, kv.nbytes)
+    assert (r.kv_heads, r.head_bytes) == (4, 16 * 8 * 2)
     assert r.address(1, 1, 4) - r.base == kv[1, 1, 4].data_ptr() - kv.data_ptr()
     fp = fingerprint_for("m", torch.bfloat16, 16, 2, 4, 8)
     handle = KVHandle("p0", "h:1", r.base, r.block_bytes, 5, (3, 4), 20, fp)

@@ -33,10 +33,21 @@ def _group(tables: list[list[int]], lens: list[int], start: int) -> DecodeGroup:
     return DecodeGroup(start, start + len(tables), padded, mask)
 
 
+def test_write_kv_puts_each_head_of_a_slot_in_its_block_head_row():
+    cache = torch.zeros(2, 3, KV_HEADS, BLOCK, DIM)
+    k = torch.arange(2 * KV_HEADS * DIM, dtype=torch.float32).view(2, KV_HEADS, DIM)
+    write_kv(cache, k, -k, torch.tensor([2 * BLOCK + 3, 0 * BLOCK + 1]))  # block 2 offset 3, block 0 offset 1
+    for t, (block, offset) in enumerate([(2, 3), (0, 1)]):
+        for h in range(KV_HEADS):
+            assert torch.equal(cache[0, block, h, offset], k[t, h])
+            assert torch.equal(cache[1, block, h, offset], -k[t, h])
+    assert cache.count_nonzero() == 2 * 2 * KV_HEADS * DIM - 2  # k[0, 0, 0] is 0: nothing else written
+
+
 @pytest.mark.parametrize("buffered", [False, True])
 def test_decode_groups_and_a_prefill_chunk_match_dense_attention(buffered):
     torch.manual_seed(0)
-    cache = torch.randn(2, 12, BLOCK, KV_HEADS, DIM)
+    cache = torch.randn(2, 12, KV_HEADS, BLOCK, DIM)
     # three decode rows with 3, 9 and 6 keys (blocks not contiguous), then a 3-token chunk
     # continuing a sequence that already has 5 keys in blocks [7, 8]
     tables, lens = [[2], [5, 0, 9], [4, 11]], [3, 9, 6]
@@ -52,7 +63,9 @@ def test_decode_groups_and_a_prefill_chunk_match_dense_attention(buffered):
     out = paged_attention(q, k, v, cache, meta, DIM ** -0.5)
 
     def keys_of(blocks, n):
-        return cache[0][blocks].flatten(0, 1)[:n], cache[1][blocks].flatten(0, 1)[:n]
+        # [blocks, kv_heads, BLOCK, DIM] -> [keys, kv_heads, DIM]
+        return (cache[0][blocks].transpose(1, 2).flatten(0, 1)[:n],
+                cache[1][blocks].transpose(1, 2).flatten(0, 1)[:n])
 
     for row, (blocks, n) in enumerate(zip(tables, lens)):
         expected = _dense(q[row:row + 1], *keys_of(blocks, n))
@@ -128,14 +141,14 @@ def test_decode_group_with_context_lens_runs_the_fused_npu_kernel(monkeypatch):
     stand_in = _StandInTorchNpu()
     monkeypatch.setitem(sys.modules, "torch_npu", stand_in)
     torch.manual_seed(2)
-    cache = torch.randn(2, 6, BLOCK, KV_HEADS, DIM)
+    cache = torch.randn(2, 6, KV_HEADS, BLOCK, DIM)
     q = torch.randn(2, HEADS, DIM)
     group = _group([[3, 1], [5]], [7, 2], 0)
     fused = dataclasses.replace(group, context_lens=torch.tensor([7, 2], dtype=torch.int32))
     meta = AttentionMetadata(torch.zeros(2, dtype=torch.long), 2, [fused], [])
     out = paged_attention(q, q[:, :KV_HEADS], q[:, :KV_HEADS], cache, meta, DIM ** -0.5)
     assert stand_in.calls == [(torch.int32, torch.int32, "cpu", KV_HEADS, HEADS,
-                               (6, BLOCK, KV_HEADS, DIM))]
+                               (4, BLOCK, KV_HEADS, DIM))]  # the 2 x 2 table's blocks, re-laid
     reference = paged_attention(q, q[:, :KV_HEADS], q[:, :KV_HEADS], cache,
                                 AttentionMetadata(meta.slot_mapping, 2, [group], []), DIM ** -0.5)
     torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-6)

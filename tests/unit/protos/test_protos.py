@@ -172,7 +172,10 @@ def test_fingerprint_mismatch_names_the_first_differing_field():
     assert FP.mismatch(dataclasses.replace(FP, block_size=32)) == "block_size: prefill 16, decode 32"
     both = dataclasses.replace(FP, dtype="float16", head_dim=64)
     assert FP.mismatch(both) == "dtype: prefill bfloat16, decode float16"
-    assert FP.mismatch(dataclasses.replace(FP, tp_rank=0)) == "tp_rank: prefill 1, decode 0"
+    # another TP size or rank maps heads (kv_transfer/heads.py); a size that splits none does not
+    assert FP.mismatch(dataclasses.replace(FP, tp_size=1, tp_rank=0)) is None
+    assert (FP.mismatch(dataclasses.replace(FP, tp_size=3, tp_rank=0))
+            == "tp_size: decode 3 cannot split 4 KV heads (neither divides the other)")
     assert (FP.mismatch(dataclasses.replace(FP, num_layers=36), names=("remote", "local"))
             == "num_layers: remote 28, local 36")
     assert wire(FP).mismatch(FP) is None
