@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Union
 
 from qwenvl_pd.proxy.errors import bad_request
+from qwenvl_pd.proxy.structured import parse_structured
 from qwenvl_pd.sampling_params import SamplingParams
 
 __all__ = ["TextPart", "ImagePart", "VideoPart", "Part", "ChatMessage", "ChatRequest", "CompletionRequest",
@@ -164,7 +165,7 @@ def _stop_token_ids(body: dict) -> list[int]:
 def refuse_unsupported(body: dict, names: Sequence[str]) -> None:
     for key in names:
         v = body.get(key)
-        ignorable = v in (None, False, "", [], {}) or key == "response_format" and v == {"type": "text"} \
+        ignorable = v in (None, False, "", [], {}) \
             or key == "best_of" and v == 1 and not isinstance(v, bool)  # vllm bench sends best_of: 1
         if not ignorable:
             raise bad_request(f"'{key}' is not supported by this server", key)
@@ -203,7 +204,8 @@ def _sampling(body: dict, max_default: int | None, logprobs: int | None) -> Samp
             logprobs=logprobs, repetition_penalty=_num(body, "repetition_penalty", 1.0, 0.0, lo_open=True),
             presence_penalty=_num(body, "presence_penalty", 0.0, -2.0, 2.0),
             frequency_penalty=_num(body, "frequency_penalty", 0.0, -2.0, 2.0),
-            skip_special_tokens=_bool(body, "skip_special_tokens", True))
+            skip_special_tokens=_bool(body, "skip_special_tokens", True),
+            structured_outputs=parse_structured(body))
     except ValueError as e:  # a rule SamplingParams has and the readers above lack
         raise bad_request(str(e)) from None
 
@@ -288,7 +290,7 @@ def request_common(body: dict, max_default: int | None, logprobs: int | None) ->
 def parse_chat_request(body: Any) -> ChatRequest:
     """A decoded JSON body -> ChatRequest. Raises APIError(400) naming the bad field."""
     body = require_object(body)
-    refuse_unsupported(body, ("tools", "functions", "response_format", "best_of"))
+    refuse_unsupported(body, ("tools", "functions", "best_of"))
     messages = _messages(body.get("messages"))
     want = _bool(body, "logprobs", False)
     top = _int(body, "top_logprobs", None, 0, MAX_LOGPROBS)
@@ -315,7 +317,7 @@ def _prompt(v: Any) -> str | tuple[int, ...]:
 
 def parse_completion_request(body: Any) -> CompletionRequest:
     body = require_object(body)
-    refuse_unsupported(body, ("echo", "suffix", "best_of", "response_format"))
+    refuse_unsupported(body, ("echo", "suffix", "best_of"))
     prompt = _prompt(body.get("prompt"))
     logprobs = _int(body, "logprobs", None, 0, MAX_LOGPROBS)
     # 16 is the legacy completions API default; chat has none (the context length bounds it)

@@ -161,7 +161,8 @@ def test_top_k_zero_is_off_and_logprobs_without_top():
     ({"model": 5}, "model"),
     ({"temperature": float("nan")}, "temperature"),
     ({"tools": [{"type": "function"}]}, "tools"),
-    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "foo"}}}},
+     "response_format"),
     ({"chat_template_kwargs": []}, "chat_template_kwargs"),
 ])
 def test_chat_field_errors_name_the_field(over, param):
