@@ -22,12 +22,11 @@ GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choi
 
 def parse_structured(body: dict) -> StructuredOutputsParams | None:
     """The request's grammar, or None; raises a 400 naming the field."""
-    found = [(key, spec) for key, spec in (("response_format", _response_format(body.get("response_format"))),
-                                           ("structured_outputs", _vllm(body.get("structured_outputs"))),
-                                           *_guided(body)) if spec is not None]
+    found = [f for f in (_response_format(body.get("response_format")),
+                         _vllm(body.get("structured_outputs")), *_guided(body)) if f is not None]
     if len(found) > 1:
-        raise bad_request(f"'{found[0][0]}' and '{found[1][0]}' both constrain the output; send one",
-                          found[1][0])
+        first, second = (param.split(".")[0] for param, _ in found[:2])
+        raise bad_request(f"'{first}' and '{second}' both constrain the output; send one", second)
     return checked(*found[0]) if found else None
 
 
@@ -39,14 +38,17 @@ def checked(param: str, spec: StructuredOutputsParams) -> StructuredOutputsParam
     return spec
 
 
-def _response_format(v: Any) -> StructuredOutputsParams | None:
+Found = tuple[str, StructuredOutputsParams]  # (the field it came from, the spec)
+
+
+def _response_format(v: Any) -> Found | None:
     if v is None:
         return None
     kind = v.get("type") if isinstance(v, dict) else None
     if kind == "text":
         return None
     if kind == "json_object":
-        return StructuredOutputsParams(json_object=True)
+        return "response_format", StructuredOutputsParams(json_object=True)
     if kind != "json_schema":
         raise bad_request(f"'response_format.type' must be 'text', 'json_object' or 'json_schema', "
                           f"got {kind!r}", "response_format.type")
@@ -55,10 +57,10 @@ def _response_format(v: Any) -> StructuredOutputsParams | None:
     if not isinstance(schema, (dict, bool)):
         raise bad_request("'response_format.json_schema.schema' must be a JSON schema object",
                           "response_format.json_schema.schema")
-    return StructuredOutputsParams(json=json.dumps(schema))
+    return "response_format", StructuredOutputsParams(json=json.dumps(schema))
 
 
-def _vllm(v: Any) -> StructuredOutputsParams | None:
+def _vllm(v: Any) -> Found | None:
     if v is None:
         return None
     if not isinstance(v, dict):
@@ -71,10 +73,11 @@ def _vllm(v: Any) -> StructuredOutputsParams | None:
     if len(set_) != 1:
         raise bad_request(f"'structured_outputs' needs exactly one of {KINDS}, got {set_}",
                           "structured_outputs")
-    return _spec(set_[0], v[set_[0]], f"structured_outputs.{set_[0]}")
+    param = f"structured_outputs.{set_[0]}"
+    return param, _spec(set_[0], v[set_[0]], param)
 
 
-def _guided(body: dict) -> list[tuple[str, StructuredOutputsParams]]:
+def _guided(body: dict) -> list[Found]:
     return [(key, _spec(kind, body[key], key)) for key, kind in GUIDED.items()
             if body.get(key) not in (None, "", [])]
 
