@@ -293,6 +293,59 @@ def test_json_schema_replies_validate_for_20_seeds_streamed_and_not(client):
         jsonschema.validate(json.loads(whole[0]), SCHEMA)
 
 
+WEATHER = {"type": "object", "additionalProperties": False, "required": ["city", "days"],
+           "properties": {"city": {"enum": ["Paris", "Rome"]}, "days": {"type": "integer", "minimum": 1,
+                                                                       "maximum": 7}}}
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Forecast.",
+                                           "parameters": WEATHER}},
+         {"type": "function", "function": {"name": "get_time", "parameters": {
+             "type": "object", "additionalProperties": False, "required": ["zone"],
+             "properties": {"zone": {"enum": ["UTC", "CET"]}}}}}]
+ASK = [{"role": "user", "content": "Weather in Paris?"}]
+
+
+def test_required_and_named_tool_choice_write_calls_valid_for_the_schema(client):
+    params = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+    for seed in range(3):
+        for choice in ("required", {"type": "function", "function": {"name": "get_time"}}):
+            # one call: a random model would otherwise keep adding calls to the array
+            c = client.chat.completions.create(model="tiny", messages=ASK, tools=TOOLS, tool_choice=choice,
+                                               seed=seed, max_tokens=96, parallel_tool_calls=False).choices[0]
+            assert c.finish_reason == "tool_calls"
+            assert c.message.content is None and c.message.tool_calls
+            for call in c.message.tool_calls:
+                assert call.type == "function" and call.id.startswith("call_")
+                jsonschema.validate(json.loads(call.function.arguments), params[call.function.name])
+            if isinstance(choice, dict):
+                assert [t.function.name for t in c.message.tool_calls] == ["get_time"]
+
+
+def test_auto_tool_call_text_becomes_tool_calls_streamed_and_not(client):
+    # the random model never writes a call by itself: a grammar makes it write one (with the
+    # <tool_call> tokens by id: llguidance's masks offer them for the literal text, then reject them)
+    forced = {"grammar": 'start: <[151657]> "\\n" CALL "\\n" <[151658]>\n'
+                         'CALL: /\\{"name": "get_weather", "arguments": \\{"city": "(Paris|Rome)", '
+                         '"days": [1-7]\\}\\}/'}
+    kw = dict(model="tiny", messages=ASK, tools=TOOLS, tool_choice="auto", seed=1, max_tokens=96,
+              extra_body={"structured_outputs": forced})
+    c = client.chat.completions.create(**kw).choices[0]
+    assert c.finish_reason == "tool_calls" and c.message.content is None
+    [call] = c.message.tool_calls
+    assert call.function.name == "get_weather"
+    jsonschema.validate(json.loads(call.function.arguments), WEATHER)
+    chunks = [ch.choices[0] for ch in client.chat.completions.create(stream=True, **kw) if ch.choices]
+    streamed = [tc for ch in chunks for tc in (ch.delta.tool_calls or [])]
+    assert [(tc.index, tc.function.name, tc.function.arguments) for tc in streamed] == \
+        [(0, "get_weather", call.function.arguments)]
+    assert "".join(ch.delta.content or "" for ch in chunks) == ""
+    assert chunks[-1].finish_reason == "tool_calls"
+    # the call and its result go back in the next turn
+    turn = ASK + [{"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+                  {"role": "tool", "tool_call_id": call.id, "content": '{"forecast": "sun"}'}]
+    r = client.chat.completions.create(model="tiny", messages=turn, tools=TOOLS, max_tokens=4, temperature=0)
+    assert r.choices[0].finish_reason == "length"
+
+
 def test_client_disconnect_cancels_the_decode_stream(client, cluster):
     stream = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "go on"}],
                                             stream=True, max_tokens=1500, extra_body={"ignore_eos": True})
