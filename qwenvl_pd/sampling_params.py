@@ -2,6 +2,29 @@
 from dataclasses import dataclass, field
 
 
+@dataclass(frozen=True)
+class StructuredOutputsParams:
+    """vLLM's StructuredOutputsParams: exactly one of json (a JSON schema, as JSON text), regex,
+    choice, grammar (Lark, llguidance's syntax; GBNF is converted) or json_object is set.
+    resume_token_ids: tokens the grammar already accepted that a continuation (re-prefill after
+    a hand-back) carries as prompt, so the matcher resumes where decode stopped."""
+    json: str | None = None
+    regex: str | None = None
+    choice: tuple[str, ...] = ()
+    grammar: str | None = None
+    json_object: bool = False
+    resume_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        object.__setattr__(self, "choice", tuple(self.choice))
+        object.__setattr__(self, "resume_token_ids", tuple(self.resume_token_ids))
+        kinds = [self.json is not None, self.regex is not None, bool(self.choice),
+                 self.grammar is not None, self.json_object]
+        if sum(kinds) != 1:
+            raise ValueError("structured outputs need exactly one of json, regex, choice, grammar, "
+                             "json_object")
+
+
 @dataclass
 class SamplingParams:
     n: int = 1
@@ -21,6 +44,7 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     skip_special_tokens: bool = True
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self):
         if self.max_completion_tokens is not None:

@@ -15,6 +15,7 @@ from qwenvl_pd.engine.sequence import FinishReason, Sequence
 from qwenvl_pd.kv_transfer.engine import TransferError, TransferTimeout
 from qwenvl_pd.kv_transfer.heads import handle_problem
 from qwenvl_pd.messages import DecodeRequest, SampledToken, TokenEvent
+from qwenvl_pd.node.requests import check_grammar
 from qwenvl_pd.node.runtime import load_report
 from qwenvl_pd.protos import auth, convert, qwenvl_pd_pb2 as pb, qwenvl_pd_pb2_grpc as pb_grpc
 
@@ -80,6 +81,7 @@ class DecodeService(pb_grpc.DecodeServicer):
     async def _validate(self, request, context) -> DecodeRequest:
         try:
             req: DecodeRequest = convert.from_proto(request)
+            await asyncio.to_thread(check_grammar, self.rt.engine.grammars, req.sampling)
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         await self._check_origin(req, context)

@@ -1,4 +1,5 @@
 """One engine loop for every role: schedule -> run -> postprocess."""
+import logging
 
 import torch
 
@@ -6,6 +7,7 @@ from qwenvl_pd.config import ModelConfig
 from qwenvl_pd.engine.block_manager import BlockManager
 from qwenvl_pd.engine.config import EngineConfig
 from qwenvl_pd.engine.encoder_cache import EncoderCache
+from qwenvl_pd.engine.grammar import Grammars
 from qwenvl_pd.engine.graphs import DecodeGraphs
 from qwenvl_pd.engine.kv_cache import allocate_kv_cache, blocks_for_memory
 from qwenvl_pd.engine.model_runner import ModelRunner, ScheduledChunk
@@ -14,6 +16,8 @@ from qwenvl_pd.engine.scheduler import Scheduler, SchedulerConfig
 from qwenvl_pd.engine.sequence import FinishReason, Sequence, TokenSpan
 from qwenvl_pd.model.parallel import TensorParallel
 from qwenvl_pd.platform import graph_api
+
+log = logging.getLogger(__name__)
 
 
 def build_runner(model, config: ModelConfig, cfg: EngineConfig, dtype: torch.dtype,
@@ -43,8 +47,8 @@ def _graphs(model, config: ModelConfig, cfg: EngineConfig, kv_cache: torch.Tenso
 
 class LLMEngine:
     def __init__(self, model, config: ModelConfig, cfg: EngineConfig, dtype: torch.dtype,
-                 tp: TensorParallel = TensorParallel(), channel=None):
-        self.model, self.config, self.cfg = model, config, cfg
+                 tp: TensorParallel = TensorParallel(), channel=None, grammars: Grammars | None = None):
+        self.model, self.config, self.cfg, self.grammars = model, config, cfg, grammars
         self.runner = build_runner(model, config, cfg, dtype, tp, channel)
         self.kv_cache = self.runner.kv_cache
         self.blocks = BlockManager(self.kv_cache.shape[2] - 1, cfg.block_size, cfg.enable_prefix_caching)
@@ -87,13 +91,33 @@ class LLMEngine:
             return []
         seqs = [chunks[i].seq for i in done]
         rows = logits if len(done) == len(chunks) else logits[done]
-        results = sample(rows, [self._sampler_input(s) for s in seqs], self.generator)
-        for seq, r in zip(seqs, results):
+        matchers = [self._matcher(s) for s in seqs]
+        bitmask = self.grammars.bitmask(matchers) if self.grammars is not None else None
+        results = sample(rows, [self._sampler_input(s) for s in seqs], self.generator, bitmask)
+        for seq, m, r in zip(seqs, matchers, results):
             seq.token_ids.append(r.token_id)
             if seq.params.logprobs is not None:
                 seq.logprobs.append((r.logprob, r.top_logprobs))
+            if m is not None and not m.accept(r.token_id):
+                # only when other masks leave the grammar nothing (min_tokens against its end)
+                log.warning("request %s: grammar rejected token %d: %s", seq.request_id,
+                            r.token_id, m.error)
+                self.finish(seq, FinishReason.STOP)
+                continue
             self._check_finish(seq, r.token_id)
         return seqs
+
+    def _matcher(self, seq: Sequence):
+        """The row's grammar matcher, built on its first sample: on decode it then accepts what
+        prefill sampled (and a continuation's earlier tokens come in resume_token_ids)."""
+        spec = seq.params.structured_outputs
+        if spec is None or self.grammars is None:
+            return None
+        if seq.grammar is None:
+            seq.grammar = self.grammars.matcher(spec)
+            for t in seq.output_ids:
+                seq.grammar.accept(t)
+        return seq.grammar
 
     def _sampler_input(self, seq: Sequence) -> SamplerInput:
         tokens = seq.token_ids

@@ -1,9 +1,11 @@
 """Token sampling with vLLM's semantics, one pass per step over the whole batch: every stage is
 a tensor op over the batch, never a Python loop over the vocabulary.
 
-Order (vLLM's): raw logprobs -> min_tokens mask -> penalties -> greedy argmax, or temperature ->
+Order (vLLM's): grammar bitmask -> raw logprobs -> min_tokens mask -> penalties -> greedy argmax, or temperature ->
 top_k -> top_p -> min_p -> exponential race. A seeded row's noise is a function of
-(seed, position) alone, so its tokens never depend on what else is in the batch."""
+(seed, position) alone, so its tokens never depend on what else is in the batch. The grammar
+bitmask comes first, as vLLM applies it to the logits before its sampler: logprobs are those of
+the masked distribution (disallowed tokens -inf, the allowed ones renormalised)."""
 import hashlib
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -13,6 +15,7 @@ import torch
 from qwenvl_pd.sampling_params import SamplingParams
 
 _MASK = float("-inf")
+_BITS = (1 << torch.arange(8)).to(torch.uint8)  # bit j of a mask byte
 _PREFIX = 1024  # top_p first looks only at this many best tokens; see top_k_top_p_mask
 
 
@@ -33,9 +36,11 @@ class SampleResult:
 
 
 def sample(logits: torch.Tensor, inputs: list[SamplerInput],
-           generator: torch.Generator | None = None) -> list[SampleResult]:
-    """logits [B, vocab], row i for inputs[i]; `generator` feeds the unseeded rows."""
-    raw = logits.float()
+           generator: torch.Generator | None = None,
+           bitmask: torch.Tensor | None = None) -> list[SampleResult]:
+    """logits [B, vocab], row i for inputs[i]; `generator` feeds the unseeded rows; bitmask
+    [B, ceil(vocab / 32)] int32 (bit t of row i set: token t allowed) constrains rows to a grammar."""
+    raw = logits.float() if bitmask is None else apply_bitmask(logits, bitmask)
     x = raw
     if any(_penalised(i.params) or _below_min_tokens(i) for i in inputs):
         # raw stays untouched for logprobs; apply_penalties views the copy flat
@@ -48,6 +53,25 @@ def sample(logits: torch.Tensor, inputs: list[SamplerInput],
         probs = filtered_probs(_take(x, rows), [s.params for s in sub])
         token_ids[rows] = _race(probs, sub, generator)
     return _results(raw, token_ids, inputs)
+
+
+def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
+    """A float copy of logits with every token whose bit is clear at -inf, and in those rows the
+    ids past the mask's width too. A row with every bit set (no grammar) is left as it is, and
+    only rows with a clear bit pay for the unpacking."""
+    out = logits.float().clone()
+    rows = torch.nonzero((bitmask != -1).any(-1)).flatten()
+    if len(rows):
+        # byte-wise (little-endian words: byte k holds tokens 8k..8k+7): ~2.5x faster on CPU
+        # than shifting the int32 words
+        octets = bitmask[rows].contiguous().view(torch.uint8).to(out.device)
+        allowed = (octets.unsqueeze(-1) & _BITS.to(out.device)).flatten(1).bool()
+        vocab = min(out.shape[1], allowed.shape[1])
+        blocked = torch.ones(len(rows), out.shape[1], dtype=torch.bool, device=out.device)
+        blocked[:, :vocab] = ~allowed[:, :vocab]
+        index = rows.to(out.device)
+        out[index] = out[index].masked_fill(blocked, _MASK)
+    return out
 
 
 def mask_min_tokens(logits: torch.Tensor, inputs: list[SamplerInput]) -> torch.Tensor:

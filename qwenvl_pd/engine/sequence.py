@@ -40,6 +40,7 @@ class Sequence:
     finish_reason: FinishReason | None = None
     logprobs: list = field(default_factory=list)  # per output token: (logprob, top list) or None
     block_hashes: list[bytes] = field(default_factory=list)  # of its full blocks, as far as sealed
+    grammar: object = None  # engine.grammar.Matcher once a structured-output row first samples
     prompt_len: int = field(init=False)
 
     def __post_init__(self):

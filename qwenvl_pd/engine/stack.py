@@ -13,6 +13,7 @@ from transformers import AutoTokenizer
 
 from qwenvl_pd.config import ModelConfig
 from qwenvl_pd.engine.config import EngineConfig
+from qwenvl_pd.engine.grammar import Grammars
 from qwenvl_pd.engine.llm_engine import LLMEngine, build_runner
 from qwenvl_pd.engine.model_runner import ModelRunner
 from qwenvl_pd.engine.ranks import RankContext, Ranks, RankSpec, rank_device
@@ -70,7 +71,8 @@ def build_stack(cfg: StackConfig, rank_setup: Callable[[RankContext], object] | 
     try:
         model = load_model(cfg.model, config, dtype, rank_device(device.type, 0) if ranks else device, tp,
                            cfg.quantization)
-        engine = LLMEngine(model, config, engine_cfg, dtype, tp, ranks and ranks.channel)
+        grammars = Grammars(tokenizer, config.text.vocab_size, config.eos_token_ids)
+        engine = LLMEngine(model, config, engine_cfg, dtype, tp, ranks and ranks.channel, grammars)
         context = RankContext(tp, engine.kv_cache, ranks and ranks.aux_group)
         state = rank_setup(context) if rank_setup is not None else None
         if ranks is not None:

@@ -63,7 +63,7 @@ class ColocatedBackend:
 
     def _sequence(self, req: PrefillRequest) -> Sequence:
         try:
-            return sequence_from_request(self.inputs, req, self.max_model_len)
+            return sequence_from_request(self.inputs, req, self.max_model_len, self.engine.grammars)
         except (ValueError, InputError) as e:
             raise bad_request(str(e)) from None
 

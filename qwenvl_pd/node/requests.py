@@ -4,13 +4,17 @@ import io
 
 from PIL import Image
 
+from qwenvl_pd.engine.grammar import Grammars
 from qwenvl_pd.engine.sequence import Sequence
 from qwenvl_pd.messages import PrefillRequest
 from qwenvl_pd.model.inputs import InputProcessor
+from qwenvl_pd.sampling_params import SamplingParams
 
 
-def sequence_from_request(inputs: InputProcessor, req: PrefillRequest, max_model_len: int) -> Sequence:
+def sequence_from_request(inputs: InputProcessor, req: PrefillRequest, max_model_len: int,
+                          grammars: Grammars | None = None) -> Sequence:
     """Media re-processed from their bytes; raises ValueError/InputError naming what is wrong."""
+    check_grammar(grammars, req.sampling)
     images = [m.data for m in req.media if m.kind == "image"]
     videos = [list(_frames(m)) if m.frames else m.data for m in req.media if m.kind == "video"]
     fps = [m.fps for m in req.media if m.kind == "video"]
@@ -23,6 +27,19 @@ def sequence_from_request(inputs: InputProcessor, req: PrefillRequest, max_model
                          f"({params.max_tokens}) exceeds max_model_len ({max_model_len})")
     return Sequence(req.request_id, prompt.token_ids, prompt.positions, prompt.mrope_delta,
                     params, items=prompt.items)
+
+
+def check_grammar(grammars: Grammars | None, params: SamplingParams) -> None:
+    """A structured-output spec must compile for this node's tokenizer before the engine sees
+    it: the engine thread never handles a bad grammar. Raises ValueError."""
+    spec = params.structured_outputs
+    if spec is None:
+        return
+    if grammars is None:
+        raise ValueError("this engine has no grammar support (structured_outputs)")
+    error = grammars.error(spec)
+    if error:
+        raise ValueError(f"structured_outputs: {error}")
 
 
 def _frames(item) -> list[Image.Image]:

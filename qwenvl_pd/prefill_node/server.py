@@ -76,7 +76,8 @@ class PrefillService(pb_grpc.PrefillServicer):
     async def Prefill(self, request, context):
         try:
             req: PrefillRequest = convert.from_proto(request)
-            seq = await asyncio.to_thread(sequence_from_request, self.rt.inputs, req, self.rt.cfg.max_model_len)
+            seq = await asyncio.to_thread(sequence_from_request, self.rt.inputs, req, self.rt.cfg.max_model_len,
+                                          self.rt.engine.grammars)
         except (ValueError, InputError) as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         if req.request_id in self.waiters:

@@ -14,11 +14,12 @@ from qwenvl_pd.kv_transfer.handle import KVHandle, KVSegment, LayoutFingerprint
 from qwenvl_pd.messages import (DecodeRequest, LoadReport, MediaItem, ModelInfo, PrefillRequest,
                                 PrefillResult, SampledToken, TokenEvent)
 from qwenvl_pd.protos import qwenvl_pd_pb2 as pb
-from qwenvl_pd.sampling_params import SamplingParams
+from qwenvl_pd.sampling_params import SamplingParams, StructuredOutputsParams
 
 # dataclass -> proto message class
 PAIRS: dict[type, type] = {
-    SamplingParams: pb.SamplingParams, MediaItem: pb.MediaItem, PrefillRequest: pb.PrefillRequest,
+    SamplingParams: pb.SamplingParams, StructuredOutputsParams: pb.StructuredOutputsParams,
+    MediaItem: pb.MediaItem, PrefillRequest: pb.PrefillRequest,
     SampledToken: pb.SampledToken, LayoutFingerprint: pb.LayoutFingerprint, KVHandle: pb.KVHandle,
     KVSegment: pb.KVSegment,
     PrefillResult: pb.PrefillResponse, DecodeRequest: pb.DecodeRequest, TokenEvent: pb.TokenEvent,

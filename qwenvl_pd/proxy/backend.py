@@ -185,8 +185,10 @@ class PDBackend:
 def _continuation(req: PrefillRequest, produced: list[int], round_: int) -> PrefillRequest:
     """The same request with the tokens so far as prompt: prefill continues where decode stopped."""
     p = req.sampling
+    spec = p.structured_outputs  # its matcher resumes after the tokens so far
+    spec = spec and dataclasses.replace(spec, resume_token_ids=spec.resume_token_ids + tuple(produced))
     sampling = dataclasses.replace(p, max_tokens=p.max_tokens - len(produced), max_completion_tokens=None,
-                                   min_tokens=max(0, p.min_tokens - len(produced)))
+                                   min_tokens=max(0, p.min_tokens - len(produced)), structured_outputs=spec)
     return dataclasses.replace(req, request_id=f"{req.request_id}-r{round_}",
                                prompt_token_ids=tuple(req.prompt_token_ids) + tuple(produced),
                                sampling=sampling)

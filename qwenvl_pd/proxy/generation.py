@@ -21,6 +21,7 @@ from qwenvl_pd.proxy.metrics import ProxyMetrics
 from qwenvl_pd.proxy.model_info import ProxyModel
 from qwenvl_pd.proxy.responses import TokenLogprob, TopLogprob, usage
 from qwenvl_pd.proxy.router import affinity_key
+from qwenvl_pd.proxy.tools import Tools
 
 SEED_STRIDE = 7919  # n samples of one seeded request differ by this, as in qwenvl_pd/llm.py
 
@@ -64,8 +65,9 @@ class RequestRun:
 
     def __init__(self, rid: str, prompt: PreparedPrompt, model: ProxyModel, backend: Backend,
                  metrics: ProxyMetrics, want_logprobs: bool, affinity_tokens: int,
-                 arrived: float | None = None):
+                 arrived: float | None = None, tools: Tools = Tools()):
         self.rid, self.prompt, self.model, self.backend, self.metrics = rid, prompt, model, backend, metrics
+        self.tools = tools  # how the replies' text becomes tool calls (streaming.py)
         self.want_logprobs = want_logprobs
         self.key = affinity_key(prompt.token_ids, prompt.image_hashes, affinity_tokens)
         self.arrived = arrived or time.perf_counter()

@@ -126,7 +126,8 @@ def _resolve(token_ids: list[int], sampling: SamplingParams, model: ProxyModel,
 async def prepare_chat(req: ChatRequest, model: ProxyModel, cfg: ProxyConfig) -> PreparedPrompt:
     parts = _media_parts(req)
     _check_counts(parts, cfg, req.prompt_field)
-    text = model.template.render(req.messages, req.add_generation_prompt, req.chat_template_kwargs)
+    text = model.template.render(req.messages, req.add_generation_prompt, req.chat_template_kwargs,
+                                 req.tools)
     ids = model.tokenizer.encode(text)  # as the offline LLM encodes a prompt string
     media = await _fetch_all(parts, model, cfg)
     expanded = _expand(ids, media, model, req.prompt_field)

@@ -8,6 +8,7 @@ fields we accept but cannot honour are refused, never silently dropped.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import urllib.parse
 from collections.abc import Sequence
@@ -15,6 +16,8 @@ from dataclasses import dataclass, field
 from typing import Any, Union
 
 from qwenvl_pd.proxy.errors import bad_request
+from qwenvl_pd.proxy.structured import checked, parse_structured
+from qwenvl_pd.proxy.tools import ToolCall, Tools, parse_tools
 from qwenvl_pd.sampling_params import SamplingParams
 
 __all__ = ["TextPart", "ImagePart", "VideoPart", "Part", "ChatMessage", "ChatRequest", "CompletionRequest",
@@ -54,6 +57,8 @@ Part = Union[TextPart, ImagePart, VideoPart]
 class ChatMessage:
     role: str
     content: str | tuple[Part, ...]  # kept as sent: templates may treat the two forms differently
+    tool_calls: tuple[ToolCall, ...] = ()  # an assistant turn's calls
+    tool_call_id: str | None = None        # a tool result's call
 
     @property
     def parts(self) -> tuple[Part, ...]:
@@ -87,6 +92,7 @@ class ChatRequest(_Common):
     top_logprobs: int | None = None
     add_generation_prompt: bool = True
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+    tools: Tools = Tools()
     # where error params point: /generate sends its parts as the prompt, not as messages
     prompt_field: str = "messages"
     part_path: str = "messages[{message}].content[{part}]"
@@ -164,7 +170,7 @@ def _stop_token_ids(body: dict) -> list[int]:
 def refuse_unsupported(body: dict, names: Sequence[str]) -> None:
     for key in names:
         v = body.get(key)
-        ignorable = v in (None, False, "", [], {}) or key == "response_format" and v == {"type": "text"} \
+        ignorable = v in (None, False, "", [], {}) \
             or key == "best_of" and v == 1 and not isinstance(v, bool)  # vllm bench sends best_of: 1
         if not ignorable:
             raise bad_request(f"'{key}' is not supported by this server", key)
@@ -203,7 +209,8 @@ def _sampling(body: dict, max_default: int | None, logprobs: int | None) -> Samp
             logprobs=logprobs, repetition_penalty=_num(body, "repetition_penalty", 1.0, 0.0, lo_open=True),
             presence_penalty=_num(body, "presence_penalty", 0.0, -2.0, 2.0),
             frequency_penalty=_num(body, "frequency_penalty", 0.0, -2.0, 2.0),
-            skip_special_tokens=_bool(body, "skip_special_tokens", True))
+            skip_special_tokens=_bool(body, "skip_special_tokens", True),
+            structured_outputs=parse_structured(body))
     except ValueError as e:  # a rule SamplingParams has and the readers above lack
         raise bad_request(str(e)) from None
 
@@ -258,11 +265,28 @@ def _message(m: Any, path: str) -> ChatMessage:
     content = m.get("content")
     if content is None and role == "assistant":
         content = ""  # an assistant turn may carry no text
+    extra = dict(tool_calls=_tool_calls(m, path) if role == "assistant" else (),
+                 tool_call_id=_typed(m, "tool_call_id", (str,), "a string", f"{path}.tool_call_id"))
     if isinstance(content, str):
-        return ChatMessage(role, content)
+        return ChatMessage(role, content, **extra)
     if not isinstance(content, list):
         raise bad_request("'content' must be a string or a list of content parts", f"{path}.content")
-    return ChatMessage(role, parse_parts(content, f"{path}.content"))
+    return ChatMessage(role, parse_parts(content, f"{path}.content"), **extra)
+
+
+def _tool_calls(m: dict, path: str) -> tuple[ToolCall, ...]:
+    raw = m.get("tool_calls") or []
+    if not isinstance(raw, list):
+        raise bad_request("'tool_calls' must be a list", f"{path}.tool_calls")
+    calls = []
+    for j, c in enumerate(raw):
+        f = c.get("function") if isinstance(c, dict) else None
+        if not isinstance(f, dict) or not isinstance(f.get("name"), str) \
+                or not isinstance(f.get("arguments", ""), str):
+            raise bad_request("a tool call must be {'id': ..., 'type': 'function', 'function': "
+                              "{'name': ..., 'arguments': '<json>'}}", f"{path}.tool_calls[{j}]")
+        calls.append(ToolCall(f["name"], f.get("arguments") or "{}", str(c.get("id") or "")))
+    return tuple(calls)
 
 
 def parse_parts(raw: list, path: str) -> tuple[Part, ...]:
@@ -288,17 +312,25 @@ def request_common(body: dict, max_default: int | None, logprobs: int | None) ->
 def parse_chat_request(body: Any) -> ChatRequest:
     """A decoded JSON body -> ChatRequest. Raises APIError(400) naming the bad field."""
     body = require_object(body)
-    refuse_unsupported(body, ("tools", "functions", "response_format", "best_of"))
+    refuse_unsupported(body, ("functions", "function_call", "best_of"))
     messages = _messages(body.get("messages"))
     want = _bool(body, "logprobs", False)
     top = _int(body, "top_logprobs", None, 0, MAX_LOGPROBS)
     if top is not None and not want:
         raise bad_request("'top_logprobs' requires 'logprobs' to be true", "top_logprobs")
     kwargs = _typed(body, "chat_template_kwargs", (dict,), "an object") or {}
-    return ChatRequest(**request_common(body, None, (top or 0) if want else None), messages=messages,
-                       logprobs=want, top_logprobs=top,
+    common = request_common(body, None, (top or 0) if want else None)
+    tools = parse_tools(body)
+    spec = tools.grammar()
+    if spec is not None:  # required / a named function: the grammar writes the call
+        if common["sampling"].structured_outputs is not None:
+            raise bad_request("'tool_choice' and a structured output both constrain the output; "
+                              "send one", "tool_choice")
+        common["sampling"] = dataclasses.replace(common["sampling"],
+                                                 structured_outputs=checked("tools", spec))
+    return ChatRequest(**common, messages=messages, logprobs=want, top_logprobs=top,
                        add_generation_prompt=_bool(body, "add_generation_prompt", True),
-                       chat_template_kwargs=dict(kwargs))
+                       chat_template_kwargs=dict(kwargs), tools=tools)
 
 
 def _prompt(v: Any) -> str | tuple[int, ...]:
@@ -315,7 +347,7 @@ def _prompt(v: Any) -> str | tuple[int, ...]:
 
 def parse_completion_request(body: Any) -> CompletionRequest:
     body = require_object(body)
-    refuse_unsupported(body, ("echo", "suffix", "best_of", "response_format"))
+    refuse_unsupported(body, ("echo", "suffix", "best_of"))
     prompt = _prompt(body.get("prompt"))
     logprobs = _int(body, "logprobs", None, 0, MAX_LOGPROBS)
     # 16 is the legacy completions API default; chat has none (the context length bounds it)

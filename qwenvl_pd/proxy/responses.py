@@ -32,6 +32,13 @@ class Choice:
     text: str
     finish_reason: str | None
     logprobs: tuple[TokenLogprob, ...] | None = None
+    tool_calls: tuple = ()  # tools.ToolCall; then text is the content before them (may be "")
+
+    def message(self) -> dict[str, Any]:
+        if not self.tool_calls:
+            return {"role": "assistant", "content": self.text}
+        return {"role": "assistant", "content": self.text or None,
+                "tool_calls": [c.openai() for c in self.tool_calls]}
 
 
 def new_id(prefix: str) -> str:
@@ -69,7 +76,7 @@ def chat_completion(rid: str, model: str, choices: Sequence[Choice], usage_: dic
                     created: int | None = None) -> dict[str, Any]:
     return {"id": rid, "object": "chat.completion", "created": created or int(time.time()),
             "model": model, "usage": usage_, "choices": [
-                {"index": c.index, "message": {"role": "assistant", "content": c.text},
+                {"index": c.index, "message": c.message(),
                  "logprobs": None if c.logprobs is None else chat_logprobs(c.logprobs),
                  "finish_reason": c.finish_reason} for c in choices]}
 
@@ -102,7 +109,8 @@ class ChunkBuilder:
         return out
 
     def _choice(self, index: int, text: str, finish: str | None,
-                logprobs: Sequence[TokenLogprob] | None, role: bool = False) -> dict[str, Any]:
+                logprobs: Sequence[TokenLogprob] | None, role: bool = False,
+                tool_calls: Sequence = ()) -> dict[str, Any]:
         if not self.chat:
             lp = None if logprobs is None else completion_logprobs(logprobs)
             return {"index": index, "text": text, "logprobs": lp, "finish_reason": finish}
@@ -110,6 +118,8 @@ class ChunkBuilder:
             delta = {"role": "assistant", "content": ""}
         else:  # a finish chunk without text carries an empty delta, as OpenAI's does
             delta = {"content": text} if text or not finish else {}
+            if tool_calls:
+                delta["tool_calls"] = [c.openai(k) for k, c in enumerate(tool_calls)]
         lp = None if logprobs is None else chat_logprobs(logprobs)
         return {"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish}
 
@@ -120,8 +130,8 @@ class ChunkBuilder:
         return self._chunk([self._choice(index, text, None, logprobs)])
 
     def finish(self, reason: str, index: int = 0, text: str = "",
-               logprobs: Sequence[TokenLogprob] | None = None) -> dict[str, Any]:
-        return self._chunk([self._choice(index, text, reason, logprobs)])
+               logprobs: Sequence[TokenLogprob] | None = None, tool_calls: Sequence = ()) -> dict:
+        return self._chunk([self._choice(index, text, reason, logprobs, tool_calls=tool_calls)])
 
     def usage(self, usage_: dict[str, Any]) -> dict[str, Any]:
         return {**self._chunk([]), "usage": usage_}

@@ -13,16 +13,18 @@ from qwenvl_pd.proxy.inputs import PreparedPrompt, prepare_chat, prepare_complet
 from qwenvl_pd.proxy.metrics import CONTENT_TYPE
 from qwenvl_pd.proxy.protocol import parse_chat_request, parse_completion_request
 from qwenvl_pd.proxy.responses import model_list, new_id
+from qwenvl_pd.proxy.tools import Tools
 from qwenvl_pd.proxy.streaming import cancel_on_disconnect, collect, stream
 
 router = APIRouter()
 
 
 async def _respond(request: Request, p: Proxy, slot: Slot, prompt: PreparedPrompt, chat: bool,
-                   streaming: bool, include_usage: bool, want_logprobs: bool, arrived: float):
+                   streaming: bool, include_usage: bool, want_logprobs: bool, arrived: float,
+                   tools: Tools = Tools()):
     rid = new_id("chatcmpl" if chat else "cmpl")
     run = RequestRun(rid, prompt, p.model, p.backend, p.metrics, want_logprobs, p.cfg.affinity_tokens,
-                     arrived)
+                     arrived, tools)
     if streaming:
         # from here on the stream owns the slot and releases it when it ends
         return await stream(run, rid, p.model.name, chat, include_usage, on_close=slot.release)
@@ -38,7 +40,7 @@ async def chat_completions(request: Request):
     p, req = await accept(request, parse_chat_request)
     slot, prompt = await p.admit_and_prepare(lambda: prepare_chat(req, p.model, p.cfg), req.n)
     return await _respond(request, p, slot, prompt, True, req.stream, req.include_usage, req.logprobs,
-                          arrived)
+                          arrived, req.tools)
 
 
 @router.post("/v1/completions")

@@ -7,6 +7,7 @@ code; anything after that travels as an error event followed by [DONE].
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -16,6 +17,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from qwenvl_pd.proxy.errors import APIError, server_error
 from qwenvl_pd.proxy.generation import Delta, RequestRun
+from qwenvl_pd.proxy.tools import OPEN, Tools, held_back, parse_output
 from qwenvl_pd.proxy.responses import (SSE_DONE, Choice, ChunkBuilder, TokenLogprob, chat_completion,
                                        completion, completion_logprobs, sse, sse_error)
 
@@ -36,22 +38,42 @@ async def collect(run: RequestRun, rid: str, model: str, chat: bool) -> dict[str
         if d.logprobs is not None:
             lps[d.index].extend(d.logprobs)
         finish[d.index] = d.finish_reason or finish[d.index]
-    choices = [Choice(i, "".join(texts[i]), finish[i], None if lps[i] is None else tuple(lps[i]))
-               for i in range(n)]
+    choices = [_with_tools(run.tools, Choice(i, "".join(texts[i]), finish[i],
+                                             None if lps[i] is None else tuple(lps[i])))
+               for i in range(n)] if chat else \
+        [Choice(i, "".join(texts[i]), finish[i], None if lps[i] is None else tuple(lps[i]))
+         for i in range(n)]
     build = chat_completion if chat else completion
     return build(rid, model, choices, run.usage())
 
 
+def _with_tools(tools: Tools, c: Choice) -> Choice:
+    """A chat choice whose text holds tool calls -> content + tool_calls, finish "tool_calls"."""
+    if tools.mode == "none":
+        return c
+    content, calls = parse_output(tools, c.text)
+    if not calls:
+        return c
+    reason = "tool_calls" if c.finish_reason == "stop" else c.finish_reason
+    return dataclasses.replace(c, text=content or "", finish_reason=reason, tool_calls=calls)
+
+
 class _Sse:
-    """Chunks of one request; completions' logprobs carry text offsets that grow per choice."""
+    """Chunks of one request; completions' logprobs carry text offsets that grow per choice.
+    With tools, a choice's text is held from where a tool call may start (all of it under a
+    grammar-written call) and its calls go out whole with the finish chunk."""
 
     def __init__(self, run: RequestRun, rid: str, model: str, chat: bool, include_usage: bool):
         self.run, self.chat = run, chat
         self.build = ChunkBuilder(rid, model, chat, include_usage)
         self.offsets = [0] * run.prompt.sampling.n
+        self.texts = [""] * run.prompt.sampling.n  # with tools: all text so far, and how much went out
+        self.sent = [0] * run.prompt.sampling.n
 
     def chunk(self, d: Delta) -> str:
         lp = d.logprobs
+        if self.chat and self.run.tools.mode != "none":
+            return sse(self._tool_chunk(d))
         if d.finish_reason:
             out = self.build.finish(d.finish_reason, d.index, d.text, lp)
         else:
@@ -60,6 +82,19 @@ class _Sse:
             out["choices"][0]["logprobs"] = completion_logprobs(lp, self.offsets[d.index])
         self.offsets[d.index] += len(d.text)
         return sse(out)
+
+    def _tool_chunk(self, d: Delta) -> dict:
+        i, tools = d.index, self.run.tools
+        self.texts[i] += d.text
+        text = self.texts[i]
+        if not d.finish_reason:
+            end = text.find(OPEN) if OPEN in text else len(text) - held_back(text)
+            end = self.sent[i] if tools.mode != "auto" else max(end, self.sent[i])
+            out, self.sent[i] = text[self.sent[i]:end], end
+            return self.build.delta(out, i, d.logprobs)
+        c = _with_tools(tools, Choice(i, text, d.finish_reason))
+        rest = c.text[self.sent[i]:] if c.tool_calls else text[self.sent[i]:]
+        return self.build.finish(c.finish_reason, i, rest, d.logprobs, c.tool_calls)
 
     def head(self) -> list[str]:
         if not self.chat:

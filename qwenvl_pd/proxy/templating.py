@@ -22,6 +22,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from qwenvl_pd.proxy.errors import bad_request
 from qwenvl_pd.proxy.protocol import ChatMessage, ImagePart, TextPart, VideoPart
+from qwenvl_pd.proxy.tools import Tools, tool_system_prompt
 
 __all__ = ["ChatTemplate", "special_tokens_from_config", "template_messages"]
 
@@ -51,9 +52,47 @@ def _part(p: TextPart | ImagePart | VideoPart) -> dict[str, str]:
 
 
 def template_messages(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
-    """ChatMessages as the plain dicts a chat template iterates over."""
+    """ChatMessages as the plain dicts a chat template iterates over (tool calls with their
+    arguments as objects, which is what Qwen's templates and transformers expect)."""
     return [{"role": m.role, "content": m.content if isinstance(m.content, str)
-             else [_part(p) for p in m.content]} for m in messages]
+             else [_part(p) for p in m.content]}
+            | ({"tool_calls": [{"type": "function", "id": c.id, "function": {
+                "name": c.name, "arguments": _arguments(c.arguments)}} for c in m.tool_calls]}
+               if m.tool_calls else {})
+            | ({"tool_call_id": m.tool_call_id} if m.tool_call_id else {}) for m in messages]
+
+
+def _arguments(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text  # rendered as sent
+
+
+def hermes_messages(messages: Sequence[ChatMessage], tools: Tools) -> list[ChatMessage]:
+    """For a template that renders no tools: Qwen's tool prompt in the system turn, calls as
+    <tool_call> text, tool results as <tool_response> user turns (what Qwen's tool templates
+    render)."""
+    out = [_hermes_message(m) for m in messages]
+    if tools.functions:
+        prompt = tool_system_prompt(tools.functions)
+        if out and out[0].role == "system" and isinstance(out[0].content, str):
+            out[0] = ChatMessage("system", f"{out[0].content}\n\n{prompt}")
+        else:
+            out.insert(0, ChatMessage("system", prompt))
+    return out
+
+
+def _hermes_message(m: ChatMessage) -> ChatMessage:
+    if m.role == "tool":
+        text = m.content if isinstance(m.content, str) else "".join(
+            p.text for p in m.parts if isinstance(p, TextPart))
+        return ChatMessage("user", f"<tool_response>\n{text}\n</tool_response>")
+    if m.tool_calls and isinstance(m.content, str):
+        calls = "".join(f'\n<tool_call>\n{{"name": {json.dumps(c.name)}, "arguments": {c.arguments}}}'
+                        "\n</tool_call>" for c in m.tool_calls)
+        return ChatMessage(m.role, (m.content + calls).lstrip("\n"))
+    return m
 
 
 class _Namespace(jinja2.utils.Namespace):
@@ -118,14 +157,18 @@ class ChatTemplate:
         except jinja2.exceptions.TemplateSyntaxError as e:
             raise ValueError(f"the chat template does not compile: {e}") from None
         self._special = dict(special_tokens or {})
+        self.renders_tools = "tools" in source  # Qwen3-VL's and Qwen2.5's do; Qwen2.5-VL's not
 
     def render(self, messages: Sequence[ChatMessage], add_generation_prompt: bool = True,
-               template_kwargs: Mapping[str, Any] | None = None) -> str:
+               template_kwargs: Mapping[str, Any] | None = None, tools: Tools = Tools()) -> str:
         """The prompt text; template_kwargs (a request's chat_template_kwargs, e.g. add_vision_id)
         become template variables. A template's raise_exception (e.g. roles out of order) is a 400."""
         try:
             # template_kwargs come from the client: they may not replace the conversation itself
-            return self._template.render({**self._special, **(template_kwargs or {}), "tools": None,
+            if not self.renders_tools:
+                messages = hermes_messages(messages, tools)
+            return self._template.render({**self._special, **(template_kwargs or {}),
+                                          "tools": tools.template_tools() if self.renders_tools else None,
                                           "documents": None,
                                           "messages": template_messages(messages),
                                           "add_generation_prompt": add_generation_prompt})

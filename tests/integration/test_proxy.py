@@ -14,6 +14,7 @@ import tempfile
 import time
 
 import httpx
+import jsonschema
 import numpy as np
 import openai
 import pytest
@@ -233,6 +234,13 @@ def _bad_cases(listener_port: int) -> list:
         ("prompt too long", user("hello " * 2100), auth, 400, "messages"),
         ("max_tokens too large", {**user("hi"), "max_tokens": 5000}, auth, 400, "max_tokens"),
         ("unknown model", {**user("hi"), "model": "gpt-4"}, auth, 404, "model"),
+        ("schema that does not compile", {**user("hi"), "response_format": {
+            "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "foo"}}}}, auth, 400,
+         "response_format"),
+        ("regex too large", {**user("hi"), "structured_outputs": {"regex": "a" * 70000}}, auth, 400,
+         "structured_outputs.regex"),
+        ("bad grammar", {**user("hi"), "structured_outputs": {"grammar": "root ::= ("}}, auth, 400,
+         "structured_outputs.grammar"),
         ("missing key", user("hi"), {}, 401, None),
         ("wrong key", user("hi"), {"Authorization": "Bearer nope"}, 401, None),
     ]
@@ -259,6 +267,85 @@ def test_bad_inputs_get_openai_errors_and_schedule_nothing(cluster):
     assert {n: r.requests_total for n, r in cluster.loads().items()} == before
 
 
+SCHEMA = {"type": "object", "additionalProperties": False, "required": ["color", "size", "ok"],
+          "properties": {"color": {"enum": ["red", "green", "blue"]},
+                         "size": {"type": "integer", "minimum": 1, "maximum": 20},
+                         "ok": {"type": "boolean"}}}
+JSON_FORMAT = {"type": "json_schema", "json_schema": {"name": "thing", "schema": SCHEMA}}
+
+
+def _json_reply(client, seed: int, stream: bool) -> tuple[str, str]:
+    kw = dict(model="tiny", messages=[{"role": "user", "content": "Describe a thing."}], seed=seed,
+              max_tokens=64, response_format=JSON_FORMAT)
+    if not stream:
+        c = client.chat.completions.create(**kw).choices[0]
+        return c.message.content, c.finish_reason
+    chunks = list(client.chat.completions.create(stream=True, **kw))
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    return text, [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1]
+
+
+def test_json_schema_replies_validate_for_20_seeds_streamed_and_not(client):
+    for seed in range(20):
+        whole, streamed = _json_reply(client, seed, False), _json_reply(client, seed, True)
+        assert whole == streamed
+        assert whole[1] == "stop"
+        jsonschema.validate(json.loads(whole[0]), SCHEMA)
+
+
+WEATHER = {"type": "object", "additionalProperties": False, "required": ["city", "days"],
+           "properties": {"city": {"enum": ["Paris", "Rome"]}, "days": {"type": "integer", "minimum": 1,
+                                                                       "maximum": 7}}}
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Forecast.",
+                                           "parameters": WEATHER}},
+         {"type": "function", "function": {"name": "get_time", "parameters": {
+             "type": "object", "additionalProperties": False, "required": ["zone"],
+             "properties": {"zone": {"enum": ["UTC", "CET"]}}}}}]
+ASK = [{"role": "user", "content": "Weather in Paris?"}]
+
+
+def test_required_and_named_tool_choice_write_calls_valid_for_the_schema(client):
+    params = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+    for seed in range(3):
+        for choice in ("required", {"type": "function", "function": {"name": "get_time"}}):
+            # one call: a random model would otherwise keep adding calls to the array
+            c = client.chat.completions.create(model="tiny", messages=ASK, tools=TOOLS, tool_choice=choice,
+                                               seed=seed, max_tokens=96, parallel_tool_calls=False).choices[0]
+            assert c.finish_reason == "tool_calls"
+            assert c.message.content is None and c.message.tool_calls
+            for call in c.message.tool_calls:
+                assert call.type == "function" and call.id.startswith("call_")
+                jsonschema.validate(json.loads(call.function.arguments), params[call.function.name])
+            if isinstance(choice, dict):
+                assert [t.function.name for t in c.message.tool_calls] == ["get_time"]
+
+
+def test_auto_tool_call_text_becomes_tool_calls_streamed_and_not(client):
+    # the random model never writes a call by itself: a grammar makes it write one (with the
+    # <tool_call> tokens by id: llguidance's masks offer them for the literal text, then reject them)
+    forced = {"grammar": 'start: <[151657]> "\\n" CALL "\\n" <[151658]>\n'
+                         'CALL: /\\{"name": "get_weather", "arguments": \\{"city": "(Paris|Rome)", '
+                         '"days": [1-7]\\}\\}/'}
+    kw = dict(model="tiny", messages=ASK, tools=TOOLS, tool_choice="auto", seed=1, max_tokens=96,
+              extra_body={"structured_outputs": forced})
+    c = client.chat.completions.create(**kw).choices[0]
+    assert c.finish_reason == "tool_calls" and c.message.content is None
+    [call] = c.message.tool_calls
+    assert call.function.name == "get_weather"
+    jsonschema.validate(json.loads(call.function.arguments), WEATHER)
+    chunks = [ch.choices[0] for ch in client.chat.completions.create(stream=True, **kw) if ch.choices]
+    streamed = [tc for ch in chunks for tc in (ch.delta.tool_calls or [])]
+    assert [(tc.index, tc.function.name, tc.function.arguments) for tc in streamed] == \
+        [(0, "get_weather", call.function.arguments)]
+    assert "".join(ch.delta.content or "" for ch in chunks) == ""
+    assert chunks[-1].finish_reason == "tool_calls"
+    # the call and its result go back in the next turn
+    turn = ASK + [{"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+                  {"role": "tool", "tool_call_id": call.id, "content": '{"forecast": "sun"}'}]
+    r = client.chat.completions.create(model="tiny", messages=turn, tools=TOOLS, max_tokens=4, temperature=0)
+    assert r.choices[0].finish_reason == "length"
+
+
 def test_client_disconnect_cancels_the_decode_stream(client, cluster):
     stream = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "go on"}],
                                             stream=True, max_tokens=1500, extra_body={"ignore_eos": True})
@@ -280,12 +367,22 @@ def test_colocated_proxy_answers_like_pd(client, model_dir):
     try:
         colocated = openai.OpenAI(base_url=url + "/v1", api_key="unused", timeout=60, max_retries=0)
         data = _image(70, 50, seed=3)
+        pairs = ((client, "tiny"), (colocated, colocated.models.list().data[0].id))
         got = [c.chat.completions.create(model=m, messages=_image_messages(data, "What is it?"), **GREEDY)
-               for c, m in ((client, "tiny"), (colocated, colocated.models.list().data[0].id))]
+               for c, m in pairs]
+        # under a grammar too, greedy and seeded: decode resumes the matcher prefill started
+        constrained = [[c.completions.create(model=m, prompt="A thing:", max_tokens=64, seed=seed,
+                                             temperature=t, logprobs=2,
+                                             extra_body={"response_format": JSON_FORMAT}).choices[0]
+                        for t, seed in ((0, None), (1.0, 5), (1.0, 6))] for c, m in pairs]
     finally:
         stop(proc)
     assert got[0].choices[0].message.content == got[1].choices[0].message.content
     assert got[0].usage.prompt_tokens == got[1].usage.prompt_tokens
+    pd_side, colocated_side = ([(c.text, c.finish_reason, c.logprobs.tokens) for c in side]
+                               for side in constrained)
+    assert pd_side == colocated_side
+    assert [json.loads(text)["color"] in ("red", "green", "blue") for text, _, _ in pd_side] == [True] * 3
 
 
 def test_discover_dns_finds_the_instances(cluster):

@@ -14,7 +14,7 @@ from qwenvl_pd.messages import (DecodeRequest, LoadReport, MediaItem, ModelInfo,
 from qwenvl_pd.protos import qwenvl_pd_pb2 as pb
 from qwenvl_pd.protos import qwenvl_pd_pb2_grpc as pb_grpc
 from qwenvl_pd.protos.convert import PAIRS, SKIPPED, from_proto, to_proto
-from qwenvl_pd.sampling_params import SamplingParams
+from qwenvl_pd.sampling_params import SamplingParams, StructuredOutputsParams
 
 ROOT = Path(__file__).resolve().parents[3]
 PROTOS = ROOT / "qwenvl_pd" / "protos"
@@ -26,7 +26,12 @@ FP = LayoutFingerprint(model="Qwen/Qwen2.5-VL-7B-Instruct", dtype="bfloat16", bl
 SP = SamplingParams(n=2, temperature=0.1 + 0.2, top_p=0.95, top_k=20, min_p=1e-300, seed=-(2 ** 63),
                     max_completion_tokens=7, min_tokens=3, stop_token_ids=[151645, 0],
                     ignore_eos=True, logprobs=5, repetition_penalty=1.05, presence_penalty=-2.0,
-                    frequency_penalty=0.7, skip_special_tokens=False)
+                    frequency_penalty=0.7, skip_special_tokens=False,
+                    structured_outputs=StructuredOutputsParams(json='{"type": "object"}',
+                                                               resume_token_ids=(5, 2 ** 31 - 1)))
+# the other kinds of grammar, one each (a spec holds exactly one)
+GRAMMARS = [SP.structured_outputs, *(StructuredOutputsParams(**kind) for kind in (
+    {"regex": "[a-z]+\u00e9"}, {"choice": ("yes", "")}, {"grammar": 'start: "x"'}, {"json_object": True}))]
 TOKEN = SampledToken(token_id=151643, logprob=-0.123456789012345,
                      top_logprobs=((151643, -0.123456789012345), (0, -7.5e-10)))
 HANDLE = KVHandle(instance_id="prefill-0", transfer_address="10.0.0.7:17777",
@@ -46,6 +51,7 @@ DECODE_REQ = DecodeRequest(request_id="req-1", handle=HANDLE, first_token=TOKEN,
                            prompt_len=3, mrope_position_delta=-(2 ** 40), sampling=SP, num_output_tokens=2)
 SAMPLES = [
     SP,
+    *GRAMMARS,
     SamplingParams(),  # skip_special_tokens=True: off the proto3 zero
     FP,
     HANDLE,

@@ -160,8 +160,12 @@ def test_top_k_zero_is_off_and_logprobs_without_top():
     ({"stream": "true"}, "stream"),
     ({"model": 5}, "model"),
     ({"temperature": float("nan")}, "temperature"),
-    ({"tools": [{"type": "function"}]}, "tools"),
-    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"tools": [{"type": "function"}]}, "tools[0]"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": {
+        "type": "function", "function": {"name": "g"}}}, "tool_choice.function.name"),
+    ({"tool_choice": "required"}, "tool_choice"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "foo"}}}},
+     "response_format"),
     ({"chat_template_kwargs": []}, "chat_template_kwargs"),
 ])
 def test_chat_field_errors_name_the_field(over, param):
