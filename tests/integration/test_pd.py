@@ -199,7 +199,10 @@ def test_abort_during_transfer_frees_both_sides(shared):
         os.kill(p_proc.pid, signal.SIGSTOP)  # the read now hangs inside Mooncake
         try:
             task = asyncio.ensure_future(consume())
-            await asyncio.sleep(1.0)
+            deadline = time.monotonic() + 20  # until decode holds the blocks the read writes to
+            while (await pd_client.load(d, "decode")).blocks_used == 0 and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.2)
             found = await pd_client.abort(d, "decode", req.request_id)
             held_during = (await pd_client.load(d, "decode")).blocks_used
         finally:
