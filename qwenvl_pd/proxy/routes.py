@@ -12,6 +12,7 @@ from qwenvl_pd.proxy.generation import RequestRun
 from qwenvl_pd.proxy.inputs import PreparedPrompt, prepare_chat, prepare_completion
 from qwenvl_pd.proxy.metrics import CONTENT_TYPE
 from qwenvl_pd.proxy.protocol import parse_chat_request, parse_completion_request
+from qwenvl_pd.proxy.request_models import ChatCompletionRequest, CompletionRequest, request_body
 from qwenvl_pd.proxy.responses import model_list, new_id
 from qwenvl_pd.proxy.tools import Tools
 from qwenvl_pd.proxy.streaming import cancel_on_disconnect, collect, stream
@@ -34,7 +35,7 @@ async def _respond(request: Request, p: Proxy, slot: Slot, prompt: PreparedPromp
         slot.release()
 
 
-@router.post("/v1/chat/completions")
+@router.post("/v1/chat/completions", openapi_extra=request_body(ChatCompletionRequest))
 async def chat_completions(request: Request):
     arrived = time.perf_counter()
     p, req = await accept(request, parse_chat_request)
@@ -43,7 +44,7 @@ async def chat_completions(request: Request):
                           arrived, req.tools)
 
 
-@router.post("/v1/completions")
+@router.post("/v1/completions", openapi_extra=request_body(CompletionRequest))
 async def completions(request: Request):
     arrived = time.perf_counter()
     p, req = await accept(request, parse_completion_request)
