@@ -104,6 +104,7 @@ class ChatRequest(_Common):
 class CompletionRequest(_Common):
     prompt: str | tuple[int, ...] = ""  # text, or token ids
     logprobs: int | None = None
+    echo: bool = False  # the prompt's text before each completion's
 
 
 # ---- field readers: each raises a 400 naming the field -------------------------------------
@@ -352,5 +353,10 @@ def parse_completion_request(body: Any) -> CompletionRequest:
     refuse_unsupported(body, COMPLETION_REFUSED)
     prompt = _prompt(body.get("prompt"))
     logprobs = _int(body, "logprobs", None, 0, MAX_LOGPROBS)
+    echo = _bool(body, "echo", False)
+    if echo and logprobs is not None:  # the echoed prompt's logprobs would need prompt_logprobs
+        raise bad_request("'echo' with 'logprobs' is not supported by this server (no prompt "
+                          "logprobs)", "echo")
     # 16 is the legacy completions API default; chat has none (the context length bounds it)
-    return CompletionRequest(**request_common(body, 16, logprobs), prompt=prompt, logprobs=logprobs)
+    return CompletionRequest(**request_common(body, 16, logprobs), prompt=prompt, logprobs=logprobs,
+                             echo=echo)

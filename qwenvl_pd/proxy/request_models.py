@@ -171,6 +171,7 @@ class CompletionRequest(_Streamed):
                   Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1, max_length=1)],
                   Annotated[list[TokenIds], Field(min_length=1, max_length=1)]]
     logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    echo: bool | None = None  # not with logprobs
 
 
 class GenerateRequest(_Sampling):

@@ -22,10 +22,10 @@ router = APIRouter()
 
 async def _respond(request: Request, p: Proxy, slot: Slot, prompt: PreparedPrompt, chat: bool,
                    streaming: bool, include_usage: bool, want_logprobs: bool, arrived: float,
-                   tools: Tools = Tools()):
+                   tools: Tools = Tools(), echo: str = ""):
     rid = new_id("chatcmpl" if chat else "cmpl")
     run = RequestRun(rid, prompt, p.model, p.backend, p.metrics, want_logprobs, p.cfg.affinity_tokens,
-                     arrived, tools)
+                     arrived, tools, echo)
     if streaming:
         # from here on the stream owns the slot and releases it when it ends
         return await stream(run, rid, p.model.name, chat, include_usage, on_close=slot.release)
@@ -50,8 +50,10 @@ async def completions(request: Request):
     p, req = await accept(request, parse_completion_request)
     prompt = prepare_completion(req, p.model)
     slot = p.admit(req.n)
+    echo = "" if not req.echo else req.prompt if isinstance(req.prompt, str) \
+        else p.model.tokenizer.decode(list(req.prompt))
     return await _respond(request, p, slot, prompt, False, req.stream, req.include_usage,
-                          req.logprobs is not None, arrived)
+                          req.logprobs is not None, arrived, echo=echo)
 
 
 @router.get("/v1/models")

@@ -26,7 +26,7 @@ CHAT_REFUSED = COMMON_REFUSED + (
     "reasoning_effort", "include_reasoning", "thinking_token_budget", "audio", "modalities",
     "prediction", "web_search_options",
 )
-COMPLETION_REFUSED = COMMON_REFUSED + ("echo", "suffix", "prompt_embeds")
+COMPLETION_REFUSED = COMMON_REFUSED + ("suffix", "prompt_embeds")
 GENERATE_REFUSED = COMMON_REFUSED + ("logprobs", "stream_options", "early_stopping")
 
 # values other than None / empty / False that change nothing: vLLM's defaults
