@@ -13,8 +13,10 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from qwenvl_pd import __version__
 from qwenvl_pd.messages import ModelInfo
 from qwenvl_pd.proxy.config import ProxyConfig
 from qwenvl_pd.proxy.errors import APIError, bad_request
@@ -22,6 +24,7 @@ from qwenvl_pd.proxy.generate_api import router as generate_api
 from qwenvl_pd.proxy.generation import Backend
 from qwenvl_pd.proxy.metrics import ProxyMetrics
 from qwenvl_pd.proxy.model_info import build_model
+from qwenvl_pd.proxy.request_models import component_schemas
 from qwenvl_pd.proxy.routes import router as routes
 from qwenvl_pd.proxy.state import Proxy
 from qwenvl_pd.proxy.streaming import error_response
@@ -54,6 +57,18 @@ def _install_handlers(app: FastAPI) -> None:
         return error_response(APIError(500, f"internal error: {type(exc).__name__}: {exc}", "server_error"))
 
 
+def _install_openapi(app: FastAPI) -> None:
+    # the routes read their bodies themselves (protocol.py's 400s), so FastAPI cannot see the
+    # request models: each route names its model in openapi_extra, and the models join here
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            schema.setdefault("components", {}).setdefault("schemas", {}).update(component_schemas())
+            app.openapi_schema = schema
+        return app.openapi_schema
+    app.openapi = openapi
+
+
 def create_app(cfg: ProxyConfig, open_backend: OpenBackend) -> FastAPI:
     """The app; its lifespan opens the backend and fetches the model's info before serving."""
     @asynccontextmanager
@@ -69,9 +84,9 @@ def create_app(cfg: ProxyConfig, open_backend: OpenBackend) -> FastAPI:
         finally:
             await close()
 
-    app = FastAPI(title="qwenvl-pd", lifespan=lifespan, docs_url=None, redoc_url=None,
-                  openapi_url=None)
+    app = FastAPI(title="qwenvl-pd", version=__version__, lifespan=lifespan, redoc_url=None)
     _install_handlers(app)
+    _install_openapi(app)
     app.include_router(routes)
     app.include_router(generate_api)
     return app

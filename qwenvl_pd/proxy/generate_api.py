@@ -21,8 +21,10 @@ from qwenvl_pd.proxy.generation import RequestRun
 from qwenvl_pd.proxy.inputs import prepare_chat, prepare_completion
 from qwenvl_pd.proxy.protocol import (ChatMessage, ChatRequest, CompletionRequest, parse_parts,
                                       refuse_unsupported, request_common, require_object)
+from qwenvl_pd.proxy.request_models import GenerateRequest, request_body
 from qwenvl_pd.proxy.responses import new_id
 from qwenvl_pd.proxy.streaming import cancel_on_disconnect, first_delta
+from qwenvl_pd.proxy.vllm_fields import GENERATE_REFUSED
 
 router = APIRouter()
 
@@ -30,7 +32,7 @@ router = APIRouter()
 def parse_generate_request(body) -> ChatRequest | CompletionRequest:
     """A decoded /generate body -> the chat (list prompt) or completion (string prompt) request."""
     body = require_object(body)
-    refuse_unsupported(body, ("use_beam_search", "best_of", "logprobs", "stream_options"))
+    refuse_unsupported(body, GENERATE_REFUSED)
     common = request_common(body, max_default=None, logprobs=None)
     prompt = body.get("prompt")
     if isinstance(prompt, str) and prompt:
@@ -42,7 +44,7 @@ def parse_generate_request(body) -> ChatRequest | CompletionRequest:
                       "prompt")
 
 
-@router.post("/generate")
+@router.post("/generate", openapi_extra=request_body(GenerateRequest))
 async def generate(request: Request):
     arrived = time.perf_counter()
     p, req = await accept(request, parse_generate_request)

@@ -65,7 +65,8 @@ class RequestRun:
 
     def __init__(self, rid: str, prompt: PreparedPrompt, model: ProxyModel, backend: Backend,
                  metrics: ProxyMetrics, want_logprobs: bool, affinity_tokens: int,
-                 arrived: float | None = None, tools: Tools = Tools()):
+                 arrived: float | None = None, tools: Tools = Tools(), echo: str = ""):
+        self.echo = echo  # text put before each sample's first delta (completions' echo)
         self.rid, self.prompt, self.model, self.backend, self.metrics = rid, prompt, model, backend, metrics
         self.tools = tools  # how the replies' text becomes tool calls (streaming.py)
         self.want_logprobs = want_logprobs
@@ -106,6 +107,7 @@ class RequestRun:
     async def _sample(self, index: int, req: PrefillRequest) -> AsyncIterator[Delta]:
         sp, st = req.sampling, self.stats[index]
         detok = IncrementalDetokenizer(self.model.tokens, sp.stop or (), sp.skip_special_tokens)
+        head = self.echo  # goes out with the first delta
         async with contextlib.aclosing(self.backend.generate(req, self.key)) as events:
             async for event in events:
                 if st.first_token_at is None:
@@ -118,6 +120,7 @@ class RequestRun:
                 finish = "stop" if stopped else (event.finish_reason or None)
                 if finish and not stopped:
                     text += detok.flush()
+                text, head = head + text, ""
                 if finish:
                     st.finish_reason = finish
                     yield Delta(index, text, lp, finish)

@@ -3,7 +3,8 @@
 Validation is hand-written rather than pydantic so that every failure is a 400 whose `param`
 names the exact field (``messages[0].content[1].image_url.url``), which is what OpenAI does and
 what a client needs to fix its request. Unknown top-level fields are ignored (SDKs send extras);
-fields we accept but cannot honour are refused, never silently dropped.
+vLLM's and OpenAI's fields we cannot honour are refused (vllm_fields.py), never silently dropped.
+request_models.py mirrors these rules as pydantic models for the OpenAPI schema.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any, Union
 from qwenvl_pd.proxy.errors import bad_request
 from qwenvl_pd.proxy.structured import checked, parse_structured
 from qwenvl_pd.proxy.tools import ToolCall, Tools, parse_tools
+from qwenvl_pd.proxy.vllm_fields import CHAT_REFUSED, COMPLETION_REFUSED, is_noop
 from qwenvl_pd.sampling_params import SamplingParams
 
 __all__ = ["TextPart", "ImagePart", "VideoPart", "Part", "ChatMessage", "ChatRequest", "CompletionRequest",
@@ -102,6 +104,7 @@ class ChatRequest(_Common):
 class CompletionRequest(_Common):
     prompt: str | tuple[int, ...] = ""  # text, or token ids
     logprobs: int | None = None
+    echo: bool = False  # the prompt's text before each completion's
 
 
 # ---- field readers: each raises a 400 naming the field -------------------------------------
@@ -169,10 +172,7 @@ def _stop_token_ids(body: dict) -> list[int]:
 
 def refuse_unsupported(body: dict, names: Sequence[str]) -> None:
     for key in names:
-        v = body.get(key)
-        ignorable = v in (None, False, "", [], {}) \
-            or key == "best_of" and v == 1 and not isinstance(v, bool)  # vllm bench sends best_of: 1
-        if not ignorable:
+        if not is_noop(key, body.get(key)):
             raise bad_request(f"'{key}' is not supported by this server", key)
 
 
@@ -185,6 +185,9 @@ def _stream(body: dict) -> tuple[bool, bool]:
         raise bad_request("'stream_options' must be an object", "stream_options")
     if not stream:
         raise bad_request("'stream_options' is only allowed when 'stream' is true", "stream_options")
+    if opts.get("continuous_usage_stats"):  # vLLM's usage on every chunk: not built
+        raise bad_request("'stream_options.continuous_usage_stats' is not supported by this server",
+                          "stream_options.continuous_usage_stats")
     return stream, bool(_typed(opts, "include_usage", (bool,), "a boolean",
                                "stream_options.include_usage"))
 
@@ -312,7 +315,7 @@ def request_common(body: dict, max_default: int | None, logprobs: int | None) ->
 def parse_chat_request(body: Any) -> ChatRequest:
     """A decoded JSON body -> ChatRequest. Raises APIError(400) naming the bad field."""
     body = require_object(body)
-    refuse_unsupported(body, ("functions", "function_call", "best_of"))
+    refuse_unsupported(body, CHAT_REFUSED)
     messages = _messages(body.get("messages"))
     want = _bool(body, "logprobs", False)
     top = _int(body, "top_logprobs", None, 0, MAX_LOGPROBS)
@@ -347,8 +350,13 @@ def _prompt(v: Any) -> str | tuple[int, ...]:
 
 def parse_completion_request(body: Any) -> CompletionRequest:
     body = require_object(body)
-    refuse_unsupported(body, ("echo", "suffix", "best_of"))
+    refuse_unsupported(body, COMPLETION_REFUSED)
     prompt = _prompt(body.get("prompt"))
     logprobs = _int(body, "logprobs", None, 0, MAX_LOGPROBS)
+    echo = _bool(body, "echo", False)
+    if echo and logprobs is not None:  # the echoed prompt's logprobs would need prompt_logprobs
+        raise bad_request("'echo' with 'logprobs' is not supported by this server (no prompt "
+                          "logprobs)", "echo")
     # 16 is the legacy completions API default; chat has none (the context length bounds it)
-    return CompletionRequest(**request_common(body, 16, logprobs), prompt=prompt, logprobs=logprobs)
+    return CompletionRequest(**request_common(body, 16, logprobs), prompt=prompt, logprobs=logprobs,
+                             echo=echo)

@@ -12,6 +12,7 @@ from qwenvl_pd.proxy.generation import RequestRun
 from qwenvl_pd.proxy.inputs import PreparedPrompt, prepare_chat, prepare_completion
 from qwenvl_pd.proxy.metrics import CONTENT_TYPE
 from qwenvl_pd.proxy.protocol import parse_chat_request, parse_completion_request
+from qwenvl_pd.proxy.request_models import ChatCompletionRequest, CompletionRequest, request_body
 from qwenvl_pd.proxy.responses import model_list, new_id
 from qwenvl_pd.proxy.tools import Tools
 from qwenvl_pd.proxy.streaming import cancel_on_disconnect, collect, stream
@@ -21,10 +22,10 @@ router = APIRouter()
 
 async def _respond(request: Request, p: Proxy, slot: Slot, prompt: PreparedPrompt, chat: bool,
                    streaming: bool, include_usage: bool, want_logprobs: bool, arrived: float,
-                   tools: Tools = Tools()):
+                   tools: Tools = Tools(), echo: str = ""):
     rid = new_id("chatcmpl" if chat else "cmpl")
     run = RequestRun(rid, prompt, p.model, p.backend, p.metrics, want_logprobs, p.cfg.affinity_tokens,
-                     arrived, tools)
+                     arrived, tools, echo)
     if streaming:
         # from here on the stream owns the slot and releases it when it ends
         return await stream(run, rid, p.model.name, chat, include_usage, on_close=slot.release)
@@ -34,7 +35,7 @@ async def _respond(request: Request, p: Proxy, slot: Slot, prompt: PreparedPromp
         slot.release()
 
 
-@router.post("/v1/chat/completions")
+@router.post("/v1/chat/completions", openapi_extra=request_body(ChatCompletionRequest))
 async def chat_completions(request: Request):
     arrived = time.perf_counter()
     p, req = await accept(request, parse_chat_request)
@@ -43,14 +44,16 @@ async def chat_completions(request: Request):
                           arrived, req.tools)
 
 
-@router.post("/v1/completions")
+@router.post("/v1/completions", openapi_extra=request_body(CompletionRequest))
 async def completions(request: Request):
     arrived = time.perf_counter()
     p, req = await accept(request, parse_completion_request)
     prompt = prepare_completion(req, p.model)
     slot = p.admit(req.n)
+    echo = "" if not req.echo else req.prompt if isinstance(req.prompt, str) \
+        else p.model.tokenizer.decode(list(req.prompt))
     return await _respond(request, p, slot, prompt, False, req.stream, req.include_usage,
-                          req.logprobs is not None, arrived)
+                          req.logprobs is not None, arrived, echo=echo)
 
 
 @router.get("/v1/models")

@@ -170,6 +170,19 @@ def test_completion_default_max_tokens_and_text(client):
     assert body["usage"]["completion_tokens"] == min(16, len(client.app.state.proxy.backend.tokens))
 
 
+def test_completion_echo_puts_the_prompt_before_the_text(client, qwen_tokenizer):
+    ids = qwen_tokenizer.encode(" red sky")
+    body = client.post("/v1/completions", json={"prompt": "Say", "echo": True, "max_tokens": 50}).json()
+    by_ids = client.post("/v1/completions", json={"prompt": ids, "echo": True, "max_tokens": 50}).json()
+    events = sse_events(client.post("/v1/completions", json={
+        "prompt": "Say", "echo": True, "stream": True, "max_tokens": 50}).text)
+    assert body["choices"][0]["text"] == "Say" + ANSWER
+    assert by_ids["choices"][0]["text"] == " red sky" + ANSWER
+    assert events[0]["choices"][0]["text"].startswith("Say") and not events[1]["choices"][0]["text"].startswith("Say")
+    assert "".join(e["choices"][0]["text"] for e in events) == "Say" + ANSWER
+    assert body["usage"]["completion_tokens"] == len(qwen_tokenizer.encode(ANSWER))
+
+
 @pytest.mark.parametrize("body, status, param", [
     (b"{not json", 400, None),
     (b"[" * 100_000 + b"]" * 100_000, 400, None),  # nesting past Python's recursion limit

@@ -221,7 +221,7 @@ def test_completion_request():
     ({"prompt": None}, "prompt"),
     ({"logprobs": True}, "logprobs"),
     ({"logprobs": 21}, "logprobs"),
-    ({"echo": True}, "echo"),
+    ({"echo": True, "logprobs": 1}, "echo"),
     ({"suffix": "x"}, "suffix"),
     ({"best_of": 2}, "best_of"),
 ])
