@@ -67,11 +67,11 @@ def stop(proc: subprocess.Popen) -> None:
 @contextmanager
 def pd_pair(model: str, prefill_args=(), decode_args=()):
     procs = []
-    try:
-        p, p_addr = start_node("prefill", model, *prefill_args)
-        procs.append(p)
-        d, d_addr = start_node("decode", model, *decode_args)
-        procs.append(d)
+    try:  # both load at once: start-up is most of a short test
+        (p, p_addr), (d, d_addr) = spawn_node("prefill", model, *prefill_args), spawn_node("decode", model, *decode_args)
+        procs += [p, d]
+        wait_healthy(p_addr, p)
+        wait_healthy(d_addr, d)
         yield (p, p_addr), (d, d_addr)
     finally:
         for proc in procs:

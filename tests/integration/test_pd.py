@@ -18,7 +18,7 @@ from qwenvl_pd.proxy import pd_client
 from qwenvl_pd.proxy.pd_client import Instance
 from qwenvl_pd.serve import _grpc_serving
 
-from nodes import free_port, pd_pair, png_bytes, start_node, stop
+from nodes import free_port, pd_pair, png_bytes, spawn_node, start_node, stop, wait_healthy
 
 IMG = "<|vision_start|><|image_pad|><|vision_end|>"
 ARCHS = ["qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"]
@@ -419,16 +419,17 @@ def test_w8a8_through_pd_equals_offline_and_refuses_a_float_decode(tiny_dirs, tm
     greedy = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
     requests = [{"prompt": _chat(f"{IMG}What is this?"), "multi_modal_data": {"image": [_image(90, 70, 1)]}},
                 {"prompt": _chat("Tell me a story about the sea.")}]
-    with pd_pair(model, decode_args=("--quantization", "ascend")) as ((_, p_addr), (_, d_addr)):
-        for i, req in enumerate(requests):
-            tokens, _ = asyncio.run(_run(p_addr, d_addr, _pd_request(llm, f"q{i}", req, greedy)))
-            assert tokens == llm.generate(req, greedy)[0].outputs[0].token_ids
-        # same config.json, float weights: only the quantisation tells the KV apart
-        other, other_addr = start_node("decode", str(tiny_dirs["qwen3_vl_moe"]))
-        try:
+    # same config.json, float weights: only the quantisation tells the KV apart (loads meanwhile)
+    other, other_addr = spawn_node("decode", str(tiny_dirs["qwen3_vl_moe"]))
+    try:
+        with pd_pair(model, decode_args=("--quantization", "ascend")) as ((_, p_addr), (_, d_addr)):
+            for i, req in enumerate(requests):
+                tokens, _ = asyncio.run(_run(p_addr, d_addr, _pd_request(llm, f"q{i}", req, greedy)))
+                assert tokens == llm.generate(req, greedy)[0].outputs[0].token_ids
+            wait_healthy(other_addr, other)
             error, _ = asyncio.run(_decode_refused(p_addr, other_addr, _pd_request(llm, "q9", requests[1], greedy),
                                                    lambda r: r))
-        finally:
-            stop(other)
+    finally:
+        stop(other)
     assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "quantization: prefill ascend-w8a8:" in error.details() and ", decode none" in error.details()
