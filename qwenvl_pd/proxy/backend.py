@@ -20,6 +20,7 @@ import grpc
 from qwenvl_pd.messages import PrefillRequest, PrefillResult, TokenEvent
 from qwenvl_pd.proxy import pd_client
 from qwenvl_pd.proxy.errors import APIError, bad_request, overloaded
+from qwenvl_pd.proxy.racing import unless
 from qwenvl_pd.proxy.router import InstanceState, Router
 
 log = logging.getLogger(__name__)
@@ -48,15 +49,8 @@ def _no_answer(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
 
 async def _unless_lost(state: InstanceState, awaitable):
     """awaitable's result, unless the instance stops answering health checks first."""
-    work, lost = asyncio.ensure_future(awaitable), asyncio.ensure_future(state.lost.wait())
-    try:
-        await asyncio.wait({work, lost}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        lost.cancel()
-        if not work.done():
-            work.cancel()
-            await asyncio.wait({work})  # let it unwind: a stream's generator must not be running when closed
-    if work.done() and not work.cancelled():
+    work = await unless(awaitable, state.lost.wait())
+    if not work.cancelled():
         return work.result()
     raise _no_answer(grpc.StatusCode.UNAVAILABLE, f"{state.address} stopped answering health checks")
 

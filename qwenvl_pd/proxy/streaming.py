@@ -6,7 +6,6 @@ code; anything after that travels as an error event followed by [DONE].
 """
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -17,6 +16,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from qwenvl_pd.proxy.errors import APIError, server_error
 from qwenvl_pd.proxy.generation import Delta, RequestRun
+from qwenvl_pd.proxy.racing import unless
 from qwenvl_pd.proxy.tools import OPEN, Tools, held_back, parse_output
 from qwenvl_pd.proxy.responses import (SSE_DONE, Choice, ChunkBuilder, TokenLogprob, chat_completion,
                                        completion, completion_logprobs, sse, sse_error)
@@ -155,12 +155,5 @@ async def until_disconnected(request: Request) -> None:
 
 async def cancel_on_disconnect(request: Request, work: Awaitable[Any]) -> Any:
     """Run `work`; cancel it (and so its backend streams) if the client goes away first."""
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(until_disconnected(request))
-    try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watcher.cancel()
-        if not task.done():
-            task.cancel()
+    task = await unless(work, until_disconnected(request))
     return await task  # CancelledError when the client left: nobody reads the answer anyway
