@@ -4,6 +4,7 @@ import itertools
 import logging
 import weakref
 
+from qwenvl_pd.engine import prompt_logprobs
 from qwenvl_pd.engine.config import EngineConfig
 from qwenvl_pd.engine.sequence import FinishReason, Sequence
 from qwenvl_pd.engine.stack import StackConfig, build_stack
@@ -87,7 +88,8 @@ class LLM:
     def _output(self, raw, prompt: ProcessedPrompt, seqs: list[Sequence]) -> RequestOutput:
         outs = [self._completion(i, s) for i, s in enumerate(seqs)]
         text = raw.get("prompt") if isinstance(raw, dict) else raw
-        return RequestOutput(seqs[0].request_id, text, list(prompt.token_ids), outs)
+        return RequestOutput(seqs[0].request_id, text, list(prompt.token_ids), outs,
+                             prompt_logprobs=_prompt_logprobs(seqs[0]))
 
     def _completion(self, index: int, seq: Sequence) -> CompletionOutput:
         p = seq.params
@@ -100,3 +102,12 @@ class LLM:
             logprobs = [dict(top) | {t: lp} for t, (lp, top) in zip(seq.output_ids, seq.logprobs)]
         return CompletionOutput(index, text, seq.output_ids, seq.finish_reason.value,
                                 logprobs=logprobs)
+
+
+def _prompt_logprobs(seq: Sequence) -> list[dict[int, float] | None] | None:
+    rows = prompt_logprobs.of_sequence(seq)
+    if rows is None:
+        return None
+    tokens, own = seq.token_ids[1:seq.prompt_len], rows.logprobs.tolist()
+    tops = zip(rows.top_ids.tolist(), rows.top_logprobs.tolist())
+    return [None] + [{t: lp} | dict(zip(ids, lps)) for t, lp, (ids, lps) in zip(tokens, own, tops)]

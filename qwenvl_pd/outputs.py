@@ -19,3 +19,6 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = True
+    # with SamplingParams.prompt_logprobs: None for the first prompt token, then per token
+    # {its id: logprob, then the top ids: logprob} (its own first, as vLLM orders them)
+    prompt_logprobs: list[dict[int, float] | None] | None = None

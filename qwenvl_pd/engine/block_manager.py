@@ -94,13 +94,18 @@ class BlockManager:
         self._check(n)
         return self._take(n)
 
-    def can_allocate(self, token_ids: Sequence[int], mm_spans: Iterable[MMSpan] = ()) -> bool:
-        return self._cost(len(token_ids), self._lookup(token_ids, mm_spans)) <= self.num_free_blocks
+    def can_allocate(self, token_ids: Sequence[int], mm_spans: Iterable[MMSpan] = (),
+                     read_cache: bool = True) -> bool:
+        hits = self._lookup(token_ids, mm_spans, read_cache)
+        return self._cost(len(token_ids), hits) <= self.num_free_blocks
 
-    def allocate(self, token_ids: Sequence[int], mm_spans: Iterable[MMSpan] = ()) -> Allocation:
-        """Blocks for the whole prompt; leading full blocks come from the prefix cache where they hit.
-        Raises OutOfBlocks, with nothing changed, when the pool cannot cover it."""
-        hits = self._lookup(token_ids, mm_spans)
+    def allocate(self, token_ids: Sequence[int], mm_spans: Iterable[MMSpan] = (),
+                 read_cache: bool = True) -> Allocation:
+        """Blocks for the whole prompt; leading full blocks come from the prefix cache where they hit
+        (read_cache False: none do, for a prompt that needs logits at every position; its blocks
+        are still sealed for later prompts). Raises OutOfBlocks, with nothing changed, when the
+        pool cannot cover it."""
+        hits = self._lookup(token_ids, mm_spans, read_cache)
         # all-or-nothing: the cost is exact, so once this check passes nothing below can fail
         self._check(self._cost(len(token_ids), hits))
         for b in hits:  # claim hits before _take so that eviction cannot pick one of them
@@ -108,7 +113,7 @@ class BlockManager:
                 del self._evictable[b]
             self._ref[b] += 1
         fresh = self._take(self.blocks_needed(len(token_ids)) - len(hits))
-        if self.enable_prefix_caching:
+        if self.enable_prefix_caching and read_cache:
             self.prefix_queries += self._eligible(len(token_ids))
             self.prefix_hits += len(hits)
         return Allocation(hits + fresh, len(hits) * self.block_size)
@@ -176,8 +181,9 @@ class BlockManager:
         # is recomputed whole: a hit block may be shared, and writing into it would race its readers.
         return max(num_tokens - 1, 0) // self.block_size
 
-    def _lookup(self, token_ids: Sequence[int], mm_spans: Iterable[MMSpan]) -> list[int]:
-        if not self.enable_prefix_caching:
+    def _lookup(self, token_ids: Sequence[int], mm_spans: Iterable[MMSpan],
+                read_cache: bool = True) -> list[int]:
+        if not self.enable_prefix_caching or not read_cache:
             return []
         n = self._eligible(len(token_ids)) * self.block_size
         hits = []

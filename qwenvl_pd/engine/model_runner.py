@@ -1,12 +1,14 @@
 """Builds one flat forward from a list of sequences (prefill chunks and decode tokens mixed)."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
 
 from qwenvl_pd.engine.block_tables import BlockTables
 from qwenvl_pd.engine.graphs import DecodeGraphs
+from qwenvl_pd.engine.prompt_logprobs import PromptCollector, num_rows
 from qwenvl_pd.engine.sequence import ScheduledChunk, Sequence
 from qwenvl_pd.engine.step_input import DecodeRows, StepInput
 from qwenvl_pd.engine.token_inputs import flat_tokens
@@ -20,6 +22,8 @@ if TYPE_CHECKING:
 # decode rows attend in groups of this many (sorted by context length): one padded batch for
 # all rows would read up to max/mean times the keys it needs (4 measured best of 2-8 on CPU)
 DECODE_GROUP = 4
+# prompt-logprob rows per lm_head call: [256, 152k] float32 logits are 155 MB, whatever the chunk
+PROMPT_SLICE = 256
 
 
 class ModelRunner:
@@ -37,15 +41,22 @@ class ModelRunner:
 
     def run(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
         """Forward the chunks; logits [len(chunks), vocab] at each chunk's last token, in order.
+        Sequences that asked for prompt logprobs get this chunk's rows appended.
         With tensor parallelism every other rank runs the same step from the broadcast."""
         step = self.prepare(chunks)
         if self.channel is not None:
             self.channel.send(step)
-        return self.execute(step)
+        collector = PromptCollector(chunks) if len(step.prompt_rows) else None
+        logits = self.execute(step, collector)
+        if collector is not None:
+            collector.finish()
+        return logits
 
     @torch.inference_mode()
-    def execute(self, step: StepInput) -> torch.Tensor:
-        """One forward on this rank -> logits [len(step.logit_rows), vocab]."""
+    def execute(self, step: StepInput,
+                on_prompt_logits: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
+        """One forward on this rank -> logits [len(step.logit_rows), vocab]. The prompt rows'
+        logits go to on_prompt_logits in slices (rank 0; the other ranks only join the gathers)."""
         if step.graph:
             rows, dev = step.decode[0], self.device
             hidden = self.graphs.run(step.input_ids.to(dev), step.positions.to(dev),
@@ -53,7 +64,13 @@ class ModelRunner:
                                      rows.lens.to(dev))
             return self.model.compute_logits(hidden)
         hidden = self.model(*self.inputs(step))
-        return self.model.compute_logits(hidden[step.logit_rows.to(self.device)])
+        logits = self.model.compute_logits(hidden[step.logit_rows.to(self.device)])
+        prompt_rows = step.prompt_rows.to(self.device)
+        for i in range(0, len(prompt_rows), PROMPT_SLICE):
+            part = self.model.compute_logits(hidden[prompt_rows[i:i + PROMPT_SLICE]])
+            if on_prompt_logits is not None:
+                on_prompt_logits(part)
+        return logits
 
     def inputs(self, step: StepInput):
         """The model's arguments for an eager step: ids, positions, cache, metadata, visual."""
@@ -77,10 +94,20 @@ class ModelRunner:
                                             self._collect_vision(s, start, end, embeds, deep))
         # each chunk's last token, back in the caller's order before the [rows, vocab] lm_head
         ends = torch.tensor([c.num_tokens for c in ordered]).cumsum(0) - 1
-        step = StepInput(torch.tensor(ids), pos, torch.tensor(slots), ends[torch.tensor(order).argsort()],
-                         visual=self._visual(mask, embeds, deep))
+        back = torch.tensor(order).argsort()
+        step = StepInput(torch.tensor(ids), pos, torch.tensor(slots), ends[back],
+                         visual=self._visual(mask, embeds, deep),
+                         prompt_rows=self._prompt_rows(chunks, ends[back]))
         self._attention_rows(ordered, step)
         return step
+
+    @staticmethod
+    def _prompt_rows(chunks: list[ScheduledChunk], ends: torch.Tensor) -> torch.Tensor:
+        """Flat rows [P] whose logits score prompt tokens, in the caller's chunk order (each
+        chunk's first num_rows tokens: its positions num_computed on)."""
+        rows = [torch.arange(n) + (int(end) - c.num_tokens + 1)
+                for c, end in zip(chunks, ends) if (n := num_rows(c))]
+        return torch.cat(rows) if rows else torch.empty(0, dtype=torch.long)
 
     def _graph_ready(self, chunks: list[ScheduledChunk]) -> bool:
         return (all(c.num_tokens == 1 for c in chunks)

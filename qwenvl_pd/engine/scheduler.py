@@ -59,9 +59,11 @@ class Scheduler:
         return chunks
 
     def _admit(self, seq: Sequence, budget: int) -> ScheduledChunk | None:
-        if not self.blocks.can_allocate(seq.token_ids, seq.mm_spans):
+        # a cached prefix has no logits: prompt logprobs need every position computed (vLLM's rule)
+        read = seq.params.prompt_logprobs is None
+        if not self.blocks.can_allocate(seq.token_ids, seq.mm_spans, read):
             return None
-        alloc = self.blocks.allocate(seq.token_ids, seq.mm_spans)
+        alloc = self.blocks.allocate(seq.token_ids, seq.mm_spans, read)
         seq.block_ids = list(alloc.block_ids)
         seq.num_computed = alloc.num_cached_tokens
         seq.num_cached = alloc.num_cached_tokens
@@ -87,6 +89,7 @@ class Scheduler:
         self.running.remove(seq)
         self.blocks.free(seq.block_ids)
         seq.block_ids, seq.num_computed = [], 0
+        seq.prompt_logprobs = []  # the recompute scores the prompt again
         if self.cfg.recompute_on_preempt:
             seq.status = Status.WAITING
             self.waiting.appendleft(seq)

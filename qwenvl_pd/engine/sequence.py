@@ -39,6 +39,7 @@ class Sequence:
     status: Status = Status.WAITING
     finish_reason: FinishReason | None = None
     logprobs: list = field(default_factory=list)  # per output token: (logprob, top list) or None
+    prompt_logprobs: list = field(default_factory=list)  # prompt_logprobs.PromptRows, chunk by chunk
     block_hashes: list[bytes] = field(default_factory=list)  # of its full blocks, as far as sealed
     grammar: object = None  # engine.grammar.Matcher once a structured-output row first samples
     prompt_len: int = field(init=False)

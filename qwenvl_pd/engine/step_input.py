@@ -33,13 +33,16 @@ class StepInput:
     prefills: list[PrefillSpan] = field(default_factory=list)  # block tables on the host
     visual: VisualInjection | None = None
     graph: bool = False         # decode only, one DecodeRows in the caller's order: replay a graph
+    # [P] rows whose logits score prompt tokens (prompt_logprobs); every rank joins their gathers
+    prompt_rows: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
 
 
 def encode(step: StepInput) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (int64 header + index data, uint8 embedding bytes)."""
     header = [int(step.graph), step.input_ids.numel(), step.logit_rows.numel(),
-              len(step.decode), len(step.prefills)]
-    ints = [step.input_ids, step.positions.flatten(), step.slot_mapping, step.logit_rows]
+              len(step.decode), len(step.prefills), step.prompt_rows.numel()]
+    ints = [step.input_ids, step.positions.flatten(), step.slot_mapping, step.logit_rows,
+            step.prompt_rows]
     for g in step.decode:
         header += [g.start, *g.block_tables.shape]
         ints += [g.block_tables.flatten(), g.lens]
@@ -66,9 +69,10 @@ def decode(ints: torch.Tensor, data: torch.Tensor) -> StepInput:
     """The StepInput encode() flattened."""
     n = int(ints[0])
     header, body = iter(ints[1:1 + n].tolist()), _Reader(ints[1 + n:])
-    graph, tokens, rows, groups, chunks = (next(header) for _ in range(5))
+    graph, tokens, rows, groups, chunks, prompt = (next(header) for _ in range(6))
     step = StepInput(body.take(tokens), body.take(3 * tokens).view(3, tokens), body.take(tokens),
                      body.take(rows), graph=bool(graph))
+    step.prompt_rows = body.take(prompt)
     for _ in range(groups):
         start, r, b = next(header), next(header), next(header)
         step.decode.append(DecodeRows(start, body.take(r * b).view(r, b), body.take(r)))

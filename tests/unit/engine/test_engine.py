@@ -146,3 +146,40 @@ def test_finish_after_prefill_stops_at_the_first_token_and_keeps_the_blocks(llm,
     assert [o.outputs[0].finish_reason for o in outs] == ["prefilled", "prefilled"]
     prompts = [len(prefill.inputs.process(r).token_ids) for r in requests]
     assert prefill.engine.blocks.num_used_blocks == sum(-(-n // 16) for n in prompts)
+
+
+def _ref_prompt_logprobs(ref, prompt) -> torch.Tensor:
+    """transformers' log_softmax at every prompt position [prompt_len, vocab]."""
+    ids = torch.tensor([prompt.token_ids])
+    kw = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+          "mm_token_type_ids": (ids == 151655).long()}  # so that M-RoPE positions are built
+    if prompt.images is not None:
+        kw.update(pixel_values=prompt.images.pixel_values, image_grid_thw=prompt.images.image_grid_thw)
+    with torch.inference_mode():
+        return ref(**kw).logits[0].float().log_softmax(-1)
+
+
+def test_prompt_logprobs_over_chunks_equal_transformers_and_read_no_prefix_cache(llm, path):
+    # 64-token chunks cut through the image placeholders
+    req = {"prompt": f"<|im_start|>user\n{IMG}the cat runs over a small red house<|im_end|>\n"
+                     "<|im_start|>assistant\n", "multi_modal_data": {"image": [_image(360, 320, 7)]}}
+    prompt = llm.inputs.process(req)
+    n = len(prompt.token_ids)
+    assert n > 2 * 64
+    llm.generate(req, SamplingParams(max_tokens=1, temperature=0))  # seals the prompt's blocks
+    hits = llm.engine.blocks.prefix_hits
+    out = llm.generate(req, SamplingParams(max_tokens=2, temperature=0.8, seed=1,
+                                           repetition_penalty=1.5, prompt_logprobs=3))[0]
+    assert llm.engine.blocks.prefix_hits == hits  # every position ran: none came from the cache
+    ref = _ref_prompt_logprobs(transformers.AutoModelForImageTextToText.from_pretrained(
+        path, dtype=torch.float32).eval(), prompt)
+    assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == n
+    for p in range(1, n):
+        got, row, token = out.prompt_logprobs[p], ref[p - 1], prompt.token_ids[p]
+        top = row.topk(3)
+        # its own token first, then the top 3 of the raw distribution (no penalty, temperature)
+        assert list(got) == [token] + [t for t in top.indices.tolist() if t != token]
+        want = {token: float(row[token])} | dict(zip(top.indices.tolist(), top.values.tolist()))
+        assert got == pytest.approx(want, abs=1e-4)
+    llm.generate(req, SamplingParams(max_tokens=1, temperature=0))
+    assert llm.engine.blocks.prefix_hits > hits  # its blocks were still sealed for later prompts

@@ -7,7 +7,7 @@ from qwenvl_pd.model.text import VisualInjection
 
 
 def _same(a: StepInput, b: StepInput) -> None:
-    for name in ("input_ids", "positions", "slot_mapping", "logit_rows"):
+    for name in ("input_ids", "positions", "slot_mapping", "logit_rows", "prompt_rows"):
         assert torch.equal(getattr(a, name), getattr(b, name)), name
     assert [(r.start, r.block_tables.tolist(), r.lens.tolist()) for r in a.decode] == \
         [(r.start, r.block_tables.tolist(), r.lens.tolist()) for r in b.decode]
@@ -25,7 +25,7 @@ def test_mixed_step_with_vision_round_trips_bit_exactly():
                      torch.tensor([1, 0]),
                      decode=[DecodeRows(0, torch.tensor([[2, 5, 0]]), torch.tensor([35]))],
                      prefills=[PrefillSpan(1, 6, 5, torch.tensor([1]))],
-                     visual=VisualInjection(mask[:], embeds, deep))
+                     visual=VisualInjection(mask[:], embeds, deep), prompt_rows=torch.tensor([1, 2, 3]))
     back = decode(*encode(step))
     _same(step, back)
     assert torch.equal(back.visual.mask, mask)
@@ -40,8 +40,9 @@ def test_graph_step_without_vision_sends_no_bytes():
                      graph=True)
     ints, data = encode(step)
     assert data.numel() == 0
-    # header: its length, graph, tokens, rows, groups, prefills, (start, rows, blocks), no vision
-    assert ints[:10].tolist() == [9, 1, 2, 2, 1, 0, 0, 2, 2, 0]
+    # header: its length, graph, tokens, rows, groups, prefills, prompt rows, (start, rows,
+    # blocks), no vision
+    assert ints[:11].tolist() == [10, 1, 2, 2, 1, 0, 0, 0, 2, 2, 0]
     back = decode(ints, data)
     _same(step, back)
     assert back.visual is None
