@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from qwenvl_pd.kv_transfer.handle import KVHandle, LayoutFingerprint
 from qwenvl_pd.sampling_params import SamplingParams
 
-__all__ = ["MediaItem", "PrefillRequest", "SampledToken", "PrefillResult", "DecodeRequest",
+__all__ = ["MediaItem", "PrefillRequest", "SampledToken", "PromptLogprobs", "PrefillResult", "DecodeRequest",
            "TokenEvent", "LoadReport", "ModelInfo", "KVHandle", "LayoutFingerprint"]
 
 MEDIA_KINDS = ("image", "video")
@@ -75,6 +75,31 @@ class SampledToken:
 
 
 @dataclass(frozen=True)
+class PromptLogprobs:
+    """prefill -> proxy (SamplingParams.prompt_logprobs): for prompt token i + 1, i from 0, its
+    raw logprob given the tokens before it, its rank (1 = best) and the `num_top` best
+    (token id, logprob) there, flat: position i's are top_ids[i * num_top:(i + 1) * num_top]."""
+    num_top: int
+    logprobs: tuple[float, ...] = ()
+    ranks: tuple[int, ...] = ()
+    top_ids: tuple[int, ...] = ()
+    top_logprobs: tuple[float, ...] = ()
+
+    def __post_init__(self):
+        _tuples(self, "logprobs", "ranks", "top_ids", "top_logprobs")
+        n = len(self.logprobs)
+        _check(len(self.ranks) == n and len(self.top_ids) == len(self.top_logprobs) == n * self.num_top,
+               f"prompt logprobs: {n} positions need {n} ranks and {n} x {self.num_top} top entries")
+
+    def __len__(self) -> int:
+        return len(self.logprobs)
+
+    def top(self, i: int) -> tuple[tuple[int, float], ...]:
+        span = slice(i * self.num_top, (i + 1) * self.num_top)
+        return tuple(zip(self.top_ids[span], self.top_logprobs[span]))
+
+
+@dataclass(frozen=True)
 class PrefillResult:
     """prefill -> proxy: the first token and where its KV waits for decode."""
     request_id: str
@@ -84,6 +109,7 @@ class PrefillResult:
     handle: KVHandle | None = None  # None when the first token already ends the request
     num_cached_tokens: int = 0  # prefix-cache hits
     finish_reason: str = ""  # "stop" | "length" when no decode is needed
+    prompt_logprobs: PromptLogprobs | None = None  # when the sampling asked for them
 
 
 @dataclass(frozen=True)
@@ -113,6 +139,7 @@ class TokenEvent:
     num_output_tokens: int = 0  # produced so far, this token included
     error: str = ""  # why, when finish_reason is "error"
     num_cached_tokens: int = 0  # first event of a sample: prompt tokens served from prefix cache
+    prompt_logprobs: PromptLogprobs | None = None  # first event of a sample, when asked for
 
     def __post_init__(self):
         _check(self.finish_reason in FINISH_REASONS,

@@ -15,7 +15,7 @@ from qwenvl_pd.engine.stack import StackConfig, build_stack
 from qwenvl_pd.engine.sequence import FinishReason, Sequence
 from qwenvl_pd.messages import PrefillRequest, SampledToken, TokenEvent
 from qwenvl_pd.model.inputs import InputError
-from qwenvl_pd.node.requests import sequence_from_request
+from qwenvl_pd.node.requests import prompt_logprobs, sequence_from_request
 from qwenvl_pd.node.runtime import NodeConfig, Runtime, check_pool
 from qwenvl_pd.proxy.config import ProxyConfig
 from qwenvl_pd.proxy.errors import bad_request
@@ -51,9 +51,11 @@ class ColocatedBackend:
     def _on_tokens(self, seqs: list[Sequence]) -> None:
         for seq in seqs:
             logprob, top = seq.logprobs[-1] if seq.logprobs else (None, ())
+            first = seq.num_output == 1
             event = TokenEvent(SampledToken(seq.token_ids[-1], logprob, tuple(top)),
                                seq.finish_reason.value if seq.finished else "",
-                               num_cached_tokens=seq.num_cached if seq.num_output == 1 else 0)
+                               num_cached_tokens=seq.num_cached if first else 0,
+                               prompt_logprobs=prompt_logprobs(seq) if first else None)
             self.aio.call_soon_threadsafe(self._publish, seq.request_id, event)
 
     def _publish(self, request_id: str, event: TokenEvent) -> None:

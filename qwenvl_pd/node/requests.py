@@ -1,12 +1,14 @@
-"""A PrefillRequest (token ids with expanded placeholders + raw media) -> the engine's Sequence;
-the same for the prefill node and the colocated engine."""
+"""A PrefillRequest (token ids with expanded placeholders + raw media) -> the engine's Sequence,
+and a prefilled Sequence's prompt logprobs -> their message; the same for the prefill node and
+the colocated engine."""
 import io
 
 from PIL import Image
 
+from qwenvl_pd.engine import prompt_logprobs as prompt_rows
 from qwenvl_pd.engine.grammar import Grammars
 from qwenvl_pd.engine.sequence import Sequence
-from qwenvl_pd.messages import PrefillRequest
+from qwenvl_pd.messages import PrefillRequest, PromptLogprobs
 from qwenvl_pd.model.inputs import InputProcessor
 from qwenvl_pd.sampling_params import SamplingParams
 
@@ -27,6 +29,15 @@ def sequence_from_request(inputs: InputProcessor, req: PrefillRequest, max_model
                          f"({params.max_tokens}) exceeds max_model_len ({max_model_len})")
     return Sequence(req.request_id, prompt.token_ids, prompt.positions, prompt.mrope_delta,
                     params, items=prompt.items)
+
+
+def prompt_logprobs(seq: Sequence) -> PromptLogprobs | None:
+    """seq's prompt rows once its prompt is computed (None when they were not asked for)."""
+    rows = prompt_rows.of_sequence(seq)
+    if rows is None:
+        return None
+    return PromptLogprobs(rows.top_ids.shape[1], rows.logprobs.tolist(), rows.ranks.tolist(),
+                          rows.top_ids.flatten().tolist(), rows.top_logprobs.flatten().tolist())
 
 
 def check_grammar(grammars: Grammars | None, params: SamplingParams) -> None:

@@ -6,7 +6,7 @@ import time
 import grpc
 
 from qwenvl_pd.node.host import NodeHost, run_node
-from qwenvl_pd.node.requests import sequence_from_request
+from qwenvl_pd.node.requests import prompt_logprobs, sequence_from_request
 from qwenvl_pd.node.runtime import NodeConfig, QueueFull, Runtime, check_queue, load_report
 from qwenvl_pd.engine.sequence import FinishReason, Sequence
 from qwenvl_pd.kv_transfer.handle import KVHandle
@@ -112,7 +112,8 @@ class PrefillService(pb_grpc.PrefillServicer):
         logprob, top = seq.logprobs[0] if seq.logprobs else (None, ())
         token = SampledToken(seq.output_ids[0], logprob, tuple(top))
         result = dict(request_id=seq.request_id, first_token=token, mrope_position_delta=seq.mrope_delta,
-                      prompt_len=seq.prompt_len, num_cached_tokens=seq.num_cached)
+                      prompt_len=seq.prompt_len, num_cached_tokens=seq.num_cached,
+                      prompt_logprobs=prompt_logprobs(seq))
         if seq.finish_reason != FinishReason.PREFILLED:
             return PrefillResult(**result, finish_reason=seq.finish_reason.value)
         return PrefillResult(**result, handle=self._handle(seq, lease_s))

@@ -12,7 +12,7 @@ from typing import Any
 
 from qwenvl_pd.kv_transfer.handle import KVHandle, KVSegment, LayoutFingerprint
 from qwenvl_pd.messages import (DecodeRequest, LoadReport, MediaItem, ModelInfo, PrefillRequest,
-                                PrefillResult, SampledToken, TokenEvent)
+                                PrefillResult, PromptLogprobs, SampledToken, TokenEvent)
 from qwenvl_pd.protos import qwenvl_pd_pb2 as pb
 from qwenvl_pd.sampling_params import SamplingParams, StructuredOutputsParams
 
@@ -21,7 +21,7 @@ PAIRS: dict[type, type] = {
     SamplingParams: pb.SamplingParams, StructuredOutputsParams: pb.StructuredOutputsParams,
     MediaItem: pb.MediaItem, PrefillRequest: pb.PrefillRequest,
     SampledToken: pb.SampledToken, LayoutFingerprint: pb.LayoutFingerprint, KVHandle: pb.KVHandle,
-    KVSegment: pb.KVSegment,
+    KVSegment: pb.KVSegment, PromptLogprobs: pb.PromptLogprobs,
     PrefillResult: pb.PrefillResponse, DecodeRequest: pb.DecodeRequest, TokenEvent: pb.TokenEvent,
     LoadReport: pb.LoadReport, ModelInfo: pb.ModelInfo,
 }

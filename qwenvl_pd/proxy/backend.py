@@ -71,8 +71,10 @@ class PDBackend:
             produced.append(result.first_token.token_id)
             finished = bool(result.finish_reason)
             try:
+                first = round_ == 0  # a continuation's prompt is not the client's
                 yield TokenEvent(result.first_token, result.finish_reason,
-                                 num_cached_tokens=result.num_cached_tokens if round_ == 0 else 0)
+                                 num_cached_tokens=result.num_cached_tokens if first else 0,
+                                 prompt_logprobs=result.prompt_logprobs if first else None)
                 if finished:
                     return
                 preempted = False
@@ -182,7 +184,8 @@ def _continuation(req: PrefillRequest, produced: list[int], round_: int) -> Pref
     spec = p.structured_outputs  # its matcher resumes after the tokens so far
     spec = spec and dataclasses.replace(spec, resume_token_ids=spec.resume_token_ids + tuple(produced))
     sampling = dataclasses.replace(p, max_tokens=p.max_tokens - len(produced), max_completion_tokens=None,
-                                   min_tokens=max(0, p.min_tokens - len(produced)), structured_outputs=spec)
+                                   min_tokens=max(0, p.min_tokens - len(produced)), structured_outputs=spec,
+                                   prompt_logprobs=None)  # the first round's answered them
     return dataclasses.replace(req, request_id=f"{req.request_id}-r{round_}",
                                prompt_token_ids=tuple(req.prompt_token_ids) + tuple(produced),
                                sampling=sampling)

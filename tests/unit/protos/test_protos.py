@@ -10,7 +10,7 @@ import pytest
 
 from qwenvl_pd.kv_transfer.handle import KVHandle, KVSegment, LayoutFingerprint
 from qwenvl_pd.messages import (DecodeRequest, LoadReport, MediaItem, ModelInfo, PrefillRequest,
-                                PrefillResult, SampledToken, TokenEvent)
+                                PrefillResult, PromptLogprobs, SampledToken, TokenEvent)
 from qwenvl_pd.protos import qwenvl_pd_pb2 as pb
 from qwenvl_pd.protos import qwenvl_pd_pb2_grpc as pb_grpc
 from qwenvl_pd.protos.convert import PAIRS, SKIPPED, from_proto, to_proto
@@ -26,7 +26,7 @@ FP = LayoutFingerprint(model="Qwen/Qwen2.5-VL-7B-Instruct", dtype="bfloat16", bl
 SP = SamplingParams(n=2, temperature=0.1 + 0.2, top_p=0.95, top_k=20, min_p=1e-300, seed=-(2 ** 63),
                     max_completion_tokens=7, min_tokens=3, stop_token_ids=[151645, 0],
                     ignore_eos=True, logprobs=5, repetition_penalty=1.05, presence_penalty=-2.0,
-                    frequency_penalty=0.7, skip_special_tokens=False,
+                    frequency_penalty=0.7, skip_special_tokens=False, prompt_logprobs=20,
                     structured_outputs=StructuredOutputsParams(json='{"type": "object"}',
                                                                resume_token_ids=(5, 2 ** 31 - 1)))
 # the other kinds of grammar, one each (a spec holds exactly one)
@@ -34,6 +34,9 @@ GRAMMARS = [SP.structured_outputs, *(StructuredOutputsParams(**kind) for kind in
     {"regex": "[a-z]+\u00e9"}, {"choice": ("yes", "")}, {"grammar": 'start: "x"'}, {"json_object": True}))]
 TOKEN = SampledToken(token_id=151643, logprob=-0.123456789012345,
                      top_logprobs=((151643, -0.123456789012345), (0, -7.5e-10)))
+# float32 values (the engine's), -inf included, and ranks up to the vocabulary
+PROMPT_LP = PromptLogprobs(num_top=2, logprobs=(-0.5, float("-inf")), ranks=(1, 151935),
+                           top_ids=(7, 151935, 0, 1), top_logprobs=(-0.5, -1.25, -2.0 ** -25, -2.0))
 HANDLE = KVHandle(instance_id="prefill-0", transfer_address="10.0.0.7:17777",
                   kv_base_ptr=2 ** 64 - 2 ** 20, block_bytes=16 * 4 * 128 * 2, region_num_blocks=4096,
                   block_ids=(4095, 7, 8, 9), num_tokens=50, fingerprint=FP,
@@ -46,7 +49,7 @@ PREFILL_REQ = PrefillRequest(request_id="req-1", prompt_token_ids=(151644, 15165
                              media=(IMAGE, VIDEO), sampling=SP, lease_ms=30_000)
 PREFILL_RESULT = PrefillResult(request_id="req-1", first_token=TOKEN, handle=HANDLE,
                                mrope_position_delta=-1234, prompt_len=50, num_cached_tokens=32,
-                               finish_reason="length")
+                               finish_reason="length", prompt_logprobs=PROMPT_LP)
 DECODE_REQ = DecodeRequest(request_id="req-1", handle=HANDLE, first_token=TOKEN, prompt_token_ids=(1, 2, 3),
                            prompt_len=3, mrope_position_delta=-(2 ** 40), sampling=SP, num_output_tokens=2)
 SAMPLES = [
@@ -56,6 +59,7 @@ SAMPLES = [
     FP,
     HANDLE,
     TOKEN,
+    PROMPT_LP,
     IMAGE,
     VIDEO,
     PREFILL_REQ,
@@ -63,7 +67,7 @@ SAMPLES = [
     HANDLE.rank_segments[0],
     DECODE_REQ,
     TokenEvent(token=TOKEN, finish_reason="error", num_prompt_tokens=50, num_output_tokens=9,
-               error="KV read timed out", num_cached_tokens=32),
+               error="KV read timed out", num_cached_tokens=32, prompt_logprobs=PROMPT_LP),
     LoadReport(role="decode", instance_id="decode-3", running=5, waiting=2, blocks_used=100,
                blocks_total=4096, kv_transfers_total=17, kv_transfer_bytes_total=2 ** 40 + 1,
                kv_transfer_seconds_total=0.1 + 0.7, prefix_cache_queries=90, prefix_cache_hits=45,
@@ -162,6 +166,9 @@ def test_dataclasses_validate_and_store_tuples():
         dataclasses.replace(HANDLE, num_tokens=65)
     assert dataclasses.replace(HANDLE, block_ids=[4095, 7, 8, 9]) == HANDLE
     assert SampledToken(1, top_logprobs=[[1, -0.5]]).top_logprobs == ((1, -0.5),)
+    with pytest.raises(ValueError, match="2 positions need 2 ranks and 2 x 2 top entries"):
+        dataclasses.replace(PROMPT_LP, top_ids=(7, 1, 0))
+    assert PROMPT_LP.top(1) == ((0, -2.0 ** -25), (1, -2.0)) and len(PROMPT_LP) == 2
 
 
 def test_block_address_is_layer_major():
