@@ -18,8 +18,10 @@ from qwenvl_pd.messages import PrefillRequest, SampledToken, TokenEvent
 from qwenvl_pd.proxy.detokenizer import IncrementalDetokenizer
 from qwenvl_pd.proxy.inputs import PreparedPrompt
 from qwenvl_pd.proxy.metrics import ProxyMetrics
+from qwenvl_pd.proxy.errors import server_error
 from qwenvl_pd.proxy.model_info import ProxyModel
-from qwenvl_pd.proxy.responses import TokenLogprob, TopLogprob, usage
+from qwenvl_pd.proxy.prompt_logprobs import echo_entries, ranked
+from qwenvl_pd.proxy.responses import PromptLogprobList, TokenLogprob, TopLogprob, usage
 from qwenvl_pd.proxy.router import affinity_key
 from qwenvl_pd.proxy.tools import Tools
 
@@ -38,6 +40,7 @@ class Delta:
     text: str
     logprobs: tuple[TokenLogprob, ...] | None  # None: not requested
     finish_reason: str | None = None  # set on a choice's last delta
+    prompt_logprobs: PromptLogprobList | None = None  # on a choice's first delta, when asked for
 
 
 @dataclass
@@ -65,8 +68,10 @@ class RequestRun:
 
     def __init__(self, rid: str, prompt: PreparedPrompt, model: ProxyModel, backend: Backend,
                  metrics: ProxyMetrics, want_logprobs: bool, affinity_tokens: int,
-                 arrived: float | None = None, tools: Tools = Tools(), echo: str = ""):
+                 arrived: float | None = None, tools: Tools = Tools(), echo: str = "",
+                 echo_logprobs: bool = False):
         self.echo = echo  # text put before each sample's first delta (completions' echo)
+        self.echo_logprobs = echo_logprobs  # and the prompt's logprob entries before its own
         self.rid, self.prompt, self.model, self.backend, self.metrics = rid, prompt, model, backend, metrics
         self.tools = tools  # how the replies' text becomes tool calls (streaming.py)
         self.want_logprobs = want_logprobs
@@ -107,11 +112,12 @@ class RequestRun:
     async def _sample(self, index: int, req: PrefillRequest) -> AsyncIterator[Delta]:
         sp, st = req.sampling, self.stats[index]
         detok = IncrementalDetokenizer(self.model.tokens, sp.stop or (), sp.skip_special_tokens)
-        head = self.echo  # goes out with the first delta
+        head, head_lp, prompt_lp, first = self.echo, (), None, True  # go out with the first delta
         async with contextlib.aclosing(self.backend.generate(req, self.key)) as events:
             async for event in events:
-                if st.first_token_at is None:
-                    st.cached = event.num_cached_tokens
+                if first:
+                    st.cached, first = event.num_cached_tokens, False
+                    prompt_lp, head_lp = self._prompt_logprobs(sp, event)
                 text, stopped, lp = "", False, None
                 if event.token is not None:
                     self._count(st)
@@ -121,12 +127,26 @@ class RequestRun:
                 if finish and not stopped:
                     text += detok.flush()
                 text, head = head + text, ""
+                if lp is not None:
+                    lp, head_lp = head_lp + lp, ()
                 if finish:
                     st.finish_reason = finish
-                    yield Delta(index, text, lp, finish)
+                    yield Delta(index, text, lp, finish, prompt_lp)
                     return  # closing `events` cancels the decode stream (a stop string hit)
-                if text or lp:
-                    yield Delta(index, text, lp)
+                if text or lp or prompt_lp:
+                    yield Delta(index, text, lp, prompt_logprobs=prompt_lp)
+                    prompt_lp = None
+
+    def _prompt_logprobs(self, sp, event: TokenEvent) -> tuple[PromptLogprobList | None,
+                                                                tuple[TokenLogprob, ...]]:
+        """(vLLM's prompt_logprobs list, echo's prompt entries) from a sample's first event."""
+        if sp.prompt_logprobs is None:
+            return None, ()
+        if event.prompt_logprobs is None:
+            raise server_error("the backend answered without the prompt logprobs asked for")
+        ids, tokens = self.prompt.token_ids, self.model.tokens
+        entries = ranked(ids, event.prompt_logprobs, tokens)
+        return entries, echo_entries(ids, entries, sp.logprobs, tokens) if self.echo_logprobs else ()
 
     @staticmethod
     def _count(st: SampleStats) -> None:

@@ -104,7 +104,7 @@ class ChatRequest(_Common):
 class CompletionRequest(_Common):
     prompt: str | tuple[int, ...] = ""  # text, or token ids
     logprobs: int | None = None
-    echo: bool = False  # the prompt's text before each completion's
+    echo: bool = False  # the prompt's text (and with logprobs its entries) before each completion's
 
 
 # ---- field readers: each raises a 400 naming the field -------------------------------------
@@ -192,7 +192,21 @@ def _stream(body: dict) -> tuple[bool, bool]:
                                "stream_options.include_usage"))
 
 
-def _sampling(body: dict, max_default: int | None, logprobs: int | None) -> SamplingParams:
+def _prompt_logprobs(body: dict) -> int | None:
+    """vLLM's extra: alternatives per prompt position. Streamed chunks carry none, so with stream
+    it is refused (0 is let through and dropped, as vLLM does); -1 asks for the vocabulary."""
+    v, stream = body.get("prompt_logprobs"), _bool(body, "stream", False)
+    if type(v) is int and v == -1:
+        raise bad_request(f"'prompt_logprobs' -1 (the whole vocabulary) is not supported by this "
+                          f"server; at most {MAX_LOGPROBS}", "prompt_logprobs")
+    n = _int(body, "prompt_logprobs", None, 0, MAX_LOGPROBS)
+    if n and stream:
+        raise bad_request("'prompt_logprobs' is not available when 'stream' is true", "prompt_logprobs")
+    return None if stream else n
+
+
+def _sampling(body: dict, max_default: int | None, logprobs: int | None,
+              prompt_logprobs: int | None) -> SamplingParams:
     # both are validated; max_completion_tokens wins, as in OpenAI's chat API
     legacy = _int(body, "max_tokens", max_default, 1)
     max_tokens = _int(body, "max_completion_tokens", legacy, 1)
@@ -209,7 +223,7 @@ def _sampling(body: dict, max_default: int | None, logprobs: int | None) -> Samp
             min_p=_num(body, "min_p", 0.0, 0.0, 1.0), seed=_int(body, "seed", None, *INT64),
             max_tokens=max_tokens, min_tokens=min_tokens, stop=_stop(body),
             stop_token_ids=_stop_token_ids(body), ignore_eos=_bool(body, "ignore_eos", False),
-            logprobs=logprobs, repetition_penalty=_num(body, "repetition_penalty", 1.0, 0.0, lo_open=True),
+            logprobs=logprobs, prompt_logprobs=prompt_logprobs, repetition_penalty=_num(body, "repetition_penalty", 1.0, 0.0, lo_open=True),
             presence_penalty=_num(body, "presence_penalty", 0.0, -2.0, 2.0),
             frequency_penalty=_num(body, "frequency_penalty", 0.0, -2.0, 2.0),
             skip_special_tokens=_bool(body, "skip_special_tokens", True),
@@ -305,11 +319,12 @@ def _messages(raw: Any) -> tuple[ChatMessage, ...]:
 
 # ---- public parsers --------------------------------------------------------------------------
 
-def request_common(body: dict, max_default: int | None, logprobs: int | None) -> dict[str, Any]:
+def request_common(body: dict, max_default: int | None, logprobs: int | None,
+                   prompt_logprobs: int | None = None) -> dict[str, Any]:
     """The fields every request type shares, as keyword arguments of its dataclass."""
     stream, include_usage = _stream(body)
-    return dict(model=_model(body), sampling=_sampling(body, max_default, logprobs), stream=stream,
-                include_usage=include_usage)
+    sampling = _sampling(body, max_default, logprobs, prompt_logprobs)
+    return dict(model=_model(body), sampling=sampling, stream=stream, include_usage=include_usage)
 
 
 def parse_chat_request(body: Any) -> ChatRequest:
@@ -322,7 +337,7 @@ def parse_chat_request(body: Any) -> ChatRequest:
     if top is not None and not want:
         raise bad_request("'top_logprobs' requires 'logprobs' to be true", "top_logprobs")
     kwargs = _typed(body, "chat_template_kwargs", (dict,), "an object") or {}
-    common = request_common(body, None, (top or 0) if want else None)
+    common = request_common(body, None, (top or 0) if want else None, _prompt_logprobs(body))
     tools = parse_tools(body)
     spec = tools.grammar()
     if spec is not None:  # required / a named function: the grammar writes the call
@@ -354,9 +369,9 @@ def parse_completion_request(body: Any) -> CompletionRequest:
     prompt = _prompt(body.get("prompt"))
     logprobs = _int(body, "logprobs", None, 0, MAX_LOGPROBS)
     echo = _bool(body, "echo", False)
-    if echo and logprobs is not None:  # the echoed prompt's logprobs would need prompt_logprobs
-        raise bad_request("'echo' with 'logprobs' is not supported by this server (no prompt "
-                          "logprobs)", "echo")
+    prompt_logprobs = _prompt_logprobs(body)
+    if prompt_logprobs is None and echo:  # vLLM's rule: the echoed prompt gets logprobs' count
+        prompt_logprobs = logprobs
     # 16 is the legacy completions API default; chat has none (the context length bounds it)
-    return CompletionRequest(**request_common(body, 16, logprobs), prompt=prompt, logprobs=logprobs,
-                             echo=echo)
+    return CompletionRequest(**request_common(body, 16, logprobs, prompt_logprobs), prompt=prompt,
+                             logprobs=logprobs, echo=echo)

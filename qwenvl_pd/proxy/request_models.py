@@ -19,6 +19,8 @@ __all__ = ["ChatCompletionRequest", "CompletionRequest", "GenerateRequest", "Err
            "request_body", "component_schemas"]
 
 NonNegative = Annotated[int, Field(ge=0)]
+# vLLM's extra: alternatives per prompt position, besides the prompt's own token; not with stream
+PromptLogprobs = Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None
 Stop = Union[Annotated[str, Field(min_length=1)],
              Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=MAX_STOP)]]
 
@@ -160,6 +162,7 @@ class ChatCompletionRequest(_Streamed):
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
+    prompt_logprobs: PromptLogprobs = None  # on the response
 
 
 TokenIds = Annotated[list[NonNegative], Field(min_length=1)]
@@ -171,7 +174,8 @@ class CompletionRequest(_Streamed):
                   Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1, max_length=1)],
                   Annotated[list[TokenIds], Field(min_length=1, max_length=1)]]
     logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
-    echo: bool | None = None  # not with logprobs
+    echo: bool | None = None  # with logprobs: the prompt's entries first (its first one null)
+    prompt_logprobs: PromptLogprobs = None  # on each choice
 
 
 class GenerateRequest(_Sampling):

@@ -21,9 +21,23 @@ class TopLogprob:
 @dataclass(frozen=True)
 class TokenLogprob:
     token: str
-    logprob: float
+    logprob: float | None  # None: an echoed prompt's first token, which nothing scores
     bytes: tuple[int, ...] = ()
-    top: tuple[TopLogprob, ...] = ()
+    top: tuple[TopLogprob, ...] | None = ()
+
+
+@dataclass(frozen=True)
+class RankedLogprob:
+    """One entry of vLLM's prompt_logprobs: a token id's logprob, rank (1 = best) and text."""
+    token_id: int
+    logprob: float
+    rank: int
+    decoded_token: str
+
+
+# vLLM's prompt_logprobs: None for the first prompt token, then per token its own entry first
+# and the top ones after
+PromptLogprobList = tuple[tuple[RankedLogprob, ...] | None, ...]
 
 
 @dataclass(frozen=True)
@@ -33,6 +47,7 @@ class Choice:
     finish_reason: str | None
     logprobs: tuple[TokenLogprob, ...] | None = None
     tool_calls: tuple = ()  # tools.ToolCall; then text is the content before them (may be "")
+    prompt_logprobs: PromptLogprobList | None = None  # completions: when asked for
 
     def message(self) -> dict[str, Any]:
         if not self.tool_calls:
@@ -63,31 +78,55 @@ def chat_logprobs(entries: Sequence[TokenLogprob]) -> dict[str, Any]:
 
 
 def completion_logprobs(entries: Sequence[TokenLogprob], text_offset: int = 0) -> dict[str, Any]:
+    """The legacy API's shape. Each top_logprobs dict holds the token itself too (OpenAI: "up to
+    logprobs + 1 elements"), as vLLM's does; an echoed prompt's first token has nulls."""
     offsets = []
     for e in entries:
         offsets.append(text_offset)
         text_offset += len(e.token)
-    return {"tokens": [e.token for e in entries], "token_logprobs": [_lp(e.logprob) for e in entries],
-            "top_logprobs": [{t.token: _lp(t.logprob) for t in e.top} for e in entries],
+    return {"tokens": [e.token for e in entries],
+            "token_logprobs": [None if e.logprob is None else _lp(e.logprob) for e in entries],
+            "top_logprobs": [None if e.top is None else _top(e) for e in entries],
             "text_offset": offsets}
+
+
+def _top(e: TokenLogprob) -> dict[str, float]:
+    return {e.token: _lp(e.logprob)} | {t.token: _lp(t.logprob) for t in e.top}
+
+
+def prompt_logprobs_json(entries: PromptLogprobList) -> list[dict[str, dict] | None]:
+    """vLLM's prompt_logprobs: [null, {"<id>": {"logprob", "rank", "decoded_token"}, ...}, ...]."""
+    return [None if p is None else {str(e.token_id): {"logprob": _lp(e.logprob), "rank": e.rank,
+                                                      "decoded_token": e.decoded_token} for e in p}
+            for p in entries]
 
 
 def chat_completion(rid: str, model: str, choices: Sequence[Choice], usage_: dict,
                     created: int | None = None) -> dict[str, Any]:
-    return {"id": rid, "object": "chat.completion", "created": created or int(time.time()),
-            "model": model, "usage": usage_, "choices": [
-                {"index": c.index, "message": c.message(),
-                 "logprobs": None if c.logprobs is None else chat_logprobs(c.logprobs),
-                 "finish_reason": c.finish_reason} for c in choices]}
+    """vLLM puts chat's prompt_logprobs on the response (the samples share the prompt)."""
+    out = {"id": rid, "object": "chat.completion", "created": created or int(time.time()),
+           "model": model, "usage": usage_, "choices": [
+               {"index": c.index, "message": c.message(),
+                "logprobs": None if c.logprobs is None else chat_logprobs(c.logprobs),
+                "finish_reason": c.finish_reason} for c in choices]}
+    if choices and choices[0].prompt_logprobs is not None:
+        out["prompt_logprobs"] = prompt_logprobs_json(choices[0].prompt_logprobs)
+    return out
 
 
 def completion(rid: str, model: str, choices: Sequence[Choice], usage_: dict,
                created: int | None = None) -> dict[str, Any]:
+    """vLLM puts completions' prompt_logprobs on each choice."""
     return {"id": rid, "object": "text_completion", "created": created or int(time.time()),
-            "model": model, "usage": usage_, "choices": [
-                {"index": c.index, "text": c.text, "finish_reason": c.finish_reason,
-                 "logprobs": None if c.logprobs is None else completion_logprobs(c.logprobs)}
-                for c in choices]}
+            "model": model, "usage": usage_, "choices": [_completion_choice(c) for c in choices]}
+
+
+def _completion_choice(c: Choice) -> dict[str, Any]:
+    out = {"index": c.index, "text": c.text, "finish_reason": c.finish_reason,
+           "logprobs": None if c.logprobs is None else completion_logprobs(c.logprobs)}
+    if c.prompt_logprobs is not None:
+        out["prompt_logprobs"] = prompt_logprobs_json(c.prompt_logprobs)
+    return out
 
 
 @dataclass(frozen=True)

@@ -22,10 +22,10 @@ router = APIRouter()
 
 async def _respond(request: Request, p: Proxy, slot: Slot, prompt: PreparedPrompt, chat: bool,
                    streaming: bool, include_usage: bool, want_logprobs: bool, arrived: float,
-                   tools: Tools = Tools(), echo: str = ""):
+                   tools: Tools = Tools(), echo: str = "", echo_logprobs: bool = False):
     rid = new_id("chatcmpl" if chat else "cmpl")
     run = RequestRun(rid, prompt, p.model, p.backend, p.metrics, want_logprobs, p.cfg.affinity_tokens,
-                     arrived, tools, echo)
+                     arrived, tools, echo, echo_logprobs)
     if streaming:
         # from here on the stream owns the slot and releases it when it ends
         return await stream(run, rid, p.model.name, chat, include_usage, on_close=slot.release)
@@ -52,8 +52,9 @@ async def completions(request: Request):
     slot = p.admit(req.n)
     echo = "" if not req.echo else req.prompt if isinstance(req.prompt, str) \
         else p.model.tokenizer.decode(list(req.prompt))
-    return await _respond(request, p, slot, prompt, False, req.stream, req.include_usage,
-                          req.logprobs is not None, arrived, echo=echo)
+    want = req.logprobs is not None
+    return await _respond(request, p, slot, prompt, False, req.stream, req.include_usage, want,
+                          arrived, echo=echo, echo_logprobs=req.echo and want)
 
 
 @router.get("/v1/models")

@@ -33,16 +33,17 @@ async def collect(run: RequestRun, rid: str, model: str, chat: bool) -> dict[str
     texts: list[list[str]] = [[] for _ in range(n)]
     lps: list[list[TokenLogprob] | None] = [None if not run.want_logprobs else [] for _ in range(n)]
     finish: list[str | None] = [None] * n
+    prompt: list = [None] * n
     async for d in run.deltas():
         texts[d.index].append(d.text)
         if d.logprobs is not None:
             lps[d.index].extend(d.logprobs)
         finish[d.index] = d.finish_reason or finish[d.index]
-    choices = [_with_tools(run.tools, Choice(i, "".join(texts[i]), finish[i],
-                                             None if lps[i] is None else tuple(lps[i])))
-               for i in range(n)] if chat else \
-        [Choice(i, "".join(texts[i]), finish[i], None if lps[i] is None else tuple(lps[i]))
-         for i in range(n)]
+        prompt[d.index] = d.prompt_logprobs or prompt[d.index]
+    choices = [Choice(i, "".join(texts[i]), finish[i], None if lps[i] is None else tuple(lps[i]),
+                      prompt_logprobs=prompt[i]) for i in range(n)]
+    if chat:
+        choices = [_with_tools(run.tools, c) for c in choices]
     build = chat_completion if chat else completion
     return build(rid, model, choices, run.usage())
 

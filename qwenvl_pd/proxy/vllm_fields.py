@@ -14,7 +14,7 @@ __all__ = ["COMMON_REFUSED", "CHAT_REFUSED", "COMPLETION_REFUSED", "GENERATE_REF
 # refused on every route
 COMMON_REFUSED = (
     "best_of", "use_beam_search", "length_penalty", "logit_bias", "include_stop_str_in_output",
-    "spaces_between_special_tokens", "truncate_prompt_tokens", "truncation_side", "prompt_logprobs",
+    "spaces_between_special_tokens", "truncate_prompt_tokens", "truncation_side",
     "allowed_token_ids", "bad_words", "logprob_token_ids", "guided_whitespace_pattern",
     "structural_tag", "priority", "logits_processors", "return_tokens_as_token_ids",
     "return_token_ids", "return_prompt_text", "cache_salt", "kv_transfer_params",
@@ -27,7 +27,7 @@ CHAT_REFUSED = COMMON_REFUSED + (
     "prediction", "web_search_options",
 )
 COMPLETION_REFUSED = COMMON_REFUSED + ("suffix", "prompt_embeds")
-GENERATE_REFUSED = COMMON_REFUSED + ("logprobs", "stream_options", "early_stopping")
+GENERATE_REFUSED = COMMON_REFUSED + ("logprobs", "prompt_logprobs", "stream_options", "early_stopping")
 
 # values other than None / empty / False that change nothing: vLLM's defaults
 _DEFAULTS: dict[str, tuple[Any, ...]] = {

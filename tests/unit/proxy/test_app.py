@@ -13,7 +13,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from qwenvl_pd.messages import ModelInfo, SampledToken, TokenEvent
+from qwenvl_pd.messages import ModelInfo, PromptLogprobs, SampledToken, TokenEvent
 from qwenvl_pd.model.processor import VisionPreprocessConfig, expand_placeholders, process_images
 from qwenvl_pd.proxy.app import create_app
 from qwenvl_pd.proxy.config import ProxyConfig
@@ -22,6 +22,17 @@ from qwenvl_pd.proxy.generation import SEED_STRIDE
 PREPROCESSOR = {"patch_size": 14, "merge_size": 2, "temporal_patch_size": 2, "min_pixels": 3136,
                 "max_pixels": 12845056}
 ANSWER = " The sky is blue, and the grass is green."
+
+
+def scripted_prompt_logprobs(req) -> PromptLogprobs | None:
+    """Prompt token i + 1 scores -0.5 - i / 8 at rank i + 1; the top ones are tokens 11, 12, ..
+    at -0.25, -0.5, .."""
+    k, n = req.sampling.prompt_logprobs, len(req.prompt_token_ids) - 1
+    if k is None:
+        return None
+    return PromptLogprobs(k, [-0.5 - i / 8 for i in range(n)], [i + 1 for i in range(n)],
+                          [11 + j for _ in range(n) for j in range(k)],
+                          [-0.25 * (j + 1) for _ in range(n) for j in range(k)])
 
 
 class ScriptedBackend:
@@ -42,7 +53,8 @@ class ScriptedBackend:
                 if i and self.gate is not None:
                     await asyncio.to_thread(self.gate.wait)
                 yield TokenEvent(SampledToken(t, -0.25, ((t, -0.25), (11, -2.0))), "length" if i == n - 1 else "",
-                                 num_cached_tokens=3 if i == 0 else 0)
+                                 num_cached_tokens=3 if i == 0 else 0,
+                                 prompt_logprobs=scripted_prompt_logprobs(req) if i == 0 else None)
         finally:
             self.closed += 1
 
@@ -181,6 +193,41 @@ def test_completion_echo_puts_the_prompt_before_the_text(client, qwen_tokenizer)
     assert events[0]["choices"][0]["text"].startswith("Say") and not events[1]["choices"][0]["text"].startswith("Say")
     assert "".join(e["choices"][0]["text"] for e in events) == "Say" + ANSWER
     assert body["usage"]["completion_tokens"] == len(qwen_tokenizer.encode(ANSWER))
+
+
+def test_completion_echo_with_logprobs_scores_the_prompt_first(client, qwen_tokenizer):
+    ids = qwen_tokenizer.encode("Say it red")
+    texts = [qwen_tokenizer.decode([t]) for t in ids]
+    body = client.post("/v1/completions", json={"prompt": ids, "echo": True, "logprobs": 1,
+                                                "max_tokens": 2}).json()
+    lp, choice = body["choices"][0]["logprobs"], body["choices"][0]
+    assert lp["tokens"][:len(ids) + 1] == texts + [qwen_tokenizer.decode(qwen_tokenizer.encode(ANSWER)[:1])]
+    assert lp["token_logprobs"][:len(ids)] == [None] + [-0.5 - i / 8 for i in range(len(ids) - 1)]
+    assert lp["top_logprobs"][0] is None and lp["top_logprobs"][1] == {texts[1]: -0.5, ",": -0.25}
+    assert lp["text_offset"][:len(ids) + 1] == [sum(map(len, texts[:i])) for i in range(len(ids) + 1)]
+    assert len(lp["tokens"]) == len(ids) + 2 and choice["text"].startswith("Say it red")
+    # echo's logprobs ask prefill for prompt logprobs, so the choice carries vLLM's list too
+    assert choice["prompt_logprobs"][:2] == [None, {
+        str(ids[1]): {"logprob": -0.5, "rank": 1, "decoded_token": texts[1]},
+        "11": {"logprob": -0.25, "rank": 1, "decoded_token": ","}}]
+    streamed = sse_events(client.post("/v1/completions", json={
+        "prompt": ids, "echo": True, "logprobs": 1, "max_tokens": 2, "stream": True}).text)
+    first, second = (e["choices"][0]["logprobs"] for e in streamed[:2])
+    assert first["tokens"] == lp["tokens"][:len(ids) + 1] and first["text_offset"] == lp["text_offset"][:-1]
+    assert second["text_offset"] == lp["text_offset"][-1:]  # counting on after the echoed prompt
+    assert "prompt_logprobs" not in streamed[0]["choices"][0]
+
+
+def test_prompt_logprobs_alone_on_completions_and_chat(client, qwen_tokenizer):
+    ids = qwen_tokenizer.encode("Say it")
+    completion = client.post("/v1/completions", json={"prompt": "Say it", "prompt_logprobs": 0,
+                                                      "max_tokens": 1}).json()["choices"][0]
+    assert completion["logprobs"] is None and completion["prompt_logprobs"] == [None, {
+        str(ids[1]): {"logprob": -0.5, "rank": 1, "decoded_token": " it"}}]
+    reply = client.post("/v1/chat/completions", json=chat(prompt_logprobs=2, max_tokens=1)).json()
+    assert reply["prompt_logprobs"][0] is None and len(reply["prompt_logprobs"]) == reply["usage"]["prompt_tokens"]
+    assert [len(p) for p in reply["prompt_logprobs"][1:]] == [3] * (reply["usage"]["prompt_tokens"] - 1)
+    assert "prompt_logprobs" not in client.post("/v1/chat/completions", json=chat(max_tokens=1)).json()
 
 
 @pytest.mark.parametrize("body, status, param", [

@@ -221,12 +221,35 @@ def test_completion_request():
     ({"prompt": None}, "prompt"),
     ({"logprobs": True}, "logprobs"),
     ({"logprobs": 21}, "logprobs"),
-    ({"echo": True, "logprobs": 1}, "echo"),
+    ({"prompt_logprobs": -1}, "prompt_logprobs"),  # the whole vocabulary: not served
+    ({"prompt_logprobs": 21}, "prompt_logprobs"),
+    ({"prompt_logprobs": 1.0}, "prompt_logprobs"),
+    ({"prompt_logprobs": True}, "prompt_logprobs"),
+    ({"prompt_logprobs": 2, "stream": True}, "prompt_logprobs"),  # vLLM's rule: chunks carry none
     ({"suffix": "x"}, "suffix"),
     ({"best_of": 2}, "best_of"),
 ])
 def test_completion_errors(over, param):
     assert bad(parse_completion_request, {"prompt": "p", **over}).param == param
+
+
+def test_prompt_logprobs_follow_vllm():
+    def sampled(**body):
+        return parse_completion_request({"prompt": "p", **body}).sampling.prompt_logprobs
+    assert sampled() is None and sampled(echo=True) is None and sampled(logprobs=3) is None
+    assert sampled(echo=True, logprobs=3) == 3  # the echoed prompt is scored like the completion
+    assert sampled(echo=True, logprobs=3, prompt_logprobs=0) == 0 and sampled(prompt_logprobs=20) == 20
+    assert sampled(prompt_logprobs=0, stream=True) is None  # nothing would carry them
+    assert sampled(echo=True, logprobs=1, stream=True) == 1  # the first chunk's logprobs do
+    assert parse_chat_request({"messages": [{"role": "user", "content": "x"}],
+                               "prompt_logprobs": 2}).sampling.prompt_logprobs == 2
+    err = bad(parse_completion_request, {"prompt": "p", "prompt_logprobs": -1})
+    assert err.message == "'prompt_logprobs' -1 (the whole vocabulary) is not supported by this " \
+                          "server; at most 20"
+    err = bad(parse_chat_request, {"messages": [{"role": "user", "content": "x"}], "stream": True,
+                                   "prompt_logprobs": 1})
+    assert (err.param, err.message) == ("prompt_logprobs", "'prompt_logprobs' is not available "
+                                                           "when 'stream' is true")
 
 
 # ---- responses --------------------------------------------------------------------------------
@@ -261,7 +284,7 @@ def test_completion_object_with_logprobs():
     assert out["object"] == "text_completion" and out["choices"][1]["logprobs"] is None
     assert out["choices"][0] == {"index": 0, "text": "Hi!", "finish_reason": "length", "logprobs": {
         "tokens": ["Hi", "!"], "token_logprobs": [-0.25, -9999.0],
-        "top_logprobs": [{"Hi": -0.25, "Yo": -1.5}, {}], "text_offset": [0, 2]}}
+        "top_logprobs": [{"Hi": -0.25, "Yo": -1.5}, {"!": -9999.0}], "text_offset": [0, 2]}}
 
 
 def test_chat_stream_chunks_in_order():
@@ -292,3 +315,33 @@ def test_sse_framing_and_models():
     assert json.loads(sse_error(errors.no_backend("decode"))[6:])["error"]["code"] == "no_backend"
     assert model_list(["m"], 4096, created=1) == {"object": "list", "data": [
         {"id": "m", "object": "model", "created": 1, "owned_by": "qwenvl-pd", "max_model_len": 4096}]}
+
+
+def test_prompt_logprobs_and_echo_entries_take_vllms_shape(qwen_tokenizer):
+    from qwenvl_pd.messages import PromptLogprobs
+    from qwenvl_pd.proxy.detokenizer import TokenTable
+    from qwenvl_pd.proxy.prompt_logprobs import echo_entries, ranked
+
+    tokens = TokenTable(qwen_tokenizer)
+    hi, there, sky = (qwen_tokenizer.encode(w)[0] for w in ("Hi", " there", " sky"))
+    # " there" after "Hi": third best; " sky" after " there": the best, so listed once
+    lp = PromptLogprobs(2, (-1.5, -0.25), (3, 1), (sky, hi, sky, there), (-0.5, -1.0, -0.25, -2.0))
+    entries = ranked([hi, there, sky], lp, tokens)
+    echo = echo_entries([hi, there, sky], entries, 1, tokens)
+    out = completion("cmpl-1", "m", [Choice(0, "Hi there sky!", "length",
+                                            echo + (TokenLogprob("!", -0.75, (33,), ()),),
+                                            prompt_logprobs=entries)], usage(3, 1), created=7)
+    choice = out["choices"][0]
+    assert choice["prompt_logprobs"] == [None, {
+        str(there): {"logprob": -1.5, "rank": 3, "decoded_token": " there"},
+        str(sky): {"logprob": -0.5, "rank": 1, "decoded_token": " sky"},
+        str(hi): {"logprob": -1.0, "rank": 2, "decoded_token": "Hi"}}, {
+        str(sky): {"logprob": -0.25, "rank": 1, "decoded_token": " sky"},
+        str(there): {"logprob": -2.0, "rank": 2, "decoded_token": " there"}}]
+    # logprobs: 1 -> each prompt token itself and at most one more, the first one unscored
+    assert choice["logprobs"] == {
+        "tokens": ["Hi", " there", " sky", "!"], "token_logprobs": [None, -1.5, -0.25, -0.75],
+        "top_logprobs": [None, {" there": -1.5, " sky": -0.5}, {" sky": -0.25, " there": -2.0},
+                         {"!": -0.75}], "text_offset": [0, 2, 8, 12]}
+    with pytest.raises(APIError, match="prompt logprobs for 2 positions of a 2-token prompt"):
+        ranked([hi, there], lp, tokens)
