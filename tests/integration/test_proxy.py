@@ -362,7 +362,7 @@ def test_client_disconnect_cancels_the_decode_stream(client, cluster):
     assert {n: (r.running, r.blocks_used) for n, r in loads.items()} == {n: (0, 0) for n in loads}
 
 
-def test_colocated_proxy_answers_like_pd(client, model_dir):
+def test_colocated_proxy_answers_like_pd(client, model_dir, llm):
     proc, url = start_proxy("--colocated-model", model_dir, "--max-model-len", "2048", "--kv-cache-gib", "0.05")
     try:
         colocated = openai.OpenAI(base_url=url + "/v1", api_key="unused", timeout=60, max_retries=0)
@@ -375,14 +375,45 @@ def test_colocated_proxy_answers_like_pd(client, model_dir):
                                              temperature=t, logprobs=2,
                                              extra_body={"response_format": JSON_FORMAT}).choices[0]
                         for t, seed in ((0, None), (1.0, 5), (1.0, 6))] for c, m in pairs]
+        # lm-eval's loglikelihood request: the prompt scored by prefill, one token generated
+        scored = [c.completions.create(model=m, prompt=SCORED, echo=True, logprobs=1, max_tokens=1,
+                                       temperature=0, extra_body={"prompt_logprobs": 2}).choices[0]
+                  for c, m in pairs]
     finally:
         stop(proc)
+    _check_scored(scored, llm)
     assert got[0].choices[0].message.content == got[1].choices[0].message.content
     assert got[0].usage.prompt_tokens == got[1].usage.prompt_tokens
     pd_side, colocated_side = ([(c.text, c.finish_reason, c.logprobs.tokens) for c in side]
                                for side in constrained)
     assert pd_side == colocated_side
     assert [json.loads(text)["color"] in ("red", "green", "blue") for text, _, _ in pd_side] == [True] * 3
+
+
+SCORED = "The sky over the river is blue, and the small house under the tree is red."
+
+
+def _check_scored(scored: list, llm: LLM) -> None:
+    """PD and colocated give the offline engine's prompt logprobs: ids exact, values to 1e-4."""
+    ref = llm.generate(SCORED, SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=2))[0]
+    ids, n = ref.prompt_token_ids, len(ref.prompt_token_ids)
+    for choice in scored:
+        lists = choice.prompt_logprobs  # vLLM's extra field, kept by the openai client
+        assert lists[0] is None and len(lists) == n
+        assert [[int(t) for t in p] for p in lists[1:]] == [list(p) for p in ref.prompt_logprobs[1:]]
+        assert [e["logprob"] for p in lists[1:] for e in p.values()] == pytest.approx(
+            [v for p in ref.prompt_logprobs[1:] for v in p.values()], abs=1e-4)
+        assert all(p[str(t)]["rank"] >= 1 for p, t in zip(lists[1:], ids[1:]))
+        lp = choice.logprobs  # echo: the prompt's n entries, then the generated token's
+        assert len(lp.tokens) == n + 1 and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+        assert lp.token_logprobs[1:n] == pytest.approx([ref.prompt_logprobs[i][t] for i, t in
+                                                        enumerate(ids) if i], abs=1e-4)
+        assert all(1 <= len(top) <= 2 for top in lp.top_logprobs[1:])  # the token and the best
+        assert choice.text.startswith(SCORED)
+    pd_side, colocated_side = ([[(t, e["rank"]) for t, e in p.items()] for p in c.prompt_logprobs[1:]]
+                               for c in scored)
+    assert pd_side == colocated_side  # the same ids, in the same order, at the same ranks
+    assert scored[0].logprobs.tokens == scored[1].logprobs.tokens
 
 
 def test_discover_dns_finds_the_instances(cluster):

@@ -48,17 +48,26 @@ def test_tp2_gives_transformers_greedy_tokens(checkpoints, name):
         assert tokens == gen[0, len(prompt.token_ids):].tolist(), f"{name}/{case}"
 
 
-def test_seeded_sampling_is_the_same_at_tp1_and_tp2(tiny_dirs):
+def test_seeded_sampling_and_prompt_logprobs_are_the_same_at_tp1_and_tp2(tiny_dirs):
     path = str(tiny_dirs["qwen2_5_vl"])
-    params = [SamplingParams(max_tokens=16, temperature=1.5, top_p=0.95, seed=s) for s in (1, 2, 3)]
+    params = [SamplingParams(max_tokens=16, temperature=1.5, top_p=0.95, seed=s,
+                             prompt_logprobs=3 if s == 1 else None) for s in (1, 2, 3)]
     prompt = {"prompt": _chat(CASES["one_image"][0]), "multi_modal_data": CASES["one_image"][1]}
-    runs = []
+    runs, scores = [], []
     for tp in (1, 2):
-        llm = LLM(path, max_model_len=2048, tensor_parallel_size=tp)
-        runs.append([o.outputs[0].token_ids for o in llm.generate([prompt] * 3, params)])
+        # 32-token chunks: each chunk's prompt rows go through the vocab-parallel gather
+        llm = LLM(path, max_model_len=2048, tensor_parallel_size=tp, max_num_batched_tokens=10)
+        outs = llm.generate([prompt] * 3, params)
+        runs.append([o.outputs[0].token_ids for o in outs])
+        scores.append([outs[0].prompt_logprobs, outs[1].prompt_logprobs])
         llm.close()
     assert runs[0] == runs[1]
     assert len({tuple(t) for t in runs[0]}) == 3  # the seeds do differ
+    (tp1, none1), (tp2, none2) = scores
+    assert none1 is None and none2 is None and len(tp1) == len(tp2) > 20 and tp1[0] is tp2[0] is None
+    assert [list(p) for p in tp1[1:]] == [list(p) for p in tp2[1:]]  # the same ids, in order
+    assert [v for p in tp1[1:] for v in p.values()] == pytest.approx(
+        [v for p in tp2[1:] for v in p.values()], abs=1e-4)
 
 
 def test_a_size_the_heads_do_not_divide_is_refused_before_any_rank_starts(tiny_dirs):
