@@ -7,6 +7,7 @@ import transformers
 from PIL import Image
 
 from qwenvl_pd import LLM, SamplingParams
+from qwenvl_pd.engine import model_runner
 
 IMG = "<|vision_start|><|image_pad|><|vision_end|>"
 WORDS = "the sea sky red blue cat dog runs over under a small large house tree river".split()
@@ -159,8 +160,10 @@ def _ref_prompt_logprobs(ref, prompt) -> torch.Tensor:
         return ref(**kw).logits[0].float().log_softmax(-1)
 
 
-def test_prompt_logprobs_over_chunks_equal_transformers_and_read_no_prefix_cache(llm, path):
-    # 64-token chunks cut through the image placeholders
+def test_prompt_logprobs_over_chunks_equal_transformers_and_read_no_prefix_cache(llm, path, monkeypatch):
+    # 64-token chunks cut through the image placeholders, and each chunk's rows go through the
+    # lm_head 7 at a time (256 otherwise): several slices per chunk, the last one short
+    monkeypatch.setattr(model_runner, "PROMPT_SLICE", 7)
     req = {"prompt": f"<|im_start|>user\n{IMG}the cat runs over a small red house<|im_end|>\n"
                      "<|im_start|>assistant\n", "multi_modal_data": {"image": [_image(360, 320, 7)]}}
     prompt = llm.inputs.process(req)
