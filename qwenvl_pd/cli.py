@@ -49,7 +49,8 @@ def _node(args: argparse.Namespace) -> int:
         cluster_secret=read_secret(args.cluster_secret_file or ""),
         limit_mm_per_prompt={"image": args.limit_images, "video": args.limit_videos}, engine=engine,
         tensor_parallel_size=args.tensor_parallel_size, enable_expert_parallel=args.enable_expert_parallel,
-        threads=args.threads, quantization=args.quantization, max_queued_requests=args.max_queued_requests)
+        threads=args.threads, quantization=args.quantization, max_queued_requests=args.max_queued_requests,
+        kv_layer_group=args.kv_layer_group)
     if args.threads:
         import torch
         torch.set_num_threads(args.threads)  # several roles on one host must not oversubscribe
@@ -74,6 +75,8 @@ def _add_node_parser(sub, role: str, default_port: int) -> None:
     p.add_argument("--transfer-device", default="", help="RDMA/Ascend device name(s) for Mooncake")
     p.add_argument("--transfer-timeout", type=float, default=10.0, help="seconds; < --lease-seconds")
     p.add_argument("--lease-seconds", type=float, default=30.0)
+    p.add_argument("--kv-layer-group", type=int, default=4,
+                   help="prefill: report layer-wise KV progress every N layers (0: refuse layer-wise)")
     p.add_argument("--drain-seconds", type=float, default=30.0,
                    help="on SIGTERM: report NOT_SERVING, let running streams finish this long")
     p.add_argument("--instance-id")
@@ -144,6 +147,7 @@ def _proxy(args: argparse.Namespace) -> int:
         health_interval_s=args.health_interval, load_interval_s=args.load_interval,
         prefill_load_cap=args.prefill_load_cap, model_info_timeout_s=args.model_info_timeout,
         prefill_timeout_s=args.prefill_timeout, token_timeout_s=args.token_timeout,
+        kv_transfer_mode=args.kv_transfer_mode,
         colocated_model=args.colocated_model or ""), _colocated_opener(args))
     return 0
 
@@ -180,6 +184,9 @@ def _add_proxy_parser(sub) -> None:
                    help="seconds a prefill may take (queueing included) before it is retried elsewhere")
     p.add_argument("--token-timeout", type=float, default=60.0,
                    help="seconds a running request may go without a token before its decode counts as stuck")
+    p.add_argument("--kv-transfer-mode", default="whole", choices=["whole", "layerwise"],
+                   help="whole: decode pulls the KV after prefill; layerwise: group by group while "
+                        "prefill computes (prefill's --kv-layer-group)")
     p.add_argument("--colocated-model", help=argparse.SUPPRESS)  # serve --colocated
     p.add_argument("--max-model-len", type=int, default=8192, help=argparse.SUPPRESS)
     p.add_argument("--kv-cache-gib", type=float, default=1.0, help=argparse.SUPPRESS)
@@ -197,7 +204,8 @@ def _serve(args: argparse.Namespace) -> int:
         colocated=args.colocated, device=args.device, extra_proxy_args=tuple(args.proxy_arg),
         prefill_tp=args.prefill_tensor_parallel_size or args.tensor_parallel_size,
         decode_tp=args.decode_tensor_parallel_size or args.tensor_parallel_size,
-        enable_expert_parallel=args.enable_expert_parallel, quantization=args.quantization))
+        enable_expert_parallel=args.enable_expert_parallel, quantization=args.quantization,
+        kv_transfer_mode=args.kv_transfer_mode))
 
 
 def _add_serve_parser(sub) -> None:
@@ -212,6 +220,8 @@ def _add_serve_parser(sub) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--served-model-name")
     p.add_argument("--api-key", default=os.environ.get("QWENVL_PD_API_KEY"))
+    p.add_argument("--kv-transfer-mode", default="whole", choices=["whole", "layerwise"],
+                   help="how decode gets the KV (the proxy's --kv-transfer-mode)")
     p.add_argument("--colocated", action="store_true",
                    help="one engine that prefills and decodes (the baseline PD is compared with)")
     p.add_argument("--proxy-arg", action="append", default=[], metavar="ARG",

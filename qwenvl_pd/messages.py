@@ -12,7 +12,7 @@ from qwenvl_pd.kv_transfer.handle import KVHandle, LayoutFingerprint
 from qwenvl_pd.sampling_params import SamplingParams
 
 __all__ = ["MediaItem", "PrefillRequest", "SampledToken", "PromptLogprobs", "PrefillResult", "DecodeRequest",
-           "TokenEvent", "LoadReport", "ModelInfo", "KVHandle", "LayoutFingerprint"]
+           "PrefillStreamEvent", "KVProgress", "TokenEvent", "LoadReport", "ModelInfo", "KVHandle", "LayoutFingerprint"]
 
 MEDIA_KINDS = ("image", "video")
 FINISH_REASONS = ("", "stop", "length", "abort", "error", "preempted")  # preempted: decode handed it back
@@ -123,9 +123,29 @@ class DecodeRequest:
     mrope_position_delta: int
     sampling: SamplingParams = field(default_factory=SamplingParams)
     num_output_tokens: int = 1  # already produced, the first token included
+    # handle is PrefillStream's announce: the KV is read layer group by group while prefill
+    # computes; first_token and mrope_position_delta then come from WatchKV's last message
+    layerwise: bool = False
 
     def __post_init__(self):
         _tuples(self, "prompt_token_ids")
+
+
+@dataclass(frozen=True)
+class PrefillStreamEvent:
+    """prefill -> proxy (PrefillStream): the KV announce first, the result last."""
+    announce: KVHandle | None = None  # block ids allocated before compute; no lease yet
+    result: PrefillResult | None = None
+
+
+@dataclass(frozen=True)
+class KVProgress:
+    """prefill -> decode (WatchKV), cumulative: prompt tokens [0, tokens_ready) are final in
+    every layer, tokens [0, chunk_tokens) (the chunk being computed) in layers [0, layers_ready)."""
+    tokens_ready: int
+    chunk_tokens: int = 0
+    layers_ready: int = 0
+    result: PrefillResult | None = None  # the last message: first token, handle under its lease
 
 
 @dataclass(frozen=True)

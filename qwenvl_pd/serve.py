@@ -42,6 +42,7 @@ class ServeConfig:
     decode_tp: int = 1
     enable_expert_parallel: bool = False
     quantization: str | None = None
+    kv_transfer_mode: str = "whole"  # the proxy's --kv-transfer-mode
 
 
 @dataclass
@@ -126,6 +127,8 @@ def _wait(children: list[Child], ready, what: str) -> None:
 
 def _start(cfg: ServeConfig, model: str, children: list[Child]) -> Child:
     proxy_args = ["--host", cfg.host, "--port", str(cfg.port), *cfg.extra_proxy_args]
+    if not cfg.colocated:
+        proxy_args += ["--kv-transfer-mode", cfg.kv_transfer_mode]
     if cfg.api_key:
         proxy_args += ["--api-key", cfg.api_key]
     if cfg.served_model_name:

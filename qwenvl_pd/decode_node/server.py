@@ -7,6 +7,7 @@ import time
 import grpc
 import torch
 
+from qwenvl_pd.decode_node.layerwise import LayerwisePull
 from qwenvl_pd.engine.block_manager import OutOfBlocks
 from qwenvl_pd.node.host import NodeHost, run_node
 from qwenvl_pd.protos.channel import CLIENT_OPTIONS
@@ -67,7 +68,10 @@ class DecodeService(pb_grpc.DecodeServicer):
         queue: asyncio.Queue = asyncio.Queue()
         self.streams[req.request_id] = queue
         try:
-            await self._pull_and_join(req, context)
+            if req.layerwise:
+                await LayerwisePull(self, req).run(context)
+            else:
+                await self._pull_and_join(req, context)
             while True:
                 event = await queue.get()
                 yield convert.to_proto(event)

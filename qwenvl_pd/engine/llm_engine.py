@@ -9,6 +9,7 @@ from qwenvl_pd.engine.config import EngineConfig
 from qwenvl_pd.engine.encoder_cache import EncoderCache
 from qwenvl_pd.engine.grammar import Grammars
 from qwenvl_pd.engine.graphs import DecodeGraphs
+from qwenvl_pd.engine.kv_streams import KVStreams, Report
 from qwenvl_pd.engine.kv_cache import allocate_kv_cache, blocks_for_memory
 from qwenvl_pd.engine.model_runner import ModelRunner, ScheduledChunk
 from qwenvl_pd.engine.sampler import SamplerInput, sample
@@ -58,6 +59,14 @@ class LLMEngine:
         self.encoder_cache = EncoderCache(cfg.encoder_cache_bytes)
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.requests_total = 0
+        self.kv_streams: KVStreams | None = None  # set by stream_layers(): prefill's layer-wise KV
+
+    def stream_layers(self, group: int, report: Report) -> KVStreams:
+        """Report the layer-wise KV progress of watched sequences every `group` layers."""
+        device = next(self.model.parameters()).device
+        self.kv_streams = KVStreams(self.model.language_model(), self.config.text.num_layers, group,
+                                    report, device)
+        return self.kv_streams
 
     def add(self, seq: Sequence) -> None:
         self.requests_total += 1
@@ -72,9 +81,14 @@ class LLMEngine:
         if not chunks:
             return []
         self._encode_vision(chunks)
+        streams = self.kv_streams
+        if streams is not None:
+            streams.begin(chunks)
         logits = self.runner.run(chunks)
         for c in chunks:
             c.seq.num_computed += c.num_tokens
+        if streams is not None:
+            streams.end()
         self.scheduler.seal(chunks)
         return self._postprocess(chunks, logits)
 

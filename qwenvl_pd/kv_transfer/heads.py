@@ -46,14 +46,15 @@ def heads_per_rank(num_kv_heads: int, tp_size: int) -> int:
 
 
 def pull_plan(local: Region, remotes: Sequence[Region], pieces: Sequence[HeadPiece],
-              remote_blocks: Sequence[int], local_blocks: Sequence[int]) -> dict[int, list[Slice]]:
+              remote_blocks: Sequence[int], local_blocks: Sequence[int],
+              layers: range | None = None) -> dict[int, list[Slice]]:
     """prefill rank -> the slices to read from it (one batched read each); remotes[r] is prefill
-    rank r's region."""
+    rank r's region; `layers` restricts the read to a layer range (default: all)."""
     plan: dict[int, list[Slice]] = {}
     for p in pieces:
         heads = (p.local_head, p.remote_head, p.count)
         plan.setdefault(p.prefill_rank, []).extend(
-            read_head_slices(local, remotes[p.prefill_rank], remote_blocks, local_blocks, heads))
+            read_head_slices(local, remotes[p.prefill_rank], remote_blocks, local_blocks, heads, layers))
     return plan
 
 

@@ -82,16 +82,16 @@ def block_runs(remote_blocks: Sequence[int], local_blocks: Sequence[int]) -> lis
 
 
 def read_slices(local: Region, remote: Region, remote_blocks: Sequence[int],
-                local_blocks: Sequence[int]) -> list[Slice]:
+                local_blocks: Sequence[int], layers: range | None = None) -> list[Slice]:
     """Slices that copy remote block remote_blocks[i] into local block local_blocks[i] for every
-    layer and both planes. Runs become one slice per (layer, plane); slices that happen to abut
-    on both sides (e.g. whole regions) are merged too."""
+    layer (or only `layers`, layer-wise streaming) and both planes. Runs become one slice per
+    (layer, plane); slices that happen to abut on both sides (e.g. whole regions) are merged too."""
     if local.block_bytes != remote.block_bytes:
         raise ValueError(f"regions disagree: local {local.block_bytes} B blocks, remote "
                          f"{remote.block_bytes} B blocks")
     runs = _checked_runs(local, remote, remote_blocks, local_blocks)
     slices: list[Slice] = []
-    for layer in range(local.num_layers):
+    for layer in _layers(local, layers):
         for plane in (0, 1):
             for r0, l0, n in runs:
                 slices.append((local.address(layer, plane, l0), remote.address(layer, plane, r0),
@@ -100,7 +100,8 @@ def read_slices(local: Region, remote: Region, remote_blocks: Sequence[int],
 
 
 def read_head_slices(local: Region, remote: Region, remote_blocks: Sequence[int],
-                     local_blocks: Sequence[int], heads: tuple[int, int, int]) -> list[Slice]:
+                     local_blocks: Sequence[int], heads: tuple[int, int, int],
+                     layers: range | None = None) -> list[Slice]:
     """Like read_slices, for `heads` = (first local head, first remote head, count) of each block:
     one slice per (layer, plane, block), each the heads' contiguous range of that block."""
     local_head, remote_head, count = heads
@@ -110,12 +111,20 @@ def read_head_slices(local: Region, remote: Region, remote_blocks: Sequence[int]
     if local_head + count > local.kv_heads or remote_head + count > remote.kv_heads:
         raise ValueError(f"heads {heads} outside {local.kv_heads} local or {remote.kv_heads} remote heads")
     if count == local.kv_heads == remote.kv_heads:  # whole blocks: runs coalesce
-        return read_slices(local, remote, remote_blocks, local_blocks)
+        return read_slices(local, remote, remote_blocks, local_blocks, layers)
     blocks = [(r0 + i, l0 + i) for r0, l0, n in _checked_runs(local, remote, remote_blocks, local_blocks)
               for i in range(n)]
     lo, ro, n = local_head * local.head_bytes, remote_head * remote.head_bytes, count * local.head_bytes
     return merge_adjacent([(local.address(layer, plane, lb) + lo, remote.address(layer, plane, rb) + ro, n)
-                           for layer in range(local.num_layers) for plane in (0, 1) for rb, lb in blocks])
+                           for layer in _layers(local, layers) for plane in (0, 1) for rb, lb in blocks])
+
+
+def _layers(local: Region, layers: range | None) -> range:
+    if layers is None:
+        return range(local.num_layers)
+    if layers.step != 1 or not 0 <= layers.start < layers.stop <= local.num_layers:
+        raise ValueError(f"layers {layers.start}..{layers.stop} outside a region of {local.num_layers} layers")
+    return layers
 
 
 def _checked_runs(local: Region, remote: Region, remote_blocks: Sequence[int],

@@ -1,4 +1,5 @@
 """The Qwen2/Qwen3 decoder shared by every family: HF parameter names, paged KV, flat token batch."""
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -84,6 +85,8 @@ class TextModel(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary = MRotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.mrope_section,
                                        cfg.mrope_interleaved)
+        # after each layer of an eager forward, when set: engine/kv_streams.py streams the KV
+        self.on_layer: Callable[[int], None] | None = None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
                 meta: AttentionMetadata, visual: VisualInjection | None = None) -> torch.Tensor:
@@ -95,6 +98,8 @@ class TextModel(nn.Module):
         rope = self.rotary(positions, x.dtype)
         for i, layer in enumerate(self.layers):
             x = layer(x, rope, kv_cache[i], meta)
+            if self.on_layer is not None:
+                self.on_layer(i)
             if visual is not None and visual.deepstack is not None and i < visual.deepstack.shape[0]:
                 # DeepStack: early layers get the vision tower's intermediate features added back
                 x = x.index_put((visual.mask,), visual.deepstack[i].to(x.dtype), accumulate=True)

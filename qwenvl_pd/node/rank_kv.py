@@ -44,6 +44,7 @@ class PullJob:
     num_kv_heads: int  # of the model: with len(segments) it says which heads each prefill rank holds
     remote_blocks: tuple[int, ...]
     local_blocks: tuple[int, ...]
+    layers: tuple[int, int] = (0, 0)  # [first, stop) of the layers to read; (0, 0): all
 
 
 class RankKV:
@@ -58,10 +59,14 @@ class RankKV:
         self.segments = _all_gather(own, ctx) if ctx.group is not None else (own,)
         self._lock = threading.Lock()  # one job at a time on the group
 
-    def pull(self, handle: KVHandle, local_blocks: list[int]) -> int:
-        """Rank 0: read the handle's blocks into local_blocks on every rank -> bytes read here."""
+    def pull(self, handle: KVHandle, local_blocks: list[int], layers: range | None = None,
+             remote_blocks: tuple[int, ...] | None = None) -> int:
+        """Rank 0: read the handle's blocks (or remote_blocks of them, layer-wise: only `layers`)
+        into local_blocks on every rank -> bytes read here."""
+        span = (layers.start, layers.stop) if layers is not None else (0, 0)
         job = PullJob(handle.segments, handle.region_num_blocks, handle.block_bytes,
-                      handle.fingerprint.num_kv_heads, handle.block_ids, tuple(local_blocks))
+                      handle.fingerprint.num_kv_heads, handle.block_ids if remote_blocks is None
+                      else tuple(remote_blocks), tuple(local_blocks), span)
         if self.group is None:  # one rank: a late read keeps its TransferTimeout for the caller
             return self._read(job, settle=False)
         with self._lock:
@@ -96,7 +101,8 @@ class RankKV:
         heads = heads_per_rank(job.num_kv_heads, len(job.segments))  # of each prefill rank
         remotes = [Region(seg.kv_base_ptr, self.region.num_layers, job.region_num_blocks,
                           job.block_bytes, heads) for seg in job.segments]
-        plan = pull_plan(self.region, remotes, pieces, job.remote_blocks, job.local_blocks)
+        layers = range(*job.layers) if job.layers != (0, 0) else None
+        plan = pull_plan(self.region, remotes, pieces, job.remote_blocks, job.local_blocks, layers)
         for rank, slices in plan.items():
             try:
                 self.transfer.read_batch(job.segments[rank].transfer_address, slices)
@@ -141,7 +147,7 @@ def _send(job: PullJob | None, group) -> None:
         return
     addresses = "\n".join(seg.transfer_address for seg in job.segments).encode()
     ints = torch.tensor([job.region_num_blocks, job.block_bytes, job.num_kv_heads, len(job.remote_blocks),
-                         *(seg.kv_base_ptr for seg in job.segments), *job.remote_blocks, *job.local_blocks])
+                         *job.layers, *(seg.kv_base_ptr for seg in job.segments), *job.remote_blocks, *job.local_blocks])
     send_message(ints, torch.tensor(list(addresses), dtype=torch.uint8), group)
 
 
@@ -150,7 +156,7 @@ def _recv(group) -> PullJob | None:
     if message is None:
         return None
     values, addresses = message[0].tolist(), bytes(message[1].tolist()).decode().split("\n")
-    region_blocks, block_bytes, heads, n = values[:4]
-    ptrs, ids = values[4:4 + len(addresses)], values[4 + len(addresses):]
+    region_blocks, block_bytes, heads, n, first, stop = values[:6]
+    ptrs, ids = values[6:6 + len(addresses)], values[6 + len(addresses):]
     return PullJob(tuple(KVSegment(a, p) for a, p in zip(addresses, ptrs)), region_blocks, block_bytes,
-                   heads, tuple(ids[:n]), tuple(ids[n:]))
+                   heads, tuple(ids[:n]), tuple(ids[n:]), (first, stop))

@@ -40,10 +40,13 @@ class NodeConfig:
     threads: int = 0
     quantization: str | None = None  # "ascend" | "none"; None: from the checkpoint
     max_queued_requests: int = 1024  # waiting requests beyond this are refused (RESOURCE_EXHAUSTED)
+    kv_layer_group: int = 4  # prefill: layers per layer-wise KV report; 0 refuses layer-wise
 
     def __post_init__(self):
         if self.max_queued_requests < 1:
             raise ValueError("--max-queued-requests must be >= 1")
+        if self.kv_layer_group < 0:
+            raise ValueError("--kv-layer-group must be >= 0 (0: no layer-wise KV streaming)")
 
     @property
     def max_concurrent_rpcs(self) -> int:

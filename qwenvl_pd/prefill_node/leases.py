@@ -34,8 +34,8 @@ class LeaseTable:
         lease = self._leases.pop(request_id, None)
         return lease.block_ids if lease else None
 
-    def pop_expired(self) -> list[list[int]]:
+    def pop_expired(self) -> list[tuple[str, list[int]]]:
         now = time.monotonic()
         gone = [rid for rid, lease in self._leases.items() if lease.expires_at <= now]
         self.expired_total += len(gone)
-        return [self._leases.pop(rid).block_ids for rid in gone]
+        return [(rid, self._leases.pop(rid).block_ids) for rid in gone]

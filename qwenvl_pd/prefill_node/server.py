@@ -1,5 +1,6 @@
 """The prefill node: vision encoder + prompt prefill; holds the KV under a lease for decode."""
 import asyncio
+import dataclasses
 import logging
 import time
 
@@ -10,8 +11,10 @@ from qwenvl_pd.node.requests import prompt_logprobs, sequence_from_request
 from qwenvl_pd.node.runtime import NodeConfig, QueueFull, Runtime, check_queue, load_report
 from qwenvl_pd.engine.sequence import FinishReason, Sequence
 from qwenvl_pd.kv_transfer.handle import KVHandle
-from qwenvl_pd.messages import PrefillRequest, PrefillResult, SampledToken
+from qwenvl_pd.engine.kv_streams import LayerProgress
+from qwenvl_pd.messages import PrefillRequest, PrefillResult, PrefillStreamEvent, SampledToken
 from qwenvl_pd.model.inputs import InputError
+from qwenvl_pd.prefill_node.kv_watch import Watched
 from qwenvl_pd.prefill_node.leases import LeaseTable, lease_seconds
 from qwenvl_pd.protos import auth, convert, qwenvl_pd_pb2 as pb, qwenvl_pd_pb2_grpc as pb_grpc
 
@@ -26,6 +29,9 @@ class PrefillService(pb_grpc.PrefillServicer):
         self.waiters: dict[str, asyncio.Future] = {}
         self.seqs: dict[str, Sequence] = {}  # engine thread: live prefills by request id
         self.lease_seconds: dict[str, float] = {}  # set before a sequence reaches the engine
+        self.watched: dict[str, Watched] = {}  # layer-wise requests, until their lease is gone
+        self.streams = (runtime.engine.stream_layers(runtime.cfg.kv_layer_group, self._on_layers)
+                        if runtime.cfg.kv_layer_group else None)
 
     # ---- engine thread
     def _on_tokens(self, seqs: list[Sequence]) -> None:
@@ -36,21 +42,31 @@ class PrefillService(pb_grpc.PrefillServicer):
                     self.leases.add(seq.request_id, seq.block_ids,
                                     self.lease_seconds.get(seq.request_id, self.rt.cfg.lease_seconds))
                 self.host.post(self._resolve, seq.request_id, seq)
+                if self.streams is not None:
+                    self.streams.unwatch(seq.request_id)
+
+    def _on_layers(self, progress: LayerProgress) -> None:
+        self.host.post(self._progress, progress)
 
     def _expire_leases(self) -> None:
-        for blocks in self.leases.pop_expired():
+        for request_id, blocks in self.leases.pop_expired():
             self.rt.engine.blocks.free(blocks)
+            self.host.post(self.watched.pop, request_id, None)
 
-    def _add(self, seq: Sequence) -> None:
+    def _add(self, seq: Sequence, layerwise: bool = False) -> None:
         if seq.request_id in self.seqs or seq.request_id in self.leases:
             raise KeyError(seq.request_id)
         check_queue(self.rt)
         self.seqs[seq.request_id] = seq
+        if layerwise:
+            self.streams.watch(seq.request_id)
         self.rt.engine.add(seq)
 
     def _abort(self, request_id: str) -> bool:
         seq = self.seqs.pop(request_id, None)
         if seq is not None:
+            if self.streams is not None:
+                self.streams.unwatch(request_id)
             self.rt.engine.finish(seq, FinishReason.ABORT)
             self.host.post(self._resolve, request_id, seq)
             return True
@@ -65,6 +81,7 @@ class PrefillService(pb_grpc.PrefillServicer):
         blocks = self.leases.pop(request_id)
         if blocks is not None:
             self.rt.engine.blocks.free(blocks)
+            self.host.post(self.watched.pop, request_id, None)
         return blocks is not None
 
     # ---- asyncio side
@@ -73,7 +90,21 @@ class PrefillService(pb_grpc.PrefillServicer):
         if fut is not None and not fut.done():
             fut.set_result(seq)
 
+    def _progress(self, progress: LayerProgress) -> None:
+        watched = self.watched.get(progress.request_id)
+        if watched is not None:
+            watched.update(progress)
+
     async def Prefill(self, request, context):
+        req, seq = await self._parse(request, context)
+        fut = self._wait_for(req)
+        try:
+            seq = await self._run(seq, fut, context)
+        finally:
+            self._done_waiting(req.request_id)
+        return convert.to_proto(await self._answer(req, seq, context))
+
+    async def _parse(self, request, context) -> tuple[PrefillRequest, Sequence]:
         try:
             req: PrefillRequest = convert.from_proto(request)
             seq = await asyncio.to_thread(sequence_from_request, self.rt.inputs, req, self.rt.cfg.max_model_len,
@@ -82,22 +113,67 @@ class PrefillService(pb_grpc.PrefillServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         if req.request_id in self.waiters:
             await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"request {req.request_id} is in flight")
-        fut = asyncio.get_running_loop().create_future()
-        self.waiters[req.request_id] = fut
+        return req, seq
+
+    def _wait_for(self, req: PrefillRequest) -> asyncio.Future:
+        fut = self.waiters[req.request_id] = asyncio.get_running_loop().create_future()
         self.lease_seconds[req.request_id] = lease_seconds(req.lease_ms, self.rt.cfg.lease_seconds)
-        try:
-            seq = await self._run(seq, fut, context)
-        finally:
-            self.waiters.pop(req.request_id, None)
-            self.lease_seconds.pop(req.request_id, None)
+        return fut
+
+    def _done_waiting(self, request_id: str) -> None:
+        self.waiters.pop(request_id, None)
+        self.lease_seconds.pop(request_id, None)
+
+    async def _answer(self, req: PrefillRequest, seq: Sequence, context) -> PrefillResult:
         if seq.finish_reason == FinishReason.ABORT:
             await context.abort(grpc.StatusCode.CANCELLED, f"request {req.request_id} aborted")
-        lease_s = lease_seconds(req.lease_ms, self.rt.cfg.lease_seconds)
-        return convert.to_proto(self._result(seq, lease_s))
+        return self._result(seq, lease_seconds(req.lease_ms, self.rt.cfg.lease_seconds))
 
-    async def _run(self, seq: Sequence, fut: asyncio.Future, context) -> Sequence:
+    async def PrefillStream(self, request, context):
+        """Layer-wise: the announce once the blocks are allocated, then the result."""
+        if self.streams is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"layer-wise KV is off on prefill {self.rt.instance_id} (--kv-layer-group 0)")
+        req, seq = await self._parse(request, context)
+        fut, watched = self._wait_for(req), Watched()
+        self.watched[req.request_id] = watched
+        result, run = None, asyncio.ensure_future(self._run(seq, fut, context, layerwise=True))
         try:
-            await self.host.call(lambda: self._add(seq))  # skipped if the caller is gone by then
+            await asyncio.wait([run, watched.announced], return_when=asyncio.FIRST_COMPLETED)
+            if watched.announced.done():
+                yield convert.to_proto(PrefillStreamEvent(announce=self._announce(seq, watched.announced.result())))
+            result = await self._answer(req, await run, context)
+            watched.finish(result)
+            yield convert.to_proto(PrefillStreamEvent(result=result))
+        finally:
+            run.cancel()  # the caller went away: _run aborts the sequence (a no-op once done)
+            self._done_waiting(req.request_id)
+            watched.finish(None, "the prefill stream ended before its result")
+            if result is None or result.handle is None:  # no lease: nothing left to read
+                self.watched.pop(req.request_id, None)
+
+    def _announce(self, seq: Sequence, block_ids: tuple[int, ...]) -> KVHandle:
+        handle = dataclasses.replace(self._unsigned_handle(seq, 0), block_ids=block_ids,
+                                     lease_expires_unix_ms=0)  # no lease until the prefill ends
+        secret = self.rt.cfg.cluster_secret
+        return auth.sign(handle, secret) if secret else handle
+
+    async def WatchKV(self, request, context):
+        rid = request.request_id
+        watched = self.watched.get(rid)
+        if watched is None or (request.instance_id and request.instance_id != self.rt.instance_id):
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"request {rid} streams no KV on prefill "
+                                f"{self.rt.instance_id} (finished, aborted, released or never here)")
+        async for progress in watched.changes():
+            yield convert.to_proto(progress)
+        if watched.end:
+            await context.abort(grpc.StatusCode.ABORTED, f"prefill of request {rid} on "
+                                f"{self.rt.instance_id} ended without a result: {watched.end}")
+
+    async def _run(self, seq: Sequence, fut: asyncio.Future, context, layerwise: bool = False) -> Sequence:
+        try:
+            # skipped if the caller is gone by then
+            await self.host.call(lambda: self._add(seq, layerwise))
             return await fut
         except KeyError:
             await context.abort(grpc.StatusCode.ALREADY_EXISTS,

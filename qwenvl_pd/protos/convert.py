@@ -11,8 +11,9 @@ import dataclasses
 from typing import Any
 
 from qwenvl_pd.kv_transfer.handle import KVHandle, KVSegment, LayoutFingerprint
-from qwenvl_pd.messages import (DecodeRequest, LoadReport, MediaItem, ModelInfo, PrefillRequest,
-                                PrefillResult, PromptLogprobs, SampledToken, TokenEvent)
+from qwenvl_pd.messages import (DecodeRequest, KVProgress, LoadReport, MediaItem, ModelInfo,
+                                PrefillRequest, PrefillResult, PrefillStreamEvent, PromptLogprobs,
+                                SampledToken, TokenEvent)
 from qwenvl_pd.protos import qwenvl_pd_pb2 as pb
 from qwenvl_pd.sampling_params import SamplingParams, StructuredOutputsParams
 
@@ -24,6 +25,7 @@ PAIRS: dict[type, type] = {
     KVSegment: pb.KVSegment, PromptLogprobs: pb.PromptLogprobs,
     PrefillResult: pb.PrefillResponse, DecodeRequest: pb.DecodeRequest, TokenEvent: pb.TokenEvent,
     LoadReport: pb.LoadReport, ModelInfo: pb.ModelInfo,
+    PrefillStreamEvent: pb.PrefillStreamEvent, KVProgress: pb.KVProgress,
 }
 _BACK = {msg: cls for cls, msg in PAIRS.items()}
 SKIPPED = {SamplingParams: {"stop"}}  # dataclass fields that never go on the wire

@@ -226,7 +226,7 @@ class PrefillResponse(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., first_token: _Optional[_Union[SampledToken, _Mapping]] = ..., handle: _Optional[_Union[KVHandle, _Mapping]] = ..., mrope_position_delta: _Optional[int] = ..., prompt_len: _Optional[int] = ..., num_cached_tokens: _Optional[int] = ..., finish_reason: _Optional[str] = ..., prompt_logprobs: _Optional[_Union[PromptLogprobs, _Mapping]] = ...) -> None: ...
 
 class DecodeRequest(_message.Message):
-    __slots__ = ("request_id", "handle", "first_token", "prompt_token_ids", "prompt_len", "mrope_position_delta", "sampling", "num_output_tokens")
+    __slots__ = ("request_id", "handle", "first_token", "prompt_token_ids", "prompt_len", "mrope_position_delta", "sampling", "num_output_tokens", "layerwise")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     HANDLE_FIELD_NUMBER: _ClassVar[int]
     FIRST_TOKEN_FIELD_NUMBER: _ClassVar[int]
@@ -235,6 +235,7 @@ class DecodeRequest(_message.Message):
     MROPE_POSITION_DELTA_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     NUM_OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    LAYERWISE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     handle: KVHandle
     first_token: SampledToken
@@ -243,7 +244,36 @@ class DecodeRequest(_message.Message):
     mrope_position_delta: int
     sampling: SamplingParams
     num_output_tokens: int
-    def __init__(self, request_id: _Optional[str] = ..., handle: _Optional[_Union[KVHandle, _Mapping]] = ..., first_token: _Optional[_Union[SampledToken, _Mapping]] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., prompt_len: _Optional[int] = ..., mrope_position_delta: _Optional[int] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., num_output_tokens: _Optional[int] = ...) -> None: ...
+    layerwise: bool
+    def __init__(self, request_id: _Optional[str] = ..., handle: _Optional[_Union[KVHandle, _Mapping]] = ..., first_token: _Optional[_Union[SampledToken, _Mapping]] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., prompt_len: _Optional[int] = ..., mrope_position_delta: _Optional[int] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., num_output_tokens: _Optional[int] = ..., layerwise: _Optional[bool] = ...) -> None: ...
+
+class PrefillStreamEvent(_message.Message):
+    __slots__ = ("announce", "result")
+    ANNOUNCE_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    announce: KVHandle
+    result: PrefillResponse
+    def __init__(self, announce: _Optional[_Union[KVHandle, _Mapping]] = ..., result: _Optional[_Union[PrefillResponse, _Mapping]] = ...) -> None: ...
+
+class WatchKVRequest(_message.Message):
+    __slots__ = ("request_id", "instance_id")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    instance_id: str
+    def __init__(self, request_id: _Optional[str] = ..., instance_id: _Optional[str] = ...) -> None: ...
+
+class KVProgress(_message.Message):
+    __slots__ = ("tokens_ready", "chunk_tokens", "layers_ready", "result")
+    TOKENS_READY_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_READY_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    tokens_ready: int
+    chunk_tokens: int
+    layers_ready: int
+    result: PrefillResponse
+    def __init__(self, tokens_ready: _Optional[int] = ..., chunk_tokens: _Optional[int] = ..., layers_ready: _Optional[int] = ..., result: _Optional[_Union[PrefillResponse, _Mapping]] = ...) -> None: ...
 
 class TokenEvent(_message.Message):
     __slots__ = ("token", "finish_reason", "num_prompt_tokens", "num_output_tokens", "error", "num_cached_tokens", "prompt_logprobs")

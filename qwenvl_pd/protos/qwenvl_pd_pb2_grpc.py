@@ -40,6 +40,16 @@ class PrefillStub:
                 request_serializer=qwenvl__pd__pb2.PrefillRequest.SerializeToString,
                 response_deserializer=qwenvl__pd__pb2.PrefillResponse.FromString,
                 _registered_method=True)
+        self.PrefillStream = channel.unary_stream(
+                '/qwenvl_pd.v1.Prefill/PrefillStream',
+                request_serializer=qwenvl__pd__pb2.PrefillRequest.SerializeToString,
+                response_deserializer=qwenvl__pd__pb2.PrefillStreamEvent.FromString,
+                _registered_method=True)
+        self.WatchKV = channel.unary_stream(
+                '/qwenvl_pd.v1.Prefill/WatchKV',
+                request_serializer=qwenvl__pd__pb2.WatchKVRequest.SerializeToString,
+                response_deserializer=qwenvl__pd__pb2.KVProgress.FromString,
+                _registered_method=True)
         self.Release = channel.unary_unary(
                 '/qwenvl_pd.v1.Prefill/Release',
                 request_serializer=qwenvl__pd__pb2.ReleaseRequest.SerializeToString,
@@ -68,6 +78,22 @@ class PrefillServicer:
 
     def Prefill(self, request, context):
         """Prefill the prompt, sample the first token, pin the KV blocks under a lease.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PrefillStream(self, request, context):
+        """Layer-wise KV: first a KV announce (the handle, its blocks allocated before any compute),
+        last the PrefillResponse; decode reads each group of layers meanwhile (WatchKV).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchKV(self, request, context):
+        """A streaming request's KV progress, cumulative, every --kv-layer-group layers; the last
+        message carries the PrefillResponse (first token, handle under its lease).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -107,6 +133,16 @@ def add_PrefillServicer_to_server(servicer, server):
                     servicer.Prefill,
                     request_deserializer=qwenvl__pd__pb2.PrefillRequest.FromString,
                     response_serializer=qwenvl__pd__pb2.PrefillResponse.SerializeToString,
+            ),
+            'PrefillStream': grpc.unary_stream_rpc_method_handler(
+                    servicer.PrefillStream,
+                    request_deserializer=qwenvl__pd__pb2.PrefillRequest.FromString,
+                    response_serializer=qwenvl__pd__pb2.PrefillStreamEvent.SerializeToString,
+            ),
+            'WatchKV': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchKV,
+                    request_deserializer=qwenvl__pd__pb2.WatchKVRequest.FromString,
+                    response_serializer=qwenvl__pd__pb2.KVProgress.SerializeToString,
             ),
             'Release': grpc.unary_unary_rpc_method_handler(
                     servicer.Release,
@@ -157,6 +193,60 @@ class Prefill:
             '/qwenvl_pd.v1.Prefill/Prefill',
             qwenvl__pd__pb2.PrefillRequest.SerializeToString,
             qwenvl__pd__pb2.PrefillResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PrefillStream(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/qwenvl_pd.v1.Prefill/PrefillStream',
+            qwenvl__pd__pb2.PrefillRequest.SerializeToString,
+            qwenvl__pd__pb2.PrefillStreamEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchKV(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/qwenvl_pd.v1.Prefill/WatchKV',
+            qwenvl__pd__pb2.WatchKVRequest.SerializeToString,
+            qwenvl__pd__pb2.KVProgress.FromString,
             options,
             channel_credentials,
             insecure,

@@ -19,6 +19,7 @@ import grpc
 
 from qwenvl_pd.messages import PrefillRequest, PrefillResult, TokenEvent
 from qwenvl_pd.proxy import pd_client
+from qwenvl_pd.proxy.layerwise import EarlyDecode, early_events, prefill_layerwise
 from qwenvl_pd.proxy.errors import APIError, bad_request, overloaded
 from qwenvl_pd.proxy.racing import unless
 from qwenvl_pd.proxy.router import InstanceState, Router
@@ -56,9 +57,11 @@ async def _unless_lost(state: InstanceState, awaitable):
 
 
 class PDBackend:
-    def __init__(self, router: Router, prefill_timeout_s: float = 600.0, token_timeout_s: float = 60.0):
-        self.router = router
+    def __init__(self, router: Router, prefill_timeout_s: float = 600.0, token_timeout_s: float = 60.0,
+                 layerwise: bool = False):
+        self.router, self.layerwise = router, layerwise  # layerwise: proxy/layerwise.py's round
         self.prefill_timeout_s, self.token_timeout_s = prefill_timeout_s, token_timeout_s
+        self.unless_lost = _unless_lost
 
     def ready(self) -> bool:
         return self.router.ready()
@@ -67,7 +70,11 @@ class PDBackend:
         produced: list[int] = []
         current = req
         for round_ in range(MAX_REPREFILLS + 1):
-            result, prefill = await self._prefill(current, key)
+            early = None
+            if self.layerwise:
+                result, prefill, early = await prefill_layerwise(self, current, key)
+            else:
+                result, prefill = await self._prefill(current, key)
             produced.append(result.first_token.token_id)
             finished = bool(result.finish_reason)
             try:
@@ -78,7 +85,7 @@ class PDBackend:
                 if finished:
                     return
                 preempted = False
-                async with contextlib.aclosing(self._decode(current, result)) as events:
+                async with contextlib.aclosing(self._decode(current, result, early)) as events:
                     async for ev in events:
                         if ev.finish_reason == "preempted":
                             preempted = True
@@ -96,6 +103,8 @@ class PDBackend:
                     raise APIError(500, "the decode stream ended without a finish reason",
                                    "server_error", None, "decode_error")
             finally:
+                if early is not None:
+                    await early.close()
                 if not finished and result.handle is not None:
                     # harmless when decode already released it; frees the lease now otherwise
                     asyncio.ensure_future(_abort_quietly(prefill, current.request_id))
@@ -125,7 +134,19 @@ class PDBackend:
     def _others(self, role: str, state: InstanceState) -> bool:
         return any(s is not state for s in self.router.healthy(role))
 
-    async def _decode(self, req: PrefillRequest, result: PrefillResult) -> AsyncIterator[TokenEvent]:
+    async def _decode(self, req: PrefillRequest, result: PrefillResult,
+                      early: EarlyDecode | None = None) -> AsyncIterator[TokenEvent]:
+        if early is not None:
+            try:
+                async with contextlib.aclosing(early_events(self, early, result)) as events:
+                    async for ev in events:
+                        if ev is None:
+                            break  # failed before its first token: the whole-KV path below
+                        yield ev
+                    else:
+                        return
+            except grpc.aio.AioRpcError as e:
+                raise rpc_error(e, f"decode {early.state.address}") from None
         dreq = pd_client.decode_request(req, result)
         tried: list[InstanceState] = []
         while True:
@@ -153,6 +174,12 @@ class PDBackend:
                     if e.code() in RETRYABLE and not e.details().startswith("KV "):  # decode is down
                         self.router.mark_failed(state)
                     tried.append(state)
+
+    def events(self, state: InstanceState, dreq) -> AsyncIterator[TokenEvent]:
+        return self._events(state, dreq)
+
+    def pick_decode(self, tried: list[InstanceState]) -> InstanceState:
+        return self._pick_decode(tried)
 
     async def _events(self, state: InstanceState, dreq) -> AsyncIterator[TokenEvent]:
         """The decode stream, given up when decode stops answering health checks, or when a

@@ -48,6 +48,7 @@ class ProxyConfig:
     model_info_timeout_s: float = 300.0  # how long start-up waits for a prefill to answer
     prefill_timeout_s: float = 600.0
     token_timeout_s: float = 60.0  # a running request without a token this long: decode is stuck
+    kv_transfer_mode: str = "whole"  # "layerwise": decode reads the KV while prefill computes
     colocated_model: str = ""  # serve --colocated: one in-process engine instead of PD nodes
 
     def __post_init__(self):
@@ -57,6 +58,8 @@ class ProxyConfig:
             raise ValueError("give at least one --prefill and one --decode address (or --discover-dns)")
         if self.max_concurrent_requests < 1 or self.prefill_load_cap < 1:
             raise ValueError("--max-concurrent-requests and --prefill-load-cap must be >= 1")
+        if self.kv_transfer_mode not in ("whole", "layerwise"):
+            raise ValueError(f"--kv-transfer-mode must be whole or layerwise, not {self.kv_transfer_mode!r}")
         if not (self.prefill_timeout_s > 0 and self.token_timeout_s > 0):
             raise ValueError("--prefill-timeout and --token-timeout must be > 0")
 

@@ -47,7 +47,8 @@ async def open_pd(cfg: ProxyConfig, metrics: ProxyMetrics):
 
     async def close() -> None:
         await _close(router, disc)
-    return PDBackend(router, cfg.prefill_timeout_s, cfg.token_timeout_s), info, close
+    backend = PDBackend(router, cfg.prefill_timeout_s, cfg.token_timeout_s, cfg.kv_transfer_mode == "layerwise")
+    return backend, info, close
 
 
 async def _close(router: Router, disc: DnsDiscovery | None) -> None:
