@@ -30,7 +30,7 @@ CHECKPOINTS = {
     "qwen3_vl_moe": ("qwen3_vl_moe", {}, [(1, 2)]),  # each decode rank reads half of every block
     "qwen3_vl_one_kv_head": ("qwen3_vl", {"num_key_value_heads": 1}, [(1, 2), (2, 1), (2, 2)]),
 }
-NODE_ARGS = ("--lease-seconds", "6", "--transfer-timeout", "2")
+NODE_ARGS = ("--lease-seconds", "6", "--transfer-timeout", "2", "--kv-layer-group", "1")
 REQUESTS = [{"prompt": _chat(f"{IMG}What is this?"), "multi_modal_data": {"image": [_image(90, 70, 1)]}},
             {"prompt": _chat("Tell me a story about the sea.")}]
 PARAMS = [SamplingParams(max_tokens=12, temperature=0, ignore_eos=True),
@@ -127,6 +127,21 @@ def test_pd_across_tp_sizes_equals_colocated_greedy_and_seeded(cluster_of, name)
                 rid = f"{name}-{p_tp}{d_tp}-{i}-{j}"
                 tokens, reason = asyncio.run(_run(p_addr, d_addr, _pd_request(llm, rid, req, sp)))
                 assert (tokens, reason) == (expected[i][j], "length"), f"P{p_tp} D{d_tp} request {i} params {j}"
+                # layer-wise: a TP decode's rank-0 job carries each read's layer range to every rank
+                tokens, reason = asyncio.run(_run_layerwise(p_addr, d_addr, _pd_request(llm, rid + "-lw", req, sp)))
+                assert (tokens, reason) == (expected[i][j], "length"), f"layer-wise P{p_tp} D{d_tp} {i} {j}"
         pl, dl = asyncio.run(_settled_loads(p_addr, d_addr))
         assert (pl.blocks_used, dl.blocks_used, dl.running) == (0, 0, 0)
     llm.close()
+
+
+async def _run_layerwise(p_addr: str, d_addr: str, req) -> tuple[list[int], str]:
+    p, d = Instance.connect(p_addr), Instance.connect(d_addr)
+    tokens, reason = [], ""
+    async for result, event in pd_client.generate_layerwise(p, d, req):
+        token = result.first_token if event is None else event.token
+        tokens += [token.token_id] if token is not None else []
+        reason = (result.finish_reason if event is None else event.finish_reason) or reason
+    await p.channel.close()
+    await d.channel.close()
+    return tokens, reason

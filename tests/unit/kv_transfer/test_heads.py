@@ -121,3 +121,13 @@ def test_plans_applied_as_raw_copies_give_each_decode_rank_exactly_its_heads(num
                 ctypes.memmove(loc, rem, n)
         assert torch.equal(local[:, :, local_ids], full[:, :, remote_ids, first:first + count])
         assert local[:, :, [2, 3]].abs().sum().item() == 0  # blocks not read stay untouched
+
+
+def test_a_layer_range_with_head_pieces_reads_those_layers_of_each_prefill_rank():
+    # p2 -> d1 over a 2-layer region: only layer 1, remote block 3 -> local block 2
+    local = Region(L, 2, BLOCKS, 2 * HEAD, 2)
+    remotes = [Region(R[r], 2, BLOCKS, HEAD, 1) for r in range(2)]
+    plan = pull_plan(local, remotes, head_pieces(2, 2, 1, 0), [3], [2], layers=range(1, 2))
+    # local planes are 128 B (4 blocks x 32 B), remote 64 B; layer 1 K is plane 2, V plane 3
+    assert plan == {0: [(L + 256 + 64, R[0] + 128 + 48, 16), (L + 384 + 64, R[0] + 192 + 48, 16)],
+                    1: [(L + 256 + 80, R[1] + 128 + 48, 16), (L + 384 + 80, R[1] + 192 + 48, 16)]}

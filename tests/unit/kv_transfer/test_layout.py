@@ -125,3 +125,23 @@ def test_fingerprint_for_normalises_dtype_and_checks_ranks():
         fingerprint_for("m", "float32", 16, 1, 1, 1, tp_size=2, tp_rank=2)
     with pytest.raises(ValueError, match="block_size must be positive"):
         fingerprint_for("m", "float32", 0, 1, 1, 1)
+
+
+def test_a_layer_range_reads_only_those_layers_planes():
+    # 3 layers, 64-byte blocks: each plane of a layer is num_blocks * 64 B on from the last
+    local = Region(base=L, num_layers=3, num_blocks=8, block_bytes=64)
+    remote = Region(base=R, num_layers=3, num_blocks=10, block_bytes=64)
+    assert read_slices(local, remote, [2, 3], [5, 6], layers=range(1, 3)) == [
+        (L + 1024 + 320, R + 1280 + 128, 128),   # layer 1 K
+        (L + 1536 + 320, R + 1920 + 128, 128),   # layer 1 V
+        (L + 2048 + 320, R + 2560 + 128, 128),   # layer 2 K
+        (L + 2560 + 320, R + 3200 + 128, 128),   # layer 2 V
+    ]
+    assert read_slices(local, remote, [4], [0], layers=range(0, 1)) == [
+        (L + 0, R + 256, 64), (L + 512, R + 640 + 256, 64)]
+
+
+def test_a_layer_range_outside_the_region_is_refused():
+    for bad in (range(1, 3), range(1, 1), range(-1, 1), range(0, 2, 2)):
+        with pytest.raises(ValueError, match="outside a region of 2 layers"):
+            read_slices(LOCAL, REMOTE, [2], [5], layers=bad)

@@ -10,7 +10,8 @@ import pytest
 
 from qwenvl_pd.kv_transfer.handle import KVHandle, KVSegment, LayoutFingerprint
 from qwenvl_pd.messages import (DecodeRequest, LoadReport, MediaItem, ModelInfo, PrefillRequest,
-                                PrefillResult, PromptLogprobs, SampledToken, TokenEvent)
+                                PrefillResult, PrefillStreamEvent, KVProgress, PromptLogprobs, SampledToken,
+                                TokenEvent)
 from qwenvl_pd.protos import qwenvl_pd_pb2 as pb
 from qwenvl_pd.protos import qwenvl_pd_pb2_grpc as pb_grpc
 from qwenvl_pd.protos.convert import PAIRS, SKIPPED, from_proto, to_proto
@@ -51,7 +52,8 @@ PREFILL_RESULT = PrefillResult(request_id="req-1", first_token=TOKEN, handle=HAN
                                mrope_position_delta=-1234, prompt_len=50, num_cached_tokens=32,
                                finish_reason="length", prompt_logprobs=PROMPT_LP)
 DECODE_REQ = DecodeRequest(request_id="req-1", handle=HANDLE, first_token=TOKEN, prompt_token_ids=(1, 2, 3),
-                           prompt_len=3, mrope_position_delta=-(2 ** 40), sampling=SP, num_output_tokens=2)
+                           prompt_len=3, mrope_position_delta=-(2 ** 40), sampling=SP, num_output_tokens=2,
+                           layerwise=True)
 SAMPLES = [
     SP,
     *GRAMMARS,
@@ -66,6 +68,8 @@ SAMPLES = [
     PREFILL_RESULT,
     HANDLE.rank_segments[0],
     DECODE_REQ,
+    PrefillStreamEvent(announce=HANDLE, result=PREFILL_RESULT),
+    KVProgress(tokens_ready=32, chunk_tokens=48, layers_ready=12, result=PREFILL_RESULT),
     TokenEvent(token=TOKEN, finish_reason="error", num_prompt_tokens=50, num_output_tokens=9,
                error="KV read timed out", num_cached_tokens=32, prompt_logprobs=PROMPT_LP),
     LoadReport(role="decode", instance_id="decode-3", running=5, waiting=2, blocks_used=100,
