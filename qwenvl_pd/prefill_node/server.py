@@ -135,6 +135,9 @@ class PrefillService(pb_grpc.PrefillServicer):
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                 f"layer-wise KV is off on prefill {self.rt.instance_id} (--kv-layer-group 0)")
         req, seq = await self._parse(request, context)
+        if req.request_id in self.watched:  # leased, its KV perhaps still being read
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS,
+                                f"request {req.request_id} holds KV not yet released")
         fut, watched = self._wait_for(req), Watched()
         self.watched[req.request_id] = watched
         result, run = None, asyncio.ensure_future(self._run(seq, fut, context, layerwise=True))
