@@ -9,6 +9,7 @@ read is waited for before the rank reports, so when a pull returns no read can s
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 from dataclasses import dataclass
@@ -46,6 +47,14 @@ class PullJob:
     local_blocks: tuple[int, ...]
     layers: tuple[int, int] = (0, 0)  # [first, stop) of the layers to read; (0, 0): all
 
+    @classmethod
+    def of(cls, handle: KVHandle, local_blocks: list[int], layers: range | None = None,
+           remote_blocks: tuple[int, ...] | None = None) -> PullJob:
+        span = (layers.start, layers.stop) if layers is not None else (0, 0)
+        remote = handle.block_ids if remote_blocks is None else tuple(remote_blocks)
+        return cls(handle.segments, handle.region_num_blocks, handle.block_bytes,
+                   handle.fingerprint.num_kv_heads, remote, tuple(local_blocks), span)
+
 
 class RankKV:
     """This rank's transfer engine and registered region; on rank 0 also every rank's segment."""
@@ -63,15 +72,23 @@ class RankKV:
              remote_blocks: tuple[int, ...] | None = None) -> int:
         """Rank 0: read the handle's blocks (or remote_blocks of them, layer-wise: only `layers`)
         into local_blocks on every rank -> bytes read here."""
-        span = (layers.start, layers.stop) if layers is not None else (0, 0)
-        job = PullJob(handle.segments, handle.region_num_blocks, handle.block_bytes,
-                      handle.fingerprint.num_kv_heads, handle.block_ids if remote_blocks is None
-                      else tuple(remote_blocks), tuple(local_blocks), span)
+        job = PullJob.of(handle, local_blocks, layers, remote_blocks)
         if self.group is None:  # one rank: a late read keeps its TransferTimeout for the caller
             return self._read(job, settle=False)
         with self._lock:
             _send(job, self.group)
             return self._agree(job)
+
+    async def pull_async(self, handle: KVHandle, local_blocks: list[int]) -> int:
+        """pull() for the event loop: one rank awaits its reads there, several hand the job to a
+        thread (the broadcast and all-reduce block)."""
+        if self.group is not None:
+            return await asyncio.get_running_loop().run_in_executor(None, self.pull, handle, local_blocks)
+        job = PullJob.of(handle, local_blocks)
+        plan = self._plan(job)
+        for rank, slices in plan.items():  # a timeout ends the pull: its `settled` is the last read
+            await self.transfer.read_batch_async(job.segments[rank].transfer_address, slices)
+        return _plan_bytes(plan)
 
     def serve_pulls(self) -> None:
         """Ranks 1..N-1: run every job rank 0 sends until it closes the group."""
@@ -97,12 +114,7 @@ class RankKV:
     def _read(self, job: PullJob, settle: bool) -> int:
         """One batched read per prefill rank holding heads of ours, in turn: a timeout ends the
         pull with every earlier read done, so its `settled` covers the whole pull."""
-        pieces = head_pieces(job.num_kv_heads, len(job.segments), self.tp.size, self.tp.rank)
-        heads = heads_per_rank(job.num_kv_heads, len(job.segments))  # of each prefill rank
-        remotes = [Region(seg.kv_base_ptr, self.region.num_layers, job.region_num_blocks,
-                          job.block_bytes, heads) for seg in job.segments]
-        layers = range(*job.layers) if job.layers != (0, 0) else None
-        plan = pull_plan(self.region, remotes, pieces, job.remote_blocks, job.local_blocks, layers)
+        plan = self._plan(job)
         for rank, slices in plan.items():
             try:
                 self.transfer.read_batch(job.segments[rank].transfer_address, slices)
@@ -110,7 +122,15 @@ class RankKV:
                 if settle:
                     e.settled.result()
                 raise
-        return sum(n for slices in plan.values() for _, _, n in slices)
+        return _plan_bytes(plan)
+
+    def _plan(self, job: PullJob) -> dict[int, list]:
+        pieces = head_pieces(job.num_kv_heads, len(job.segments), self.tp.size, self.tp.rank)
+        heads = heads_per_rank(job.num_kv_heads, len(job.segments))  # of each prefill rank
+        remotes = [Region(seg.kv_base_ptr, self.region.num_layers, job.region_num_blocks,
+                          job.block_bytes, heads) for seg in job.segments]
+        layers = range(*job.layers) if job.layers != (0, 0) else None
+        return pull_plan(self.region, remotes, pieces, job.remote_blocks, job.local_blocks, layers)
 
     def close(self) -> None:
         if self.group is not None and self.tp.rank == 0 and self.role == "decode":
@@ -126,6 +146,10 @@ def setup_rank_kv(opts: TransferOptions, ctx: RankContext) -> RankKV:
     if opts.role == "decode" and ctx.tp.rank > 0:
         threading.Thread(target=kv.serve_pulls, name="kv-pulls", daemon=True).start()
     return kv
+
+
+def _plan_bytes(plan: dict[int, list]) -> int:
+    return sum(n for slices in plan.values() for _, _, n in slices)
 
 
 def _all_gather(own: KVSegment, ctx: RankContext) -> tuple[KVSegment, ...]:
