@@ -68,7 +68,8 @@ class DecodeService(pb_grpc.DecodeServicer):
         self.streams[req.request_id] = queue
         try:
             release = await self._pull_and_join(req, context)
-            if unconfirmed := await release:  # the finally below ends the row and frees its blocks
+            if unconfirmed := await release:  # end the row, free its blocks, then answer
+                await self.host.settle(lambda: self._abort(req.request_id))
                 await context.abort(grpc.StatusCode.UNAVAILABLE, f"KV lease of request {req.request_id} "
                                     f"on prefill {req.handle.instance_id} {unconfirmed}; not using the read")
             while True:
