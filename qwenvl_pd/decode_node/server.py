@@ -67,7 +67,10 @@ class DecodeService(pb_grpc.DecodeServicer):
         queue: asyncio.Queue = asyncio.Queue()
         self.streams[req.request_id] = queue
         try:
-            await self._pull_and_join(req, context)
+            release = await self._pull_and_join(req, context)
+            if unconfirmed := await release:  # the finally below ends the row and frees its blocks
+                await context.abort(grpc.StatusCode.UNAVAILABLE, f"KV lease of request {req.request_id} "
+                                    f"on prefill {req.handle.instance_id} {unconfirmed}; not using the read")
             while True:
                 event = await queue.get()
                 yield convert.to_proto(event)
@@ -110,46 +113,53 @@ class DecodeService(pb_grpc.DecodeServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"the handle holds {h.num_tokens} tokens, the prompt has {req.prompt_len}")
 
-    async def _pull_and_join(self, req: DecodeRequest, context) -> None:
-        h = req.handle
+    async def _pull_and_join(self, req: DecodeRequest, context) -> asyncio.Task:
+        """Read the KV into fresh blocks and join the batch -> the Release of the prefill's lease,
+        still running: the row decodes meanwhile, its tokens wait in the stream's queue."""
+        blocks = await self._allocate_or_refuse(len(req.handle.block_ids), context)
+        await self._read(req, blocks, context)
+        # the lease still held at Release means it held for the whole read: the bytes are that
+        # request's, not a restarted instance's or another request's that reused the blocks
+        release = asyncio.ensure_future(self._release(req.handle, req.request_id))
+        if self.pulling.pop(req.request_id).is_set():  # aborted while the KV was in flight
+            await self.host.settle(lambda: self.rt.engine.blocks.free(blocks))
+            self.streams[req.request_id].put_nowait(TokenEvent(finish_reason="abort"))
+            return release
+        await self.host.settle(lambda: self._join(self._sequence(req, blocks)))
+        return release
+
+    async def _allocate_or_refuse(self, n: int, context) -> list[int]:
         try:
-            blocks = await self._allocate(len(h.block_ids))
+            return await self._allocate(n)
         except OutOfBlocks:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "decode is out of KV blocks")
         except QueueFull as e:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
-        aborted = self.pulling[req.request_id] = asyncio.Event()
-        start = time.perf_counter()
+
+    async def _read(self, req: DecodeRequest, blocks: list[int], context) -> None:
+        h, start = req.handle, time.perf_counter()
+        self.pulling[req.request_id] = asyncio.Event()
         # every tensor-parallel rank reads its own heads; rank 0 counts its bytes
-        read = asyncio.get_running_loop().run_in_executor(None, self.rt.kv.pull, h, blocks)
+        read = asyncio.ensure_future(self.rt.kv.pull_async(h, blocks))
         try:
             nbytes = await asyncio.shield(read)
         except (TransferError, ValueError) as e:
+            self.pulling.pop(req.request_id, None)
             await self._free_after(e, blocks)
             await context.abort(grpc.StatusCode.UNAVAILABLE,
                                 f"KV read from prefill {h.instance_id} ({h.transfer_address}) failed: {e}")
-        except asyncio.CancelledError:  # the read may still be writing: free once it returns
-            read.add_done_callback(lambda _: self._free_later(blocks))
-            raise
-        finally:
+        except asyncio.CancelledError:  # the read may still be writing: free once it has settled
             self.pulling.pop(req.request_id, None)
-        self._count(nbytes, time.perf_counter() - start)
-        # the lease still held at Release means it held for the whole read: the bytes are that
-        # request's, not a restarted instance's or another request's that reused the blocks
-        try:
-            unconfirmed = await self._release(h, req.request_id)
-        except asyncio.CancelledError:  # the stream went away while prefill was asked
-            self._free_later(blocks)
+            read.add_done_callback(lambda t: self._free_when_settled(t, blocks))
             raise
-        if unconfirmed:
-            await self.host.settle(lambda: self.rt.engine.blocks.free(blocks))
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"KV lease of request {req.request_id} on "
-                                f"prefill {h.instance_id} {unconfirmed}; not using the read")
-        if aborted.is_set():
-            await self.host.settle(lambda: self.rt.engine.blocks.free(blocks))
-            self.streams[req.request_id].put_nowait(TokenEvent(finish_reason="abort"))
-            return
-        await self.host.settle(lambda: self._join(self._sequence(req, blocks)))
+        self._count(nbytes, time.perf_counter() - start)
+
+    def _free_when_settled(self, read: asyncio.Future, blocks: list[int]) -> None:
+        error = None if read.cancelled() else read.exception()
+        if isinstance(error, TransferTimeout):
+            error.settled.add_done_callback(lambda _: self._free_later(blocks))
+        else:
+            self._free_later(blocks)
 
     async def _allocate(self, n: int) -> list[int]:
         """n blocks from the engine thread; a stream cancelled meanwhile gives them back once

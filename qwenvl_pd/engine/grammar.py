@@ -9,8 +9,6 @@ from collections import OrderedDict
 from functools import cached_property
 
 import llguidance as llg
-import llguidance.hf
-import llguidance.torch as llt
 import torch
 
 from qwenvl_pd.grammar import grammar_error, grammar_text
@@ -30,6 +28,8 @@ class Grammars:
     def tokenizer(self) -> llg.LLTokenizer:
         # ~2 s for Qwen's 152k vocabulary: built on the first grammar, so a node that never
         # sees one does not pay for it at start
+        import llguidance.hf  # imported on first use: it loads transformers' tokenizer stack
+
         return llguidance.hf.from_tokenizer(self._hf, n_vocab=self.vocab_size,
                                             eos_token=list(self.eos_token_ids))
 
@@ -56,6 +56,8 @@ class Grammars:
         without a grammar); None when no row has one."""
         if all(m is None for m in matchers):
             return None
+        import llguidance.torch as llt  # ~5 s of CPU (torch._dynamo) a node without grammars skips
+
         mask = llt.allocate_token_bitmask(len(matchers), self.vocab_size)  # all allowed
         for i, m in enumerate(matchers):
             if m is not None:

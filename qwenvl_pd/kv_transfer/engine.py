@@ -17,6 +17,7 @@ Mooncake facts this wrapper is built on (mooncake-transfer-engine 0.3.x, classic
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import os
@@ -125,24 +126,45 @@ class KVTransferEngine:
         failure, TransferTimeout after timeout_s + 1 s per GiB (Mooncake's budget for the bytes)."""
         if not slices:
             return
+        fut, what, limit = self._submit(peer_session, slices)
+        try:
+            rc = fut.result(timeout=limit)
+        except CancelledError:  # close() dropped it before it started
+            raise TransferError(f"engine closed while {what}") from None
+        except FutureTimeout:
+            raise self._timed_out(fut, what, limit) from None
+        _check_rc(rc, what)
+
+    async def read_batch_async(self, peer_session: str, slices: Sequence[Slice]) -> None:
+        """read_batch for an event loop: the caller's thread waits on nothing, so a one-rank
+        decode awaits its read without a thread hop of its own."""
+        if not slices:
+            return
+        fut, what, limit = self._submit(peer_session, slices)
+        try:
+            rc = await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(fut)), limit)
+        except asyncio.TimeoutError:
+            raise self._timed_out(fut, what, limit) from None
+        except asyncio.CancelledError:
+            if fut.cancelled():  # close() dropped it before it started
+                raise TransferError(f"engine closed while {what}") from None
+            raise
+        _check_rc(rc, what)
+
+    def _submit(self, peer_session: str, slices: Sequence[Slice]) -> tuple[Future, str, float]:
         locs, rems, lens = (list(col) for col in zip(*slices))
         total = sum(lens)
         with self._lock:
             self._check_open()
             self._check_local(locs, lens)
             fut = self._pool.submit(self._read_chunks, peer_session, locs, rems, lens)
-        what = f"reading {total} B in {len(lens)} slices from {peer_session}"
-        try:
-            rc = fut.result(timeout=self.timeout_s + total / 2**30)
-        except CancelledError:  # close() dropped it before it started
-            raise TransferError(f"engine closed while {what}") from None
-        except FutureTimeout:
-            if fut.cancel():  # still queued behind other reads: it will never touch memory
-                raise TransferError(f"timed out {what} before it started") from None
-            raise TransferTimeout(f"timed out {what} after {self.timeout_s + total / 2**30:.1f} s; "
-                                  f"Mooncake gives up by {self.native_timeout_s} s", fut) from None
-        if rc != 0:
-            raise TransferError(f"Mooncake batch_transfer_sync_read failed {what}: return code {rc}")
+        return fut, f"reading {total} B in {len(lens)} slices from {peer_session}", self.timeout_s + total / 2**30
+
+    def _timed_out(self, fut: Future, what: str, limit: float) -> TransferError:
+        if fut.cancel():  # still queued behind other reads: it will never touch memory
+            return TransferError(f"timed out {what} before it started")
+        return TransferTimeout(f"timed out {what} after {limit:.1f} s; "
+                               f"Mooncake gives up by {self.native_timeout_s} s", fut)
 
     def _read_chunks(self, peer: str, locs: list[int], rems: list[int], lens: list[int]) -> int:
         """Runs on a worker thread. Chunks go one after another: a failed one stops the rest, so a
@@ -184,6 +206,11 @@ class KVTransferEngine:
         for loc, n in zip(locs, lens):
             if n <= 0 or not any(lo <= loc and loc + n <= hi for lo, hi in spans):
                 raise ValueError(f"local slice [{loc:#x}, +{n}) is not inside a registered region")
+
+
+def _check_rc(rc: int, what: str) -> None:
+    if rc != 0:
+        raise TransferError(f"Mooncake batch_transfer_sync_read failed {what}: return code {rc}")
 
 
 def _force_tcp(protocol: str) -> str | None:

@@ -9,6 +9,7 @@ read is waited for before the rank reports, so when a pull returns no read can s
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 from dataclasses import dataclass
@@ -45,6 +46,11 @@ class PullJob:
     remote_blocks: tuple[int, ...]
     local_blocks: tuple[int, ...]
 
+    @classmethod
+    def of(cls, handle: KVHandle, local_blocks: list[int]) -> PullJob:
+        return cls(handle.segments, handle.region_num_blocks, handle.block_bytes,
+                   handle.fingerprint.num_kv_heads, handle.block_ids, tuple(local_blocks))
+
 
 class RankKV:
     """This rank's transfer engine and registered region; on rank 0 also every rank's segment."""
@@ -60,13 +66,23 @@ class RankKV:
 
     def pull(self, handle: KVHandle, local_blocks: list[int]) -> int:
         """Rank 0: read the handle's blocks into local_blocks on every rank -> bytes read here."""
-        job = PullJob(handle.segments, handle.region_num_blocks, handle.block_bytes,
-                      handle.fingerprint.num_kv_heads, handle.block_ids, tuple(local_blocks))
+        job = PullJob.of(handle, local_blocks)
         if self.group is None:  # one rank: a late read keeps its TransferTimeout for the caller
             return self._read(job, settle=False)
         with self._lock:
             _send(job, self.group)
             return self._agree(job)
+
+    async def pull_async(self, handle: KVHandle, local_blocks: list[int]) -> int:
+        """pull() for the event loop: one rank awaits its reads there, several hand the job to a
+        thread (the broadcast and all-reduce block)."""
+        if self.group is not None:
+            return await asyncio.get_running_loop().run_in_executor(None, self.pull, handle, local_blocks)
+        job = PullJob.of(handle, local_blocks)
+        plan = self._plan(job)
+        for rank, slices in plan.items():  # a timeout ends the pull: its `settled` is the last read
+            await self.transfer.read_batch_async(job.segments[rank].transfer_address, slices)
+        return _plan_bytes(plan)
 
     def serve_pulls(self) -> None:
         """Ranks 1..N-1: run every job rank 0 sends until it closes the group."""
@@ -92,11 +108,7 @@ class RankKV:
     def _read(self, job: PullJob, settle: bool) -> int:
         """One batched read per prefill rank holding heads of ours, in turn: a timeout ends the
         pull with every earlier read done, so its `settled` covers the whole pull."""
-        pieces = head_pieces(job.num_kv_heads, len(job.segments), self.tp.size, self.tp.rank)
-        heads = heads_per_rank(job.num_kv_heads, len(job.segments))  # of each prefill rank
-        remotes = [Region(seg.kv_base_ptr, self.region.num_layers, job.region_num_blocks,
-                          job.block_bytes, heads) for seg in job.segments]
-        plan = pull_plan(self.region, remotes, pieces, job.remote_blocks, job.local_blocks)
+        plan = self._plan(job)
         for rank, slices in plan.items():
             try:
                 self.transfer.read_batch(job.segments[rank].transfer_address, slices)
@@ -104,7 +116,14 @@ class RankKV:
                 if settle:
                     e.settled.result()
                 raise
-        return sum(n for slices in plan.values() for _, _, n in slices)
+        return _plan_bytes(plan)
+
+    def _plan(self, job: PullJob) -> dict[int, list]:
+        pieces = head_pieces(job.num_kv_heads, len(job.segments), self.tp.size, self.tp.rank)
+        heads = heads_per_rank(job.num_kv_heads, len(job.segments))  # of each prefill rank
+        remotes = [Region(seg.kv_base_ptr, self.region.num_layers, job.region_num_blocks,
+                          job.block_bytes, heads) for seg in job.segments]
+        return pull_plan(self.region, remotes, pieces, job.remote_blocks, job.local_blocks)
 
     def close(self) -> None:
         if self.group is not None and self.tp.rank == 0 and self.role == "decode":
@@ -120,6 +139,10 @@ def setup_rank_kv(opts: TransferOptions, ctx: RankContext) -> RankKV:
     if opts.role == "decode" and ctx.tp.rank > 0:
         threading.Thread(target=kv.serve_pulls, name="kv-pulls", daemon=True).start()
     return kv
+
+
+def _plan_bytes(plan: dict[int, list]) -> int:
+    return sum(n for slices in plan.values() for _, _, n in slices)
 
 
 def _all_gather(own: KVSegment, ctx: RankContext) -> tuple[KVSegment, ...]:

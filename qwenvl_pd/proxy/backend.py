@@ -47,12 +47,16 @@ def _no_answer(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
     return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details=details)
 
 
-async def _unless_lost(state: InstanceState, awaitable):
-    """awaitable's result, unless the instance stops answering health checks first."""
-    work = await unless(awaitable, state.lost.wait())
+async def _unless_lost(state: InstanceState, awaitable, lost: asyncio.Future | None = None,
+                       timeout: float | None = None):
+    """awaitable's result, unless the instance stops answering health checks (lost: a waiter on
+    state.lost kept by the caller) or timeout passes first."""
+    work = await unless(awaitable, state.lost.wait() if lost is None else lost, timeout)
     if not work.cancelled():
         return work.result()
-    raise _no_answer(grpc.StatusCode.UNAVAILABLE, f"{state.address} stopped answering health checks")
+    if state.lost.is_set():
+        raise _no_answer(grpc.StatusCode.UNAVAILABLE, f"{state.address} stopped answering health checks")
+    raise _no_answer(grpc.StatusCode.DEADLINE_EXCEEDED, f"no token for {timeout:g} s from {state.address}")
 
 
 class PDBackend:
@@ -158,18 +162,17 @@ class PDBackend:
         """The decode stream, given up when decode stops answering health checks, or when a
         running request gets no token for token_timeout_s (the first may wait in decode's queue)."""
         async with contextlib.aclosing(pd_client.decode(state.instance, dreq)) as events:
-            first = True
-            while True:
-                pending = _unless_lost(state, anext(events))
-                try:
-                    ev = await (pending if first else asyncio.wait_for(pending, self.token_timeout_s))
-                except StopAsyncIteration:
-                    return
-                except asyncio.TimeoutError:
-                    raise _no_answer(grpc.StatusCode.DEADLINE_EXCEEDED, f"no token for "
-                                     f"{self.token_timeout_s:g} s from {state.address}") from None
-                first = False
-                yield ev
+            lost, timeout = asyncio.ensure_future(state.lost.wait()), None  # one waiter a stream
+            try:
+                while True:
+                    try:
+                        ev = await _unless_lost(state, anext(events), lost, timeout)
+                    except StopAsyncIteration:
+                        return
+                    timeout = self.token_timeout_s
+                    yield ev
+            finally:
+                lost.cancel()
 
     def _pick_decode(self, tried: list[InstanceState]) -> InstanceState:
         if tried:  # a KV read that failed may succeed from the same decode on the retry

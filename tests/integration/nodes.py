@@ -6,6 +6,7 @@ import sys
 import tempfile
 import time
 from contextlib import contextmanager
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -76,6 +77,12 @@ def pd_pair(model: str, prefill_args=(), decode_args=()):
     finally:
         for proc in procs:
             stop(proc)
+
+
+def rank_children(pid: int) -> list[int]:
+    """The rank processes a node spawned (multiprocessing's resource tracker is not one)."""
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    return [int(c) for c in out if "resource_tracker" not in Path(f"/proc/{c}/cmdline").read_text()]
 
 
 def loads(addresses: dict[str, str]) -> dict:

@@ -1,10 +1,10 @@
-"""Heterogeneous TP: prefill and decode instances of different tensor-parallel sizes (gloo on CPU,
-Mooncake TCP on loopback) give the colocated engine's tokens, greedy and seeded; a prefill rank
-that hangs mid-pull leaves both pools whole.
+"""PD across tensor-parallel sizes (gloo on CPU, Mooncake TCP on loopback) gives the colocated
+engine's tokens, greedy and seeded, on all three families; faults on a rank leave both pools whole.
 
-Each family runs once with a pair that splits KV heads differently on the two sides, and a
-checkpoint with one KV head (replicated at TP 2) runs (1, 2), (2, 1) and (2, 2): a TP 2 node
-takes ~17 s to start here, so three families x three pairs would be ~4 minutes.
+Each family's checkpoint has one KV head (replicated at TP 2) and two layers, and one cluster of
+P1, P2, D1, D2 serves its pairs (1, 1), (1, 2), (2, 1), (2, 2). A checkpoint with two KV heads
+adds the split where decode reads different heads from different prefill ranks. The next cluster
+starts while one serves: start-up is most of this file's time.
 """
 from __future__ import annotations
 
@@ -20,37 +20,45 @@ from qwenvl_pd.model.tiny import make_tiny
 from qwenvl_pd.proxy import pd_client
 from qwenvl_pd.proxy.pd_client import Instance
 
-from nodes import spawn_node, stop, wait_healthy
+from nodes import rank_children, spawn_node, stop, wait_healthy
 from test_pd import IMG, _chat, _image, _pd_request, _run, _settled_loads
-from test_tensor_parallel import _rank_children
 
-# name -> (arch, text overrides, (prefill TP, decode TP) pairs)
+ALL_PAIRS = [(1, 1), (1, 2), (2, 1), (2, 2)]
+ONE_KV_HEAD = {"num_key_value_heads": 1, "num_hidden_layers": 2}
+# name -> (arch, text overrides, (prefill TP, decode TP) pairs), in the order the tests use them
 CHECKPOINTS = {
-    "qwen2_5_vl": ("qwen2_5_vl", {}, [(2, 1)]),      # 2 KV heads: decode reads both prefill ranks
-    "qwen3_vl_moe": ("qwen3_vl_moe", {}, [(1, 2)]),  # each decode rank reads half of every block
-    "qwen3_vl_one_kv_head": ("qwen3_vl", {"num_key_value_heads": 1}, [(1, 2), (2, 1), (2, 2)]),
+    "qwen2_5_vl_two_kv_heads": ("qwen2_5_vl", {"num_hidden_layers": 2}, [(2, 1)]),  # reads both P ranks
+    "qwen2_5_vl": ("qwen2_5_vl", ONE_KV_HEAD, ALL_PAIRS),
+    "qwen3_vl": ("qwen3_vl", ONE_KV_HEAD, ALL_PAIRS),
+    "qwen3_vl_moe": ("qwen3_vl_moe", ONE_KV_HEAD, ALL_PAIRS),
 }
 NODE_ARGS = ("--lease-seconds", "6", "--transfer-timeout", "2")
 REQUESTS = [{"prompt": _chat(f"{IMG}What is this?"), "multi_modal_data": {"image": [_image(90, 70, 1)]}},
+            {"prompt": _chat(f"{IMG}{IMG}Compare."),
+             "multi_modal_data": {"image": [_image(60, 120, 2), _image(130, 50, 3)]}},
             {"prompt": _chat("Tell me a story about the sea.")}]
 PARAMS = [SamplingParams(max_tokens=12, temperature=0, ignore_eos=True),
           SamplingParams(max_tokens=12, temperature=0.8, top_p=0.9, seed=7, ignore_eos=True)]
 
 
 class Cluster:
-    """The prefill and decode instances one checkpoint's pairs need, keyed (role, TP size)."""
+    """The prefill and decode instances one checkpoint's pairs need, keyed (role, TP size);
+    spawned at construction, waited for by ready()."""
 
     def __init__(self, model: str, pairs: list[tuple[int, int]]):
         self.model, self.pairs, self.nodes = model, pairs, {}
         sizes = {("prefill", p) for p, _ in pairs} | {("decode", d) for _, d in pairs}
+        for role, tp in sorted(sizes):
+            self.nodes[role, tp] = spawn_node(role, model, "--tensor-parallel-size", str(tp), *NODE_ARGS)
+
+    def ready(self) -> Cluster:
         try:
-            for role, tp in sorted(sizes):  # all start at once, then each is waited for
-                self.nodes[role, tp] = spawn_node(role, model, "--tensor-parallel-size", str(tp), *NODE_ARGS)
             for proc, address in self.nodes.values():
                 wait_healthy(address, proc)
         except BaseException:
             self.stop()
             raise
+        return self
 
     def address(self, role: str, tp: int) -> str:
         return self.nodes[role, tp][1]
@@ -65,33 +73,40 @@ class Cluster:
 
 @pytest.fixture(scope="module")
 def cluster_of(tmp_path_factory):
-    """name -> its running Cluster; asking for another checkpoint stops the previous one."""
-    running: dict[str, Cluster] = {}
+    """name -> its running Cluster. Asking for one stops those before it and spawns the next."""
+    names, spawned = list(CHECKPOINTS), {}
 
-    def get(name: str) -> Cluster:
-        if name not in running:
-            for other in list(running):  # one cluster at a time: two cores, ~1 GB a process
-                running.pop(other).stop()
+    def spawn(name: str) -> Cluster:
+        if name not in spawned:
             arch, over, pairs = CHECKPOINTS[name]
             model = str(make_tiny(arch, tmp_path_factory.mktemp(name) / "tiny", text_overrides=over))
-            running[name] = Cluster(model, pairs)
-        return running[name]
+            spawned[name] = Cluster(model, pairs)
+        return spawned[name]
+
+    def get(name: str) -> Cluster:
+        for earlier in names[:names.index(name)]:
+            if earlier in spawned:
+                spawned.pop(earlier).stop()
+        cluster = spawn(name).ready()
+        if name != names[-1]:
+            spawn(names[names.index(name) + 1])
+        return cluster
 
     yield get
-    for c in running.values():
+    for c in spawned.values():
         c.stop()
 
 
 def test_a_prefill_rank_hanging_mid_pull_fails_the_request_and_frees_both_pools(cluster_of):
     """P2 -> D1 with 2 KV heads: decode reads prefill rank 0, then rank 1, which is stopped; the
     read times out, decode frees its blocks once the late read settles, prefill's lease ends."""
-    cluster = cluster_of("qwen2_5_vl")
+    cluster = cluster_of("qwen2_5_vl_two_kv_heads")
     (p_proc, p_addr), d_addr = cluster.nodes["prefill", 2], cluster.address("decode", 1)
     llm = LLM(model=cluster.model, max_model_len=2048)
     req = _pd_request(llm, "hang-1", {"prompt": _chat("hello " * 40)},
                       SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
     llm.close()
-    rank1, = _rank_children(p_proc.pid)
+    rank1, = rank_children(p_proc.pid)
     error = asyncio.run(_decode_with_rank_stopped(p_addr, d_addr, req, rank1))
     assert error.code() == grpc.StatusCode.UNAVAILABLE
     assert "KV read from prefill" in error.details() and "timed out reading" in error.details()
@@ -130,3 +145,33 @@ def test_pd_across_tp_sizes_equals_colocated_greedy_and_seeded(cluster_of, name)
         pl, dl = asyncio.run(_settled_loads(p_addr, d_addr))
         assert (pl.blocks_used, dl.blocks_used, dl.running) == (0, 0, 0)
     llm.close()
+
+
+def test_a_decode_rank_killed_mid_stream_ends_the_stream_and_the_instance(cluster_of):
+    """The last cluster's D2 loses its rank 1 mid-stream: the stream fails with a status, the
+    instance exits non-zero, and prefill's lease is freed all the same."""
+    cluster = cluster_of(list(CHECKPOINTS)[-1])
+    p_addr, (d_proc, d_addr) = cluster.address("prefill", 1), cluster.nodes["decode", 2]
+    llm = LLM(model=cluster.model, max_model_len=2048)
+    req = _pd_request(llm, "kill-1", {"prompt": _chat("a long answer")},
+                      SamplingParams(max_tokens=1500, temperature=0, ignore_eos=True))
+    llm.close()
+    rank1, = rank_children(d_proc.pid)
+    error, received = asyncio.run(_decode_with_rank_killed(p_addr, d_addr, req, rank1))
+    assert received >= 3 and error.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL)
+    assert d_proc.wait(timeout=30) == 1
+    pl, _ = asyncio.run(_settled_loads(p_addr, cluster.address("decode", 1)))
+    assert (pl.blocks_used, pl.running) == (0, 0)
+
+
+async def _decode_with_rank_killed(p_addr: str, d_addr: str, req, pid: int) -> tuple[grpc.aio.AioRpcError, int]:
+    p, d = Instance.connect(p_addr), Instance.connect(d_addr)
+    result, received = await pd_client.prefill(p, req), 0
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        async for _ in pd_client.decode(d, pd_client.decode_request(req, result)):
+            received += 1
+            if received == 3:  # mid-stream: decode has joined and streams
+                os.kill(pid, signal.SIGKILL)
+    await p.channel.close()
+    await d.channel.close()
+    return err.value, received

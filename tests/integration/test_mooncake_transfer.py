@@ -1,5 +1,6 @@
 """Two real Mooncake engines in two processes on 127.0.0.1 over tcp: exact block moves, and a
 peer that dies or hangs turns into a TransferError in bounded time, never a hang."""
+import asyncio
 import os
 import signal
 import time
@@ -63,11 +64,15 @@ def wait_stopped(pid: int, timeout_s: float = 10.0) -> None:
     ([15, 14, 0], [4, 5, 6], 3 * 3 * 2),              # descending remote ids: one slice per block
     (list(range(8)), list(range(4, 12)), 3 * 2),      # one long run
 ])
-def test_batched_read_moves_exactly_the_selected_blocks(peer, local, remote_ids, local_ids, n_slices):
+@pytest.mark.parametrize("on_loop", [False, True], ids=["sync", "async"])
+def test_batched_read_moves_exactly_the_selected_blocks(peer, local, remote_ids, local_ids, n_slices, on_loop):
     eng, kv = local
     slices = read_slices(Region.from_tensor(kv), peer.region, remote_ids, local_ids)
     assert len(slices) == n_slices
-    eng.read_batch(peer.session, slices)
+    if on_loop:
+        asyncio.run(eng.read_batch_async(peer.session, slices))
+    else:
+        eng.read_batch(peer.session, slices)
     check_moved(kv, remote_ids, local_ids)
 
 
@@ -127,6 +132,11 @@ def test_hung_peer_times_out_and_reports_when_the_late_read_settles():
             with pytest.raises(TransferTimeout, match=r"timed out reading 3072 B in 6 slices") as err:
                 eng.read_batch(p.session, slices)
             assert 0.9 < time.monotonic() - t0 < 3.0
+            t1 = time.monotonic()
+            with pytest.raises(TransferTimeout, match=r"timed out reading 3072 B in 6 slices") as late:
+                asyncio.run(eng.read_batch_async(p.session, slices))  # the same bound on an event loop
+            assert 0.9 < time.monotonic() - t1 < 3.0
+            assert late.value.settled.result(timeout=eng.native_timeout_s + 10) == -1
             # Mooncake's own deadline (5 s floor) ends the native call; only then are blocks free.
             assert err.value.settled.result(timeout=eng.native_timeout_s + 10) == -1
             assert time.monotonic() - t0 < eng.native_timeout_s + 10
