@@ -27,8 +27,29 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cpus_arg(spec: str) -> tuple[int, ...]:
+    from qwenvl_pd.cpus import parse_cpus
+    try:
+        return parse_cpus(spec)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _add_cpus_arg(p, what: str, flag: str = "--cpus") -> None:
+    p.add_argument(flag, type=_cpus_arg, default=(), metavar="LIST",
+                   help=f"pin {what} to these cores, as taskset -c LIST (e.g. 0, 0-1, 0,2-3); "
+                   "torch threads default to their count")
+
+
+def _set_threads(threads: int) -> None:
+    if threads:
+        import torch
+        torch.set_num_threads(threads)  # several roles on one host must not oversubscribe
+
+
 def _node(args: argparse.Namespace) -> int:
     import logging
+    from qwenvl_pd.cpus import pin
     from qwenvl_pd.protos.auth import read_secret
     from qwenvl_pd.engine.config import EngineConfig
     from qwenvl_pd.node.runtime import NodeConfig
@@ -50,10 +71,9 @@ def _node(args: argparse.Namespace) -> int:
         limit_mm_per_prompt={"image": args.limit_images, "video": args.limit_videos}, engine=engine,
         tensor_parallel_size=args.tensor_parallel_size, enable_expert_parallel=args.enable_expert_parallel,
         threads=args.threads, quantization=args.quantization, max_queued_requests=args.max_queued_requests,
-        kv_layer_group=args.kv_layer_group)
-    if args.threads:
-        import torch
-        torch.set_num_threads(args.threads)  # several roles on one host must not oversubscribe
+        kv_layer_group=args.kv_layer_group, cpus=args.cpus)
+    pin(cfg.cpus)  # before the ranks start: they inherit it
+    _set_threads(cfg.rank_threads)
     if args.command == "prefill":
         from qwenvl_pd.prefill_node.server import main as run
     else:
@@ -95,6 +115,7 @@ def _add_node_parser(sub, role: str, default_port: int) -> None:
     p.add_argument("--limit-videos", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    _add_cpus_arg(p, f"this {role} instance and its ranks")
     _add_parallel_args(p)
     p.set_defaults(func=_node)
 
@@ -118,23 +139,29 @@ def _colocated_opener(args: argparse.Namespace):
     """serve --colocated: the proxy runs one engine in-process (built here, never by the proxy)."""
     if not args.colocated_model:
         return None
+    from qwenvl_pd.cpus import threads_for
     from qwenvl_pd.engine.config import EngineConfig
     from qwenvl_pd.engine.stack import StackConfig
     from qwenvl_pd.node.colocated import colocated_opener
-    engine = EngineConfig(kv_cache_bytes=int(args.kv_cache_gib * (1 << 30)))
+    engine = EngineConfig(kv_cache_bytes=int(args.kv_cache_gib * (1 << 30)),
+                          max_num_batched_tokens=args.max_num_batched_tokens)
+    threads = threads_for(args.cpus, 0, args.tensor_parallel_size)
+    _set_threads(threads)  # one engine in the proxy's process: it runs on the proxy's --cpus
     return colocated_opener(StackConfig(
         args.colocated_model, args.max_model_len, args.device, tensor_parallel_size=args.tensor_parallel_size,
-        enable_expert_parallel=args.enable_expert_parallel, engine=engine, quantization=args.quantization))
+        enable_expert_parallel=args.enable_expert_parallel, threads=threads, engine=engine,
+        quantization=args.quantization))
 
 
 def _proxy(args: argparse.Namespace) -> int:
+    from qwenvl_pd.cpus import pin
     from qwenvl_pd.protos.auth import read_secret
     from qwenvl_pd.proxy.config import ProxyConfig, parse_addresses
     from qwenvl_pd.proxy.server import main as run
     if args.discover_dns:
         from qwenvl_pd.proxy.discovery import parse_discover_dns
         parse_discover_dns(args.discover_dns)  # a bad spec fails here, before any start-up work
-    run(ProxyConfig(
+    cfg = ProxyConfig(
         host=args.host, port=args.port, prefill=parse_addresses(args.prefill),
         decode=parse_addresses(args.decode), discover_dns=args.discover_dns or "",
         api_key=args.api_key or "", cluster_secret=read_secret(args.cluster_secret_file or ""),
@@ -148,7 +175,9 @@ def _proxy(args: argparse.Namespace) -> int:
         prefill_load_cap=args.prefill_load_cap, model_info_timeout_s=args.model_info_timeout,
         prefill_timeout_s=args.prefill_timeout, token_timeout_s=args.token_timeout,
         kv_transfer_mode=args.kv_transfer_mode,
-        colocated_model=args.colocated_model or ""), _colocated_opener(args))
+        colocated_model=args.colocated_model or "", cpus=args.cpus)
+    pin(cfg.cpus)  # first: the colocated engine's threads start on these cores
+    run(cfg, _colocated_opener(args))
     return 0
 
 
@@ -187,7 +216,9 @@ def _add_proxy_parser(sub) -> None:
     p.add_argument("--kv-transfer-mode", default="whole", choices=["whole", "layerwise"],
                    help="whole: decode pulls the KV after prefill; layerwise: group by group while "
                         "prefill computes (prefill's --kv-layer-group)")
+    _add_cpus_arg(p, "the proxy (and, under serve --colocated, its engine)")
     p.add_argument("--colocated-model", help=argparse.SUPPRESS)  # serve --colocated
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048, help=argparse.SUPPRESS)
     p.add_argument("--max-model-len", type=int, default=8192, help=argparse.SUPPRESS)
     p.add_argument("--kv-cache-gib", type=float, default=1.0, help=argparse.SUPPRESS)
     p.add_argument("--device", default="auto", help=argparse.SUPPRESS)
@@ -205,7 +236,9 @@ def _serve(args: argparse.Namespace) -> int:
         prefill_tp=args.prefill_tensor_parallel_size or args.tensor_parallel_size,
         decode_tp=args.decode_tensor_parallel_size or args.tensor_parallel_size,
         enable_expert_parallel=args.enable_expert_parallel, quantization=args.quantization,
-        kv_transfer_mode=args.kv_transfer_mode))
+        kv_transfer_mode=args.kv_transfer_mode,
+        cpus_prefill=args.cpus_prefill, cpus_decode=args.cpus_decode, cpus_proxy=args.cpus_proxy,
+        max_num_batched_tokens=args.max_num_batched_tokens))
 
 
 def _add_serve_parser(sub) -> None:
@@ -229,6 +262,12 @@ def _add_serve_parser(sub) -> None:
     _add_parallel_args(p)
     p.add_argument("--prefill-tensor-parallel-size", type=int, help="default: --tensor-parallel-size")
     p.add_argument("--decode-tensor-parallel-size", type=int, help="default: --tensor-parallel-size")
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048,
+                   help="prefill chunk budget per step of every engine (prefill nodes, colocated)")
+    _add_cpus_arg(p, "every prefill instance", "--cpus-prefill")
+    _add_cpus_arg(p, "every decode instance", "--cpus-decode")
+    _add_cpus_arg(p, "the proxy (--colocated: its one process, engine included, gets the union of "
+                  "the three lists: the same cores as the PD run)", "--cpus-proxy")
     p.set_defaults(func=_serve)
 
 

@@ -18,6 +18,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from qwenvl_pd.cpus import check_cpus, format_cpus, union
 from qwenvl_pd.process import die_with_parent, free_port
 
 STARTUP_S = 900.0  # a large checkpoint takes minutes to load
@@ -43,6 +44,19 @@ class ServeConfig:
     enable_expert_parallel: bool = False
     quantization: str | None = None
     kv_transfer_mode: str = "whole"  # the proxy's --kv-transfer-mode
+    max_num_batched_tokens: int = 2048
+    # cores per role (() : not pinned); --colocated pins its one process to their union
+    cpus_prefill: tuple[int, ...] = ()
+    cpus_decode: tuple[int, ...] = ()
+    cpus_proxy: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        for cpus in (self.cpus_prefill, self.cpus_decode, self.cpus_proxy):
+            check_cpus(cpus)  # here, not in a child that would die while starting
+
+    @property
+    def cpus_colocated(self) -> tuple[int, ...]:
+        return union(self.cpus_prefill, self.cpus_decode, self.cpus_proxy)
 
 
 @dataclass
@@ -84,11 +98,16 @@ def _parallel_args(tp: int, cfg: ServeConfig) -> list[str]:
             + (["--quantization", cfg.quantization] if cfg.quantization else []))
 
 
+def _cpus_args(cpus: tuple[int, ...]) -> list[str]:
+    return ["--cpus", format_cpus(cpus)] if cpus else []
+
+
 def _node_args(cfg: ServeConfig, role: str, model: str, port: int) -> list[str]:
-    tp = cfg.prefill_tp if role == "prefill" else cfg.decode_tp
+    tp, cpus = (cfg.prefill_tp, cfg.cpus_prefill) if role == "prefill" else (cfg.decode_tp, cfg.cpus_decode)
     args = ["--model", model, "--port", str(port), "--host", "127.0.0.1", "--bind", "127.0.0.1",
             "--max-model-len", str(cfg.max_model_len), "--kv-cache-gib", str(cfg.kv_cache_gib),
-            "--device", cfg.device, *_parallel_args(tp, cfg)]
+            "--max-num-batched-tokens", str(cfg.max_num_batched_tokens),
+            "--device", cfg.device, *_parallel_args(tp, cfg), *_cpus_args(cpus)]
     return args + (["--served-model-name", cfg.served_model_name] if cfg.served_model_name else [])
 
 
@@ -136,8 +155,10 @@ def _start(cfg: ServeConfig, model: str, children: list[Child]) -> Child:
     if cfg.colocated:
         proxy_args += ["--colocated-model", model, "--max-model-len", str(cfg.max_model_len),
                        "--kv-cache-gib", str(cfg.kv_cache_gib), "--device", cfg.device,
-                       *_parallel_args(cfg.prefill_tp, cfg)]
+                       "--max-num-batched-tokens", str(cfg.max_num_batched_tokens),
+                       *_parallel_args(cfg.prefill_tp, cfg), *_cpus_args(cfg.cpus_colocated)]
     else:
+        proxy_args += _cpus_args(cfg.cpus_proxy)
         nodes = [_spawn(role, _node_args(cfg, role, model, port), f"127.0.0.1:{port}")
                  for role, n in (("prefill", cfg.num_prefill), ("decode", cfg.num_decode))
                  for port in [free_port() for _ in range(n)]]

@@ -71,7 +71,7 @@ class DecodeService(pb_grpc.DecodeServicer):
             if req.layerwise:
                 await LayerwisePull(self, req).run(context)
             elif unconfirmed := await (await self._pull_and_join(req, context)):
-                # the finally below ends the row and frees its blocks
+                await self.host.settle(lambda: self._abort(req.request_id))  # end the row, free its blocks
                 await context.abort(grpc.StatusCode.UNAVAILABLE, f"KV lease of request {req.request_id} "
                                     f"on prefill {req.handle.instance_id} {unconfirmed}; not using the read")
             while True:

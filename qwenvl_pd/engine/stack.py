@@ -91,7 +91,8 @@ def _start_ranks(cfg: StackConfig, config: ModelConfig, tp: TensorParallel, devi
     if tp.size == 1:
         return None
     check_divisible(config.text, tp)  # before any child starts
-    threads = cfg.threads or max(1, (os.cpu_count() or 1) // tp.size)
+    # the cores this process may use (a --cpus pin, a cpuset), not the machine's
+    threads = cfg.threads or max(1, len(os.sched_getaffinity(0)) // tp.size)
     return Ranks(RankSpec(cfg.model, tp, device.type, str(dtype).removeprefix("torch."),
                           engine_cfg, free_port(), threads, build_rank_runner, rank_setup,
                           cfg.quantization))

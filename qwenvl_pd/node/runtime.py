@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
+from qwenvl_pd.cpus import threads_for
 from qwenvl_pd.engine.config import EngineConfig
 from qwenvl_pd.engine.stack import StackConfig, build_stack
 from qwenvl_pd.kv_transfer.handle import LayoutFingerprint
@@ -41,6 +42,7 @@ class NodeConfig:
     quantization: str | None = None  # "ascend" | "none"; None: from the checkpoint
     max_queued_requests: int = 1024  # waiting requests beyond this are refused (RESOURCE_EXHAUSTED)
     kv_layer_group: int = 4  # prefill: layers per layer-wise KV report; 0 refuses layer-wise
+    cpus: tuple[int, ...] = ()       # cores this node and its ranks are pinned to; (): not pinned
 
     def __post_init__(self):
         if self.max_queued_requests < 1:
@@ -53,9 +55,13 @@ class NodeConfig:
         # every queued or running request holds one RPC; the rest is room for health, load, release
         return self.max_queued_requests + self.engine.max_num_seqs + 64
 
+    @property
+    def rank_threads(self) -> int:
+        return threads_for(self.cpus, self.threads, self.tensor_parallel_size)
+
     def stack(self) -> StackConfig:
         return StackConfig(self.model, self.max_model_len, self.device, self.dtype,
-                           self.tensor_parallel_size, self.enable_expert_parallel, self.threads,
+                           self.tensor_parallel_size, self.enable_expert_parallel, self.rank_threads,
                            self.limit_mm_per_prompt, self.engine, self.quantization)
 
 

@@ -50,6 +50,7 @@ class ProxyConfig:
     token_timeout_s: float = 60.0  # a running request without a token this long: decode is stuck
     kv_transfer_mode: str = "whole"  # "layerwise": decode reads the KV while prefill computes
     colocated_model: str = ""  # serve --colocated: one in-process engine instead of PD nodes
+    cpus: tuple[int, ...] = ()  # cores the proxy (and a colocated engine) is pinned to; (): not pinned
 
     def __post_init__(self):
         if not (self.prefill or self.decode or self.discover_dns or self.colocated_model):

@@ -21,6 +21,36 @@ def _children(pid: int) -> list[int]:
     return [int(p) for p in out.split()]
 
 
+def _cpus_allowed(pid: int) -> str:
+    with open(f"/proc/{pid}/status") as f:
+        return next(line for line in f if line.startswith("Cpus_allowed_list:")).split()[1]
+
+
+def _role(pid: int) -> str:
+    with open(f"/proc/{pid}/cmdline") as f:
+        argv = f.read().split("\0")
+    return argv[argv.index("qwenvl_pd.cli") + 1]
+
+
+def _pinning(tp: int) -> tuple[list[str], dict[str, str]]:
+    """At TP 2 the roles are pinned (prefill and proxy on one core, decode on another, as
+    benchmarks/pd_vs_colocated.py does): serve's flags, and each role's expected list."""
+    cores = sorted(os.sched_getaffinity(0))
+    if tp == 1 or len(cores) < 2:
+        return [], {}
+    a, b = str(cores[0]), str(cores[-1])
+    return (["--cpus-prefill", b, "--cpus-decode", a, "--cpus-proxy", b],
+            {"prefill": b, "decode": a, "proxy": b})
+
+
+def _check_pinned(children: list[int], expected: dict[str, str]) -> None:
+    """Each role runs on its --cpus, and so do its TP ranks (children inherit the affinity)."""
+    for c in children:
+        want = expected[_role(c)]
+        assert _cpus_allowed(c) == want, _role(c)
+        assert all(_cpus_allowed(g) == want for g in _children(c)), _role(c)
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -34,8 +64,9 @@ def test_serve_answers_the_openai_client_and_stops_everything(tmp_path, tp):
     port = free_port()
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}  # the tiny default model is built here
     log = tempfile.TemporaryFile("w+")
+    pin_args, pinned = _pinning(tp)
     proc = subprocess.Popen([sys.executable, "-m", "qwenvl_pd.cli", "serve", "--port", str(port),
-                             "--tensor-parallel-size", str(tp)],
+                             "--tensor-parallel-size", str(tp), *pin_args],
                             env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 180
@@ -57,6 +88,8 @@ def test_serve_answers_the_openai_client_and_stops_everything(tmp_path, tp):
         assert reply.usage.prompt_tokens > 12  # 112x84 at patch 14, merge 2: 12 image tokens + text
         children = _children(proc.pid)
         assert len(children) >= 3  # prefill, decode, proxy
+        if pinned:
+            _check_pinned(children, pinned)
         ranks = [g for c in children for g in _children(c)]  # each node's rank 1 (and its tracker)
         assert len(ranks) >= 2 * (tp - 1)
         children += ranks
