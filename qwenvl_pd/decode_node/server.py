@@ -87,7 +87,8 @@ class DecodeService(pb_grpc.DecodeServicer):
     async def _validate(self, request, context) -> DecodeRequest:
         try:
             req: DecodeRequest = convert.from_proto(request)
-            await asyncio.to_thread(check_grammar, self.rt.engine.grammars, req.sampling)
+            if req.sampling.structured_outputs is not None:  # compiling may take a while: off the loop
+                await asyncio.to_thread(check_grammar, self.rt.engine.grammars, req.sampling)
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         await self._check_origin(req, context)
