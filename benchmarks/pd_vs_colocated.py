@@ -3,10 +3,14 @@ start one, run the benchmark, stop it, start the other, run it again, print both
 the ratios (PD / colocated). Same proxy, tokenizer and protocol path in both: only where the
 tokens are computed differs.
 
+Both scenarios pin the roles (role_cpus; --no-pin leaves them all on all cores): PD runs decode
+alone on the first half of the cores, prefill and the proxy on the rest (on 2 cores: 0 | 1);
+colocated runs its one process on all of them (the same cores in all; the load generator, this
+process, is not pinned). Unpinned, a prefill that overlaps a decode oversubscribes the cores
+with both nodes' torch threads, which is where unpinned PD loses TPOT at low load.
+
 --scenario default: low load (random-mm, 0.5 req/s); median TTFT and TPOT ratios.
---scenario prefill-heavy: what PD is for. PD runs decode alone on core 0, prefill and the proxy
-on core 1; colocated runs its one process on both (the same cores in all; the load generator,
-this process, is not pinned). Short chat requests (64 in / 128 out, 4 at a time) decode while
+--scenario prefill-heavy: what PD is for. Short chat requests (64 in / 128 out, 4 at a time) decode while
 long prompts (4096 text tokens + a 448x448 image, 4352 tokens) arrive every 1.5 s; prints
 p50/p99 ITL and TTFT of the short stream, TTFT of the long ones. The proxy sits with prefill,
 not decode: it handles every token (detokenise, SSE) and parses each long body, and on the
@@ -38,8 +42,19 @@ DEFAULT_LOAD = ["--dataset-name", "random-mm", "--num-prompts", "20", "--request
                 "--random-input-len", "64", "--random-output-len", "32", "--random-mm-image-size",
                 "224x224", "--ignore-eos"]
 DEFAULT_KEYS = ("mean_ttft_ms", "median_ttft_ms", "p99_ttft_ms", "mean_tpot_ms", "median_tpot_ms", "p99_tpot_ms")
-# the same flags in both modes: --colocated pins its one process to their union (0-1)
-PREFILL_HEAVY_CPUS = ["--cpus-prefill", "1", "--cpus-decode", "0", "--cpus-proxy", "1"]
+
+
+def role_cpus() -> list[str]:
+    """serve's pins in both modes: decode on the first half of this process's cores, prefill and
+    the proxy on the rest (on 2 cores: decode 0, prefill + proxy 1); --colocated pins its one
+    process to their union, so both modes get the same cores. Unpinned, the roles' torch threads
+    oversubscribe the cores whenever a prefill overlaps a decode."""
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2:
+        return []
+    half = len(cores) // 2
+    decode, rest = ",".join(map(str, cores[:half])), ",".join(map(str, cores[half:]))
+    return ["--cpus-decode", decode, "--cpus-prefill", rest, "--cpus-proxy", rest]
 
 
 def _serve(model: str | None, colocated: bool, port: int, log, extra: list[str]) -> subprocess.Popen:
@@ -76,10 +91,14 @@ def _each_mode(args, extra: list[str], run_one) -> dict[str, dict]:
     return summaries
 
 
+def _pins(args) -> list[str]:
+    return [] if args.no_pin else role_cpus()
+
+
 def _default(args, rest: list[str]) -> dict[str, dict]:
     def one(mode: str, port: int) -> dict:
         return bench(bench_parser().parse_args(DEFAULT_LOAD + rest + ["--port", str(port), "--label", mode]))
-    summaries = _each_mode(args, args.serve_arg, one)
+    summaries = _each_mode(args, _pins(args) + args.serve_arg, one)
     print("\n" + mixed.compare(summaries, DEFAULT_KEYS))
     return summaries
 
@@ -96,7 +115,7 @@ def _prefill_heavy(args, rest: list[str]) -> dict[str, dict]:
         s = mixed.summarize(asyncio.run(mixed.run_mixed(cfg, base, model)))
         print(json.dumps({k: v for k, v in s.items() if k not in mixed.MIXED_KEYS}), flush=True)
         return s
-    summaries = _each_mode(args, PREFILL_HEAVY_CPUS + args.serve_arg, one)
+    summaries = _each_mode(args, _pins(args) + args.serve_arg, one)
     print("\n" + mixed.compare(summaries, mixed.MIXED_KEYS))
     return summaries
 
@@ -112,6 +131,7 @@ def main() -> int:
     p.add_argument("--long-input-len", type=int, default=mixed.MixedConfig.long_input_len, help="prefill-heavy")
     p.add_argument("--long-interval", type=float, default=mixed.MixedConfig.long_interval_s,
                    help="prefill-heavy: seconds between long prompts")
+    p.add_argument("--no-pin", action="store_true", help="leave every role on every core")
     p.add_argument("--log", default="pd_vs_colocated.log")
     args, rest = p.parse_known_args()
     summaries = (_prefill_heavy if args.scenario == "prefill-heavy" else _default)(args, rest)
