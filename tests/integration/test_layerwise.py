@@ -6,13 +6,9 @@ prefill reports every layer and prefills 32 tokens a step, so a long prompt stre
 import asyncio
 import os
 import signal
-import subprocess
-import sys
-import tempfile
 import time
 
 import grpc
-import httpx
 import numpy as np
 import openai
 import pytest
@@ -24,7 +20,8 @@ from qwenvl_pd.model.tiny import make_tiny
 from qwenvl_pd.proxy import pd_client
 from qwenvl_pd.proxy.pd_client import Instance
 
-from nodes import free_port, png_bytes, spawn_node, stop, wait_healthy
+from nodes import png_bytes, spawn_node, stop, wait_healthy
+from test_proxy import _log, start_proxy
 
 IMG = "<|vision_start|><|image_pad|><|vision_end|>"
 PREFILL_ARGS = ("--max-num-batched-tokens", "32", "--kv-layer-group", "1", "--lease-seconds", "4",
@@ -223,22 +220,16 @@ def test_prefill_silent_for_the_transfer_timeout_fails_decode_unavailable(cluste
 
 
 def test_proxy_layerwise_with_the_openai_client(cluster):
-    port = free_port()
-    log = tempfile.TemporaryFile("w+")
-    proxy = subprocess.Popen([sys.executable, "-m", "qwenvl_pd.cli", "proxy", "--host", "127.0.0.1",
-                              "--port", str(port), "--prefill", cluster.p_addr, "--decode", cluster.d_addr,
-                              "--kv-transfer-mode", "layerwise", "--health-interval", "0.5"],
-                             stdout=subprocess.DEVNULL, stderr=log, text=True)
+    proxy, url = start_proxy("--prefill", cluster.p_addr, "--decode", cluster.d_addr,
+                             "--kv-transfer-mode", "layerwise")
     try:
-        _wait_http(f"http://127.0.0.1:{port}", proxy, log)
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none")
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="none")
         for stream in (False, True):
             got = _completion(client, stream)
             expected = cluster.llm.generate({"prompt": LONG[:400]},
                                             SamplingParams(max_tokens=10, temperature=0, ignore_eos=True))
             assert got == expected[0].outputs[0].text, f"stream={stream}"
-        log.seek(0)
-        assert "instead" not in log.read()  # layer-wise throughout, no fallback to the whole-KV round
+        assert "instead" not in _log(proxy)  # layer-wise throughout, no fallback to the whole-KV round
     finally:
         stop(proxy)
     pl, dl = asyncio.run(_settled(cluster))
@@ -252,21 +243,6 @@ def _completion(client, stream: bool) -> str:
         return client.completions.create(**kw).choices[0].text
     return "".join(chunk.choices[0].text for chunk in client.completions.create(**kw, stream=True)
                    if chunk.choices)
-
-
-def _wait_http(url: str, proc: subprocess.Popen, log, timeout=120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            log.seek(0)
-            raise RuntimeError(f"proxy exited with {proc.returncode}:\n{log.read()[-5000:]}")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError(f"{url} not healthy after {timeout}s")
 
 
 def test_prefill_killed_mid_stream_fails_decode_and_frees_it(cluster):
