@@ -17,11 +17,10 @@ import grpc
 
 from qwenvl_pd.engine.block_manager import OutOfBlocks
 from qwenvl_pd.kv_transfer.cursor import Read, ReadCursor
-from qwenvl_pd.kv_transfer.engine import TransferError, TransferTimeout
+from qwenvl_pd.kv_transfer.engine import TransferError
 from qwenvl_pd.messages import DecodeRequest, KVProgress, PrefillResult, TokenEvent
 from qwenvl_pd.node.runtime import QueueFull
-from qwenvl_pd.protos import auth, convert, qwenvl_pd_pb2 as pb, qwenvl_pd_pb2_grpc as pb_grpc
-from qwenvl_pd.protos.channel import CLIENT_OPTIONS
+from qwenvl_pd.protos import convert, qwenvl_pd_pb2 as pb, qwenvl_pd_pb2_grpc as pb_grpc
 
 
 class StreamFailed(Exception):
@@ -81,7 +80,7 @@ class LayerwisePull:
         """Read every group prefill reports until its result; None when aborted meanwhile."""
         cursor = ReadCursor(self.h.fingerprint.num_layers, self.h.fingerprint.block_size,
                             self.req.prompt_len, len(self.h.block_ids))
-        call = pb_grpc.PrefillStub(self._channel()).WatchKV(
+        call = pb_grpc.PrefillStub(self.svc.control_channel(self.h.control_address)).WatchKV(
             pb.WatchKVRequest(request_id=self.req.request_id, instance_id=self.h.instance_id))
         try:
             while (progress := await self._next(call, aborted)) is not None:
@@ -128,8 +127,7 @@ class LayerwisePull:
         span = slice(read.first_block, read.stop_block)
         local, remote = self.blocks[span], self.h.block_ids[span]
         start = time.perf_counter()
-        self.reading = asyncio.get_running_loop().run_in_executor(
-            None, self.svc.rt.kv.pull, self.h, local, read.layers, remote)
+        self.reading = asyncio.ensure_future(self.svc.rt.kv.pull_async(self.h, local, read.layers, remote))
         try:
             nbytes = await asyncio.shield(self.reading)
         except (TransferError, ValueError) as e:
@@ -144,26 +142,9 @@ class LayerwisePull:
         blocks, reading, self.blocks = self.blocks, self.reading, []
         if not blocks:
             return
-        if reading is None or reading.done() and not _late(reading):
+        if reading is None:
             self.svc._free_later(blocks)
-        elif reading.done():  # timed out: its bytes may still arrive
-            reading.exception().settled.add_done_callback(lambda _: self.svc._free_later(blocks))
+        elif reading.done():  # a timed-out read's bytes may still arrive: freed once it settled
+            self.svc._free_when_settled(reading, blocks)
         else:
-            reading.add_done_callback(lambda f: _after(f, lambda: self.svc._free_later(blocks)))
-
-    def _channel(self) -> grpc.aio.Channel:
-        address, svc = self.h.control_address, self.svc
-        if address not in svc._channels:
-            svc._channels[address] = auth.channel(address, svc.rt.cfg.cluster_secret, CLIENT_OPTIONS)
-        return svc._channels[address]
-
-
-def _late(read: asyncio.Future) -> bool:
-    return not read.cancelled() and isinstance(read.exception(), TransferTimeout)
-
-
-def _after(read: asyncio.Future, free) -> None:
-    if _late(read):
-        read.exception().settled.add_done_callback(lambda _: free())
-    else:
-        free()
+            reading.add_done_callback(lambda f: self.svc._free_when_settled(f, blocks))

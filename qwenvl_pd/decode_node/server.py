@@ -208,10 +208,7 @@ class DecodeService(pb_grpc.DecodeServicer):
         the blocks gone to another request while we read."""
         if not h.control_address:
             return ""  # only without the cluster secret: nothing to confirm with
-        channel = self._channels.get(h.control_address)
-        if channel is None:
-            channel = self._channels[h.control_address] = auth.channel(
-                h.control_address, self.rt.cfg.cluster_secret, CLIENT_OPTIONS)
+        channel = self.control_channel(h.control_address)
         request = pb.ReleaseRequest(request_id=request_id, instance_id=h.instance_id)
         try:
             released = (await pb_grpc.PrefillStub(channel).Release(request, timeout=5)).released
@@ -219,6 +216,12 @@ class DecodeService(pb_grpc.DecodeServicer):
             log.warning("release of %s on %s failed: %s", request_id, h.control_address, e.code())
             return f"could not be confirmed (Release at {h.control_address}: {e.code().name})"
         return "" if released else "was no longer held (expired, aborted or restarted)"
+
+    def control_channel(self, address: str) -> grpc.aio.Channel:
+        """The channel to a prefill's gRPC address, opened once: Release and WatchKV share it."""
+        if address not in self._channels:
+            self._channels[address] = auth.channel(address, self.rt.cfg.cluster_secret, CLIENT_OPTIONS)
+        return self._channels[address]
 
     async def Abort(self, request, context):
         pulling = self.pulling.get(request.request_id)

@@ -79,12 +79,14 @@ class RankKV:
             _send(job, self.group)
             return self._agree(job)
 
-    async def pull_async(self, handle: KVHandle, local_blocks: list[int]) -> int:
+    async def pull_async(self, handle: KVHandle, local_blocks: list[int], layers: range | None = None,
+                         remote_blocks: tuple[int, ...] | None = None) -> int:
         """pull() for the event loop: one rank awaits its reads there, several hand the job to a
         thread (the broadcast and all-reduce block)."""
         if self.group is not None:
-            return await asyncio.get_running_loop().run_in_executor(None, self.pull, handle, local_blocks)
-        job = PullJob.of(handle, local_blocks)
+            return await asyncio.get_running_loop().run_in_executor(
+                None, self.pull, handle, local_blocks, layers, remote_blocks)
+        job = PullJob.of(handle, local_blocks, layers, remote_blocks)
         plan = self._plan(job)
         for rank, slices in plan.items():  # a timeout ends the pull: its `settled` is the last read
             await self.transfer.read_batch_async(job.segments[rank].transfer_address, slices)

@@ -156,10 +156,8 @@ class PrefillService(pb_grpc.PrefillServicer):
                 self.watched.pop(req.request_id, None)
 
     def _announce(self, seq: Sequence, block_ids: tuple[int, ...]) -> KVHandle:
-        handle = dataclasses.replace(self._unsigned_handle(seq, 0), block_ids=block_ids,
-                                     lease_expires_unix_ms=0)  # no lease until the prefill ends
-        secret = self.rt.cfg.cluster_secret
-        return auth.sign(handle, secret) if secret else handle
+        return self._signed(dataclasses.replace(self._unsigned_handle(seq, 0), block_ids=block_ids,
+                                                lease_expires_unix_ms=0))  # no lease until the prefill ends
 
     async def WatchKV(self, request, context):
         rid = request.request_id
@@ -198,7 +196,9 @@ class PrefillService(pb_grpc.PrefillServicer):
         return PrefillResult(**result, handle=self._handle(seq, lease_s))
 
     def _handle(self, seq: Sequence, lease_s: float) -> KVHandle:
-        handle = self._unsigned_handle(seq, lease_s)
+        return self._signed(self._unsigned_handle(seq, lease_s))
+
+    def _signed(self, handle: KVHandle) -> KVHandle:
         secret = self.rt.cfg.cluster_secret
         return auth.sign(handle, secret) if secret else handle
 

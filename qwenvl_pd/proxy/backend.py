@@ -21,7 +21,7 @@ from qwenvl_pd.messages import PrefillRequest, PrefillResult, TokenEvent
 from qwenvl_pd.proxy import pd_client
 from qwenvl_pd.proxy.layerwise import EarlyDecode, early_events, prefill_layerwise
 from qwenvl_pd.proxy.errors import APIError, bad_request, overloaded
-from qwenvl_pd.proxy.racing import unless
+from qwenvl_pd.proxy.racing import unless_lost
 from qwenvl_pd.proxy.router import InstanceState, Router
 
 log = logging.getLogger(__name__)
@@ -43,29 +43,11 @@ def rpc_error(e: grpc.aio.AioRpcError, where: str) -> APIError:
     return APIError(500, f"{where}: {e.code().name}: {e.details()}", "server_error", None, "backend_error")
 
 
-def _no_answer(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
-    # what a call to a hung instance would end with, had gRPC noticed: one path for all failures
-    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details=details)
-
-
-async def _unless_lost(state: InstanceState, awaitable, lost: asyncio.Future | None = None,
-                       timeout: float | None = None):
-    """awaitable's result, unless the instance stops answering health checks (lost: a waiter on
-    state.lost kept by the caller) or timeout passes first."""
-    work = await unless(awaitable, state.lost.wait() if lost is None else lost, timeout)
-    if not work.cancelled():
-        return work.result()
-    if state.lost.is_set():
-        raise _no_answer(grpc.StatusCode.UNAVAILABLE, f"{state.address} stopped answering health checks")
-    raise _no_answer(grpc.StatusCode.DEADLINE_EXCEEDED, f"no token for {timeout:g} s from {state.address}")
-
-
 class PDBackend:
     def __init__(self, router: Router, prefill_timeout_s: float = 600.0, token_timeout_s: float = 60.0,
                  layerwise: bool = False):
         self.router, self.layerwise = router, layerwise  # layerwise: proxy/layerwise.py's round
         self.prefill_timeout_s, self.token_timeout_s = prefill_timeout_s, token_timeout_s
-        self.unless_lost = _unless_lost
 
     def ready(self) -> bool:
         return self.router.ready()
@@ -78,7 +60,7 @@ class PDBackend:
             if self.layerwise:
                 result, prefill, early = await prefill_layerwise(self, current, key)
             else:
-                result, prefill = await self._prefill(current, key)
+                result, prefill = await self.prefill(current, key)
             produced.append(result.first_token.token_id)
             finished = bool(result.finish_reason)
             try:
@@ -118,14 +100,14 @@ class PDBackend:
         raise APIError(503, f"request preempted {MAX_REPREFILLS + 1} times on decode (out of KV blocks)",
                        "service_unavailable", None, "preempted")
 
-    async def _prefill(self, req: PrefillRequest, key: bytes) -> tuple[PrefillResult, InstanceState]:
+    async def prefill(self, req: PrefillRequest, key: bytes) -> tuple[PrefillResult, InstanceState]:
         tried: list[InstanceState] = []
         while True:
             state = self.router.pick_prefill(key, exclude=tried)  # 503 once none is left
             with self.router.using(state):
                 try:
                     call = pd_client.prefill(state.instance, req, self.prefill_timeout_s)
-                    return await _unless_lost(state, call), state
+                    return await unless_lost(state, call), state
                 except grpc.aio.AioRpcError as e:
                     if e.code() not in PREFILL_ELSEWHERE or tried or not self._others("prefill", state):
                         raise rpc_error(e, f"prefill {state.address}") from None
@@ -154,11 +136,11 @@ class PDBackend:
         dreq = pd_client.decode_request(req, result)
         tried: list[InstanceState] = []
         while True:
-            state = self._pick_decode(tried)
+            state = self.pick_decode(tried)
             seen = False
             with self.router.using(state):
                 try:
-                    async with contextlib.aclosing(self._events(state, dreq)) as events:
+                    async with contextlib.aclosing(self.events(state, dreq)) as events:
                         async for ev in events:
                             seen = True
                             if ev.finish_reason:  # let the call end on its own: a cancel now
@@ -179,13 +161,7 @@ class PDBackend:
                         self.router.mark_failed(state)
                     tried.append(state)
 
-    def events(self, state: InstanceState, dreq) -> AsyncIterator[TokenEvent]:
-        return self._events(state, dreq)
-
-    def pick_decode(self, tried: list[InstanceState]) -> InstanceState:
-        return self._pick_decode(tried)
-
-    async def _events(self, state: InstanceState, dreq) -> AsyncIterator[TokenEvent]:
+    async def events(self, state: InstanceState, dreq) -> AsyncIterator[TokenEvent]:
         """The decode stream, given up when decode stops answering health checks, or when a
         running request gets no token for token_timeout_s (the first may wait in decode's queue)."""
         async with contextlib.aclosing(pd_client.decode(state.instance, dreq)) as events:
@@ -193,7 +169,7 @@ class PDBackend:
             try:
                 while True:
                     try:
-                        ev = await _unless_lost(state, anext(events), lost, timeout)
+                        ev = await unless_lost(state, anext(events), lost, timeout)
                     except StopAsyncIteration:
                         return
                     timeout = self.token_timeout_s
@@ -201,7 +177,7 @@ class PDBackend:
             finally:
                 lost.cancel()
 
-    def _pick_decode(self, tried: list[InstanceState]) -> InstanceState:
+    def pick_decode(self, tried: list[InstanceState]) -> InstanceState:
         if tried:  # a KV read that failed may succeed from the same decode on the retry
             others = [s for s in self.router.healthy("decode") if s not in tried]
             return self.router.pick_decode(exclude=tried) if others else tried[0]

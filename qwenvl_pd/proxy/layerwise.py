@@ -3,7 +3,7 @@ reads each group of layers while prefill computes the later ones; the result (th
 follows on the same stream.
 
 A prefill that refuses layer-wise (FAILED_PRECONDITION: --kv-layer-group 0) or fails before its
-result gets the whole-KV round instead (PDBackend._prefill, with its retry on another prefill);
+result gets the whole-KV round instead (PDBackend.prefill, with its retry on another prefill);
 a layer-wise decode that fails before its first token hands over to the whole-KV decode path
 with the leased result, which may pick another decode.
 """
@@ -17,6 +17,7 @@ import grpc
 
 from qwenvl_pd.messages import PrefillRequest, PrefillResult
 from qwenvl_pd.proxy import pd_client
+from qwenvl_pd.proxy.racing import unless_lost
 from qwenvl_pd.proxy.router import InstanceState
 
 log = logging.getLogger(__name__)
@@ -42,10 +43,10 @@ async def prefill_layerwise(backend, req: PrefillRequest, key: bytes):
     with backend.router.using(state):
         stream = pd_client.prefill_stream(state.instance, req, backend.prefill_timeout_s)
         try:
-            first = await backend.unless_lost(state, anext(stream))
+            first = await unless_lost(state, anext(stream))
             if first.announce is not None:
                 early = _start_decode(backend, req, first)
-                first = await backend.unless_lost(state, anext(stream))
+                first = await unless_lost(state, anext(stream))
             return first.result, state, early
         except (grpc.aio.AioRpcError, StopAsyncIteration) as e:
             why = f"{e.code().name}: {e.details()}" if isinstance(e, grpc.aio.AioRpcError) else "no result"
@@ -55,7 +56,7 @@ async def prefill_layerwise(backend, req: PrefillRequest, key: bytes):
             await stream.aclose()
     if early is not None:
         await early.close()
-    result, state = await backend._prefill(req, key)
+    result, state = await backend.prefill(req, key)
     return result, state, None
 
 
@@ -66,8 +67,8 @@ def _start_decode(backend, req: PrefillRequest, first) -> EarlyDecode:
 
 
 async def early_events(backend, early: EarlyDecode, result: PrefillResult):
-    """The layer-wise decode's events; True at the end when it failed before its first token
-    (the caller then pulls the whole KV with the leased result)."""
+    """The layer-wise decode's events; None, and nothing after, when it failed before its first
+    token (the caller then pulls the whole KV with the leased result)."""
     with backend.router.using(early.state):
         try:
             ev = await early.first
