@@ -24,10 +24,28 @@ OPEN_PREFIX = "/grpc.health.v1.Health/"
 
 
 def read_secret(path: str = "") -> bytes:
-    """The secret from `path` (a mounted Secret) or else $QWENVL_PD_CLUSTER_SECRET; b"" for none."""
+    """The secret from `path` (a mounted Secret) or else $QWENVL_PD_CLUSTER_SECRET; b"" for none.
+
+    Surrounding whitespace is dropped (`kubectl create secret --from-file` keeps the file's newline);
+    a secret that is given but empty once stripped ends the process with a message, not a traceback.
+    """
     if path:
-        return Path(path).read_bytes().strip()
-    return os.environ.get(ENV, "").encode()
+        return _non_empty(Path(path).read_bytes(), path)
+    raw = os.environb.get(ENV.encode())
+    return b"" if raw is None else _non_empty(raw, f"${ENV}")
+
+
+def _non_empty(raw: bytes, source: str) -> bytes:
+    secret = raw.strip()
+    if not secret:
+        raise SystemExit(f"the cluster secret from {source} is empty: give a non-empty value or none at all")
+    return secret
+
+
+def token(secret: bytes) -> str:
+    """What travels in the metadata: printable whatever bytes the secret holds (gRPC refuses
+    non-ASCII header values), and not the secret itself, which also keys the handle MACs."""
+    return hashlib.sha256(b"qwenvl-pd cluster auth\0" + secret).hexdigest()
 
 
 def sign(handle: KVHandle, secret: bytes) -> KVHandle:
@@ -48,7 +66,7 @@ class ServerAuth(grpc.aio.ServerInterceptor):
     """Refuses (UNAUTHENTICATED) every RPC but health checks that lacks the secret."""
 
     def __init__(self, secret: bytes):
-        self.secret = secret
+        self.expected = token(secret).encode()
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
@@ -58,7 +76,7 @@ class ServerAuth(grpc.aio.ServerInterceptor):
 
     def _carries(self, details) -> bool:
         sent = dict(details.invocation_metadata or ()).get(METADATA_KEY, "")
-        return hmac.compare_digest(sent.encode(), self.secret)
+        return isinstance(sent, str) and hmac.compare_digest(sent.encode(), self.expected)
 
 
 def _refusal(handler):
@@ -78,7 +96,7 @@ def _refusal(handler):
 
 class _WithSecret:
     def __init__(self, secret: bytes):
-        self.pair = (METADATA_KEY, secret.decode())
+        self.pair = (METADATA_KEY, token(secret))
 
     def _with_secret(self, details):
         metadata = grpc.aio.Metadata(*(details.metadata or ()), self.pair)
