@@ -22,12 +22,13 @@ import json
 import math
 import os
 import threading
-from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
+from concurrent.futures import CancelledError, Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import contextmanager
 from typing import Iterator, Sequence
 
 from qwenvl_pd.kv_transfer.layout import Slice
+from qwenvl_pd.kv_transfer.peer_pools import PeerPools
 
 PROTOCOLS = ("tcp", "rdma", "ascend")  # "ascend": the NPU build's transport name (HCCS/RoCE)
 TCP_QUEUE_PER_PEER = 4096  # our default for MC_TCP_MAX_QUEUED_TRANSFERS_PER_PEER
@@ -71,8 +72,9 @@ class KVTransferEngine:
 
     def __init__(self, host: str, protocol: str = "tcp", device_name: str = "",
                  timeout_s: float = 10.0, max_inflight: int = 4):
-        """timeout_s bounds each read (plus 1 s per GiB); max_inflight reads run at once, each
-        submitted in batches of at most max_batch_slices so that all fit Mooncake's TCP queue."""
+        """timeout_s bounds each read (plus 1 s per GiB); max_inflight reads run at once per peer
+        (each peer has its own workers: a hung one cannot hold up the others), each submitted in
+        batches of at most max_batch_slices so that all fit Mooncake's per-peer TCP queue."""
         if protocol not in PROTOCOLS:
             raise ValueError(f"protocol {protocol!r} is not one of {PROTOCOLS}")
         if timeout_s <= 0:
@@ -98,7 +100,7 @@ class KVTransferEngine:
                                 f"(device_name={device_name!r})")
         self.session_id = f"{host}:{self._engine.get_rpc_port()}"
         self._regions: dict[int, object] = {}  # data_ptr -> tensor: kept alive while registered
-        self._pool = ThreadPoolExecutor(max_workers=max_inflight, thread_name_prefix="kv-read")
+        self._pools = PeerPools(max_inflight)
         self._lock = threading.Lock()
         self._closed = False
 
@@ -157,7 +159,7 @@ class KVTransferEngine:
         with self._lock:
             self._check_open()
             self._check_local(locs, lens)
-            fut = self._pool.submit(self._read_chunks, peer_session, locs, rems, lens)
+            fut = self._pools.submit(peer_session, self._read_chunks, peer_session, locs, rems, lens)
         return fut, f"reading {total} B in {len(lens)} slices from {peer_session}", self.timeout_s + total / 2**30
 
     def _timed_out(self, fut: Future, what: str, limit: float) -> TransferError:
@@ -183,7 +185,7 @@ class KVTransferEngine:
             if self._closed:
                 return
             self._closed = True
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._pools.shutdown()
         for addr in list(self._regions):
             self._engine.unregister_memory(addr)
         self._regions.clear()

@@ -144,3 +144,26 @@ def test_hung_peer_times_out_and_reports_when_the_late_read_settles():
         t0 = time.monotonic()
         eng.close()
         assert time.monotonic() - t0 < 15
+
+
+def test_reads_from_a_hung_peer_do_not_starve_reads_from_a_healthy_one(peer):
+    kv = torch.zeros(*REMOTE_SHAPE[:2], LOCAL_BLOCKS, *REMOTE_SHAPE[3:])
+    eng = KVTransferEngine("127.0.0.1", timeout_s=1.0, max_inflight=2)
+    try:
+        eng.register(kv)
+        with spawn_peer(REMOTE_SHAPE) as hung:
+            slices = read_slices(Region.from_tensor(kv), hung.region, [1, 2], [1, 2])
+            eng.read_batch(hung.session, slices)
+            os.kill(hung.proc.pid, signal.SIGSTOP)
+            wait_stopped(hung.proc.pid)
+
+            async def hung_reads():  # more than every worker a shared pool would have
+                return await asyncio.gather(*(eng.read_batch_async(hung.session, slices) for _ in range(4)),
+                                            return_exceptions=True)
+            failed = asyncio.run(hung_reads())
+            assert [type(e) for e in failed] == [TransferTimeout] * 2 + [TransferError] * 2
+            kv.zero_()
+            eng.read_batch(peer.session, read_slices(Region.from_tensor(kv), peer.region, [3, 4], [5, 6]))
+            check_moved(kv, [3, 4], [5, 6])
+    finally:
+        eng.close()
