@@ -24,8 +24,8 @@ from qwenvl_pd.kv_transfer.engine import KVTransferEngine  # noqa: E402
 from qwenvl_pd.kv_transfer.peer import spawn_peer  # noqa: E402
 from qwenvl_pd.messages import PrefillRequest  # noqa: E402
 from qwenvl_pd.model.tiny import make_tiny  # noqa: E402
-from qwenvl_pd.proxy import pd_client  # noqa: E402
-from qwenvl_pd.proxy.pd_client import Instance  # noqa: E402
+from qwenvl_pd.proxy.cluster import pd_client  # noqa: E402
+from qwenvl_pd.proxy.cluster.pd_client import Instance  # noqa: E402
 
 WIDE_KV = dict(hidden_size=1024, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8,
                num_key_value_heads=8, mrope_section=[16, 24, 24])

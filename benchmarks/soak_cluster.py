@@ -11,7 +11,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
-from qwenvl_pd.proxy import pd_client
+from qwenvl_pd.proxy.cluster import pd_client
 from qwenvl_pd.serve import _grpc_serving, _http_ok
 
 NODE_ARGS = ["--max-model-len", "2048", "--kv-cache-gib", "0.05", "--threads", "1", "--lease-seconds", "4",

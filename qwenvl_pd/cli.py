@@ -157,9 +157,9 @@ def _proxy(args: argparse.Namespace) -> int:
     from qwenvl_pd.cpus import pin
     from qwenvl_pd.protos.auth import read_secret
     from qwenvl_pd.proxy.config import ProxyConfig, parse_addresses
-    from qwenvl_pd.proxy.server import main as run
+    from qwenvl_pd.proxy.http.server import main as run
     if args.discover_dns:
-        from qwenvl_pd.proxy.discovery import parse_discover_dns
+        from qwenvl_pd.proxy.cluster.discovery import parse_discover_dns
         parse_discover_dns(args.discover_dns)  # a bad spec fails here, before any start-up work
     cfg = ProxyConfig(
         host=args.host, port=args.port, prefill=parse_addresses(args.prefill),

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from qwenvl_pd.proxy.media import MediaLimits
+from qwenvl_pd.proxy.prompt.media import MediaLimits
 
 
 def parse_addresses(spec: str | None) -> tuple[str, ...]:

@@ -88,7 +88,7 @@ def rank_children(pid: int) -> list[int]:
 def loads(addresses: dict[str, str]) -> dict:
     """LoadReport of each named instance ("p..." prefill, "d..." decode), as the proxy polls them."""
     import asyncio
-    from qwenvl_pd.proxy import pd_client
+    from qwenvl_pd.proxy.cluster import pd_client
 
     async def one(name):
         inst = pd_client.Instance.connect(addresses[name])

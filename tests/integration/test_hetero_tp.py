@@ -17,8 +17,8 @@ import pytest
 
 from qwenvl_pd import LLM, SamplingParams
 from qwenvl_pd.model.tiny import make_tiny
-from qwenvl_pd.proxy import pd_client
-from qwenvl_pd.proxy.pd_client import Instance
+from qwenvl_pd.proxy.cluster import pd_client
+from qwenvl_pd.proxy.cluster.pd_client import Instance
 
 from nodes import rank_children, spawn_node, stop, wait_healthy
 from test_pd import IMG, _chat, _image, _pd_request, _run, _settled_loads

@@ -17,8 +17,8 @@ from PIL import Image
 from qwenvl_pd import LLM, SamplingParams
 from qwenvl_pd.messages import MediaItem, PrefillRequest
 from qwenvl_pd.model.tiny import make_tiny
-from qwenvl_pd.proxy import pd_client
-from qwenvl_pd.proxy.pd_client import Instance
+from qwenvl_pd.proxy.cluster import pd_client
+from qwenvl_pd.proxy.cluster.pd_client import Instance
 
 from nodes import png_bytes, spawn_node, stop, wait_healthy
 from test_proxy import _log, start_proxy

@@ -14,8 +14,8 @@ from PIL import Image
 
 from qwenvl_pd import LLM, SamplingParams
 from qwenvl_pd.messages import MediaItem, PrefillRequest
-from qwenvl_pd.proxy import pd_client
-from qwenvl_pd.proxy.pd_client import Instance
+from qwenvl_pd.proxy.cluster import pd_client
+from qwenvl_pd.proxy.cluster.pd_client import Instance
 from qwenvl_pd.serve import _grpc_serving
 
 from nodes import free_port, pd_pair, png_bytes, spawn_node, start_node, stop, wait_healthy

@@ -22,7 +22,7 @@ from PIL import Image
 
 from qwenvl_pd import LLM, SamplingParams
 from qwenvl_pd.model.tiny import make_tiny
-from qwenvl_pd.proxy.router import _rendezvous, affinity_key
+from qwenvl_pd.proxy.cluster.router import _rendezvous, affinity_key
 from qwenvl_pd.serve import _grpc_serving
 
 from nodes import free_port, loads, png_bytes, stop

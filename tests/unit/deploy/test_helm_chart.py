@@ -153,7 +153,7 @@ def test_each_role_is_a_deployment_with_its_args(overlay: str, request: pytest.F
 
 
 def test_discover_dns_names_the_headless_services(cpu: list[dict[str, Any]]) -> None:
-    from qwenvl_pd.proxy.discovery import parse_discover_dns
+    from qwenvl_pd.proxy.cluster.discovery import parse_discover_dns
 
     targets = parse_discover_dns(arg(container(cpu, "proxy"), "--discover-dns"))
     for role in ("prefill", "decode"):

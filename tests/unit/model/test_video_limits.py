@@ -22,8 +22,8 @@ from qwenvl_pd.model.video import (
     qwen3_frame_indices,
     smart_resize_video,
 )
-from qwenvl_pd.proxy.inputs import _video_grid
-from qwenvl_pd.proxy.media import MediaLimits
+from qwenvl_pd.proxy.prompt.inputs import _video_grid
+from qwenvl_pd.proxy.prompt.media import MediaLimits
 
 CFG25 = VisionPreprocessConfig()
 # a total budget small enough that Qwen3-VL's frame size depends on the frame count

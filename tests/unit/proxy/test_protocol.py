@@ -319,8 +319,8 @@ def test_sse_framing_and_models():
 
 def test_prompt_logprobs_and_echo_entries_take_vllms_shape(qwen_tokenizer):
     from qwenvl_pd.messages import PromptLogprobs
-    from qwenvl_pd.proxy.detokenizer import TokenTable
-    from qwenvl_pd.proxy.prompt_logprobs import echo_entries, ranked
+    from qwenvl_pd.proxy.prompt.detokenizer import TokenTable
+    from qwenvl_pd.proxy.prompt.prompt_logprobs import echo_entries, ranked
 
     tokens = TokenTable(qwen_tokenizer)
     hi, there, sky = (qwen_tokenizer.encode(w)[0] for w in ("Hi", " there", " sky"))

@@ -6,7 +6,7 @@ import pytest
 
 from qwenvl_pd.proxy.errors import APIError
 from qwenvl_pd.proxy.protocol import ChatMessage
-from qwenvl_pd.proxy.templating import hermes_messages
+from qwenvl_pd.proxy.prompt.templating import hermes_messages
 from qwenvl_pd.proxy.tools import ToolCall, Tools, held_back, parse_output, parse_tools
 
 F = {"name": "f", "parameters": {"type": "object", "properties": {"x": {"type": "integer"}}}}

@@ -7,7 +7,7 @@ import ipaddress
 
 import pytest
 
-from qwenvl_pd.proxy.netguard import BlockedAddressError, check_url_host, classify
+from qwenvl_pd.proxy.prompt.netguard import BlockedAddressError, check_url_host, classify
 
 
 @pytest.mark.parametrize("ip, kind", [

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import grpc
 
 if TYPE_CHECKING:
-    from qwenvl_pd.proxy.router import InstanceState
+    from qwenvl_pd.proxy.cluster.router import InstanceState
 
 
 async def unless(work: Awaitable, stop: Awaitable, timeout: float | None = None) -> asyncio.Future:

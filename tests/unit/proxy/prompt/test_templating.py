@@ -10,7 +10,7 @@ import pytest
 
 from qwenvl_pd.proxy.errors import APIError
 from qwenvl_pd.proxy.protocol import parse_chat_request
-from qwenvl_pd.proxy.templating import ChatTemplate, special_tokens_from_config, template_messages
+from qwenvl_pd.proxy.prompt.templating import ChatTemplate, special_tokens_from_config, template_messages
 
 IMG = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
 VID = {"type": "video_url", "video_url": {"url": "https://example.com/v.mp4"}}

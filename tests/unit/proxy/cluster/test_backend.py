@@ -9,11 +9,11 @@ import pytest
 
 from qwenvl_pd.kv_transfer.handle import KVHandle, LayoutFingerprint
 from qwenvl_pd.messages import PrefillRequest, PrefillResult, SampledToken, TokenEvent
-from qwenvl_pd.proxy import backend as backend_mod
-from qwenvl_pd.proxy.backend import PDBackend
+from qwenvl_pd.proxy.cluster import backend as backend_mod
+from qwenvl_pd.proxy.cluster.backend import PDBackend
 from qwenvl_pd.proxy.errors import APIError
 from qwenvl_pd.proxy.metrics import ProxyMetrics
-from qwenvl_pd.proxy.router import Router
+from qwenvl_pd.proxy.cluster.router import Router
 from qwenvl_pd.sampling_params import SamplingParams
 
 FP = LayoutFingerprint("m", "float32", 16, 2, 2, 8)

@@ -23,7 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from qwenvl_pd.protos import auth
 from qwenvl_pd.protos.channel import CLIENT_OPTIONS
 from qwenvl_pd.messages import LoadReport
-from qwenvl_pd.proxy import pd_client
+from qwenvl_pd.proxy.cluster import pd_client
 from qwenvl_pd.proxy.errors import no_backend
 from qwenvl_pd.proxy.metrics import ProxyMetrics
 

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import grpc
 
 from qwenvl_pd.messages import PrefillRequest, PrefillResult
-from qwenvl_pd.proxy import pd_client
-from qwenvl_pd.proxy.racing import unless_lost
-from qwenvl_pd.proxy.router import InstanceState
+from qwenvl_pd.proxy.cluster import pd_client
+from qwenvl_pd.proxy.cluster.racing import unless_lost
+from qwenvl_pd.proxy.cluster.router import InstanceState
 
 log = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ import pytest
 from PIL import Image, ImageFile
 
 from qwenvl_pd.model.processor import VisionPreprocessConfig, load_image, process_image
-from qwenvl_pd.proxy import media
-from qwenvl_pd.proxy.media import (
+from qwenvl_pd.proxy.prompt import media
+from qwenvl_pd.proxy.prompt.media import (
     ImageInfo,
     MediaError,
     MediaLimits,

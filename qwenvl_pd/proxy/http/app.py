@@ -20,14 +20,14 @@ from qwenvl_pd import __version__
 from qwenvl_pd.messages import ModelInfo
 from qwenvl_pd.proxy.config import ProxyConfig
 from qwenvl_pd.proxy.errors import APIError, bad_request
-from qwenvl_pd.proxy.generate_api import router as generate_api
-from qwenvl_pd.proxy.generation import Backend
+from qwenvl_pd.proxy.http.generate_api import router as generate_api
+from qwenvl_pd.proxy.http.request_run import Backend
 from qwenvl_pd.proxy.metrics import ProxyMetrics
-from qwenvl_pd.proxy.model_info import build_model
-from qwenvl_pd.proxy.request_models import component_schemas
-from qwenvl_pd.proxy.routes import router as routes
-from qwenvl_pd.proxy.state import Proxy
-from qwenvl_pd.proxy.streaming import error_response
+from qwenvl_pd.proxy.prompt.model_info import build_model
+from qwenvl_pd.proxy.http.request_models import component_schemas
+from qwenvl_pd.proxy.http.routes import router as routes
+from qwenvl_pd.proxy.http.state import Proxy
+from qwenvl_pd.proxy.http.streaming import error_response
 
 log = logging.getLogger(__name__)
 # (backend, model info, close) for a config: server.py's PD cluster, the CLI's colocated engine,

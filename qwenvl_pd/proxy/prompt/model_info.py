@@ -22,8 +22,8 @@ from qwenvl_pd.protos.channel import GRPC_OPTIONS
 from qwenvl_pd.messages import ModelInfo
 from qwenvl_pd.model.processor import VisionPreprocessConfig, VisionTokenIds, _config_from_dicts
 from qwenvl_pd.protos import convert, qwenvl_pd_pb2 as pb, qwenvl_pd_pb2_grpc as pb_grpc
-from qwenvl_pd.proxy.detokenizer import TokenTable
-from qwenvl_pd.proxy.templating import ChatTemplate, special_tokens_from_config
+from qwenvl_pd.proxy.prompt.detokenizer import TokenTable
+from qwenvl_pd.proxy.prompt.templating import ChatTemplate, special_tokens_from_config
 
 log = logging.getLogger(__name__)
 

@@ -12,10 +12,10 @@ from fastapi import Request
 
 from qwenvl_pd.proxy.config import ProxyConfig
 from qwenvl_pd.proxy.errors import bad_request, not_found_model, overloaded, unauthorized
-from qwenvl_pd.proxy.generation import Backend
-from qwenvl_pd.proxy.media import read_capped
+from qwenvl_pd.proxy.http.request_run import Backend
+from qwenvl_pd.proxy.prompt.media import read_capped
 from qwenvl_pd.proxy.metrics import ProxyMetrics
-from qwenvl_pd.proxy.model_info import ProxyModel
+from qwenvl_pd.proxy.prompt.model_info import ProxyModel
 
 
 @dataclass

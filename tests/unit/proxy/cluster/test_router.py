@@ -7,10 +7,10 @@ import dataclasses
 import pytest
 
 from qwenvl_pd.messages import LoadReport, PrefillRequest
-from qwenvl_pd.proxy.backend import _continuation
+from qwenvl_pd.proxy.cluster.backend import _continuation
 from qwenvl_pd.proxy.errors import APIError
 from qwenvl_pd.proxy.metrics import ProxyMetrics
-from qwenvl_pd.proxy.router import Router, affinity_key
+from qwenvl_pd.proxy.cluster.router import Router, affinity_key
 from qwenvl_pd.sampling_params import SamplingParams
 
 P = ["10.0.0.1:1", "10.0.0.2:1", "10.0.0.3:1"]

@@ -23,7 +23,7 @@ import httpx
 from PIL import Image, UnidentifiedImageError
 
 from qwenvl_pd.model.processor import Grid, VisionPreprocessConfig, image_grid, num_vision_tokens
-from qwenvl_pd.proxy.netguard import BlockedAddressError, Resolver, check_url_host, getaddrinfo_resolver
+from qwenvl_pd.proxy.prompt.netguard import BlockedAddressError, Resolver, check_url_host, getaddrinfo_resolver
 
 __all__ = ["MediaError", "MediaLimits", "ImageInfo", "PreparedImage", "fetch_media", "inspect_image",
            "content_hash", "image_tokens", "prepare_image", "IMAGE_FORMATS"]

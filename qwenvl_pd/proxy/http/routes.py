@@ -7,15 +7,15 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 
 from qwenvl_pd import __version__
-from qwenvl_pd.proxy.state import Proxy, Slot, accept, proxy_of
-from qwenvl_pd.proxy.generation import RequestRun
-from qwenvl_pd.proxy.inputs import PreparedPrompt, prepare_chat, prepare_completion
+from qwenvl_pd.proxy.http.state import Proxy, Slot, accept, proxy_of
+from qwenvl_pd.proxy.http.request_run import RequestRun
+from qwenvl_pd.proxy.prompt.inputs import PreparedPrompt, prepare_chat, prepare_completion
 from qwenvl_pd.proxy.metrics import CONTENT_TYPE
 from qwenvl_pd.proxy.protocol import parse_chat_request, parse_completion_request
-from qwenvl_pd.proxy.request_models import ChatCompletionRequest, CompletionRequest, request_body
+from qwenvl_pd.proxy.http.request_models import ChatCompletionRequest, CompletionRequest, request_body
 from qwenvl_pd.proxy.responses import model_list, new_id
 from qwenvl_pd.proxy.tools import Tools
-from qwenvl_pd.proxy.streaming import cancel_on_disconnect, collect, stream
+from qwenvl_pd.proxy.http.streaming import cancel_on_disconnect, collect, stream
 
 router = APIRouter()
 

@@ -9,7 +9,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from qwenvl_pd.proxy.discovery import (
+from qwenvl_pd.proxy.cluster.discovery import (
     DnsDiscovery,
     Endpoint,
     getaddrinfo_resolver,

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from qwenvl_pd.messages import PromptLogprobs
-from qwenvl_pd.proxy.detokenizer import TokenTable
+from qwenvl_pd.proxy.prompt.detokenizer import TokenTable
 from qwenvl_pd.proxy.errors import server_error
 from qwenvl_pd.proxy.responses import PromptLogprobList, RankedLogprob, TokenLogprob, TopLogprob
 

@@ -15,8 +15,8 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from qwenvl_pd.proxy.errors import APIError, server_error
-from qwenvl_pd.proxy.generation import Delta, RequestRun
-from qwenvl_pd.proxy.racing import unless
+from qwenvl_pd.proxy.http.request_run import Delta, RequestRun
+from qwenvl_pd.proxy.cluster.racing import unless
 from qwenvl_pd.proxy.tools import OPEN, Tools, held_back, parse_output
 from qwenvl_pd.proxy.responses import (SSE_DONE, Choice, ChunkBuilder, TokenLogprob, chat_completion,
                                        completion, completion_logprobs, sse, sse_error)

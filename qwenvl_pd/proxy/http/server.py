@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import logging
 
-from qwenvl_pd.proxy.app import create_app
-from qwenvl_pd.proxy.backend import PDBackend
+from qwenvl_pd.proxy.http.app import create_app
+from qwenvl_pd.proxy.cluster.backend import PDBackend
 from qwenvl_pd.proxy.config import ProxyConfig
-from qwenvl_pd.proxy.discovery import DnsDiscovery, parse_discover_dns
+from qwenvl_pd.proxy.cluster.discovery import DnsDiscovery, parse_discover_dns
 from qwenvl_pd.proxy.metrics import ProxyMetrics
-from qwenvl_pd.proxy.model_info import fetch_model_info
-from qwenvl_pd.proxy.router import ROLES, Router
+from qwenvl_pd.proxy.prompt.model_info import fetch_model_info
+from qwenvl_pd.proxy.cluster.router import ROLES, Router
 
 log = logging.getLogger(__name__)
 
 
 async def _discovery(cfg: ProxyConfig, router: Router) -> DnsDiscovery:
-    from qwenvl_pd.proxy.discovery import grpc_health_check
+    from qwenvl_pd.proxy.cluster.discovery import grpc_health_check
     static = {"prefill": cfg.prefill, "decode": cfg.decode}
 
     def on_change(role: str, endpoints) -> None:

@@ -17,8 +17,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from qwenvl_pd.proxy import media
-from qwenvl_pd.proxy.media import MediaError, MediaLimits, fetch_media
+from qwenvl_pd.proxy.prompt import media
+from qwenvl_pd.proxy.prompt.media import MediaError, MediaLimits, fetch_media
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl CLI")
 LIMITS = MediaLimits(timeout_s=5.0, allow_private=True)

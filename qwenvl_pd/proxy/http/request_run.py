@@ -15,14 +15,14 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from qwenvl_pd.messages import PrefillRequest, SampledToken, TokenEvent
-from qwenvl_pd.proxy.detokenizer import IncrementalDetokenizer
-from qwenvl_pd.proxy.inputs import PreparedPrompt
+from qwenvl_pd.proxy.prompt.detokenizer import IncrementalDetokenizer
+from qwenvl_pd.proxy.prompt.inputs import PreparedPrompt
 from qwenvl_pd.proxy.metrics import ProxyMetrics
 from qwenvl_pd.proxy.errors import server_error
-from qwenvl_pd.proxy.model_info import ProxyModel
-from qwenvl_pd.proxy.prompt_logprobs import echo_entries, ranked
+from qwenvl_pd.proxy.prompt.model_info import ProxyModel
+from qwenvl_pd.proxy.prompt.prompt_logprobs import echo_entries, ranked
 from qwenvl_pd.proxy.responses import PromptLogprobList, TokenLogprob, TopLogprob, usage
-from qwenvl_pd.proxy.router import affinity_key
+from qwenvl_pd.proxy.cluster.router import affinity_key
 from qwenvl_pd.proxy.tools import Tools
 
 SEED_STRIDE = 7919  # n samples of one seeded request differ by this, as in qwenvl_pd/llm.py

@@ -15,8 +15,8 @@ from qwenvl_pd.messages import MediaItem
 from qwenvl_pd.model.processor import expand_placeholders, normalize_family
 from qwenvl_pd.proxy.config import ProxyConfig
 from qwenvl_pd.proxy.errors import bad_request
-from qwenvl_pd.proxy.media import MediaError, MediaLimits, content_hash, fetch_media, prepare_image
-from qwenvl_pd.proxy.model_info import ProxyModel
+from qwenvl_pd.proxy.prompt.media import MediaError, MediaLimits, content_hash, fetch_media, prepare_image
+from qwenvl_pd.proxy.prompt.model_info import ProxyModel
 from qwenvl_pd.proxy.protocol import ChatRequest, CompletionRequest, ImagePart, VideoPart
 from qwenvl_pd.sampling_params import SamplingParams
 

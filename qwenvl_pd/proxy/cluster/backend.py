@@ -18,11 +18,11 @@ from collections.abc import AsyncIterator
 import grpc
 
 from qwenvl_pd.messages import PrefillRequest, PrefillResult, TokenEvent
-from qwenvl_pd.proxy import pd_client
-from qwenvl_pd.proxy.layerwise import EarlyDecode, early_events, prefill_layerwise
+from qwenvl_pd.proxy.cluster import pd_client
+from qwenvl_pd.proxy.cluster.layerwise_round import EarlyDecode, early_events, prefill_layerwise
 from qwenvl_pd.proxy.errors import APIError, bad_request, overloaded
-from qwenvl_pd.proxy.racing import unless_lost
-from qwenvl_pd.proxy.router import InstanceState, Router
+from qwenvl_pd.proxy.cluster.racing import unless_lost
+from qwenvl_pd.proxy.cluster.router import InstanceState, Router
 
 log = logging.getLogger(__name__)
 MAX_REPREFILLS = 4  # a request preempted this often is not going to fit

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from qwenvl_pd.proxy.detokenizer import IncrementalDetokenizer, TokenTable
+from qwenvl_pd.proxy.prompt.detokenizer import IncrementalDetokenizer, TokenTable
 
 MIXED = "你好，世界！🌍🚀 Ünïcödé — 𝔘𝔫𝔦𝔠𝔬𝔡𝔢 テスト 👩‍👩‍👧 done"
 

@@ -15,15 +15,15 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from qwenvl_pd.proxy.state import accept
+from qwenvl_pd.proxy.http.state import accept
 from qwenvl_pd.proxy.errors import APIError, bad_request
-from qwenvl_pd.proxy.generation import RequestRun
-from qwenvl_pd.proxy.inputs import prepare_chat, prepare_completion
+from qwenvl_pd.proxy.http.request_run import RequestRun
+from qwenvl_pd.proxy.prompt.inputs import prepare_chat, prepare_completion
 from qwenvl_pd.proxy.protocol import (ChatMessage, ChatRequest, CompletionRequest, parse_parts,
                                       refuse_unsupported, request_common, require_object)
-from qwenvl_pd.proxy.request_models import GenerateRequest, request_body
+from qwenvl_pd.proxy.http.request_models import GenerateRequest, request_body
 from qwenvl_pd.proxy.responses import new_id
-from qwenvl_pd.proxy.streaming import cancel_on_disconnect, first_delta
+from qwenvl_pd.proxy.http.streaming import cancel_on_disconnect, first_delta
 from qwenvl_pd.proxy.vllm_fields import GENERATE_REFUSED
 
 router = APIRouter()

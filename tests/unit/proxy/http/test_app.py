@@ -15,9 +15,9 @@ from PIL import Image
 
 from qwenvl_pd.messages import ModelInfo, PromptLogprobs, SampledToken, TokenEvent
 from qwenvl_pd.model.processor import VisionPreprocessConfig, expand_placeholders, process_images
-from qwenvl_pd.proxy.app import create_app
+from qwenvl_pd.proxy.http.app import create_app
 from qwenvl_pd.proxy.config import ProxyConfig
-from qwenvl_pd.proxy.generation import SEED_STRIDE
+from qwenvl_pd.proxy.http.request_run import SEED_STRIDE
 
 PREPROCESSOR = {"patch_size": 14, "merge_size": 2, "temporal_patch_size": 2, "min_pixels": 3136,
                 "max_pixels": 12845056}
@@ -74,7 +74,8 @@ def info(qwen_tokenizer_dir):
 @pytest.fixture(scope="module", autouse=True)
 def one_tokenizer():
     """Building the tokenizer takes a second; every app of this module shares one model."""
-    from qwenvl_pd.proxy import app, model_info
+    from qwenvl_pd.proxy.http import app
+    from qwenvl_pd.proxy.prompt import model_info
     cache = {}
 
     def build(info, name=""):
