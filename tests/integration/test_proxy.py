@@ -444,3 +444,40 @@ def test_prefill_killed_requests_keep_succeeding(client, cluster, llm):
     noticed = [ln for ln in _log(cluster.proxy).splitlines() if cluster.addr[victim] in ln]
     assert any("retrying on another" in ln or "UNHEALTHY" in ln for ln in noticed), noticed
     print("\n".join(noticed))
+
+
+def _gaps(times: list[float], start: float, end: float) -> float:
+    inside = [start] + [t for t in times if start < t < end] + [end]
+    return max(b - a for a, b in zip(inside, inside[1:]))
+
+
+def test_a_64_mb_prompt_is_refused_while_live_and_a_stream_keep_answering(client, cluster):
+    import threading
+    stop_at, lives, chunks = time.monotonic() + 60, [], []
+
+    def poll_live():
+        with httpx.Client(timeout=10) as h:
+            while time.monotonic() < stop_at:
+                h.get(cluster.url + "/live").raise_for_status()
+                lives.append(time.monotonic())
+                time.sleep(0.02)
+
+    def stream():
+        for _ in client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "go"}],
+                                                stream=True, max_tokens=400, extra_body={"ignore_eos": True}):
+            chunks.append(time.monotonic())
+    threads = [threading.Thread(target=f, daemon=True) for f in (poll_live, stream)]
+    for t in threads:
+        t.start()
+    while len(chunks) < 5:
+        time.sleep(0.05)
+    body = json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "x" * (60 << 20)}]})
+    t0 = time.monotonic()
+    r = httpx.post(cluster.url + "/v1/chat/completions", content=body, headers={"Authorization": f"Bearer {KEY}"},
+                   timeout=120)
+    t1 = time.monotonic()
+    stop_at = time.monotonic()
+    threads[1].join(timeout=60)
+    assert r.status_code == 400 and "62914560 characters" in r.json()["error"]["message"]
+    # bounds far above the ~0.1 s seen, far below the minutes it took on the event loop
+    assert _gaps(lives, t0, t1) < 2.0 and _gaps(chunks, t0, min(t1, chunks[-1])) < 2.0

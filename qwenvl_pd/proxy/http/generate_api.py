@@ -52,7 +52,7 @@ async def generate(request: Request):
     async def prepare():  # -> (prompt, text repeated before each output)
         if isinstance(req, ChatRequest):
             return await prepare_chat(req, p.model, p.cfg), ""
-        return prepare_completion(req, p.model), req.prompt
+        return await prepare_completion(req, p.model), req.prompt
 
     slot, (prompt, head) = await p.admit_and_prepare(prepare, req.n)
     run = RequestRun(new_id("cmpl"), prompt, p.model, p.backend, p.metrics, False,

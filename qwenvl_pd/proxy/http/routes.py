@@ -48,8 +48,7 @@ async def chat_completions(request: Request):
 async def completions(request: Request):
     arrived = time.perf_counter()
     p, req = await accept(request, parse_completion_request)
-    prompt = prepare_completion(req, p.model)
-    slot = p.admit(req.n)
+    slot, prompt = await p.admit_and_prepare(lambda: prepare_completion(req, p.model), req.n)
     echo = "" if not req.echo else req.prompt if isinstance(req.prompt, str) \
         else p.model.tokenizer.decode(list(req.prompt))
     want = req.logprobs is not None

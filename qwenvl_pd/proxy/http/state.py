@@ -16,6 +16,7 @@ from qwenvl_pd.proxy.http.request_run import Backend
 from qwenvl_pd.proxy.prompt.media import read_capped
 from qwenvl_pd.proxy.metrics import ProxyMetrics
 from qwenvl_pd.proxy.prompt.model_info import ProxyModel
+from qwenvl_pd.proxy.prompt.workers import off_loop
 
 
 @dataclass
@@ -101,7 +102,8 @@ async def accept(request: Request, parse):
     """Authorize, parse the body with parse() and check the model: (proxy, parsed request)."""
     p = proxy_of(request)
     p.authorize(request)
-    req = parse(await read_json(request, p.cfg.max_body_bytes))
+    # parsing validates every field and compiles grammars: proportional to the body, off the loop
+    req = await off_loop(parse, await read_json(request, p.cfg.max_body_bytes))
     p.check_model(req.model)
     return p, req
 

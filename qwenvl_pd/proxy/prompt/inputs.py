@@ -17,7 +17,8 @@ from qwenvl_pd.proxy.config import ProxyConfig
 from qwenvl_pd.proxy.errors import bad_request
 from qwenvl_pd.proxy.prompt.media import MediaError, MediaLimits, content_hash, fetch_media, prepare_image
 from qwenvl_pd.proxy.prompt.model_info import ProxyModel
-from qwenvl_pd.proxy.protocol import ChatRequest, CompletionRequest, ImagePart, VideoPart
+from qwenvl_pd.proxy.prompt.workers import off_loop
+from qwenvl_pd.proxy.protocol import ChatRequest, CompletionRequest, ImagePart, TextPart, VideoPart
 from qwenvl_pd.sampling_params import SamplingParams
 
 
@@ -123,21 +124,35 @@ def _resolve(token_ids: list[int], sampling: SamplingParams, model: ProxyModel,
     return sampling
 
 
+def _check_size(chars: int, model: ProxyModel, field: str) -> None:
+    """Refuse text that cannot fit before paying for rendering or tokenising it."""
+    fewest, limit = model.fewest_tokens(chars), model.max_model_len
+    if fewest >= limit:
+        raise bad_request(f"the prompt is {chars} characters, at least {fewest} tokens; this model's "
+                          f"maximum context length is {limit} tokens", field)
+
+
+def _text_chars(req: ChatRequest) -> int:
+    return sum(len(p.text) for m in req.messages for p in m.parts if isinstance(p, TextPart))
+
+
 async def prepare_chat(req: ChatRequest, model: ProxyModel, cfg: ProxyConfig) -> PreparedPrompt:
     parts = _media_parts(req)
     _check_counts(parts, cfg, req.prompt_field)
-    text = model.template.render(req.messages, req.add_generation_prompt, req.chat_template_kwargs,
-                                 req.tools)
-    ids = model.tokenizer.encode(text)  # as the offline LLM encodes a prompt string
+    _check_size(_text_chars(req), model, req.prompt_field)
+    text = await off_loop(model.template.render, req.messages, req.add_generation_prompt,
+                          req.chat_template_kwargs, req.tools)
+    ids = await off_loop(model.encode, text)  # as the offline LLM encodes a prompt string
     media = await _fetch_all(parts, model, cfg)
     expanded = _expand(ids, media, model, req.prompt_field)
     sampling = _resolve(expanded, req.sampling, model, req.prompt_field)
     return PreparedPrompt(tuple(expanded), tuple(media), sampling)
 
 
-def prepare_completion(req: CompletionRequest, model: ProxyModel) -> PreparedPrompt:
+async def prepare_completion(req: CompletionRequest, model: ProxyModel) -> PreparedPrompt:
     if isinstance(req.prompt, str):
-        ids = model.tokenizer.encode(req.prompt)
+        _check_size(len(req.prompt), model, "prompt")
+        ids = await off_loop(model.encode, req.prompt)
     else:
         ids, vocab = list(req.prompt), len(model.tokenizer)
         bad = [t for t in ids if t >= vocab]

@@ -38,10 +38,21 @@ class ProxyModel:
     template: ChatTemplate
     vision: VisionPreprocessConfig
     ids: VisionTokenIds
+    max_token_chars: int = 1  # the longest token's text: a prompt of c characters is >= c / this tokens
 
     def encode(self, text: str) -> list[int]:
-        # the rendered template already holds every special token: add none
-        return self.tokenizer.encode(text, add_special_tokens=False)
+        # the rendered template already holds every special token: add none. encode_batch, unlike
+        # encode, releases the GIL: a long prompt tokenised on a worker leaves the event loop running
+        return self.tokenizer.backend_tokenizer.encode_batch([text], add_special_tokens=False)[0].ids
+
+    def fewest_tokens(self, chars: int) -> int:
+        """A lower bound on the tokens of any text of `chars` characters, known without encoding."""
+        return -(-chars // self.max_token_chars)
+
+
+def longest_token_chars(tokenizer) -> int:
+    # byte-level BPE: a vocabulary entry has one symbol per byte, and a character is >= 1 byte
+    return max(len(t) for t in tokenizer.backend_tokenizer.get_vocab(with_added_tokens=True))
 
 
 def _tokenizer(info: ModelInfo):
@@ -74,7 +85,8 @@ def build_model(info: ModelInfo, served_model_name: str = "") -> ProxyModel:
         max_model_len=info.max_model_len, tokenizer=tokenizer, tokens=TokenTable(tokenizer),
         template=ChatTemplate(info.chat_template, special), vision=vision,
         ids=VisionTokenIds(info.vision_start_token_id, info.vision_end_token_id,
-                           info.image_token_id, info.video_token_id))
+                           info.image_token_id, info.video_token_id),
+        max_token_chars=longest_token_chars(tokenizer))
 
 
 async def fetch_model_info(addresses: Sequence[str] | Callable[[], Sequence[str]], timeout_s: float,
