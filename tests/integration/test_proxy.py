@@ -481,3 +481,20 @@ def test_a_64_mb_prompt_is_refused_while_live_and_a_stream_keep_answering(client
     assert r.status_code == 400 and "62914560 characters" in r.json()["error"]["message"]
     # bounds far above the ~0.1 s seen, far below the minutes it took on the event loop
     assert _gaps(lives, t0, t1) < 2.0 and _gaps(chunks, t0, min(t1, chunks[-1])) < 2.0
+
+
+def test_a_non_streaming_client_that_leaves_frees_everything_without_a_traceback(cluster):
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "go on"}], "max_tokens": 1500,
+            "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(cluster.url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"},
+                   timeout=1.5)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        loads = cluster.loads()
+        if all(r.running == 0 and r.blocks_used == 0 for r in loads.values()):
+            break
+        time.sleep(0.2)
+    assert {n: (r.running, r.blocks_used) for n, r in loads.items()} == {n: (0, 0) for n in loads}
+    log = _log(cluster.proxy)
+    assert "Traceback" not in log and "Exception in ASGI application" not in log, log[-3000:]

@@ -23,7 +23,7 @@ from qwenvl_pd.proxy.protocol import (ChatMessage, ChatRequest, CompletionReques
                                       refuse_unsupported, request_common, require_object)
 from qwenvl_pd.proxy.http.request_models import GenerateRequest, request_body
 from qwenvl_pd.proxy.responses import new_id
-from qwenvl_pd.proxy.http.streaming import cancel_on_disconnect, first_delta
+from qwenvl_pd.proxy.http.streaming import answer_unless_disconnected, first_delta
 from qwenvl_pd.proxy.vllm_fields import GENERATE_REFUSED
 
 router = APIRouter()
@@ -60,7 +60,7 @@ async def generate(request: Request):
     if req.stream:
         return await _stream(run, head, on_close=slot.release)
     try:
-        return JSONResponse(await cancel_on_disconnect(request, _collect(run, head)))
+        return await answer_unless_disconnected(request, _collect(run, head))
     finally:
         slot.release()
 

@@ -15,7 +15,7 @@ from qwenvl_pd.proxy.protocol import parse_chat_request, parse_completion_reques
 from qwenvl_pd.proxy.http.request_models import ChatCompletionRequest, CompletionRequest, request_body
 from qwenvl_pd.proxy.responses import model_list, new_id
 from qwenvl_pd.proxy.tools import Tools
-from qwenvl_pd.proxy.http.streaming import cancel_on_disconnect, collect, stream
+from qwenvl_pd.proxy.http.streaming import answer_unless_disconnected, collect, stream
 
 router = APIRouter()
 
@@ -30,7 +30,7 @@ async def _respond(request: Request, p: Proxy, slot: Slot, prompt: PreparedPromp
         # from here on the stream owns the slot and releases it when it ends
         return await stream(run, rid, p.model.name, chat, include_usage, on_close=slot.release)
     try:
-        return JSONResponse(await cancel_on_disconnect(request, collect(run, rid, p.model.name, chat)))
+        return await answer_unless_disconnected(request, collect(run, rid, p.model.name, chat))
     finally:
         slot.release()
 

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from qwenvl_pd.proxy.errors import APIError, server_error
 from qwenvl_pd.proxy.http.request_run import Delta, RequestRun
@@ -154,7 +154,11 @@ async def until_disconnected(request: Request) -> None:
         pass
 
 
-async def cancel_on_disconnect(request: Request, work: Awaitable[Any]) -> Any:
-    """Run `work`; cancel it (and so its backend streams) if the client goes away first."""
+CLIENT_GONE = 499  # nginx's "client closed request": only the access log and metrics see it
+
+
+async def answer_unless_disconnected(request: Request, work: Awaitable[Any]) -> Response:
+    """`work`'s JSON answer; if the client goes away first, work is cancelled (and so its backend
+    streams) and the request ends quietly, not as an ASGI application's traceback."""
     task = await unless(work, until_disconnected(request))
-    return await task  # CancelledError when the client left: nobody reads the answer anyway
+    return Response(status_code=CLIENT_GONE) if task.cancelled() else JSONResponse(task.result())
