@@ -29,6 +29,9 @@ MAX_REPREFILLS = 4  # a request preempted this often is not going to fit
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 # a decode out of blocks, or one whose KV layout does not match: another decode may take it
 DECODE_ELSEWHERE = RETRYABLE + (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.FAILED_PRECONDITION)
+# decode's refusals that mean it could not get the prompt's KV from prefill: another prefill can
+# compute it again, while another decode would fail the same way
+KV_UNREADABLE = ("KV lease", "KV read", "KV stream")
 PREFILL_ELSEWHERE = RETRYABLE + (grpc.StatusCode.RESOURCE_EXHAUSTED,)  # full: another may have room
 
 
@@ -149,15 +152,15 @@ class PDBackend:
                             yield ev
                     return
                 except grpc.aio.AioRpcError as e:
-                    if not seen and e.details().startswith("KV lease"):  # prefill's KV is gone:
+                    if not seen and kv_unreadable(e):  # prefill drained, died or lost the lease:
                         log.warning("request %s: %s; prefilling it again", req.request_id, e.details())
                         yield TokenEvent(finish_reason="preempted")  # re-prefill, as a hand-back does
                         return
-                    if seen or tried or e.code() not in DECODE_ELSEWHERE:
+                    if seen or tried or e.code() not in DECODE_ELSEWHERE or not self._others("decode", state):
                         raise rpc_error(e, f"decode {state.address}") from None
-                    log.warning("decode %s failed before its first token (%s); retrying once",
+                    log.warning("decode %s failed before its first token (%s); retrying once on another",
                                 state.address, e.details())
-                    if e.code() in RETRYABLE and not e.details().startswith("KV "):  # decode is down
+                    if e.code() in RETRYABLE:  # decode is down
                         self.router.mark_failed(state)
                     tried.append(state)
 
@@ -178,10 +181,8 @@ class PDBackend:
                 lost.cancel()
 
     def pick_decode(self, tried: list[InstanceState]) -> InstanceState:
-        if tried:  # a KV read that failed may succeed from the same decode on the retry
-            others = [s for s in self.router.healthy("decode") if s not in tried]
-            return self.router.pick_decode(exclude=tried) if others else tried[0]
-        return self.router.pick_decode()
+        # never the instance that just failed: the request may still be in flight there
+        return self.router.pick_decode(exclude=tried)
 
 
 def _continuation(req: PrefillRequest, produced: list[int], round_: int) -> PrefillRequest:
@@ -195,6 +196,10 @@ def _continuation(req: PrefillRequest, produced: list[int], round_: int) -> Pref
     return dataclasses.replace(req, request_id=f"{req.request_id}-r{round_}",
                                prompt_token_ids=tuple(req.prompt_token_ids) + tuple(produced),
                                sampling=sampling)
+
+
+def kv_unreadable(e: grpc.aio.AioRpcError) -> bool:
+    return (e.details() or "").startswith(KV_UNREADABLE)
 
 
 async def _abort_quietly(state: InstanceState, request_id: str) -> None:

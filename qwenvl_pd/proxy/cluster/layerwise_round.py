@@ -52,6 +52,10 @@ async def prefill_layerwise(backend, req: PrefillRequest, key: bytes):
             why = f"{e.code().name}: {e.details()}" if isinstance(e, grpc.aio.AioRpcError) else "no result"
             log.warning("layer-wise prefill of %s on %s failed (%s); whole-KV round instead",
                         req.request_id, state.address, why)
+        except BaseException:  # cancelled (the client left, a sibling sample failed) or worse:
+            if early is not None:  # the decode started on the announce must not run on
+                await early.close()
+            raise
         finally:
             await stream.aclose()
     if early is not None:

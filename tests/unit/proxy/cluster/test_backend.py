@@ -8,7 +8,7 @@ import grpc
 import pytest
 
 from qwenvl_pd.kv_transfer.handle import KVHandle, LayoutFingerprint
-from qwenvl_pd.messages import PrefillRequest, PrefillResult, SampledToken, TokenEvent
+from qwenvl_pd.messages import PrefillRequest, PrefillResult, PrefillStreamEvent, SampledToken, TokenEvent
 from qwenvl_pd.proxy.cluster import backend as backend_mod
 from qwenvl_pd.proxy.cluster.backend import PDBackend
 from qwenvl_pd.proxy.errors import APIError
@@ -76,8 +76,9 @@ def run(script: Script, body, decodes=("10.0.1.1:1",), health=None, **backend_ar
         finally:
             await router.stop()
     mp = pytest.MonkeyPatch()
-    for name in ("prefill", "decode", "abort"):
-        mp.setattr(backend_mod.pd_client, name, getattr(script, name))
+    for name in ("prefill", "decode", "abort", "prefill_stream"):
+        if hasattr(script, name):
+            mp.setattr(backend_mod.pd_client, name, getattr(script, name))
     try:
         return asyncio.run(main())
     finally:
@@ -236,3 +237,63 @@ def test_a_lease_decode_could_not_confirm_gets_the_request_prefilled_again():
     steps = run(script, lambda backend, router: collect(backend))
     assert steps == [(10, ""), (13, ""), (14, ""), (15, "length")]
     assert script.prefill_calls[1][1].prompt_token_ids == (1, 2, 3, 10)
+
+
+@pytest.mark.parametrize("details", ["KV read from prefill p (127.0.0.1:1) failed: return code -1",
+                                     "KV stream from prefill p ended without a result",
+                                     "KV lease of request r expired on p"])
+def test_kv_decode_could_not_read_is_prefilled_again_not_retried_on_the_same_decode(details):
+    unreadable = rpc_error(grpc.StatusCode.UNAVAILABLE, details)
+    script = Script([10, 13], [unreadable, [ev(14), ev(15, "length")]])
+    steps = run(script, lambda backend, router: collect(backend))
+    assert steps == [(10, ""), (13, ""), (14, ""), (15, "length")]
+    assert script.decode_calls == ["10.0.1.1:1", "10.0.1.1:1"]
+    assert [r.request_id for _, r in script.prefill_calls] == ["r", "r-r1"]  # a fresh id: no ALREADY_EXISTS
+
+
+def test_a_failed_decode_with_no_other_healthy_is_not_retried_on_itself():
+    down = rpc_error(grpc.StatusCode.UNAVAILABLE, "connection refused")
+    script = Script([10], [down, [ev(11), ev(12, "length")]])
+    err = run(script, lambda backend, router: raises(collect(backend)))
+    assert err.status == 503 and script.decode_calls == ["10.0.1.1:1"]
+
+
+class LayerwiseScript(Script):
+    """PrefillStream: the announce, then (unless `hang`) the result; every stream's closing is kept."""
+
+    def __init__(self, decodes, hang_after_announce):
+        super().__init__([], decodes)
+        self.hang, self.closed = hang_after_announce, []
+
+    async def prefill_stream(self, inst, req, timeout=600):
+        try:
+            handle = result(req, 10).handle
+            yield PrefillStreamEvent(announce=handle)
+            if self.hang:
+                await asyncio.Event().wait()
+            yield PrefillStreamEvent(result=result(req, 10))
+        finally:
+            self.closed.append("prefill")
+
+    async def decode(self, inst, dreq):
+        try:
+            async for e in super().decode(inst, dreq):
+                yield e
+        finally:
+            self.closed.append("decode")
+
+
+@pytest.mark.parametrize("cancel_at", ["between announce and result", "at the first decode token"])
+def test_a_cancelled_layerwise_round_closes_every_stream_it_opened(cancel_at):
+    hang = cancel_at == "between announce and result"
+    script = LayerwiseScript([[HANG] if not hang else [ev(11), HANG]], hang_after_announce=hang)
+
+    async def body(backend, router):
+        task = asyncio.ensure_future(collect(backend))
+        for _ in range(50):  # bounded: until both streams are open and waiting
+            await asyncio.sleep(0.01)
+        assert "decode" not in script.closed and not task.done()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        return sorted(script.closed)
+    assert run(script, body, layerwise=True) == ["decode", "prefill"]
