@@ -169,6 +169,7 @@ def _proxy(args: argparse.Namespace) -> int:
         allowed_local_media_path=args.allowed_local_media_path or "",
         allow_private_media=args.allow_private_media, max_concurrent_requests=args.max_concurrent_requests,
         max_images_per_request=args.max_images_per_request, max_media_bytes=args.max_media_bytes,
+        max_request_media_bytes=args.max_request_media_bytes,
         media_timeout_s=args.media_timeout, max_image_pixels=args.max_image_pixels,
         max_video_frames=args.max_video_frames,
         health_interval_s=args.health_interval, load_interval_s=args.load_interval,
@@ -198,6 +199,8 @@ def _add_proxy_parser(sub) -> None:
     p.add_argument("--max-concurrent-requests", type=int, default=256, help="beyond this: 429")
     p.add_argument("--max-images-per-request", type=int, default=16)
     p.add_argument("--max-media-bytes", type=int, default=20 << 20)
+    p.add_argument("--max-request-media-bytes", type=int, default=256 << 20,
+                   help="a request's media bytes times n are refused (400) beyond this")
     p.add_argument("--media-timeout", type=float, default=10.0, help="seconds per media fetch")
     p.add_argument("--max-image-pixels", type=int, default=8192 * 8192,
                    help="largest width*height an image header (or a video frame) may declare")

@@ -36,6 +36,7 @@ class ProxyConfig:
     max_images_per_request: int = 16  # the nodes' default --limit-images
     max_videos_per_request: int = 2
     max_media_bytes: int = 20 << 20
+    max_request_media_bytes: int = 256 << 20  # a request's media bytes x n: what n samples would carry
     media_timeout_s: float = 10.0
     max_image_pixels: int = 8192 * 8192  # declared in the header; decompression-bomb guard
     max_video_frames: int = 100_000  # in the source video, declared or counted; checked before decoding

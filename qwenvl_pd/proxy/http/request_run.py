@@ -26,6 +26,10 @@ from qwenvl_pd.proxy.cluster.router import affinity_key
 from qwenvl_pd.proxy.tools import Tools
 
 SEED_STRIDE = 7919  # n samples of one seeded request differ by this, as in qwenvl_pd/llm.py
+# Samples whose prefill (and so media bytes) is in flight at once. Each sample carries the media to
+# prefill: all n at once held n serialized copies in the proxy and n decoded ones on prefill. One
+# after another, the later ones also find the earlier's prompt in prefill's prefix cache.
+MEDIA_PREFILLS_AT_ONCE = 2
 
 
 class Backend(Protocol):
@@ -78,6 +82,7 @@ class RequestRun:
         self.key = affinity_key(prompt.token_ids, prompt.image_hashes, affinity_tokens)
         self.arrived = arrived or time.perf_counter()
         self.stats = [SampleStats() for _ in range(prompt.sampling.n)]
+        self.media_gate = asyncio.Semaphore(MEDIA_PREFILLS_AT_ONCE if prompt.media else prompt.sampling.n)
 
     def usage(self) -> dict:
         return usage(len(self.prompt.token_ids), sum(s.tokens for s in self.stats), self.stats[0].cached)
@@ -113,9 +118,11 @@ class RequestRun:
         sp, st = req.sampling, self.stats[index]
         detok = IncrementalDetokenizer(self.model.tokens, sp.stop or (), sp.skip_special_tokens)
         head, head_lp, prompt_lp, first = self.echo, (), None, True  # go out with the first delta
-        async with contextlib.aclosing(self.backend.generate(req, self.key)) as events:
+        async with (self._prefilling() as prefilled,
+                    contextlib.aclosing(self.backend.generate(req, self.key)) as events):
             async for event in events:
                 if first:
+                    prefilled()
                     st.cached, first = event.num_cached_tokens, False
                     prompt_lp, head_lp = self._prompt_logprobs(sp, event)
                 text, stopped, lp = "", False, None
@@ -136,6 +143,21 @@ class RequestRun:
                 if text or lp or prompt_lp:
                     yield Delta(index, text, lp, prompt_logprobs=prompt_lp)
                     prompt_lp = None
+
+    @contextlib.asynccontextmanager
+    async def _prefilling(self):
+        """Holds a media_gate place until the sample's first event (its prefill done) or its end."""
+        await self.media_gate.acquire()
+        held = [True]
+
+        def release() -> None:
+            if held[0]:
+                held[0] = False
+                self.media_gate.release()
+        try:
+            yield release
+        finally:
+            release()
 
     def _prompt_logprobs(self, sp, event: TokenEvent) -> tuple[PromptLogprobList | None,
                                                                 tuple[TokenLogprob, ...]]:

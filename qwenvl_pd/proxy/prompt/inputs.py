@@ -124,6 +124,13 @@ def _resolve(token_ids: list[int], sampling: SamplingParams, model: ProxyModel,
     return sampling
 
 
+def _check_media_times_n(media: list[MediaItem], n: int, bound: int) -> None:
+    total = sum(len(m.data) + sum(map(len, m.frames)) for m in media)
+    if total * n > bound:
+        raise bad_request(f"the request's media ({total} bytes) times n ({n}) is more than "
+                          f"{bound} bytes (--max-request-media-bytes)", "n")
+
+
 def _check_size(chars: int, model: ProxyModel, field: str) -> None:
     """Refuse text that cannot fit before paying for rendering or tokenising it."""
     fewest, limit = model.fewest_tokens(chars), model.max_model_len
@@ -144,6 +151,7 @@ async def prepare_chat(req: ChatRequest, model: ProxyModel, cfg: ProxyConfig) ->
                           req.chat_template_kwargs, req.tools)
     ids = await off_loop(model.encode, text)  # as the offline LLM encodes a prompt string
     media = await _fetch_all(parts, model, cfg)
+    _check_media_times_n(media, req.sampling.n, cfg.max_request_media_bytes)
     expanded = _expand(ids, media, model, req.prompt_field)
     sampling = _resolve(expanded, req.sampling, model, req.prompt_field)
     return PreparedPrompt(tuple(expanded), tuple(media), sampling)

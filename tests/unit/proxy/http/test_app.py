@@ -391,3 +391,46 @@ def test_n_samples_count_n_against_admission(info, qwen_tokenizer):
         first.join(timeout=10)
         assert c.post("/v1/chat/completions", json=chat(n=4)).status_code == 200
         assert c.app.state.proxy.active == 0
+
+
+class PrefillCountingBackend(ScriptedBackend):
+    """Counts samples between their start and their first event (their prefill), at most at once."""
+
+    def __init__(self, tokens):
+        super().__init__(tokens)
+        self.prefilling = self.most = 0
+
+    async def generate(self, req, key):
+        self.prefilling += 1
+        self.most = max(self.most, self.prefilling)
+        await asyncio.sleep(0.02)  # long enough for every sample let through to be here too
+        self.prefilling -= 1
+        async for ev in super().generate(req, key):
+            yield ev
+
+
+@pytest.mark.parametrize("with_image, most", [(True, 2), (False, 6)])
+def test_n_samples_carry_media_to_prefill_two_at_a_time(info, qwen_tokenizer, with_image, most):
+    c, backend = make_client(info, qwen_tokenizer.encode(ANSWER))
+    backend.__class__ = PrefillCountingBackend
+    backend.prefilling = backend.most = 0
+    content = [{"type": "image_url", "image_url": {"url": png_url()}}, {"type": "text", "text": "?"}] \
+        if with_image else "Hello"
+    with c:
+        body = c.post("/v1/chat/completions", json=chat(content, n=6, max_tokens=3)).json()
+    assert [ch["finish_reason"] for ch in body["choices"]] == ["length"] * 6
+    assert backend.most == most
+
+
+def test_media_times_n_over_the_bound_is_a_400(info, qwen_tokenizer):
+    url = png_url()
+    size = len(base64.b64decode(url.split(",")[1]))
+    c, backend = make_client(info, qwen_tokenizer.encode(ANSWER), max_request_media_bytes=3 * size)
+    content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "?"}]
+    with c:
+        assert c.post("/v1/chat/completions", json=chat(content, n=3, max_tokens=2)).status_code == 200
+        r = c.post("/v1/chat/completions", json=chat(content, n=4, max_tokens=2))
+    assert r.status_code == 400 and r.json()["error"]["param"] == "n"
+    assert r.json()["error"]["message"] == (f"the request's media ({size} bytes) times n (4) is more than "
+                                            f"{3 * size} bytes (--max-request-media-bytes)")
+    assert len(backend.requests) == 3
