@@ -164,7 +164,8 @@ def _proxy(args: argparse.Namespace) -> int:
     cfg = ProxyConfig(
         host=args.host, port=args.port, prefill=parse_addresses(args.prefill),
         decode=parse_addresses(args.decode), discover_dns=args.discover_dns or "",
-        api_key=args.api_key or "", cluster_secret=read_secret(args.cluster_secret_file or ""),
+        api_keys=tuple(args.api_key or ()), cache_salt_per_api_key=args.cache_salt_per_api_key,
+        cluster_secret=read_secret(args.cluster_secret_file or ""),
         served_model_name=args.served_model_name or "",
         allowed_local_media_path=args.allowed_local_media_path or "",
         allow_private_media=args.allow_private_media, max_concurrent_requests=args.max_concurrent_requests,
@@ -189,8 +190,11 @@ def _add_proxy_parser(sub) -> None:
     p.add_argument("--discover-dns", help="prefill=NAME:PORT,decode=NAME:PORT (headless Services)")
     p.add_argument("--host", default="0.0.0.0", help="address to listen on")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", help="require Authorization: Bearer KEY on /v1 (or $QWENVL_PD_API_KEY)",
-                   default=os.environ.get("QWENVL_PD_API_KEY"))
+    p.add_argument("--api-key", nargs="+", metavar="KEY",
+                   help="require Authorization: Bearer KEY, one of these, on /v1 (or $QWENVL_PD_API_KEY)",
+                   default=[os.environ["QWENVL_PD_API_KEY"]] if os.environ.get("QWENVL_PD_API_KEY") else None)
+    p.add_argument("--cache-salt-per-api-key", action="store_true",
+                   help="prefix-cache hits only among requests of the same API key (tenant isolation)")
     p.add_argument("--served-model-name", help="the model name clients send (default: prefill's)")
     _add_secret_arg(p)
     p.add_argument("--allowed-local-media-path", help="serve file:// media from under this directory")

@@ -58,6 +58,7 @@ class PrefillRequest:
     media: tuple[MediaItem, ...] = ()
     sampling: SamplingParams = field(default_factory=SamplingParams)
     lease_ms: int = 0  # wanted KV lease; 0: the prefill node's default
+    cache_salt: str = ""  # prefix-cache hits only among requests of the same salt
 
     def __post_init__(self):
         _tuples(self, "prompt_token_ids", "media")

@@ -42,6 +42,7 @@ class Sequence:
     prompt_logprobs: list = field(default_factory=list)  # prompt_logprobs.PromptRows, chunk by chunk
     block_hashes: list[bytes] = field(default_factory=list)  # of its full blocks, as far as sealed
     grammar: object = None  # engine.grammar.Matcher once a structured-output row first samples
+    cache_salt: str = ""  # folded into the first block's hash: hits only among the same salt
     prompt_len: int = field(init=False)
 
     def __post_init__(self):
@@ -61,7 +62,9 @@ class Sequence:
 
     @property
     def mm_spans(self) -> list[tuple[int, int, str]]:
-        return [(*it.span, it.content_hash) for it in self.items]
+        # the salt rides as an item over token 0: it enters block 0's hash and so every later one
+        salt = [(0, 1, "cache_salt:" + self.cache_salt)] if self.cache_salt else []
+        return salt + [(*it.span, it.content_hash) for it in self.items]
 
     def positions(self, start: int, end: int) -> torch.Tensor:
         """M-RoPE positions [3, end-start] of tokens start..end-1."""

@@ -28,7 +28,7 @@ def sequence_from_request(inputs: InputProcessor, req: PrefillRequest, max_model
         raise ValueError(f"prompt ({len(prompt.token_ids)} tokens) + max_tokens "
                          f"({params.max_tokens}) exceeds max_model_len ({max_model_len})")
     return Sequence(req.request_id, prompt.token_ids, prompt.positions, prompt.mrope_delta,
-                    params, items=prompt.items)
+                    params, items=prompt.items, cache_salt=req.cache_salt)
 
 
 def prompt_logprobs(seq: Sequence) -> PromptLogprobs | None:

@@ -27,7 +27,8 @@ class ProxyConfig:
     prefill: tuple[str, ...] = ()  # static instances, "host:port" of their gRPC servers
     decode: tuple[str, ...] = ()
     discover_dns: str = ""  # "prefill=NAME:PORT,decode=NAME:PORT" (proxy/discovery.py)
-    api_key: str = ""  # "" : no authentication
+    api_keys: tuple[str, ...] = ()  # none: no authentication
+    cache_salt_per_api_key: bool = False  # each key's requests share prefix-cache hits only among them
     cluster_secret: bytes = field(default=b"", repr=False)  # sent on every node RPC
     served_model_name: str = ""  # "" : the name prefill reports
     allowed_local_media_path: str = ""

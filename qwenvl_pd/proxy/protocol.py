@@ -73,6 +73,7 @@ class _Common:
     sampling: SamplingParams
     stream: bool
     include_usage: bool
+    cache_salt: str = ""  # vLLM's: prefix-cache hits only among requests of the same salt
 
     @property
     def n(self) -> int:
@@ -324,7 +325,8 @@ def request_common(body: dict, max_default: int | None, logprobs: int | None,
     """The fields every request type shares, as keyword arguments of its dataclass."""
     stream, include_usage = _stream(body)
     sampling = _sampling(body, max_default, logprobs, prompt_logprobs)
-    return dict(model=_model(body), sampling=sampling, stream=stream, include_usage=include_usage)
+    return dict(model=_model(body), sampling=sampling, stream=stream, include_usage=include_usage,
+                cache_salt=_typed(body, "cache_salt", (str,), "a string") or "")
 
 
 def parse_chat_request(body: Any) -> ChatRequest:

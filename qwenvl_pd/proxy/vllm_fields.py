@@ -17,7 +17,7 @@ COMMON_REFUSED = (
     "spaces_between_special_tokens", "truncate_prompt_tokens", "truncation_side",
     "allowed_token_ids", "bad_words", "logprob_token_ids", "guided_whitespace_pattern",
     "structural_tag", "priority", "logits_processors", "return_tokens_as_token_ids",
-    "return_token_ids", "return_prompt_text", "cache_salt", "kv_transfer_params",
+    "return_token_ids", "return_prompt_text", "kv_transfer_params",
     "ec_transfer_params", "vllm_xargs", "repetition_detection", "watermarking",
     "routed_experts_prompt_start", "mm_processor_kwargs", "media_io_kwargs",
 )

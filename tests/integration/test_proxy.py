@@ -498,3 +498,29 @@ def test_a_non_streaming_client_that_leaves_frees_everything_without_a_traceback
     assert {n: (r.running, r.blocks_used) for n, r in loads.items()} == {n: (0, 0) for n in loads}
     log = _log(cluster.proxy)
     assert "Traceback" not in log and "Exception in ASGI application" not in log, log[-3000:]
+
+
+def _cached(client, text: str, **extra) -> int:
+    r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": text}], max_tokens=1,
+                                       **extra)
+    return r.usage.prompt_tokens_details.cached_tokens
+
+
+def test_cache_salts_and_api_keys_keep_each_tenants_prefix_cache_its_own(client, cluster):
+    text = "A prompt that a prober would like to confirm someone else sent. " * 4  # several blocks
+    assert _cached(client, text, extra_body={"cache_salt": "tenant-a"}) == 0
+    assert _cached(client, text, extra_body={"cache_salt": "tenant-b"}) == 0  # a's prompt stays hidden
+    assert _cached(client, text) == 0
+    assert _cached(client, text, extra_body={"cache_salt": "tenant-a"}) > 0  # a's own hits still work
+    proc, url = start_proxy("--prefill", f"{cluster.addr['p0']},{cluster.addr['p1']}",
+                            "--decode", f"{cluster.addr['d0']},{cluster.addr['d1']}",
+                            "--api-key", "key-1", "key-2", "--cache-salt-per-api-key")
+    try:
+        one, two = (openai.OpenAI(base_url=url + "/v1", api_key=k, timeout=60, max_retries=0)
+                    for k in ("key-1", "key-2"))
+        tenant = "Another tenant's long prompt, keyed by the caller's own API key. " * 4
+        assert _cached(one, tenant) == 0
+        assert _cached(two, tenant) == 0
+        assert _cached(one, tenant) > 0 and _cached(two, tenant) > 0
+    finally:
+        stop(proc)

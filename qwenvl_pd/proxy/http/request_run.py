@@ -63,7 +63,8 @@ def sample_requests(rid: str, prompt: PreparedPrompt) -> list[PrefillRequest]:
         seed = sp.seed + i * SEED_STRIDE if sp.seed is not None and sp.n > 1 else sp.seed
         params = dataclasses.replace(sp, n=1, seed=seed)
         reqs.append(PrefillRequest(request_id=f"{rid}-{i}", prompt_token_ids=prompt.token_ids,
-                                   media=tuple(prompt.media), sampling=params))
+                                   media=tuple(prompt.media), sampling=params,
+                                   cache_salt=prompt.cache_salt))
     return reqs
 
 

@@ -2,6 +2,8 @@
 and reading, authorising and parsing a request body."""
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import hmac
 import json
 import unicodedata
@@ -40,17 +42,29 @@ class Proxy:
     backend: Backend
     metrics: ProxyMetrics
     active: int = 0
-    _key: bytes = field(default=b"", repr=False)
+    _keys: tuple[bytes, ...] = field(default=(), repr=False)
 
     def __post_init__(self):
-        self._key = self.cfg.api_key.encode()
+        self._keys = tuple(k.encode() for k in self.cfg.api_keys)
 
-    def authorize(self, request: Request) -> None:
-        if not self._key:
-            return
+    def authorize(self, request: Request) -> bytes:
+        """The caller's API key (b"" when none is configured); 401 unless it is one of ours."""
+        if not self._keys:
+            return b""
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self._key):
+        sent = token.strip().encode()
+        # every key compared, so the time taken does not tell which one nearly matched
+        matches = [k for k in self._keys if hmac.compare_digest(sent, k)]
+        if scheme.lower() != "bearer" or not matches:
             raise unauthorized()
+        return matches[0]
+
+    def cache_salt(self, key: bytes, salt: str) -> str:
+        """The salt a request's prefix-cache hashes start from: the client's own cache_salt, under
+        its API key's when --cache-salt-per-api-key keeps tenants apart."""
+        if not (self.cfg.cache_salt_per_api_key and key):
+            return salt
+        return hashlib.sha256(b"qwenvl-pd api key\0" + key).hexdigest()[:32] + ":" + salt
 
     def check_model(self, name: str | None) -> None:
         if name is not None and name != self.model.name:
@@ -101,11 +115,11 @@ async def read_json(request: Request, limit: int):
 async def accept(request: Request, parse):
     """Authorize, parse the body with parse() and check the model: (proxy, parsed request)."""
     p = proxy_of(request)
-    p.authorize(request)
+    key = p.authorize(request)
     # parsing validates every field and compiles grammars: proportional to the body, off the loop
     req = await off_loop(parse, await read_json(request, p.cfg.max_body_bytes))
     p.check_model(req.model)
-    return p, req
+    return p, dataclasses.replace(req, cache_salt=p.cache_salt(key, req.cache_salt))
 
 
 def _culprit(e: json.JSONDecodeError) -> str:

@@ -27,6 +27,7 @@ class PreparedPrompt:
     token_ids: tuple[int, ...]  # placeholders expanded: what prefill computes on
     media: tuple[MediaItem, ...]  # in placeholder order
     sampling: SamplingParams  # max_tokens resolved against the context length
+    cache_salt: str = ""  # prefix-cache hits only among prompts of the same salt
 
     @property
     def image_hashes(self) -> tuple[str, ...]:
@@ -154,7 +155,7 @@ async def prepare_chat(req: ChatRequest, model: ProxyModel, cfg: ProxyConfig) ->
     _check_media_times_n(media, req.sampling.n, cfg.max_request_media_bytes)
     expanded = _expand(ids, media, model, req.prompt_field)
     sampling = _resolve(expanded, req.sampling, model, req.prompt_field)
-    return PreparedPrompt(tuple(expanded), tuple(media), sampling)
+    return PreparedPrompt(tuple(expanded), tuple(media), sampling, req.cache_salt)
 
 
 async def prepare_completion(req: CompletionRequest, model: ProxyModel) -> PreparedPrompt:
@@ -171,5 +172,5 @@ async def prepare_completion(req: CompletionRequest, model: ProxyModel) -> Prepa
                           "/v1/chat/completions with image_url parts", "prompt")
     if not ids:
         raise bad_request("the prompt encodes to no tokens", "prompt")
-    return PreparedPrompt(tuple(ids), (), _resolve(ids, req.sampling, model, "prompt"))
+    return PreparedPrompt(tuple(ids), (), _resolve(ids, req.sampling, model, "prompt"), req.cache_salt)
 

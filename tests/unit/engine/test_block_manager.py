@@ -311,3 +311,23 @@ def test_a_large_pool_after_fragmentation():
     assert bm.allocate_n(3) == [1000, 1001, 1002]
     assert bm.allocate_n(100) == list(range(50010, 50100)) + list(range(n - 10, n))
     assert bm.num_free_blocks == 0
+
+
+def _salted(salt: str, tokens: list[int]):
+    import torch
+    from qwenvl_pd.engine.sequence import Sequence
+    from qwenvl_pd.sampling_params import SamplingParams
+    return Sequence("r", tokens, torch.zeros(3, len(tokens), dtype=torch.long), 0, SamplingParams(max_tokens=1),
+                    cache_salt=salt)
+
+
+def test_a_cache_salt_hits_only_its_own_prefix():
+    bm, tokens = BlockManager(16, 4), list(range(10))
+    a = _salted("tenant-a", tokens)
+    assert a.mm_spans == [(0, 1, "cache_salt:tenant-a")]
+    first = bm.allocate(tokens, a.mm_spans)
+    assert bm.seal(first.block_ids, tokens, a.mm_spans) == 2
+    assert bm.allocate(tokens, _salted("tenant-b", tokens).mm_spans).num_cached_tokens == 0
+    assert bm.allocate(tokens).num_cached_tokens == 0  # nor a request without a salt
+    again = bm.allocate(tokens, _salted("tenant-a", tokens).mm_spans)
+    assert (again.num_cached_tokens, again.block_ids[:2]) == (8, first.block_ids[:2])

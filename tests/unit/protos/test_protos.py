@@ -47,7 +47,7 @@ IMAGE = MediaItem(kind="image", content_hash="ab" * 32, grid_thw=(1, 34, 52), da
 VIDEO = MediaItem(kind="video", content_hash="cd" * 32, grid_thw=(4, 16, 16), frames=(b"jpg1", b""),
                   fps=29.97, second_per_grid_t=0.5, timestamps=(0.25, 1.25, 2.0 / 3))
 PREFILL_REQ = PrefillRequest(request_id="req-1", prompt_token_ids=(151644, 151655, 2 ** 31 - 1),
-                             media=(IMAGE, VIDEO), sampling=SP, lease_ms=30_000)
+                             media=(IMAGE, VIDEO), sampling=SP, lease_ms=30_000, cache_salt="tenant-\u00e9")
 PREFILL_RESULT = PrefillResult(request_id="req-1", first_token=TOKEN, handle=HANDLE,
                                mrope_position_delta=-1234, prompt_len=50, num_cached_tokens=32,
                                finish_reason="length", prompt_logprobs=PROMPT_LP)

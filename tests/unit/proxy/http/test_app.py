@@ -255,7 +255,7 @@ def test_prompt_over_context_is_400(client):
 
 
 def test_api_key(info):
-    c, _ = make_client(info, [1], api_key="sekret")
+    c, _ = make_client(info, [1], api_keys=("sekret",))
     with c:
         assert c.get("/v1/models").status_code == 401
         assert c.get("/v1/models", headers={"Authorization": "Bearer wrong"}).json()["error"]["code"] == \
