@@ -3,14 +3,17 @@
 Two prefills and two decodes of a tiny model behind one proxy, all on loopback. Clients send
 text, images, streaming, n > 1, bad requests, and streams they walk away from; meanwhile one
 node at a time is SIGKILLed and restarted, SIGSTOPped for a few seconds, or SIGTERMed (drain)
-and restarted. Every request is classified by what the client saw:
+and restarted; some prompts are far over the context length (a 400, while the rest go on).
+`--kv-transfer-mode layerwise` runs the proxy's layer-wise round instead of the whole-KV one.
+Every request is classified by what the client saw:
 
   completed / failed cleanly (an OpenAI error body or stream error event, then [DONE]) /
   hung (past the client's deadline) / torn (a stream that ends without [DONE]) / unclean
   (an error without the OpenAI body, or a bad request that was accepted)
 
-At the end it prints requests sent, outcomes by reason, faults injected, and each live node's
-used KV blocks once leases have run out. Exit code 0 when nothing hung, tore or was unclean and
+At the end it prints requests sent, outcomes by reason, the outcomes of the requests sent while
+each fault was under way (from its injection to a few seconds after the node is back), and each
+live node's used KV blocks once leases have run out. Exit code 0 when nothing hung, tore or was unclean and
 every live node is back to 0 blocks.
 
     python benchmarks/soak.py --duration 120
@@ -42,6 +45,8 @@ from qwenvl_pd.serve import tiny_model_dir  # noqa: E402
 
 BAD = "unclean", "hung", "torn"
 FAULTS = "kill", "hang", "drain"
+FAULT_TAIL_S = 3.0  # requests sent this long after a node is back still count under its fault
+CLIENT_ERRORS = ("failed", "stream error")  # what a client sees as an error (bad requests aside)
 ROLES = "prefill", "decode"
 WORDS = "the sea sky red blue cat dog runs over under a small large house tree river".split()
 
@@ -67,9 +72,12 @@ def _bad_body(rng: random.Random, model: str) -> dict:
 
 def make_request(rng: random.Random, model: str) -> tuple[str, dict]:
     """(kind, body): kind says what the client expects and how it reads the answer."""
-    kind = rng.choices(["text", "stream", "image", "n2", "walk_away", "bad"], [30, 20, 15, 10, 10, 15])[0]
+    kind = rng.choices(["text", "stream", "image", "n2", "walk_away", "bad", "huge"],
+                       [30, 20, 15, 10, 10, 12, 3])[0]
     if kind == "bad":
         return kind, _bad_body(rng, model)
+    if kind == "huge":  # megabytes of prompt: refused without stalling the other requests
+        return "bad", {"model": model, "messages": [{"role": "user", "content": "x" * rng.randint(1 << 20, 8 << 20)}]}
     content = " ".join(rng.choices(WORDS, k=rng.randint(4, 60)))
     if kind == "image":
         content = [{"type": "image_url", "image_url": {"url": _image_url(rng)}}, {"type": "text", "text": content}]
@@ -138,13 +146,20 @@ async def send(client: httpx.AsyncClient, url: str, kind: str, body: dict, deadl
         return _seen("torn", f"{type(e).__name__}: {e}")
 
 
-async def client_loop(url: str, model: str, seed: int, stop: asyncio.Event, deadline: float, out: Counter) -> None:
+UNDER_WAY = {"fault": "none"}  # the fault a request sent now runs under
+
+
+async def client_loop(url: str, model: str, seed: int, stop: asyncio.Event, deadline: float, out: Counter,
+                      by_fault: Counter) -> None:
     rng = random.Random(seed)
     async with httpx.AsyncClient(timeout=None) as client:
         while not stop.is_set():
             kind, body = make_request(rng, model)
-            out[await send(client, url, kind, body, deadline)] += 1
+            fault = UNDER_WAY["fault"]
+            outcome = await send(client, url, kind, body, deadline)
+            out[outcome] += 1
             out["sent"] += 1
+            by_fault[fault, outcome] += 1
 
 
 async def _restart(node: Node, sig: int) -> None:
@@ -181,8 +196,11 @@ async def fault_loop(nodes: list[Node], plan: list[tuple[str, str]], seed: int, 
         fault, role = plan[i] if plan else (rng.choice(FAULTS), rng.choice(ROLES))
         node = rng.choice([n for n in nodes if n.role == role])
         out[f"{fault} {role}"] += 1
+        UNDER_WAY["fault"] = f"{fault} {role}"
         await inject(node, fault, rng)
-        await asyncio.sleep(interval)
+        await asyncio.sleep(min(FAULT_TAIL_S, interval))
+        UNDER_WAY["fault"] = "none"
+        await asyncio.sleep(max(0.0, interval - FAULT_TAIL_S))
 
 
 def parse_plan(spec: str) -> list[tuple[str, str]]:
@@ -193,11 +211,12 @@ def parse_plan(spec: str) -> list[tuple[str, str]]:
     return plan
 
 
-async def soak(args, nodes: list[Node], url: str, model: str) -> tuple[Counter, Counter, dict]:
+async def soak(args, nodes: list[Node], url: str, model: str) -> tuple[Counter, Counter, Counter, dict]:
     """Load until --duration has passed and the fault plan is done; then each node's blocks."""
-    outcomes, faults, stop = Counter(), Counter(), asyncio.Event()
+    outcomes, faults, by_fault, stop = Counter(), Counter(), Counter(), asyncio.Event()
     until = time.monotonic() + args.duration
-    clients = [client_loop(url, model, args.seed + i, stop, args.deadline, outcomes) for i in range(args.clients)]
+    clients = [client_loop(url, model, args.seed + i, stop, args.deadline, outcomes, by_fault)
+               for i in range(args.clients)]
     load = asyncio.gather(*clients)
     await fault_loop(nodes, parse_plan(args.faults), args.seed, until, args.fault_interval, faults)
     await asyncio.sleep(max(0.0, until - time.monotonic()))
@@ -205,10 +224,24 @@ async def soak(args, nodes: list[Node], url: str, model: str) -> tuple[Counter, 
     await load
     for node in nodes:
         node.signal(signal.SIGCONT)
-    return outcomes, faults, await settled_blocks(nodes, timeout=30)
+    return outcomes, faults, by_fault, await settled_blocks(nodes, timeout=30)
 
 
-def report(outcomes: Counter, faults: Counter, blocks: dict, nodes: list[Node]) -> dict:
+def _fault_table(by_fault: Counter) -> dict[str, dict[str, int]]:
+    table: dict[str, dict[str, int]] = {}
+    for (fault, outcome), count in by_fault.items():
+        row = table.setdefault(fault, {"sent": 0, "completed": 0, "client errors": 0, "bad": 0})
+        row["sent"] += count
+        row["completed"] += count if outcome == "completed" else 0
+        row["client errors"] += count if outcome.startswith(CLIENT_ERRORS) else 0
+        row["bad"] += count if outcome in BAD else 0
+    print("\n| requests sent while | sent | completed | client errors | hung/torn/unclean |\n|---|---|---|---|---|")
+    for fault, row in sorted(table.items()):
+        print(f"| {fault} | {row['sent']} | {row['completed']} | {row['client errors']} | {row['bad']} |")
+    return table
+
+
+def report(outcomes: Counter, faults: Counter, by_fault: Counter, blocks: dict, nodes: list[Node]) -> dict:
     sent = outcomes.pop("sent", 0)
     print(f"\nrequests sent: {sent}")
     print("| outcome | requests | first message |\n|---|---|---|")
@@ -217,13 +250,14 @@ def report(outcomes: Counter, faults: Counter, blocks: dict, nodes: list[Node]) 
     print("\n| fault injected | times |\n|---|---|")
     for fault, count in sorted(faults.items()):
         print(f"| {fault} | {count} |")
+    table = _fault_table(by_fault)
     print("\n| node | used KV blocks at the end |\n|---|---|")
     for node in nodes:
         print(f"| {node.name} | {blocks.get(node.name, 'down')} |")
     ok = not any(outcomes.get(b) for b in BAD) and all(v == 0 for v in blocks.values())
     print(f"\n{'PASS' if ok else 'FAIL'}: nothing hung, tore or was unclean; every live node at 0 blocks")
     return {"sent": sent, "outcomes": dict(outcomes), "examples": EXAMPLES, "faults": dict(faults),
-            "blocks": blocks, "ok": ok}
+            "by_fault": table, "blocks": blocks, "ok": ok}
 
 
 def main() -> int:
@@ -236,6 +270,7 @@ def main() -> int:
     ap.add_argument("--faults", default="", help="FAULT:ROLE,... each once, in turn (kill|hang|drain : "
                     "prefill|decode); default: random ones for --duration")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--kv-transfer-mode", default="whole", choices=["whole", "layerwise"])
     ap.add_argument("--json", help="also write the result here")
     args = ap.parse_args()
     model = args.model or str(tiny_model_dir())
@@ -246,7 +281,7 @@ def main() -> int:
             node.start()
         wait_serving(nodes)
         port = free_port()
-        proxy = start_proxy(nodes, port, token_timeout=10)
+        proxy = start_proxy(nodes, port, token_timeout=10, kv_transfer_mode=args.kv_transfer_mode)
         url = f"http://127.0.0.1:{port}/v1/chat/completions"
         served = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=10).json()["data"][0]["id"]
         result = report(*asyncio.run(soak(args, nodes, url, served)), nodes)

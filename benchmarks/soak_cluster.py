@@ -89,12 +89,13 @@ def wait_serving(nodes: list[Node], timeout: float = START_S) -> None:
             time.sleep(0.2)
 
 
-def start_proxy(nodes: list[Node], port: int, token_timeout: float) -> subprocess.Popen:
+def start_proxy(nodes: list[Node], port: int, token_timeout: float,
+                kv_transfer_mode: str = "whole") -> subprocess.Popen:
     addrs = {role: ",".join(n.address for n in nodes if n.role == role) for role in ("prefill", "decode")}
     proc = _spawn(["proxy", "--host", "127.0.0.1", "--port", str(port), "--prefill", addrs["prefill"],
                    "--decode", addrs["decode"], "--health-interval", "0.5", "--load-interval", "0.5",
                    "--token-timeout", str(token_timeout), "--prefill-timeout", "30",
-                   "--max-concurrent-requests", "24"])
+                   "--max-concurrent-requests", "24", "--kv-transfer-mode", kv_transfer_mode])
     deadline = time.monotonic() + START_S
     while time.monotonic() < deadline and proc.poll() is None:
         if _http_ok(f"http://127.0.0.1:{port}/health"):
