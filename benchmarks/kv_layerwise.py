@@ -19,13 +19,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "integration"))
-from nodes import pd_pair  # noqa: E402
+from nodes import pd_backend, pd_pair  # noqa: E402
 
 from qwenvl_pd import SamplingParams  # noqa: E402
 from qwenvl_pd.messages import PrefillRequest  # noqa: E402
 from qwenvl_pd.model.tiny import make_tiny  # noqa: E402
-from qwenvl_pd.proxy.cluster import pd_client  # noqa: E402
-from qwenvl_pd.proxy.cluster.pd_client import Instance  # noqa: E402
 
 WIDE_KV = dict(hidden_size=1024, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8,
                num_key_value_heads=8, mrope_section=[16, 24, 24])
@@ -33,16 +31,14 @@ NODE_ARGS = ("--max-model-len", "8192", "--kv-cache-gib", "1.5", "--max-num-batc
 
 
 async def one(p_addr: str, d_addr: str, tokens: int, rid: str, layerwise: bool) -> tuple[float, float]:
-    """(TTFT, second token - first token) in seconds for one request of `tokens` prompt tokens."""
-    p, d = Instance.connect(p_addr), Instance.connect(d_addr)
+    """(TTFT, second token - first token) in seconds for one request of `tokens` prompt tokens,
+    through the proxy's PDBackend."""
     req = PrefillRequest(request_id=rid, prompt_token_ids=tuple(range(1000 + len(rid), 1000 + len(rid) + tokens)),
                          sampling=SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
-    run = pd_client.generate_layerwise if layerwise else pd_client.generate
-    start, stamps = time.perf_counter(), []
-    async for _ in run(p, d, req):
-        stamps.append(time.perf_counter() - start)
-    await p.channel.close()
-    await d.channel.close()
+    async with pd_backend([p_addr], [d_addr], layerwise) as backend:
+        start, stamps = time.perf_counter(), []
+        async for _ in backend.generate(req, rid.encode()):
+            stamps.append(time.perf_counter() - start)
     return stamps[0], stamps[1] - stamps[0]
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "integration"))
-from nodes import pd_pair  # noqa: E402
+from nodes import pd_generate, pd_pair  # noqa: E402
 
 from qwenvl_pd import SamplingParams  # noqa: E402
 from qwenvl_pd.kv_transfer.engine import KVTransferEngine  # noqa: E402
@@ -25,21 +25,19 @@ from qwenvl_pd.kv_transfer.peer import spawn_peer  # noqa: E402
 from qwenvl_pd.messages import PrefillRequest  # noqa: E402
 from qwenvl_pd.model.tiny import make_tiny  # noqa: E402
 from qwenvl_pd.proxy.cluster import pd_client  # noqa: E402
-from qwenvl_pd.proxy.cluster.pd_client import Instance  # noqa: E402
+from qwenvl_pd.proxy.cluster.instance import Instance  # noqa: E402
 
 WIDE_KV = dict(hidden_size=1024, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8,
                num_key_value_heads=8, mrope_section=[16, 24, 24])
 
 
 async def handoff(p_addr: str, d_addr: str, tokens: int, rid: str) -> tuple[float, int]:
-    p, d = Instance.connect(p_addr), Instance.connect(d_addr)
+    d = Instance.connect("decode", d_addr)
     before = await pd_client.load(d, "decode")
     req = PrefillRequest(request_id=rid, prompt_token_ids=tuple(range(1000, 1000 + tokens)),
                          sampling=SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))
-    async for _ in pd_client.generate(p, d, req):
-        pass
+    await pd_generate(p_addr, d_addr, req)
     after = await pd_client.load(d, "decode")
-    await p.channel.close()
     await d.channel.close()
     return (after.kv_transfer_seconds_total - before.kv_transfer_seconds_total,
             after.kv_transfer_bytes_total - before.kv_transfer_bytes_total)

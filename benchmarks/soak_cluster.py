@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass, field
 
 from qwenvl_pd.proxy.cluster import pd_client
+from qwenvl_pd.proxy.cluster.instance import Instance
 from qwenvl_pd.serve import _grpc_serving, _http_ok
 
 NODE_ARGS = ["--max-model-len", "2048", "--kv-cache-gib", "0.05", "--threads", "1", "--lease-seconds", "4",
@@ -106,7 +107,7 @@ def start_proxy(nodes: list[Node], port: int, token_timeout: float,
 
 async def blocks_used(node: Node) -> int | None:
     """Used KV blocks as the node reports them; None when it does not answer."""
-    inst = pd_client.Instance.connect(node.address)
+    inst = Instance.connect(node.role, node.address)
     try:
         return (await pd_client.load(inst, node.role)).blocks_used
     except Exception:  # noqa: BLE001 - a node that is down has no count to give

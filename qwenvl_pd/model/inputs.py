@@ -9,8 +9,9 @@ from PIL import Image
 
 from qwenvl_pd.config import ModelConfig
 from qwenvl_pd.model.mrope import mrope_positions
-from qwenvl_pd.model.processor import (ImageInputs, VisionPreprocessConfig, VisionTokenIds,
-                                       expand_placeholders, process_images)
+from qwenvl_pd.model.grid import VisionTokenIds, expand_placeholders
+from qwenvl_pd.model.processor import ImageInputs, process_images
+from qwenvl_pd.model.vision_config import VisionPreprocessConfig
 from qwenvl_pd.model.video import VideoInputs, process_videos
 
 DEFAULT_LIMIT = 999

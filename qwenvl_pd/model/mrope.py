@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import torch
 
-from qwenvl_pd.model.processor import normalize_family
+from qwenvl_pd.model.vision_config import normalize_family
 
 TEXT, IMAGE, VIDEO = 0, 1, 2
 GridsLike = Sequence[Sequence[int]] | torch.Tensor | None

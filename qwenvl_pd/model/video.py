@@ -1,15 +1,14 @@
-"""Video preprocessing for Qwen2.5-VL and Qwen3-VL: frame sampling, resize, patches, time info.
+"""Video preprocessing for Qwen2.5-VL and Qwen3-VL: decode the planned frames, resize, patches.
 
-Sampling and sizes follow transformers' Qwen2VLVideoProcessor / Qwen3VLVideoProcessor; frames are
-resized with PIL bicubic like images (transformers resizes videos with torchvision, which we do
-not depend on). Decoding uses PyAV, as transformers' "pyav" backend does, within VideoLimits
+Sampling, sizes and time info (video_plan.py) follow transformers' Qwen2VLVideoProcessor /
+Qwen3VLVideoProcessor; frames are resized with PIL bicubic like images (transformers resizes videos
+with torchvision, which we do not depend on). Decoding uses PyAV, as transformers' "pyav" backend does, within VideoLimits
 (video_io.py); process_videos resizes each frame as it is decoded, so only model-size frames
 are ever held.
 """
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,16 +18,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from qwenvl_pd.model.processor import (
-    VisionPreprocessConfig,
-    check_aspect_ratio,
-    load_image,
-    normalize_family,
-    patchify,
-    resize_normalize,
-    smart_resize,
-)
-from qwenvl_pd.model.video_io import Deadline, StreamInfo, VideoLimits, decode_frames, open_video, stream_info
+from qwenvl_pd.model.processor import load_image, patchify, resize_normalize
+from qwenvl_pd.model.video_io import Deadline, StreamInfo, VideoLimits, decode_frames, open_video
+from qwenvl_pd.model.video_plan import (ClipPlan, plan_clip, plan_size, qwen3_frame_indices, target_size,
+                                        time_info)
+from qwenvl_pd.model.vision_config import VisionPreprocessConfig, normalize_family
 
 # transformers' VideoMetadata.sampled_fps falls back to this when frames come without a rate
 DEFAULT_SOURCE_FPS = 24.0
@@ -54,62 +48,6 @@ class Clip:
     size: tuple[int, int] | None = None  # (h, w) the frames were resized to while decoding
 
 
-def qwen2_5_frame_indices(total: int, fps: float, cfg: VisionPreprocessConfig) -> list[int]:
-    """Qwen2VLVideoProcessor.sample_frames with fps=cfg.fps: uniform, a multiple of T frames."""
-    tp = cfg.temporal_patch_size
-    max_frames = math.floor(min(cfg.max_frames, total) / tp) * tp
-    n = min(max(total / fps * cfg.fps, cfg.min_frames), max_frames, total)
-    n = math.floor(n / tp) * tp
-    if n <= 0:  # shorter than one temporal patch (transformers divides by zero): keep every frame
-        return list(range(total))
-    return torch.arange(0, total, total / n).int().tolist()
-
-
-def qwen3_frame_indices(total: int, fps: float, cfg: VisionPreprocessConfig) -> list[int]:
-    """Qwen3VLVideoProcessor.sample_frames: cfg.fps frames a second within [min_frames, max_frames]."""
-    n = int(total / fps * cfg.fps)
-    n = min(max(n, cfg.min_frames), cfg.max_frames, total)
-    return np.linspace(0, total - 1, n).round().astype(int).tolist()
-
-
-def grid_timestamps(indices: Sequence[int], fps: float, temporal_patch_size: int) -> tuple[float, ...]:
-    """Seconds of each temporal grid step: the mean time of its first and last frame (Qwen3-VL)."""
-    idx = list(indices) + [indices[-1]] * (-len(indices) % temporal_patch_size)
-    secs = [i / fps for i in idx]
-    tp = temporal_patch_size
-    return tuple((secs[i] + secs[i + tp - 1]) / 2 for i in range(0, len(secs), tp))
-
-
-def _sampler(family: str):
-    return qwen3_frame_indices if family == "qwen3_vl" else qwen2_5_frame_indices
-
-
-@dataclass(frozen=True)
-class ClipPlan:
-    """What a video file gives, known from its header and packets before any frame is decoded."""
-    indices: tuple[int, ...]  # the sampler's picks that the file holds
-    total_frames: int
-    fps: float
-    width: int  # of every frame, as decoded
-    height: int
-
-
-def _plan(container, cfg: VisionPreprocessConfig, family: str, limits: VideoLimits,
-          deadline: Deadline) -> tuple[ClipPlan, StreamInfo]:
-    info = stream_info(container, limits, deadline)
-    # a header can overstate the frames: those past the last packet cannot decode, so both the
-    # proxy (which only probes) and prefill (which decodes) leave them out
-    indices = [i for i in _sampler(family)(info.total_frames, info.fps, cfg) if i < info.packets]
-    return ClipPlan(tuple(indices), info.total_frames, info.fps, info.width, info.height), info
-
-
-def probe_clip(src, cfg: VisionPreprocessConfig, family: str,
-               limits: VideoLimits = VideoLimits()) -> ClipPlan:
-    """Video file path or bytes -> the frames the family's sampler will take; decodes nothing."""
-    with open_video(src) as container:
-        return _plan(container, cfg, normalize_family(family), limits, Deadline(limits.timeout_s))[0]
-
-
 def _resizer(size: tuple[int, int] | None):
     if size is None:
         return lambda img: img
@@ -125,7 +63,7 @@ def _decode_planned(container, plan: ClipPlan, info: StreamInfo, cfg, family: st
     indices = [i for i in plan.indices if i in got]  # the decoder may still end early
     if not indices:
         raise ValueError("no frame of the video could be decoded")
-    new = size and _target_size(len(indices), plan.height, plan.width, cfg, family)
+    new = size and target_size(len(indices), plan.height, plan.width, cfg, family)
     if new != size:  # Qwen3-VL's size depends on the frame count: decode the kept ones again
         got, size = decode_frames(container, info, set(indices), _resizer(new), deadline), new
     return indices, got, size
@@ -140,7 +78,7 @@ def decode_clip(src, cfg: VisionPreprocessConfig, family: str, limits: VideoLimi
     family = normalize_family(family)
     deadline = Deadline(limits.timeout_s)
     with open_video(src) as container:
-        plan, info = _plan(container, cfg, family, limits, deadline)
+        plan, info = plan_clip(container, cfg, family, limits, deadline)
         indices, got, size = _decode_planned(container, plan, info, cfg, family, resize, deadline)
     return Clip(tuple(got[i] for i in indices), tuple(indices), plan.total_frames, plan.fps, size)
 
@@ -168,40 +106,6 @@ def load_clip(video: VideoLike, cfg: VisionPreprocessConfig, family: str, fps: f
     return frames_clip(video, cfg, family, fps)
 
 
-def smart_resize_video(num_frames: int, height: int, width: int, temporal_factor: int, factor: int,
-                       min_pixels: int, max_pixels: int) -> tuple[int, int]:
-    """Qwen3-VL's resize: the pixel budget covers all frames together, not each frame."""
-    if num_frames < temporal_factor:
-        raise ValueError(f"video has {num_frames} frame(s) after sampling; Qwen3-VL needs at least "
-                         f"{temporal_factor}")
-    if height <= 0 or width <= 0:
-        raise ValueError(f"video frames are empty: {width}x{height} pixels (width x height)")
-    if height < factor or width < factor:  # tiny frames are scaled up before the budget applies
-        scale = max(factor / height, factor / width)
-        height, width = int(height * scale), int(width * scale)
-    check_aspect_ratio(height, width)
-    h_bar = round(height / factor) * factor
-    w_bar = round(width / factor) * factor
-    t_bar = round(num_frames / temporal_factor) * temporal_factor
-    if t_bar * h_bar * w_bar > max_pixels:
-        beta = math.sqrt((num_frames * height * width) / max_pixels)
-        h_bar = max(factor, math.floor(height / beta / factor) * factor)
-        w_bar = max(factor, math.floor(width / beta / factor) * factor)
-    elif t_bar * h_bar * w_bar < min_pixels:
-        beta = math.sqrt(min_pixels / (num_frames * height * width))
-        h_bar = math.ceil(height * beta / factor) * factor
-        w_bar = math.ceil(width * beta / factor) * factor
-    return h_bar, w_bar
-
-
-def _target_size(num_frames: int, height: int, width: int, cfg: VisionPreprocessConfig,
-                 family: str) -> tuple[int, int]:
-    if family == "qwen3_vl":
-        return smart_resize_video(num_frames, height, width, cfg.temporal_patch_size, cfg.factor,
-                                  cfg.video_min_pixels, cfg.video_max_pixels)
-    return smart_resize(height, width, cfg.factor, cfg.video_min_pixels, cfg.video_max_pixels)
-
-
 def clip_size(clip: Clip, cfg: VisionPreprocessConfig, family: str) -> tuple[int, int]:
     if clip.size is not None:
         return clip.size
@@ -209,19 +113,7 @@ def clip_size(clip: Clip, cfg: VisionPreprocessConfig, family: str) -> tuple[int
     if len(sizes) != 1:
         raise ValueError(f"all frames of a video must have one size, got {sorted(sizes)}")
     (width, height), = sizes
-    return _target_size(len(clip.frames), height, width, cfg, family)
-
-
-def plan_size(plan: ClipPlan, cfg: VisionPreprocessConfig, family: str) -> tuple[int, int]:
-    """(h, w) the planned frames are resized to: clip_size of the clip decoding would give."""
-    return _target_size(len(plan.indices), plan.height, plan.width, cfg, normalize_family(family))
-
-
-def plan_grid(plan: ClipPlan, cfg: VisionPreprocessConfig, family: str) -> tuple[int, int, int]:
-    """grid_thw that process_videos gives the decoded clip, from the plan alone."""
-    h, w = plan_size(plan, cfg, family)
-    p = cfg.patch_size
-    return math.ceil(len(plan.indices) / cfg.temporal_patch_size), h // p, w // p
+    return target_size(len(clip.frames), height, width, cfg, family)
 
 
 def process_clip(clip: Clip, cfg: VisionPreprocessConfig, family: str):
@@ -229,15 +121,6 @@ def process_clip(clip: Clip, cfg: VisionPreprocessConfig, family: str):
     h, w = clip_size(clip, cfg, family)
     # frames resized while decoding are already (h, w): PIL's resize to the same size is a copy
     return patchify(np.stack([resize_normalize(f, h, w, cfg) for f in clip.frames]), cfg)
-
-
-def time_info(clip: Clip | ClipPlan, cfg: VisionPreprocessConfig, family: str):
-    """Qwen3-VL: seconds of each grid step; Qwen2.5-VL: seconds per grid step."""
-    tp = cfg.temporal_patch_size
-    if normalize_family(family) == "qwen3_vl":
-        return grid_timestamps(clip.indices, clip.fps, tp)
-    # VideoMetadata.sampled_fps: the rate of the frames kept; each grid step spans T of them
-    return tp / (len(clip.indices) / clip.total_frames * clip.fps)
 
 
 def process_videos(videos: Sequence[VideoLike], cfg: VisionPreprocessConfig, family: str,

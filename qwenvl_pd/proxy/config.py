@@ -26,7 +26,7 @@ class ProxyConfig:
     port: int = 8000
     prefill: tuple[str, ...] = ()  # static instances, "host:port" of their gRPC servers
     decode: tuple[str, ...] = ()
-    discover_dns: str = ""  # "prefill=NAME:PORT,decode=NAME:PORT" (proxy/discovery.py)
+    discover_dns: str = ""  # "prefill=NAME:PORT,decode=NAME:PORT" (proxy/cluster/discovery.py)
     api_keys: tuple[str, ...] = ()  # none: no authentication
     cache_salt_per_api_key: bool = False  # each key's requests share prefix-cache hits only among them
     cluster_secret: bytes = field(default=b"", repr=False)  # sent on every node RPC

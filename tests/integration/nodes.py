@@ -1,11 +1,13 @@
-"""Start real prefill/decode processes on loopback and talk to them like the proxy does."""
+"""Start real prefill/decode processes on loopback and talk to them like the proxy does (through
+PDBackend, the proxy's own request flow)."""
 import io
+import logging
 import socket
 import subprocess
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 
 import grpc
@@ -89,11 +91,13 @@ def loads(addresses: dict[str, str]) -> dict:
     """LoadReport of each named instance ("p..." prefill, "d..." decode), as the proxy polls them."""
     import asyncio
     from qwenvl_pd.proxy.cluster import pd_client
+    from qwenvl_pd.proxy.cluster.instance import Instance
 
     async def one(name):
-        inst = pd_client.Instance.connect(addresses[name])
+        role = "prefill" if name[0] == "p" else "decode"
+        inst = Instance.connect(role, addresses[name])
         try:
-            return await pd_client.load(inst, "prefill" if name[0] == "p" else "decode")
+            return await pd_client.load(inst, role)
         finally:
             await inst.channel.close()
 
@@ -106,3 +110,53 @@ def png_bytes(image) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     return buf.getvalue()
+
+
+@asynccontextmanager
+async def pd_backend(prefills: list[str], decodes: list[str], layerwise: bool = False, **backend_args):
+    """The proxy's production request flow (PDBackend over a Router) on these instances, all
+    healthy after one health round; no background rounds: a test's calls decide what fails."""
+    from qwenvl_pd.proxy.cluster.backend import PDBackend
+    from qwenvl_pd.proxy.cluster.router import Router
+    from qwenvl_pd.proxy.metrics import ProxyMetrics
+    router = Router(ProxyMetrics())
+    router.set_members("prefill", prefills)
+    router.set_members("decode", decodes)
+    await router.health_round()
+    try:
+        yield PDBackend(router, layerwise=layerwise, **backend_args)
+    finally:
+        await router.stop()
+
+
+class FellBack(logging.Handler):
+    """Records the layer-wise round's warnings: each is a fallback to the whole-KV path."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+async def run_backend(backend, req, key: bytes = b"") -> tuple[list[int], str]:
+    """(token ids, finish reason) of one request through PDBackend; a layer-wise backend must not
+    fall back to the whole-KV round (that path has tests of its own)."""
+    watch = logging.getLogger("qwenvl_pd.proxy.cluster.layerwise_round")
+    fell_back = FellBack()
+    watch.addHandler(fell_back)
+    tokens, reason = [], ""
+    try:
+        async for event in backend.generate(req, key or req.request_id.encode()):
+            tokens += [event.token.token_id] if event.token is not None else []
+            reason = event.finish_reason or reason
+    finally:
+        watch.removeHandler(fell_back)
+    assert not (backend.layerwise and fell_back.messages), fell_back.messages
+    return tokens, reason
+
+
+async def pd_generate(p_addr: str, d_addr: str, req, layerwise: bool = False) -> tuple[list[int], str]:
+    async with pd_backend([p_addr], [d_addr], layerwise) as backend:
+        return await run_backend(backend, req)

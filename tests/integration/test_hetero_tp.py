@@ -18,9 +18,9 @@ import pytest
 from qwenvl_pd import LLM, SamplingParams
 from qwenvl_pd.model.tiny import make_tiny
 from qwenvl_pd.proxy.cluster import pd_client
-from qwenvl_pd.proxy.cluster.pd_client import Instance
+from qwenvl_pd.proxy.cluster.instance import Instance
 
-from nodes import rank_children, spawn_node, stop, wait_healthy
+from nodes import pd_generate, rank_children, spawn_node, stop, wait_healthy
 from test_pd import IMG, _chat, _image, _pd_request, _run, _settled_loads
 
 ALL_PAIRS = [(1, 1), (1, 2), (2, 1), (2, 2)]
@@ -115,7 +115,7 @@ def test_a_prefill_rank_hanging_mid_pull_fails_the_request_and_frees_both_pools(
 
 
 async def _decode_with_rank_stopped(p_addr: str, d_addr: str, req, pid: int) -> grpc.aio.AioRpcError:
-    p, d = Instance.connect(p_addr), Instance.connect(d_addr)
+    p, d = Instance.connect("prefill", p_addr), Instance.connect("decode", d_addr)
     result = await pd_client.prefill(p, req)
     os.kill(pid, signal.SIGSTOP)  # its transfer engine stops answering: the read hangs
     try:
@@ -153,15 +153,7 @@ def test_pd_across_tp_sizes_equals_colocated_greedy_and_seeded(cluster_of, name)
 
 
 async def _run_layerwise(p_addr: str, d_addr: str, req) -> tuple[list[int], str]:
-    p, d = Instance.connect(p_addr), Instance.connect(d_addr)
-    tokens, reason = [], ""
-    async for result, event in pd_client.generate_layerwise(p, d, req):
-        token = result.first_token if event is None else event.token
-        tokens += [token.token_id] if token is not None else []
-        reason = (result.finish_reason if event is None else event.finish_reason) or reason
-    await p.channel.close()
-    await d.channel.close()
-    return tokens, reason
+    return await pd_generate(p_addr, d_addr, req, layerwise=True)
 
 
 def test_a_decode_rank_killed_mid_stream_ends_the_stream_and_the_instance(cluster_of):
@@ -182,7 +174,7 @@ def test_a_decode_rank_killed_mid_stream_ends_the_stream_and_the_instance(cluste
 
 
 async def _decode_with_rank_killed(p_addr: str, d_addr: str, req, pid: int) -> tuple[grpc.aio.AioRpcError, int]:
-    p, d = Instance.connect(p_addr), Instance.connect(d_addr)
+    p, d = Instance.connect("prefill", p_addr), Instance.connect("decode", d_addr)
     result, received = await pd_client.prefill(p, req), 0
     with pytest.raises(grpc.aio.AioRpcError) as err:
         async for _ in pd_client.decode(d, pd_client.decode_request(req, result)):

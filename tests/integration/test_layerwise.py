@@ -18,9 +18,9 @@ from qwenvl_pd import LLM, SamplingParams
 from qwenvl_pd.messages import MediaItem, PrefillRequest
 from qwenvl_pd.model.tiny import make_tiny
 from qwenvl_pd.proxy.cluster import pd_client
-from qwenvl_pd.proxy.cluster.pd_client import Instance
+from qwenvl_pd.proxy.cluster.instance import Instance
 
-from nodes import png_bytes, spawn_node, stop, wait_healthy
+from nodes import pd_generate, png_bytes, spawn_node, stop, wait_healthy
 from test_proxy import _log, start_proxy
 
 IMG = "<|vision_start|><|image_pad|><|vision_end|>"
@@ -74,24 +74,14 @@ def _image(w, h, seed):
 
 
 async def _generate(c: Cluster, req: PrefillRequest) -> tuple[list[int], str]:
-    p, d = Instance.connect(c.p_addr), Instance.connect(c.d_addr)
-    tokens, reason = [], ""
-    try:
-        async for result, event in pd_client.generate_layerwise(p, d, req):
-            token = result.first_token if event is None else event.token
-            tokens += [token.token_id] if token is not None else []
-            reason = (result.finish_reason if event is None else event.finish_reason) or reason
-    finally:
-        await p.channel.close()
-        await d.channel.close()
-    return tokens, reason
+    return await pd_generate(c.p_addr, c.d_addr, req, layerwise=True)
 
 
 async def _settled(c: Cluster, timeout=20, p_addr="", d_addr=""):
     """(prefill, decode) LoadReports once both hold no block, or at the timeout."""
     deadline = time.monotonic() + timeout
     while True:
-        p, d = Instance.connect(p_addr or c.p_addr), Instance.connect(d_addr or c.d_addr)
+        p, d = Instance.connect("prefill", p_addr or c.p_addr), Instance.connect("decode", d_addr or c.d_addr)
         loads = await pd_client.load(p, "prefill"), await pd_client.load(d, "decode")
         await p.channel.close()
         await d.channel.close()
@@ -120,7 +110,7 @@ def test_layerwise_equals_offline_greedy_and_seeded(cluster):
 async def _start_streaming(c: Cluster, rid: str, p_addr="", d_addr=""):
     """A long layer-wise request, waited on until decode has read some layers but prefill has
     not finished: (channels, prefill stream, decode stream, first-event task, result task)."""
-    p, d = Instance.connect(p_addr or c.p_addr), Instance.connect(d_addr or c.d_addr)
+    p, d = Instance.connect("prefill", p_addr or c.p_addr), Instance.connect("decode", d_addr or c.d_addr)
     # its own first words: no prefix-cache hit, every chunk computes
     req = c.request(rid, {"prompt": _chat(f"request {rid}: {LONG}")}, SamplingParams(max_tokens=64, temperature=0, ignore_eos=True))
     stream = pd_client.prefill_stream(p, req)
@@ -137,7 +127,7 @@ async def _start_streaming(c: Cluster, rid: str, p_addr="", d_addr=""):
 
 def _read_before(c: Cluster, d_addr="") -> int:
     async def one():
-        d = Instance.connect(d_addr or c.d_addr)
+        d = Instance.connect("decode", d_addr or c.d_addr)
         try:
             return (await pd_client.load(d, "decode")).kv_transfer_bytes_total
         finally:

@@ -15,10 +15,11 @@ from PIL import Image
 from qwenvl_pd import LLM, SamplingParams
 from qwenvl_pd.messages import MediaItem, PrefillRequest
 from qwenvl_pd.proxy.cluster import pd_client
-from qwenvl_pd.proxy.cluster.pd_client import Instance
+from qwenvl_pd.proxy.cluster.instance import Instance
 from qwenvl_pd.serve import _grpc_serving
 
-from nodes import free_port, pd_pair, png_bytes, spawn_node, start_node, stop, wait_healthy
+from nodes import (free_port, pd_backend, pd_generate, pd_pair, png_bytes, run_backend, spawn_node, start_node,
+                   stop, wait_healthy)
 
 IMG = "<|vision_start|><|image_pad|><|vision_end|>"
 
@@ -44,23 +45,11 @@ def _pd_request(llm: LLM, rid: str, request: dict, params: SamplingParams) -> Pr
 
 
 async def _run(p_addr, d_addr, req: PrefillRequest) -> tuple[list[int], str]:
-    p, d = Instance.connect(p_addr), Instance.connect(d_addr)
-    tokens, reason = [], ""
-    async for result, event in pd_client.generate(p, d, req):
-        if event is None:
-            tokens.append(result.first_token.token_id)
-            reason = result.finish_reason
-        else:
-            if event.token is not None:
-                tokens.append(event.token.token_id)
-            reason = event.finish_reason or reason
-    await p.channel.close()
-    await d.channel.close()
-    return tokens, reason
+    return await pd_generate(p_addr, d_addr, req)
 
 
 async def _loads(p_addr, d_addr):
-    p, d = Instance.connect(p_addr), Instance.connect(d_addr)
+    p, d = Instance.connect("prefill", p_addr), Instance.connect("decode", d_addr)
     out = await pd_client.load(p, "prefill"), await pd_client.load(d, "decode")
     await p.channel.close()
     await d.channel.close()
@@ -104,7 +93,7 @@ def test_64_concurrent_requests_then_zero_blocks(shared):
 
 async def _decode_refused(p_addr, d_addr, req, edit):
     """Prefill req, hand edit(result) to decode, which must fail; abort; both loads after."""
-    p, d = Instance.connect(p_addr), Instance.connect(d_addr)
+    p, d = Instance.connect("prefill", p_addr), Instance.connect("decode", d_addr)
     result = edit(await pd_client.prefill(p, req))
     with pytest.raises(grpc.aio.AioRpcError) as err:
         async for _ in pd_client.decode(d, pd_client.decode_request(req, result)):
@@ -165,7 +154,7 @@ def test_abort_during_transfer_frees_both_sides(shared):
                       SamplingParams(max_tokens=50, temperature=0, ignore_eos=True))
 
     async def scenario():
-        p, d = Instance.connect(p_addr), Instance.connect(d_addr)
+        p, d = Instance.connect("prefill", p_addr), Instance.connect("decode", d_addr)
         result = await pd_client.prefill(p, req)
         events = []
 
@@ -206,7 +195,7 @@ def test_decode_streams_cancelled_at_any_moment_leave_no_block_behind(shared):
     reqs = [_pd_request(llm, f"c{i}", {"prompt": _chat(f"cancel me {i} " * 8)}, params) for i in range(24)]
 
     async def scenario():
-        p, d = Instance.connect(p_addr), Instance.connect(d_addr)
+        p, d = Instance.connect("prefill", p_addr), Instance.connect("decode", d_addr)
         results = [await pd_client.prefill(p, r) for r in reqs]
 
         async def consume(req, result):
@@ -236,7 +225,7 @@ def test_sigterm_drains_a_running_stream_then_exits_0(shared):
                       SamplingParams(max_tokens=300, temperature=0, ignore_eos=True))
 
     async def scenario():
-        p, d = Instance.connect(p_addr), Instance.connect(addr)
+        p, d = Instance.connect("prefill", p_addr), Instance.connect("decode", addr)
         result = await pd_client.prefill(p, req)
         events, serving = [], None
         async for ev in pd_client.decode(d, pd_client.decode_request(req, result)):
@@ -264,7 +253,7 @@ def test_decode_killed_mid_transfer_lease_frees_prefill_blocks(shared):
                       SamplingParams(max_tokens=500, temperature=0, ignore_eos=True))
 
     async def scenario():
-        p, d = Instance.connect(p_addr), Instance.connect(victim_addr)
+        p, d = Instance.connect("prefill", p_addr), Instance.connect("decode", victim_addr)
         result = await pd_client.prefill(p, req)
         held = (await pd_client.load(p, "prefill")).blocks_used
         os.kill(p_proc.pid, signal.SIGSTOP)  # decode's pull hangs: no Release will come
@@ -294,13 +283,42 @@ def test_decode_killed_mid_transfer_lease_frees_prefill_blocks(shared):
     assert after == 0
 
 
+def test_pd_backend_retries_a_dead_prefill_and_a_dead_decode_on_the_live_ones(shared):
+    """The proxy's own retries with real processes: a prefill and a decode that die after the
+    health round (their calls fail UNAVAILABLE) hand the request to the live ones and leave
+    rotation. The first request prefers the dead prefill; the two requests take both decodes."""
+    llm, model, (_, p_addr), (_, d_addr) = shared
+    (vp, vp_addr), (vd, vd_addr) = spawn_node("prefill", model), spawn_node("decode", model)
+    sp = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    prompts = [{"prompt": _chat(f"retry number {i}")} for i in range(2)]
+
+    async def scenario():
+        async with pd_backend([p_addr, vp_addr], [d_addr, vd_addr]) as backend:
+            for proc in (vp, vd):
+                proc.kill()
+                proc.wait(timeout=10)
+            key = next(k for k in (b"%d" % i for i in range(64)) if backend.router.pick_prefill(k).address == vp_addr)
+            got = [await run_backend(backend, _pd_request(llm, f"rt{i}", r, sp), key) for i, r in enumerate(prompts)]
+            healthy = [[s.address for s in backend.router.healthy(role)] for role in ("prefill", "decode")]
+            return got, healthy
+    try:
+        for proc, address in ((vp, vp_addr), (vd, vd_addr)):
+            wait_healthy(address, proc)
+        got, healthy = asyncio.run(scenario())
+    finally:
+        stop(vp)
+        stop(vd)
+    assert got == [(list(llm.generate(r, sp)[0].outputs[0].token_ids), "length") for r in prompts]
+    assert healthy == [[p_addr], [d_addr]]
+
+
 def test_prefill_killed_after_answering_decode_fails_cleanly(shared):
     llm, _, (p_proc, p_addr), (_, d_addr) = shared
     req = _pd_request(llm, "k2", {"prompt": _chat("hello " * 40)},
                       SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
 
     async def scenario():
-        p, d = Instance.connect(p_addr), Instance.connect(d_addr)
+        p, d = Instance.connect("prefill", p_addr), Instance.connect("decode", d_addr)
         result = await pd_client.prefill(p, req)
         p_proc.kill()
         p_proc.wait(timeout=10)
@@ -326,7 +344,7 @@ def test_a_full_waiting_queue_refuses_with_resource_exhausted(tiny_dirs):
                         SamplingParams(max_tokens=4, temperature=0)) for i in range(8)]
 
     async def scenario():
-        inst = Instance.connect(addr)
+        inst = Instance.connect("prefill", addr)
         outcomes = await asyncio.gather(*(pd_client.prefill(inst, r) for r in reqs), return_exceptions=True)
         for r, out in zip(reqs, outcomes):
             if not isinstance(out, Exception):
@@ -366,7 +384,8 @@ def test_with_the_cluster_secret_unsigned_calls_and_handles_are_refused(shared, 
         key = b"s3cret-of-this-cluster"
 
         async def scenario():
-            bare, p, d = Instance.connect(p_addr), Instance.connect(p_addr, key), Instance.connect(d_addr, key)
+            bare, p, d = (Instance.connect("prefill", p_addr), Instance.connect("prefill", p_addr, key),
+                          Instance.connect("decode", d_addr, key))
             with pytest.raises(grpc.aio.AioRpcError) as refused:
                 await pd_client.prefill(bare, req)
             result = await pd_client.prefill(p, req)

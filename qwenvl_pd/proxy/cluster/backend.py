@@ -17,12 +17,13 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from qwenvl_pd.messages import PrefillRequest, PrefillResult, TokenEvent
+from qwenvl_pd.messages import KVHandle, PrefillRequest, PrefillResult, TokenEvent
 from qwenvl_pd.proxy.cluster import pd_client
 from qwenvl_pd.proxy.cluster.layerwise_round import EarlyDecode, early_events, prefill_layerwise
 from qwenvl_pd.proxy.errors import APIError, bad_request, overloaded
 from qwenvl_pd.proxy.cluster.racing import unless_lost
-from qwenvl_pd.proxy.cluster.router import InstanceState, Router
+from qwenvl_pd.proxy.cluster.instance import Instance
+from qwenvl_pd.proxy.cluster.router import Router
 
 log = logging.getLogger(__name__)
 MAX_REPREFILLS = 4  # a request preempted this often is not going to fit
@@ -49,7 +50,7 @@ def rpc_error(e: grpc.aio.AioRpcError, where: str) -> APIError:
 class PDBackend:
     def __init__(self, router: Router, prefill_timeout_s: float = 600.0, token_timeout_s: float = 60.0,
                  layerwise: bool = False):
-        self.router, self.layerwise = router, layerwise  # layerwise: proxy/layerwise.py's round
+        self.router, self.layerwise = router, layerwise  # layerwise: layerwise_round.py's round
         self.prefill_timeout_s, self.token_timeout_s = prefill_timeout_s, token_timeout_s
 
     def ready(self) -> bool:
@@ -61,7 +62,7 @@ class PDBackend:
         for round_ in range(MAX_REPREFILLS + 1):
             early = None
             if self.layerwise:
-                result, prefill, early = await prefill_layerwise(self, current, key)
+                result, prefill, early = await self._prefill_layerwise(current, key)
             else:
                 result, prefill = await self.prefill(current, key)
             produced.append(result.first_token.token_id)
@@ -103,13 +104,13 @@ class PDBackend:
         raise APIError(503, f"request preempted {MAX_REPREFILLS + 1} times on decode (out of KV blocks)",
                        "service_unavailable", None, "preempted")
 
-    async def prefill(self, req: PrefillRequest, key: bytes) -> tuple[PrefillResult, InstanceState]:
-        tried: list[InstanceState] = []
+    async def prefill(self, req: PrefillRequest, key: bytes) -> tuple[PrefillResult, Instance]:
+        tried: list[Instance] = []
         while True:
             state = self.router.pick_prefill(key, exclude=tried)  # 503 once none is left
             with self.router.using(state):
                 try:
-                    call = pd_client.prefill(state.instance, req, self.prefill_timeout_s)
+                    call = pd_client.prefill(state, req, self.prefill_timeout_s)
                     return await unless_lost(state, call), state
                 except grpc.aio.AioRpcError as e:
                     if e.code() not in PREFILL_ELSEWHERE or tried or not self._others("prefill", state):
@@ -120,24 +121,41 @@ class PDBackend:
                         self.router.mark_failed(state)
                     tried.append(state)
 
-    def _others(self, role: str, state: InstanceState) -> bool:
+    async def _prefill_layerwise(self, req: PrefillRequest, key: bytes):
+        """-> (result, prefill state, EarlyDecode | None); None: the whole-KV round ran instead."""
+        state = self.router.pick_prefill(key)
+        with self.router.using(state):
+            done = await prefill_layerwise(state, req, self.prefill_timeout_s, self.start_early_decode)
+        if done is not None:
+            return done[0], state, done[1]
+        result, state = await self.prefill(req, key)
+        return result, state, None
+
+    def start_early_decode(self, req: PrefillRequest, announce: KVHandle) -> EarlyDecode:
+        """The layer-wise round's decode, started on prefill's announce (the call starts now)."""
+        state = self.pick_decode([])
+        events = self.events(state, pd_client.layerwise_request(req, announce))
+        return EarlyDecode(state, events, asyncio.ensure_future(anext(events)))
+
+    def _others(self, role: str, state: Instance) -> bool:
         return any(s is not state for s in self.router.healthy(role))
 
     async def _decode(self, req: PrefillRequest, result: PrefillResult,
                       early: EarlyDecode | None = None) -> AsyncIterator[TokenEvent]:
         if early is not None:
             try:
-                async with contextlib.aclosing(early_events(self, early, result)) as events:
-                    async for ev in events:
-                        if ev is None:
-                            break  # failed before its first token: the whole-KV path below
-                        yield ev
-                    else:
-                        return
+                with self.router.using(early.state):
+                    async with contextlib.aclosing(early_events(early, result)) as events:
+                        async for ev in events:
+                            if ev is None:
+                                break  # failed before its first token: the whole-KV path below
+                            yield ev
+                        else:
+                            return
             except grpc.aio.AioRpcError as e:
                 raise rpc_error(e, f"decode {early.state.address}") from None
         dreq = pd_client.decode_request(req, result)
-        tried: list[InstanceState] = []
+        tried: list[Instance] = []
         while True:
             state = self.pick_decode(tried)
             seen = False
@@ -164,10 +182,10 @@ class PDBackend:
                         self.router.mark_failed(state)
                     tried.append(state)
 
-    async def events(self, state: InstanceState, dreq) -> AsyncIterator[TokenEvent]:
+    async def events(self, state: Instance, dreq) -> AsyncIterator[TokenEvent]:
         """The decode stream, given up when decode stops answering health checks, or when a
         running request gets no token for token_timeout_s (the first may wait in decode's queue)."""
-        async with contextlib.aclosing(pd_client.decode(state.instance, dreq)) as events:
+        async with contextlib.aclosing(pd_client.decode(state, dreq)) as events:
             lost, timeout = asyncio.ensure_future(state.lost.wait()), None  # one waiter a stream
             try:
                 while True:
@@ -180,7 +198,7 @@ class PDBackend:
             finally:
                 lost.cancel()
 
-    def pick_decode(self, tried: list[InstanceState]) -> InstanceState:
+    def pick_decode(self, tried: list[Instance]) -> Instance:
         # never the instance that just failed: the request may still be in flight there
         return self.router.pick_decode(exclude=tried)
 
@@ -202,8 +220,8 @@ def kv_unreadable(e: grpc.aio.AioRpcError) -> bool:
     return (e.details() or "").startswith(KV_UNREADABLE)
 
 
-async def _abort_quietly(state: InstanceState, request_id: str) -> None:
+async def _abort_quietly(state: Instance, request_id: str) -> None:
     try:
-        await pd_client.abort(state.instance, "prefill", request_id)
+        await pd_client.abort(state, "prefill", request_id)
     except grpc.aio.AioRpcError:
         pass  # the lease frees the blocks anyway

@@ -30,8 +30,9 @@ import socket
 from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 
+from qwenvl_pd.messages import ROLES
+
 log = logging.getLogger(__name__)
-ROLES = ("prefill", "decode")
 
 
 @dataclass(frozen=True, order=True)

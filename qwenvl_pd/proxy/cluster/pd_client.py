@@ -1,25 +1,12 @@
-"""The two-hop request path as a client: Prefill on one instance, then Decode on another."""
-import asyncio
-import contextlib
+"""The nodes' RPCs as the proxy calls them, typed messages in and out (protos/convert.py maps them
+at this edge): Prefill and PrefillStream on a prefill, Decode on a decode, Abort and GetLoad on
+either. The request flow that strings them together is PDBackend's (backend.py)."""
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
-import grpc
-
-from qwenvl_pd.protos.channel import GRPC_OPTIONS
-from qwenvl_pd.messages import (DecodeRequest, KVHandle, PrefillRequest, PrefillResult, PrefillStreamEvent,
-                                SampledToken, TokenEvent)
-from qwenvl_pd.protos import auth, convert, qwenvl_pd_pb2 as pb, qwenvl_pd_pb2_grpc as pb_grpc
-
-
-@dataclass
-class Instance:
-    address: str
-    channel: grpc.aio.Channel
-
-    @classmethod
-    def connect(cls, address: str, secret: bytes = b"") -> "Instance":
-        return cls(address, auth.channel(address, secret, GRPC_OPTIONS))
+from qwenvl_pd.messages import (DecodeRequest, KVHandle, LoadReport, PrefillRequest, PrefillResult,
+                                PrefillStreamEvent, SampledToken, TokenEvent)
+from qwenvl_pd.protos import convert, qwenvl_pd_pb2 as pb, qwenvl_pd_pb2_grpc as pb_grpc
+from qwenvl_pd.proxy.cluster.instance import Instance
 
 
 async def prefill(inst: Instance, req: PrefillRequest, timeout: float = 600) -> PrefillResult:
@@ -62,43 +49,13 @@ async def decode(inst: Instance, req: DecodeRequest) -> AsyncIterator[TokenEvent
         call.cancel()  # a consumer that stops early cancels the stream, decode frees at once
 
 
-async def generate(prefill_inst: Instance, decode_inst: Instance,
-                   req: PrefillRequest) -> AsyncIterator[tuple[PrefillResult, TokenEvent | None]]:
-    """(prefill result, None) first, then (prefill result, event) for each decode event."""
-    result = await prefill(prefill_inst, req)
-    yield result, None
-    if result.finish_reason:
-        return
-    async for event in decode(decode_inst, decode_request(req, result)):
-        yield result, event
-
-
-async def generate_layerwise(prefill_inst: Instance, decode_inst: Instance,
-                             req: PrefillRequest) -> AsyncIterator[tuple[PrefillResult, TokenEvent | None]]:
-    """generate(), with decode started on the announce and reading while prefill computes."""
-    async with contextlib.aclosing(prefill_stream(prefill_inst, req)) as events:
-        announce = (await anext(events)).announce
-        decoding = decode(decode_inst, layerwise_request(req, announce))
-        first = asyncio.ensure_future(anext(decoding))  # the Decode call starts now
-        try:
-            result = (await anext(events)).result
-            yield result, None
-            if result.finish_reason:
-                return
-            yield result, await first
-            async for event in decoding:
-                yield result, event
-        finally:
-            first.cancel()
-            await asyncio.gather(first, return_exceptions=True)
-            await decoding.aclose()
+def _stub(inst: Instance, service: str):
+    return pb_grpc.PrefillStub(inst.channel) if service == "prefill" else pb_grpc.DecodeStub(inst.channel)
 
 
 async def abort(inst: Instance, service: str, request_id: str) -> bool:
-    stub = pb_grpc.PrefillStub(inst.channel) if service == "prefill" else pb_grpc.DecodeStub(inst.channel)
-    return (await stub.Abort(pb.AbortRequest(request_id=request_id), timeout=10)).found
+    return (await _stub(inst, service).Abort(pb.AbortRequest(request_id=request_id), timeout=10)).found
 
 
-async def load(inst: Instance, service: str):
-    stub = pb_grpc.PrefillStub(inst.channel) if service == "prefill" else pb_grpc.DecodeStub(inst.channel)
-    return convert.from_proto(await stub.GetLoad(pb.LoadRequest(), timeout=10))
+async def load(inst: Instance, service: str) -> LoadReport:
+    return convert.from_proto(await _stub(inst, service).GetLoad(pb.LoadRequest(), timeout=10))

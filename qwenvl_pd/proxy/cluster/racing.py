@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import grpc
 
 if TYPE_CHECKING:
-    from qwenvl_pd.proxy.cluster.router import InstanceState
+    from qwenvl_pd.proxy.cluster.instance import Instance
 
 
 async def unless(work: Awaitable, stop: Awaitable, timeout: float | None = None) -> asyncio.Future:
@@ -33,7 +33,7 @@ def no_answer(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
     return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details=details)
 
 
-async def unless_lost(state: InstanceState, awaitable, lost: asyncio.Future | None = None,
+async def unless_lost(state: Instance, awaitable, lost: asyncio.Future | None = None,
                        timeout: float | None = None):
     """awaitable's result, unless the instance stops answering health checks (lost: a waiter on
     state.lost kept by the caller) or timeout passes first."""

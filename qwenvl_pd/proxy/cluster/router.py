@@ -15,46 +15,19 @@ import hashlib
 import itertools
 import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from qwenvl_pd.protos import auth
-from qwenvl_pd.protos.channel import CLIENT_OPTIONS
-from qwenvl_pd.messages import LoadReport
+from qwenvl_pd.messages import ROLES, LoadReport
 from qwenvl_pd.proxy.cluster import pd_client
+from qwenvl_pd.proxy.cluster.instance import Instance
 from qwenvl_pd.proxy.errors import no_backend
 from qwenvl_pd.proxy.metrics import ProxyMetrics
 
 log = logging.getLogger(__name__)
-ROLES = ("prefill", "decode")
 RPC_TIMEOUT_S = 2.0
 LOST_AFTER = 2  # health checks in a row without an answer: the instance is hung or cut off
-
-
-@dataclass(eq=False)
-class InstanceState:
-    role: str
-    address: str
-    instance: pd_client.Instance
-    healthy: bool = False
-    inflight: int = 0  # requests this proxy has on it now: fresher than any polled report
-    report: LoadReport | None = None
-    misses: int = 0  # health checks in a row it did not answer
-    # set while it does not answer: calls in flight on it give up instead of waiting for a
-    # process that may be stopped (a draining node answers NOT_SERVING and is not lost)
-    lost: asyncio.Event = field(default_factory=asyncio.Event)
-
-    @property
-    def load(self) -> int:
-        reported = self.report.running + self.report.waiting if self.report else 0
-        return max(self.inflight, reported)
-
-    @property
-    def kv_usage(self) -> float:
-        r = self.report
-        return r.blocks_used / r.blocks_total if r and r.blocks_total else 0.0
 
 
 def affinity_key(token_ids: Sequence[int], image_hashes: Iterable[str], num_tokens: int) -> bytes:
@@ -68,14 +41,7 @@ def _rendezvous(key: bytes, address: str) -> int:
     return int.from_bytes(hashlib.sha256(key + address.encode()).digest()[:8], "big")
 
 
-def _connect(address: str, secret: bytes) -> pd_client.Instance:
-    # gRPC backs off up to 2 minutes between reconnects; a restarted instance should be back
-    # in rotation within a few health rounds
-    options = CLIENT_OPTIONS + [("grpc.initial_reconnect_backoff_ms", 500), ("grpc.max_reconnect_backoff_ms", 3000)]
-    return pd_client.Instance(address, auth.channel(address, secret, options))
-
-
-async def grpc_healthy(instance: pd_client.Instance) -> bool | None:
+async def grpc_healthy(instance: Instance) -> bool | None:
     """SERVING: True; another status: False; no answer in time (or no connection): None."""
     try:
         reply = await health_pb2_grpc.HealthStub(instance.channel).Check(
@@ -94,7 +60,7 @@ class Router:
         self.cap = prefill_load_cap
         self.health_interval_s, self.load_interval_s = health_interval_s, load_interval_s
         self._check = health_check
-        self.instances: dict[str, dict[str, InstanceState]] = {r: {} for r in ROLES}
+        self.instances: dict[str, dict[str, Instance]] = {r: {} for r in ROLES}
         self._turn = itertools.count()  # breaks load ties in turn
         self._tasks: list[asyncio.Task] = []
 
@@ -104,50 +70,50 @@ class Router:
         checked them) or wait for the next health round."""
         wanted, current = set(addresses), self.instances[role]
         for address in sorted(wanted - set(current)):
-            current[address] = InstanceState(role, address, _connect(address, self.secret), healthy)
+            current[address] = Instance.connect(role, address, self.secret, healthy)
         for address in sorted(set(current) - wanted):
             self._drop(current.pop(address))
 
-    def _drop(self, state: InstanceState) -> None:
+    def _drop(self, state: Instance) -> None:
         if state.report is not None:
             self.metrics.forget_instance(state.role, state.report.instance_id)
-        asyncio.ensure_future(state.instance.channel.close())
+        asyncio.ensure_future(state.channel.close())
 
-    def healthy(self, role: str) -> list[InstanceState]:
+    def healthy(self, role: str) -> list[Instance]:
         return [s for s in self.instances[role].values() if s.healthy]
 
     def ready(self) -> bool:
         return all(self.healthy(role) for role in ROLES)
 
-    def mark_failed(self, state: InstanceState) -> None:
+    def mark_failed(self, state: Instance) -> None:
         """A request saw it fail: route around it until a health check passes again."""
         if state.healthy:
             log.warning("%s %s failed a request; out of rotation until healthy", state.role, state.address)
         state.healthy = False
 
     # ---- choice
-    def _least_loaded(self, candidates: list[InstanceState]) -> InstanceState:
+    def _least_loaded(self, candidates: list[Instance]) -> Instance:
         best = min((s.load, s.kv_usage) for s in candidates)
         tied = [s for s in candidates if (s.load, s.kv_usage) == best]
         return tied[next(self._turn) % len(tied)]
 
-    def _candidates(self, role: str, exclude: Iterable[InstanceState]) -> list[InstanceState]:
+    def _candidates(self, role: str, exclude: Iterable[Instance]) -> list[Instance]:
         skip = set(map(id, exclude))
         found = [s for s in self.healthy(role) if id(s) not in skip]
         if not found:
             raise no_backend(role)
         return found
 
-    def pick_prefill(self, key: bytes, exclude: Iterable[InstanceState] = ()) -> InstanceState:
+    def pick_prefill(self, key: bytes, exclude: Iterable[Instance] = ()) -> Instance:
         candidates = self._candidates("prefill", exclude)
         preferred = max(candidates, key=lambda s: _rendezvous(key, s.address))
         return preferred if preferred.load < self.cap else self._least_loaded(candidates)
 
-    def pick_decode(self, exclude: Iterable[InstanceState] = ()) -> InstanceState:
+    def pick_decode(self, exclude: Iterable[Instance] = ()) -> Instance:
         return self._least_loaded(self._candidates("decode", exclude))
 
     @contextlib.contextmanager
-    def using(self, state: InstanceState) -> Iterator[InstanceState]:
+    def using(self, state: Instance) -> Iterator[Instance]:
         state.inflight += 1
         try:
             yield state
@@ -157,7 +123,7 @@ class Router:
     # ---- background rounds
     async def health_round(self) -> None:
         states = [s for role in ROLES for s in self.instances[role].values()]
-        results = await asyncio.gather(*(self._check(s.instance) for s in states))
+        results = await asyncio.gather(*(self._check(s) for s in states))
         for state, ok in zip(states, results):
             if bool(ok) != state.healthy:
                 (log.info if ok else log.warning)("%s %s is %s", state.role, state.address,
@@ -166,7 +132,7 @@ class Router:
             self._count_miss(state, ok is None)
 
     @staticmethod
-    def _count_miss(state: InstanceState, missed: bool) -> None:
+    def _count_miss(state: Instance, missed: bool) -> None:
         state.misses = state.misses + 1 if missed else 0
         if state.misses == LOST_AFTER:
             log.warning("%s %s has not answered %d health checks; giving up its calls in flight",
@@ -177,7 +143,7 @@ class Router:
 
     async def load_round(self) -> None:
         states = [s for role in ROLES for s in self.healthy(role)]
-        reports = await asyncio.gather(*(pd_client.load(s.instance, s.role) for s in states),
+        reports = await asyncio.gather(*(pd_client.load(s, s.role) for s in states),
                                        return_exceptions=True)
         for state, report in zip(states, reports):
             if isinstance(report, LoadReport):
@@ -195,7 +161,7 @@ class Router:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         for role in ROLES:
             for state in self.instances[role].values():
-                await state.instance.channel.close()
+                await state.channel.close()
 
     @staticmethod
     async def _every(seconds: float, fn: Callable) -> None:

@@ -2,13 +2,13 @@
 
 Every error leaves as OpenAI's body ({"error": {...}}); validation failures are 400, never
 FastAPI's 422. Shared state, authentication and admission live in state.py, the routes in
-routes.py and generate_api.py, the request pipeline in inputs.py / generation.py / streaming.py,
-and building the PD backend in server.py.
+routes.py and generate_api.py, the request pipeline in prompt/inputs.py / request_run.py / streaming.py,
+and building the PD backend in server.py (what a backend must do: cluster/interface.py).
 """
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
@@ -17,11 +17,10 @@ from fastapi.openapi.utils import get_openapi
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from qwenvl_pd import __version__
-from qwenvl_pd.messages import ModelInfo
 from qwenvl_pd.proxy.config import ProxyConfig
 from qwenvl_pd.proxy.errors import APIError, bad_request
 from qwenvl_pd.proxy.http.generate_api import router as generate_api
-from qwenvl_pd.proxy.http.request_run import Backend
+from qwenvl_pd.proxy.cluster.interface import OpenBackend
 from qwenvl_pd.proxy.metrics import ProxyMetrics
 from qwenvl_pd.proxy.prompt.model_info import build_model
 from qwenvl_pd.proxy.http.request_models import component_schemas
@@ -30,9 +29,6 @@ from qwenvl_pd.proxy.http.state import Proxy
 from qwenvl_pd.proxy.http.streaming import error_response
 
 log = logging.getLogger(__name__)
-# (backend, model info, close) for a config: server.py's PD cluster, the CLI's colocated engine,
-# or a test's
-OpenBackend = Callable[[ProxyConfig, ProxyMetrics], Awaitable[tuple[Backend, ModelInfo, Callable]]]
 
 
 def _install_handlers(app: FastAPI) -> None:

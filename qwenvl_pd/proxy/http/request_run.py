@@ -12,7 +12,6 @@ import dataclasses
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Protocol
 
 from qwenvl_pd.messages import PrefillRequest, SampledToken, TokenEvent
 from qwenvl_pd.proxy.prompt.detokenizer import IncrementalDetokenizer
@@ -22,6 +21,7 @@ from qwenvl_pd.proxy.errors import server_error
 from qwenvl_pd.proxy.prompt.model_info import ProxyModel
 from qwenvl_pd.proxy.prompt.prompt_logprobs import echo_entries, ranked
 from qwenvl_pd.proxy.responses import PromptLogprobList, TokenLogprob, TopLogprob, usage
+from qwenvl_pd.proxy.cluster.interface import Backend
 from qwenvl_pd.proxy.cluster.router import affinity_key
 from qwenvl_pd.proxy.tools import Tools
 
@@ -30,12 +30,6 @@ SEED_STRIDE = 7919  # n samples of one seeded request differ by this, as in qwen
 # prefill: all n at once held n serialized copies in the proxy and n decoded ones on prefill. One
 # after another, the later ones also find the earlier's prompt in prefill's prefix cache.
 MEDIA_PREFILLS_AT_ONCE = 2
-
-
-class Backend(Protocol):
-    def ready(self) -> bool: ...
-
-    def generate(self, req: PrefillRequest, key: bytes) -> AsyncIterator[TokenEvent]: ...
 
 
 @dataclass(frozen=True)

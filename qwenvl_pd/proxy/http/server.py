@@ -6,11 +6,12 @@ import logging
 
 from qwenvl_pd.proxy.http.app import create_app
 from qwenvl_pd.proxy.cluster.backend import PDBackend
+from qwenvl_pd.messages import ROLES
 from qwenvl_pd.proxy.config import ProxyConfig
 from qwenvl_pd.proxy.cluster.discovery import DnsDiscovery, parse_discover_dns
 from qwenvl_pd.proxy.metrics import ProxyMetrics
 from qwenvl_pd.proxy.prompt.model_info import fetch_model_info
-from qwenvl_pd.proxy.cluster.router import ROLES, Router
+from qwenvl_pd.proxy.cluster.router import Router
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from fastapi import Request
 
 from qwenvl_pd.proxy.config import ProxyConfig
 from qwenvl_pd.proxy.errors import bad_request, not_found_model, overloaded, unauthorized
-from qwenvl_pd.proxy.http.request_run import Backend
+from qwenvl_pd.proxy.cluster.interface import Backend
 from qwenvl_pd.proxy.prompt.media import read_capped
 from qwenvl_pd.proxy.metrics import ProxyMetrics
 from qwenvl_pd.proxy.prompt.model_info import ProxyModel

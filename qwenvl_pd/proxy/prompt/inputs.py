@@ -12,7 +12,10 @@ import dataclasses
 from dataclasses import dataclass
 
 from qwenvl_pd.messages import MediaItem
-from qwenvl_pd.model.processor import expand_placeholders, normalize_family
+from qwenvl_pd.model.grid import expand_placeholders
+from qwenvl_pd.model.video_io import VideoLimits
+from qwenvl_pd.model.video_plan import plan_grid, probe_clip, time_info
+from qwenvl_pd.model.vision_config import normalize_family
 from qwenvl_pd.proxy.config import ProxyConfig
 from qwenvl_pd.proxy.errors import bad_request
 from qwenvl_pd.proxy.prompt.media import MediaError, MediaLimits, content_hash, fetch_media, prepare_image
@@ -63,8 +66,6 @@ def _video_grid(data: bytes, model: ProxyModel,
                 limits: MediaLimits) -> tuple[tuple[int, int, int], float | None, tuple]:
     # the header and the packets give the frames prefill will sample and their size: no pixel is
     # decoded here, and prefill's decode of the same plan gives the same grid
-    from qwenvl_pd.model.video import plan_grid, probe_clip, time_info
-    from qwenvl_pd.model.video_io import VideoLimits
     fam = normalize_family(model.family)
     bounds = VideoLimits(limits.max_video_frames, limits.max_image_pixels, limits.timeout_s)
     plan = probe_clip(data, model.vision, fam, bounds)

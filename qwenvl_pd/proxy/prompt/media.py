@@ -22,7 +22,8 @@ from dataclasses import dataclass
 import httpx
 from PIL import Image, UnidentifiedImageError
 
-from qwenvl_pd.model.processor import Grid, VisionPreprocessConfig, image_grid, num_vision_tokens
+from qwenvl_pd.model.grid import Grid, image_grid, num_vision_tokens
+from qwenvl_pd.model.vision_config import VisionPreprocessConfig
 from qwenvl_pd.proxy.prompt.netguard import BlockedAddressError, Resolver, check_url_host, getaddrinfo_resolver
 
 __all__ = ["MediaError", "MediaLimits", "ImageInfo", "PreparedImage", "fetch_media", "inspect_image",

@@ -20,7 +20,8 @@ import grpc
 from qwenvl_pd.protos import auth
 from qwenvl_pd.protos.channel import GRPC_OPTIONS
 from qwenvl_pd.messages import ModelInfo
-from qwenvl_pd.model.processor import VisionPreprocessConfig, VisionTokenIds, _config_from_dicts
+from qwenvl_pd.model.grid import VisionTokenIds
+from qwenvl_pd.model.vision_config import VisionPreprocessConfig, config_from_dicts
 from qwenvl_pd.protos import convert, qwenvl_pd_pb2 as pb, qwenvl_pd_pb2_grpc as pb_grpc
 from qwenvl_pd.proxy.prompt.detokenizer import TokenTable
 from qwenvl_pd.proxy.prompt.templating import ChatTemplate, special_tokens_from_config
@@ -77,7 +78,7 @@ def build_model(info: ModelInfo, served_model_name: str = "") -> ProxyModel:
         raise ValueError("the checkpoint has no chat template; /v1/chat/completions needs one")
     image = _json(info.preprocessor_config_json, "preprocessor_config.json") or {}
     video = _json(info.video_preprocessor_config_json, "video_preprocessor_config.json")
-    vision = _config_from_dicts(image, "preprocessor_config.json", video, "video_preprocessor_config.json")
+    vision = config_from_dicts(image, "preprocessor_config.json", video, "video_preprocessor_config.json")
     tokenizer = _tokenizer(info)
     special = special_tokens_from_config(info.tokenizer_config_json or b"{}")
     return ProxyModel(

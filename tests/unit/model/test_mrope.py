@@ -13,7 +13,7 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLModel
 from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLModel
 
 from qwenvl_pd.model.mrope import decode_positions, mrope_positions
-from qwenvl_pd.model.processor import VisionTokenIds, expand_placeholders
+from qwenvl_pd.model.grid import VisionTokenIds, expand_placeholders
 
 IDS = VisionTokenIds()
 TPS = 2  # tokens_per_second of the real Qwen2.5-VL checkpoints

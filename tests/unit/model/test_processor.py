@@ -33,15 +33,11 @@ from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
 from transformers.processing_utils import ProcessorMixin
 from transformers.video_utils import VideoMetadata, read_video_pyav
 
-from qwenvl_pd.model.processor import (
-    VisionPreprocessConfig,
-    VisionTokenIds,
-    expand_placeholders,
-    image_grid,
-    process_images,
-    smart_resize,
-)
-from qwenvl_pd.model.video import grid_timestamps, load_clip, process_videos
+from qwenvl_pd.model.grid import VisionTokenIds, expand_placeholders, image_grid, smart_resize
+from qwenvl_pd.model.processor import process_images
+from qwenvl_pd.model.vision_config import VisionPreprocessConfig
+from qwenvl_pd.model.video import load_clip, process_videos
+from qwenvl_pd.model.video_plan import grid_timestamps
 
 # the attribute route through the lazy package hands out a torchvision-needing dummy
 q3video = importlib.import_module("transformers.models.qwen3_vl.video_processing_qwen3_vl")

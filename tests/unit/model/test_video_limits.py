@@ -12,16 +12,11 @@ import torch
 from PIL import Image
 
 from qwenvl_pd.model import video
-from qwenvl_pd.model.processor import VisionPreprocessConfig, patchify, resize_normalize, smart_resize
-from qwenvl_pd.model.video import (
-    VideoLimits,
-    decode_clip,
-    probe_clip,
-    process_videos,
-    qwen2_5_frame_indices,
-    qwen3_frame_indices,
-    smart_resize_video,
-)
+from qwenvl_pd.model.grid import smart_resize
+from qwenvl_pd.model.processor import patchify, resize_normalize
+from qwenvl_pd.model.vision_config import VisionPreprocessConfig
+from qwenvl_pd.model.video import VideoLimits, decode_clip, process_videos
+from qwenvl_pd.model.video_plan import probe_clip, qwen2_5_frame_indices, qwen3_frame_indices, smart_resize_video
 from qwenvl_pd.proxy.prompt.inputs import _video_grid
 from qwenvl_pd.proxy.prompt.media import MediaLimits
 

@@ -14,7 +14,9 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from qwenvl_pd.messages import ModelInfo, PromptLogprobs, SampledToken, TokenEvent
-from qwenvl_pd.model.processor import VisionPreprocessConfig, expand_placeholders, process_images
+from qwenvl_pd.model.grid import expand_placeholders
+from qwenvl_pd.model.processor import process_images
+from qwenvl_pd.model.vision_config import VisionPreprocessConfig
 from qwenvl_pd.proxy.http.app import create_app
 from qwenvl_pd.proxy.config import ProxyConfig
 from qwenvl_pd.proxy.http.request_run import SEED_STRIDE
@@ -313,7 +315,7 @@ def _mp4(frames=8, w=64, h=48) -> bytes:
 
 
 def test_video_part_gets_the_processors_grid(info, qwen_tokenizer):
-    from qwenvl_pd.model.processor import _config_from_dicts
+    from qwenvl_pd.model.vision_config import config_from_dicts
     from qwenvl_pd.model.video import process_videos
     data = _mp4()
     c, backend = make_client(info, qwen_tokenizer.encode(ANSWER))
@@ -323,7 +325,7 @@ def test_video_part_gets_the_processors_grid(info, qwen_tokenizer):
                                                       {"type": "text", "text": "What happens?"}], max_tokens=4))
     assert r.status_code == 200, r.text
     (item,) = backend.requests[0].media
-    want = process_videos([data], _config_from_dicts(PREPROCESSOR, "p", None, "v"), "qwen2_5_vl")
+    want = process_videos([data], config_from_dicts(PREPROCESSOR, "p", None, "v"), "qwen2_5_vl")
     assert item.kind == "video" and item.data == data
     assert item.grid_thw == tuple(want.video_grid_thw[0].tolist())
     assert item.second_per_grid_t == want.second_per_grid_ts[0]

@@ -15,7 +15,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from PIL import Image, ImageFile
 
-from qwenvl_pd.model.processor import VisionPreprocessConfig, load_image, process_image
+from qwenvl_pd.model.processor import load_image, process_image
+from qwenvl_pd.model.vision_config import VisionPreprocessConfig
 from qwenvl_pd.proxy.prompt import media
 from qwenvl_pd.proxy.prompt.media import (
     ImageInfo,
