@@ -11,6 +11,7 @@ from qwenvl_pd.decode_node.layerwise import LayerwisePull
 from qwenvl_pd.engine.block_manager import OutOfBlocks
 from qwenvl_pd.node.host import NodeHost, run_node
 from qwenvl_pd.protos.channel import CLIENT_OPTIONS
+from qwenvl_pd.protos.channel_cache import ChannelCache
 from qwenvl_pd.node.runtime import NodeConfig, QueueFull, Runtime, check_queue
 from qwenvl_pd.engine.sequence import FinishReason, Sequence
 from qwenvl_pd.kv_transfer.engine import TransferError, TransferTimeout
@@ -26,12 +27,13 @@ log = logging.getLogger(__name__)
 class DecodeService(pb_grpc.DecodeServicer):
     def __init__(self, runtime: Runtime):
         self.rt = runtime
-        self.host = NodeHost(runtime, self._on_tokens)
+        self.host = NodeHost(runtime, self._on_tokens, in_flight=lambda: len(self.streams))
         self.streams: dict[str, asyncio.Queue] = {}
         self.seqs: dict[str, Sequence] = {}  # engine thread
         self.transfers = {"kv_transfers_total": 0, "kv_transfer_bytes_total": 0,
                           "kv_transfer_seconds_total": 0.0}
-        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._channels = ChannelCache(
+            lambda address: auth.channel(address, runtime.cfg.cluster_secret, CLIENT_OPTIONS))
         self.pulling: dict[str, asyncio.Event] = {}  # set: aborted while its KV is in flight
 
     # ---- engine thread
@@ -62,6 +64,7 @@ class DecodeService(pb_grpc.DecodeServicer):
             queue.put_nowait(event)
 
     async def Decode(self, request, context):
+        await self.host.refuse_if_draining(context)
         req = await self._validate(request, context)
         if req.request_id in self.streams:
             await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"request {req.request_id} is in flight")
@@ -110,6 +113,9 @@ class DecodeService(pb_grpc.DecodeServicer):
             await context.abort(grpc.StatusCode.PERMISSION_DENIED,
                                 f"the KV handle of request {req.request_id} was not signed by a prefill "
                                 "of this cluster")
+        if h.request_id != req.request_id and (secret or h.request_id):
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"the KV handle was issued for request "
+                                f"{h.request_id!r}, not {req.request_id!r}")
         if secret and not h.control_address:
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, "the KV handle names no prefill to "
                                 "release it at, so its lease cannot be confirmed")
@@ -219,9 +225,7 @@ class DecodeService(pb_grpc.DecodeServicer):
 
     def control_channel(self, address: str) -> grpc.aio.Channel:
         """The channel to a prefill's gRPC address, opened once: Release and WatchKV share it."""
-        if address not in self._channels:
-            self._channels[address] = auth.channel(address, self.rt.cfg.cluster_secret, CLIENT_OPTIONS)
-        return self._channels[address]
+        return self._channels.get(address)
 
     async def Abort(self, request, context):
         pulling = self.pulling.get(request.request_id)

@@ -25,7 +25,8 @@ class PrefillService(pb_grpc.PrefillServicer):
     def __init__(self, runtime: Runtime):
         self.rt = runtime
         self.leases = LeaseTable()
-        self.host = NodeHost(runtime, self._on_tokens, self._expire_leases)
+        self.host = NodeHost(runtime, self._on_tokens, self._expire_leases,
+                             lambda: len(self.waiters) + len(self.leases))
         self.waiters: dict[str, asyncio.Future] = {}
         self.seqs: dict[str, Sequence] = {}  # engine thread: live prefills by request id
         self.lease_seconds: dict[str, float] = {}  # set before a sequence reaches the engine
@@ -105,6 +106,7 @@ class PrefillService(pb_grpc.PrefillServicer):
         return convert.to_proto(await self._answer(req, seq, context))
 
     async def _parse(self, request, context) -> tuple[PrefillRequest, Sequence]:
+        await self.host.refuse_if_draining(context)
         try:
             req: PrefillRequest = convert.from_proto(request)
             seq = await asyncio.to_thread(sequence_from_request, self.rt.inputs, req, self.rt.cfg.max_model_len,
@@ -210,7 +212,7 @@ class PrefillService(pb_grpc.PrefillServicer):
             region_num_blocks=self.rt.region.num_blocks, block_ids=tuple(seq.block_ids),
             num_tokens=seq.prompt_len, fingerprint=self.rt.fingerprint,
             lease_expires_unix_ms=lease_ms, control_address=f"{self.rt.cfg.host}:{self.rt.cfg.port}",
-            rank_segments=self.rt.kv.segments[1:])
+            rank_segments=self.rt.kv.segments[1:], request_id=seq.request_id)
 
     async def Release(self, request, context):
         released = await self.host.settle(lambda: self._release(request.request_id, request.instance_id))

@@ -172,7 +172,7 @@ class LayoutFingerprint(_message.Message):
     def __init__(self, model: _Optional[str] = ..., dtype: _Optional[str] = ..., block_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., tp_size: _Optional[int] = ..., tp_rank: _Optional[int] = ..., quantization: _Optional[str] = ...) -> None: ...
 
 class KVHandle(_message.Message):
-    __slots__ = ("instance_id", "transfer_address", "kv_base_ptr", "block_bytes", "region_num_blocks", "block_ids", "num_tokens", "fingerprint", "lease_expires_unix_ms", "control_address", "rank_segments", "signature")
+    __slots__ = ("instance_id", "transfer_address", "kv_base_ptr", "block_bytes", "region_num_blocks", "block_ids", "num_tokens", "fingerprint", "lease_expires_unix_ms", "control_address", "rank_segments", "signature", "request_id")
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     KV_BASE_PTR_FIELD_NUMBER: _ClassVar[int]
@@ -185,6 +185,7 @@ class KVHandle(_message.Message):
     CONTROL_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     RANK_SEGMENTS_FIELD_NUMBER: _ClassVar[int]
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     instance_id: str
     transfer_address: str
     kv_base_ptr: int
@@ -197,7 +198,8 @@ class KVHandle(_message.Message):
     control_address: str
     rank_segments: _containers.RepeatedCompositeFieldContainer[KVSegment]
     signature: bytes
-    def __init__(self, instance_id: _Optional[str] = ..., transfer_address: _Optional[str] = ..., kv_base_ptr: _Optional[int] = ..., block_bytes: _Optional[int] = ..., region_num_blocks: _Optional[int] = ..., block_ids: _Optional[_Iterable[int]] = ..., num_tokens: _Optional[int] = ..., fingerprint: _Optional[_Union[LayoutFingerprint, _Mapping]] = ..., lease_expires_unix_ms: _Optional[int] = ..., control_address: _Optional[str] = ..., rank_segments: _Optional[_Iterable[_Union[KVSegment, _Mapping]]] = ..., signature: _Optional[bytes] = ...) -> None: ...
+    request_id: str
+    def __init__(self, instance_id: _Optional[str] = ..., transfer_address: _Optional[str] = ..., kv_base_ptr: _Optional[int] = ..., block_bytes: _Optional[int] = ..., region_num_blocks: _Optional[int] = ..., block_ids: _Optional[_Iterable[int]] = ..., num_tokens: _Optional[int] = ..., fingerprint: _Optional[_Union[LayoutFingerprint, _Mapping]] = ..., lease_expires_unix_ms: _Optional[int] = ..., control_address: _Optional[str] = ..., rank_segments: _Optional[_Iterable[_Union[KVSegment, _Mapping]]] = ..., signature: _Optional[bytes] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class KVSegment(_message.Message):
     __slots__ = ("transfer_address", "kv_base_ptr")
