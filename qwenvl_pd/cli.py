@@ -6,7 +6,7 @@ import sys
 
 def _make_tiny(args: argparse.Namespace) -> int:
     from qwenvl_pd.model.tiny import make_tiny
-    path = make_tiny(args.arch, args.out, seed=args.seed, quantize=args.quantize)
+    path = make_tiny(args.arch, args.out, seed=args.seed, quantize=args.quantize, dtype=args.dtype)
     kind = "" if args.quantize == "none" else f" {args.quantize.upper()}"
     print(f"wrote a tiny{kind} {args.arch} checkpoint with RANDOM weights to {path}")
     return 0
@@ -287,6 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--arch", required=True, choices=["qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"])
     tiny.add_argument("--out", required=True)
     tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                      help="the weights' dtype, declared in config.json")
     tiny.add_argument("--quantize", default="none", choices=["none", "w8a8", "w8a8_dynamic"],
                       help="write msModelSlim's W8A8 layout (static or dynamic activations)")
     tiny.set_defaults(func=_make_tiny)
