@@ -85,16 +85,18 @@ def _preprocessor(arch: str) -> tuple[dict, dict | None]:
 
 
 def make_tiny(arch: str, out: str | Path, seed: int = 0, text_overrides: dict | None = None,
-              quantize: str = "none", dtype: str = "float32") -> Path:
+              quantize: str = "none", dtype: str = "float32", vision_overrides: dict | None = None) -> Path:
     """Write a tiny checkpoint of `arch` into `out` and return its path. text_overrides changes
     language-model sizes (benchmarks use larger ones); "mrope_section" goes to the rope settings.
     quantize "w8a8" | "w8a8_dynamic": msModelSlim's layout, calibrated on random tokens.
-    dtype: the weights' dtype, declared in config.json as releases do (dtype "auto" follows it)."""
+    dtype: the weights' dtype, declared in config.json as releases do (dtype "auto" follows it);
+    vision_overrides: vision tower sizes (depth, hidden_size, ...)."""
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     config = _qwen2_5_vl() if arch == "qwen2_5_vl" else _qwen3_vl(arch == "qwen3_vl_moe")
+    config["vision_config"].update(vision_overrides or {})
     _override(config, dict(text_overrides or {}))
     text = config.get("text_config", config)
     text["torch_dtype" if "torch_dtype" in text else "dtype"] = dtype
