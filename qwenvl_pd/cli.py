@@ -6,7 +6,7 @@ import sys
 
 def _make_tiny(args: argparse.Namespace) -> int:
     from qwenvl_pd.model.tiny import make_tiny
-    path = make_tiny(args.arch, args.out, seed=args.seed, quantize=args.quantize)
+    path = make_tiny(args.arch, args.out, seed=args.seed, quantize=args.quantize, dtype=args.dtype)
     kind = "" if args.quantize == "none" else f" {args.quantize.upper()}"
     print(f"wrote a tiny{kind} {args.arch} checkpoint with RANDOM weights to {path}")
     return 0
@@ -148,7 +148,8 @@ def _colocated_opener(args: argparse.Namespace):
     threads = threads_for(args.cpus, 0, args.tensor_parallel_size)
     _set_threads(threads)  # one engine in the proxy's process: it runs on the proxy's --cpus
     return colocated_opener(StackConfig(
-        args.colocated_model, args.max_model_len, args.device, tensor_parallel_size=args.tensor_parallel_size,
+        args.colocated_model, args.max_model_len, args.device, args.dtype,
+        tensor_parallel_size=args.tensor_parallel_size,
         enable_expert_parallel=args.enable_expert_parallel, threads=threads, engine=engine,
         quantization=args.quantization))
 
@@ -229,6 +230,7 @@ def _add_proxy_parser(sub) -> None:
     p.add_argument("--max-model-len", type=int, default=8192, help=argparse.SUPPRESS)
     p.add_argument("--kv-cache-gib", type=float, default=1.0, help=argparse.SUPPRESS)
     p.add_argument("--device", default="auto", help=argparse.SUPPRESS)
+    p.add_argument("--dtype", default="auto", help=argparse.SUPPRESS)
     _add_parallel_args(p, hidden=True)
     p.set_defaults(func=_proxy)
 
@@ -245,7 +247,7 @@ def _serve(args: argparse.Namespace) -> int:
         enable_expert_parallel=args.enable_expert_parallel, quantization=args.quantization,
         kv_transfer_mode=args.kv_transfer_mode,
         cpus_prefill=args.cpus_prefill, cpus_decode=args.cpus_decode, cpus_proxy=args.cpus_proxy,
-        max_num_batched_tokens=args.max_num_batched_tokens))
+        pin=not args.no_pin, dtype=args.dtype, max_num_batched_tokens=args.max_num_batched_tokens))
 
 
 def _add_serve_parser(sub) -> None:
@@ -258,6 +260,8 @@ def _add_serve_parser(sub) -> None:
     p.add_argument("--max-model-len", type=int, default=8192)
     p.add_argument("--kv-cache-gib", type=float, default=1.0)
     p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto", help="auto: the checkpoint's where the device computes "
+                   "it natively, else float32 | float32 | bfloat16 | float16")
     p.add_argument("--served-model-name")
     p.add_argument("--api-key", default=os.environ.get("QWENVL_PD_API_KEY"))
     p.add_argument("--kv-transfer-mode", default="whole", choices=["whole", "layerwise"],
@@ -275,6 +279,8 @@ def _add_serve_parser(sub) -> None:
     _add_cpus_arg(p, "every decode instance", "--cpus-decode")
     _add_cpus_arg(p, "the proxy (--colocated: its one process, engine included, gets the union of "
                   "the three lists: the same cores as the PD run)", "--cpus-proxy")
+    p.add_argument("--no-pin", action="store_true", help="with no --cpus-* given, leave every role "
+                   "on every core (default: decode on the first half, prefill and proxy on the rest)")
     p.set_defaults(func=_serve)
 
 
@@ -287,6 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--arch", required=True, choices=["qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"])
     tiny.add_argument("--out", required=True)
     tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                      help="the weights' dtype, declared in config.json")
     tiny.add_argument("--quantize", default="none", choices=["none", "w8a8", "w8a8_dynamic"],
                       help="write msModelSlim's W8A8 layout (static or dynamic activations)")
     tiny.set_defaults(func=_make_tiny)
