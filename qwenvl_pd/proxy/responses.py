@@ -5,7 +5,7 @@ import json
 import math
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -132,11 +132,13 @@ def _completion_choice(c: Choice) -> dict[str, Any]:
 @dataclass(frozen=True)
 class ChunkBuilder:
     """Streaming chunks of one request: role delta (chat) first, content deltas, one finish
-    chunk per choice, then the usage chunk (empty choices) when include_usage is set."""
+    chunk per choice, then the usage chunk (empty choices) when include_usage is set. With
+    usage_now (vLLM's continuous_usage_stats) every chunk carries the usage so far."""
     rid: str
     model: str
     chat: bool
     include_usage: bool = False
+    usage_now: Callable[[], dict[str, Any]] | None = None
     created: int = field(default_factory=lambda: int(time.time()))
 
     def _chunk(self, choices: list[dict]) -> dict[str, Any]:
@@ -144,7 +146,8 @@ class ChunkBuilder:
         out = {"id": self.rid, "object": obj, "created": self.created, "model": self.model,
                "choices": choices}
         if self.include_usage:
-            out["usage"] = None  # OpenAI: every chunk but the last carries a null usage
+            # OpenAI: every chunk but the last carries a null usage
+            out["usage"] = None if self.usage_now is None else self.usage_now()
         return out
 
     def _choice(self, index: int, text: str, finish: str | None,

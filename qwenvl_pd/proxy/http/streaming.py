@@ -19,7 +19,7 @@ from qwenvl_pd.proxy.http.request_run import Delta, RequestRun
 from qwenvl_pd.proxy.cluster.racing import unless
 from qwenvl_pd.proxy.tools import OPEN, Tools, held_back, parse_output
 from qwenvl_pd.proxy.responses import (SSE_DONE, Choice, ChunkBuilder, TokenLogprob, chat_completion,
-                                       completion, completion_logprobs, sse, sse_error)
+                                       completion, completion_logprobs, sse, sse_error, usage)
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ def error_response(err: APIError) -> JSONResponse:
 
 
 async def collect(run: RequestRun, rid: str, model: str, chat: bool) -> dict[str, Any]:
-    n = run.prompt.sampling.n
+    n = run.n
     texts: list[list[str]] = [[] for _ in range(n)]
     lps: list[list[TokenLogprob] | None] = [None if not run.want_logprobs else [] for _ in range(n)]
     finish: list[str | None] = [None] * n
@@ -64,14 +64,23 @@ class _Sse:
     With tools, a choice's text is held from where a tool call may start (all of it under a
     grammar-written call) and its calls go out whole with the finish chunk."""
 
-    def __init__(self, run: RequestRun, rid: str, model: str, chat: bool, include_usage: bool):
+    def __init__(self, run: RequestRun, rid: str, model: str, chat: bool, include_usage: bool,
+                 continuous_usage: bool = False):
         self.run, self.chat = run, chat
-        self.build = ChunkBuilder(rid, model, chat, include_usage)
-        self.offsets = [0] * run.prompt.sampling.n
-        self.texts = [""] * run.prompt.sampling.n  # with tools: all text so far, and how much went out
-        self.sent = [0] * run.prompt.sampling.n
+        self.build = ChunkBuilder(rid, model, chat, include_usage, self._usage if continuous_usage else None)
+        self.offsets = [0] * run.n
+        self.tokens = [0] * run.n  # per choice, as far as the chunks sent tell
+        self.texts = [""] * run.n  # with tools: all text so far, and how much went out
+        self.sent = [0] * run.n
+
+    def _usage(self) -> dict:
+        """The usage as of the chunk being built (the run itself may have counted further)."""
+        total = self.run.usage()
+        return usage(total["prompt_tokens"], sum(self.tokens),
+                     total["prompt_tokens_details"]["cached_tokens"])
 
     def chunk(self, d: Delta) -> str:
+        self.tokens[d.index] = d.tokens
         lp = d.logprobs
         if self.chat and self.run.tools.mode != "none":
             return sse(self._tool_chunk(d))
@@ -100,7 +109,7 @@ class _Sse:
     def head(self) -> list[str]:
         if not self.chat:
             return []
-        return [sse(self.build.role(i)) for i in range(self.run.prompt.sampling.n)]
+        return [sse(self.build.role(i)) for i in range(self.run.n)]
 
 
 async def first_delta(deltas: AsyncIterator[Delta], on_close: Callable[[], None]
@@ -118,9 +127,10 @@ async def first_delta(deltas: AsyncIterator[Delta], on_close: Callable[[], None]
 
 
 async def stream(run: RequestRun, rid: str, model: str, chat: bool, include_usage: bool,
-                 on_close: Callable[[], None]) -> StreamingResponse | JSONResponse:
+                 on_close: Callable[[], None], continuous_usage: bool = False
+                 ) -> StreamingResponse | JSONResponse:
     deltas = run.deltas()
-    out = _Sse(run, rid, model, chat, include_usage)
+    out = _Sse(run, rid, model, chat, include_usage, continuous_usage)
     first, refused = await first_delta(deltas, on_close)
     if refused is not None:
         return refused
