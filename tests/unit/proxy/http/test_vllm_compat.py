@@ -100,3 +100,16 @@ def test_tokenize_and_detokenize_as_vllm_serves_them(client_backend, qwen_tokeni
     bad = c.post("/detokenize", json={"tokens": [len(qwen_tokenizer)]})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
     assert c.post("/tokenize", json={"model": "nope", "prompt": "x"}).status_code == 404
+
+
+@pytest.mark.parametrize("skip", [True, False])
+@pytest.mark.parametrize("spaces", [True, False])
+def test_special_token_options_per_request_give_transformers_text(info, qwen_tokenizer, skip, spaces):  # noqa: F811
+    ids = qwen_tokenizer.encode("<|im_start|>hi<|vision_start|><|vision_end|> x<tool_call>y")
+    c, _ = make_client(info, ids)
+    with c:
+        r = c.post("/v1/chat/completions", json=chat(max_tokens=len(ids), skip_special_tokens=skip,
+                                                     spaces_between_special_tokens=spaces))
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"] == qwen_tokenizer.decode(
+        ids, skip_special_tokens=skip, spaces_between_special_tokens=spaces)
