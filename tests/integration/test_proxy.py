@@ -358,8 +358,10 @@ def test_auto_tool_call_text_becomes_tool_calls_streamed_and_not(client):
     jsonschema.validate(json.loads(call.function.arguments), WEATHER)
     chunks = [ch.choices[0] for ch in client.chat.completions.create(stream=True, **kw) if ch.choices]
     streamed = [tc for ch in chunks for tc in (ch.delta.tool_calls or [])]
-    assert [(tc.index, tc.function.name, tc.function.arguments) for tc in streamed] == \
-        [(0, "get_weather", call.function.arguments)]
+    # as vLLM's hermes parser streams: the id and name first, then the arguments in fragments
+    assert (streamed[0].index, streamed[0].function.name) == (0, "get_weather") and streamed[0].id
+    assert len(streamed) > 2 and {tc.index for tc in streamed} == {0}
+    assert "".join(tc.function.arguments or "" for tc in streamed) == call.function.arguments
     assert "".join(ch.delta.content or "" for ch in chunks) == ""
     assert chunks[-1].finish_reason == "tool_calls"
     # the call and its result go back in the next turn

@@ -113,3 +113,30 @@ def test_special_token_options_per_request_give_transformers_text(info, qwen_tok
     assert r.status_code == 200, r.text
     assert r.json()["choices"][0]["message"]["content"] == qwen_tokenizer.decode(
         ids, skip_special_tokens=skip, spaces_between_special_tokens=spaces)
+
+
+WEATHER_TOOL = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+CALL_TEXT = 'Sure.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "days": 3}}\n</tool_call>'
+
+
+def test_streamed_tool_calls_come_as_vllm_streams_them_and_equal_the_whole_reply(info, qwen_tokenizer):  # noqa: F811
+    ids = qwen_tokenizer.encode(CALL_TEXT)
+    c, _ = make_client(info, ids)
+    body = chat("Weather in Paris?", max_tokens=len(ids), tools=WEATHER_TOOL)
+    with c:
+        whole = c.post("/v1/chat/completions", json=body).json()["choices"][0]
+        events = sse_events(c.post("/v1/chat/completions", json={**body, "stream": True}).text)
+    (call,) = whole["message"]["tool_calls"]
+    assert whole["message"]["content"] == "Sure." and call["function"] == {
+        "name": "get_weather", "arguments": '{"city": "Paris", "days": 3}'}
+    deltas = [e["choices"][0]["delta"] for e in events[1:]]
+    assert all(d for d in deltas[:-1])  # no empty chunk while text is held
+    started = next(k for k, d in enumerate(deltas) if "tool_calls" in d)
+    first = deltas[started]["tool_calls"][0]
+    assert (first["index"], first["type"], first["function"]["name"]) == (0, "function", "get_weather")
+    assert first["id"].startswith("call_")
+    assert not any("content" in d for d in deltas[started:])  # content stays null once a call starts
+    fragments = [d["tool_calls"][0]["function"]["arguments"] for d in deltas[started:] if "tool_calls" in d]
+    assert len(fragments) > 3 and "".join(fragments) == call["function"]["arguments"]
+    assert "".join(d.get("content", "") for d in deltas[:started]) == whole["message"]["content"]
+    assert events[-1]["choices"][0]["finish_reason"] == whole["finish_reason"]
