@@ -47,6 +47,10 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     skip_special_tokens: bool = True
+    # byte-level BPE (Qwen's) decodes adjacent added tokens with no space either way, as
+    # transformers' fast tokenizers and vLLM do: accepted for compatibility, never on the wire
+    spaces_between_special_tokens: bool = True
+    logit_bias: dict[int, float] | None = None  # added to the logits before penalties (vLLM's order)
     structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self):
@@ -70,6 +74,8 @@ class SamplingParams:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        if self.logit_bias is not None:
+            self.logit_bias = {int(t): float(b) for t, b in self.logit_bias.items()} or None
         if isinstance(self.stop, str):
             self.stop = [self.stop]
 

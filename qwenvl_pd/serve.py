@@ -35,7 +35,6 @@ class ServeConfig:
     max_model_len: int = 8192
     kv_cache_gib: float = 1.0
     device: str = "auto"
-    dtype: str = "auto"
     served_model_name: str = ""
     api_key: str = ""
     colocated: bool = False
@@ -46,6 +45,7 @@ class ServeConfig:
     quantization: str | None = None
     kv_transfer_mode: str = "whole"  # the proxy's --kv-transfer-mode
     max_num_batched_tokens: int = 2048
+    node_args: tuple[str, ...] = ()  # more flags for every instance (cli.py: vLLM's engine flags)
     # cores per role (() : not pinned); --colocated pins its one process to their union
     cpus_prefill: tuple[int, ...] = ()
     cpus_decode: tuple[int, ...] = ()
@@ -125,7 +125,7 @@ def _node_args(cfg: ServeConfig, role: str, model: str, port: int) -> list[str]:
     args = ["--model", model, "--port", str(port), "--host", "127.0.0.1", "--bind", "127.0.0.1",
             "--max-model-len", str(cfg.max_model_len), "--kv-cache-gib", str(cfg.kv_cache_gib),
             "--max-num-batched-tokens", str(cfg.max_num_batched_tokens),
-            "--device", cfg.device, "--dtype", cfg.dtype, *_parallel_args(tp, cfg), *_cpus_args(cpus)]
+            "--device", cfg.device, *_parallel_args(tp, cfg), *_cpus_args(cpus), *cfg.node_args]
     return args + (["--served-model-name", cfg.served_model_name] if cfg.served_model_name else [])
 
 
@@ -172,7 +172,7 @@ def _start(cfg: ServeConfig, model: str, children: list[Child]) -> Child:
         proxy_args += ["--served-model-name", cfg.served_model_name]
     if cfg.colocated:
         proxy_args += ["--colocated-model", model, "--max-model-len", str(cfg.max_model_len),
-                       "--kv-cache-gib", str(cfg.kv_cache_gib), "--device", cfg.device, "--dtype", cfg.dtype,
+                       "--kv-cache-gib", str(cfg.kv_cache_gib), "--device", cfg.device,
                        "--max-num-batched-tokens", str(cfg.max_num_batched_tokens),
                        *_parallel_args(cfg.prefill_tp, cfg), *_cpus_args(cfg.cpus_colocated)]
     else:

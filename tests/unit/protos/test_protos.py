@@ -28,6 +28,7 @@ SP = SamplingParams(n=2, temperature=0.1 + 0.2, top_p=0.95, top_k=20, min_p=1e-3
                     max_completion_tokens=7, min_tokens=3, stop_token_ids=[151645, 0],
                     ignore_eos=True, logprobs=5, repetition_penalty=1.05, presence_penalty=-2.0,
                     frequency_penalty=0.7, skip_special_tokens=False, prompt_logprobs=20,
+                    logit_bias={0: -100.0, 2 ** 31 - 1: 0.1 + 0.2},
                     structured_outputs=StructuredOutputsParams(json='{"type": "object"}',
                                                                resume_token_ids=(5, 2 ** 31 - 1)))
 # the other kinds of grammar, one each (a spec holds exactly one)
