@@ -378,7 +378,11 @@ def test_client_disconnect_cancels_the_decode_stream(client, cluster):
         if i == 3:
             break
     stream.close()
-    deadline = time.monotonic() + 15
+    _assert_settles_to_idle(cluster)
+
+
+def _assert_settles_to_idle(cluster, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         loads = cluster.loads()
         if all(r.running == 0 and r.blocks_used == 0 for r in loads.values()):
@@ -514,13 +518,7 @@ def test_a_non_streaming_client_that_leaves_frees_everything_without_a_traceback
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(cluster.url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"},
                    timeout=1.5)
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        loads = cluster.loads()
-        if all(r.running == 0 and r.blocks_used == 0 for r in loads.values()):
-            break
-        time.sleep(0.2)
-    assert {n: (r.running, r.blocks_used) for n, r in loads.items()} == {n: (0, 0) for n in loads}
+    _assert_settles_to_idle(cluster)
     log = _log(cluster.proxy)
     assert "Traceback" not in log and "Exception in ASGI application" not in log, log[-3000:]
 

@@ -9,6 +9,7 @@ import pytest
 from qwenvl_pd.cli import build_parser
 from qwenvl_pd.cpus import check_cpus, format_cpus, parse_cpus, pin, split_roles, threads_for, union
 from qwenvl_pd.serve import ServeConfig, _node_args
+from qwenvl_pd.vllm_cli import engine_flags
 
 
 @pytest.mark.parametrize("spec, cpus", [
@@ -123,5 +124,6 @@ def test_serve_no_pin_and_dtype_flags_reach_the_config():
     assert (args.no_pin, args.dtype) == (True, "bfloat16")
     args = build_parser().parse_args(["serve"])
     assert (args.no_pin, args.dtype) == (False, "auto")
-    node = _node_args(ServeConfig(dtype="bfloat16"), "decode", "m", 1)
+    args = build_parser().parse_args(["serve", "--dtype", "bfloat16"])
+    node = _node_args(ServeConfig(node_args=tuple(engine_flags(args, args.parser, None))), "decode", "m", 1)
     assert node[node.index("--dtype") + 1] == "bfloat16"
