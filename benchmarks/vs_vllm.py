@@ -177,7 +177,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--set", action="append", default=[], metavar="WORKLOAD.FIELD=N",
                    help="e.g. long.input_hi=8192, long.prompts=4, image.sizes=448/896")
     p.add_argument("--max-model-len", type=int, default=0, help="0: what the chosen workloads need")
-    p.add_argument("--kv-cache-gib", type=float, default=4.0, help="each engine's (VLLM_CPU_KVCACHE_SPACE)")
+    p.add_argument("--kv-cache-gib", type=float, help="each engine's (VLLM_CPU_KVCACHE_SPACE); "
+                   "default 4, 1 with --quick")
     p.add_argument("--vllm-arg", action="append", default=[], help="passed on to vllm serve")
     p.add_argument("--vllm-cores", choices=["default", "all"], default="default",
                    help="default: vLLM's own OpenMP binding (it reserves a core for its front end); "
@@ -189,6 +190,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     if set(args.systems) - set(SYSTEMS):
         raise SystemExit(f"--systems: unknown {sorted(set(args.systems) - set(SYSTEMS))}")
     args.max_model_len = args.max_model_len or max(w.tokens_hi() for w in args.workloads)
+    args.kv_cache_gib = args.kv_cache_gib or (1.0 if args.quick else 4.0)
     return args
 
 
