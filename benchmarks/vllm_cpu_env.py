@@ -40,6 +40,11 @@ def env() -> dict[str, str]:
     return {**os.environ, "VLLM_TARGET_DEVICE": "cpu"}
 
 
+def allowed_cores() -> str:
+    """This process's cores as VLLM_CPU_OMP_THREADS_BIND takes them ("0-1", "0,2,4")."""
+    return ",".join(str(c) for c in sorted(os.sched_getaffinity(0)))
+
+
 def _site_packages(python: Path) -> Path:
     out = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                          check=True, capture_output=True, text=True)

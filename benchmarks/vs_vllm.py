@@ -84,10 +84,13 @@ def run(args, model: Path, logs: Path) -> dict[str, dict[str, dict]]:
     """-> workload -> system -> result (or {"error": why}); one system failing spares the rest."""
     results: dict[str, dict[str, dict]] = {w.name: {} for w in args.workloads}
     for system in [s for s in args.systems if s.endswith("offline")]:
-        for w in args.workloads:
-            print(f"vs_vllm: {system} on {w.name}", flush=True)
-            results[w.name][system] = _guard(lambda: systems.offline(
-                system, model, w, args, logs / f"{system}-{w.name}.log"))
+        print(f"vs_vllm: {system}", flush=True)
+        try:
+            by_name = systems.offline(system, model, args.workloads, args, logs / f"{system}.log")
+        except subprocess.TimeoutExpired as e:
+            by_name = {w.name: {"error": str(e)} for w in args.workloads}
+        for name, r in by_name.items():
+            results[name][system] = r
     for system in [s for s in args.systems if not s.endswith("offline")]:
         try:
             proc, port = systems.start(system, model, args, logs / f"{system}.log")
@@ -174,8 +177,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--set", action="append", default=[], metavar="WORKLOAD.FIELD=N",
                    help="e.g. long.input_hi=8192, long.prompts=4, image.sizes=448/896")
     p.add_argument("--max-model-len", type=int, default=0, help="0: what the chosen workloads need")
-    p.add_argument("--kv-cache-gib", type=float, default=4.0, help="each engine's (VLLM_CPU_KVCACHE_SPACE)")
+    p.add_argument("--kv-cache-gib", type=float, help="each engine's (VLLM_CPU_KVCACHE_SPACE); "
+                   "default 4, 1 with --quick")
     p.add_argument("--vllm-arg", action="append", default=[], help="passed on to vllm serve")
+    p.add_argument("--vllm-cores", choices=["default", "all"], default="default",
+                   help="default: vLLM's own OpenMP binding (it reserves a core for its front end); "
+                        "all: its threads on every core this process may use, as ours are")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds for one run or server start")
     args = p.parse_args(argv)
     args.workloads = _workloads(args)
@@ -183,6 +190,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     if set(args.systems) - set(SYSTEMS):
         raise SystemExit(f"--systems: unknown {sorted(set(args.systems) - set(SYSTEMS))}")
     args.max_model_len = args.max_model_len or max(w.tokens_hi() for w in args.workloads)
+    args.kv_cache_gib = args.kv_cache_gib or (1.0 if args.quick else 4.0)
     return args
 
 
@@ -196,7 +204,7 @@ def main() -> int:
     logs = CACHE / "vs-vllm-logs" / time.strftime("%Y%m%d-%H%M%S")
     logs.mkdir(parents=True)
     print(f"vs_vllm: checkpoint {model}, dtype auto -> {dtype}, max_model_len {args.max_model_len}, "
-          f"logs in {logs}", flush=True)
+          f"vLLM cores: {args.vllm_cores}, logs in {logs}", flush=True)
     results = run(args, model, logs)
     print(f"\nroofline: GEMM {bounds.gflops['bfloat16']:.0f} GFLOP/s bf16, {bounds.gflops['float32']:.0f} "
           f"fp32; read bandwidth {bounds.gbps:.1f} GB/s; fractions at {dtype} (prefill: text FLOPs / "

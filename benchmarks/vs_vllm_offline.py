@@ -1,10 +1,10 @@
 """One offline `LLM.generate` timing, run by benchmarks/vs_vllm.py in either venv (vLLM's or
 ours): the same seeded requests for both, built here from a workload given as JSON.
 
-    python vs_vllm_offline.py --engine vllm|ours --model DIR --workload '{"prompts": 4, ...}'
+    python vs_vllm_offline.py --engine vllm|ours --model DIR --workloads '{"short": {"prompts": 4, ...}}'
 
-Prints one JSON line: output tokens, seconds for the whole batch, and seconds for the same
-batch prefilled only (max_tokens 1, other prompts of the same lengths, so no prefix-cache hit),
+Starts the engine once, then prints one line per workload, RESULT NAME {JSON}: output tokens,
+seconds for the whole batch, and seconds for the same batch prefilled only (max_tokens 1, other prompts of the same lengths, so no prefix-cache hit),
 from which the roofline fractions are derived. vLLM's LLM must be built under __main__ (its
 workers start by spawn).
 """
@@ -45,9 +45,9 @@ def _image(px: int, rng: random.Random):
     return Image.fromarray(arr)
 
 
-def _engine(args, w: dict):
-    limit = {"image": max(1, w.get("images_hi", 0))}
-    if args.engine == "vllm":
+def _engine(args, images: int):
+    limit = {"image": images, "video": 0}
+    if args.engine == "vllm":  # the limits also spare vLLM's start-up profiling of unused media
         from vllm import LLM
         return LLM(model=args.model, max_model_len=args.max_model_len, limit_mm_per_prompt=limit,
                    seed=0, dtype=args.dtype)
@@ -76,21 +76,22 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--engine", choices=["vllm", "ours"], required=True)
     p.add_argument("--model", required=True)
-    p.add_argument("--workload", required=True, help="JSON (see requests())")
+    p.add_argument("--workloads", required=True, help="JSON: name -> workload (see requests())")
     p.add_argument("--max-model-len", type=int, default=8192)
     p.add_argument("--kv-cache-gib", type=float, default=2.0)
     p.add_argument("--dtype", default="auto")
     args = p.parse_args()
-    w = json.loads(args.workload)
+    workloads = json.loads(args.workloads)
     t0 = time.perf_counter()
-    llm = _engine(args, w)
+    llm = _engine(args, max(w.get("images_hi", 0) for w in workloads.values()))
     startup = time.perf_counter() - t0
-    _timed(llm, args.engine, requests({**w, "prompts": 1}, 99), 4)  # warm-up (first-call costs)
-    prefill_s, _, prefill_lens = _timed(llm, args.engine, requests(w, 1), 1)
-    total_s, tokens, lens = _timed(llm, args.engine, requests(w, 0), w["output"])
-    print("RESULT " + json.dumps({"startup_s": startup, "prefill_s": prefill_s, "prefill_lens": prefill_lens,
-                                  "total_s": total_s, "lens": lens, "output_tokens": tokens,
-                                  "tok_s": tokens / total_s}), flush=True)
+    for name, w in workloads.items():
+        _timed(llm, args.engine, requests({**w, "prompts": 1}, 99), 4)  # warm-up (first-call costs)
+        prefill_s, _, prefill_lens = _timed(llm, args.engine, requests(w, 1), 1)
+        total_s, tokens, lens = _timed(llm, args.engine, requests(w, 0), w["output"])
+        print(f"RESULT {name} " + json.dumps({
+            "startup_s": startup, "prefill_s": prefill_s, "prefill_lens": prefill_lens, "total_s": total_s,
+            "lens": lens, "output_tokens": tokens, "tok_s": tokens / total_s}), flush=True)
 
 
 if __name__ == "__main__":

@@ -20,27 +20,39 @@ HERE, ROOT = Path(__file__).resolve().parent, Path(__file__).resolve().parents[1
 NAME = "bench"  # every server's --served-model-name, and vllm bench serve's
 
 
-def offline(system: str, model: Path, w: Workload, args, log: Path) -> dict:
+def offline(system: str, model: Path, workloads: list, args, log: Path) -> dict[str, dict]:
+    """One engine started once, every workload in turn -> name -> result."""
     python = args.vllm_python if system == "vllm-offline" else sys.executable
     engine = "vllm" if system == "vllm-offline" else "ours"
-    spec = {k: v for k, v in dataclasses.asdict(w).items() if k not in ("name", "concurrency")}
+    spec = {w.name: {**dataclasses.asdict(w), "sizes": list(w.sizes)} for w in workloads}
     cmd = [str(python), str(HERE / "vs_vllm_offline.py"), "--engine", engine, "--model", str(model),
-           "--workload", json.dumps({**spec, "sizes": list(w.sizes)}), "--max-model-len", str(args.max_model_len),
+           "--workloads", json.dumps(spec), "--max-model-len", str(args.max_model_len),
            "--kv-cache-gib", str(args.kv_cache_gib)]
-    env = {**vllm_cpu_env.env(), "VLLM_CPU_KVCACHE_SPACE": str(int(args.kv_cache_gib)),
-           "PYTHONPATH": str(ROOT)}
-    with open(log, "w") as f:
-        out = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=f, text=True, timeout=args.timeout)
-    lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
-    if out.returncode or not lines:
-        raise RuntimeError(f"{system} on {w.name} failed (exit {out.returncode}); see {log}")
-    return json.loads(lines[-1].removeprefix("RESULT "))
+    with open(log, "w") as f:  # vLLM logs to stdout: all of it to the log, RESULT lines read back
+        code = subprocess.run(cmd, env=_env(args), stdout=f, stderr=subprocess.STDOUT,
+                              timeout=args.timeout).returncode
+    results = {}
+    for line in log.read_text().splitlines():
+        if line.startswith("RESULT "):
+            name, _, body = line.removeprefix("RESULT ").partition(" ")
+            results[name] = json.loads(body)
+    if code:
+        print(f"vs_vllm: {system} exited with {code}; see {log}", flush=True)
+    return {w.name: results.get(w.name, {"error": f"no result (exit {code}); see {log}"}) for w in workloads}
+
+
+def _env(args) -> dict[str, str]:
+    env = {**vllm_cpu_env.env(), "VLLM_CPU_KVCACHE_SPACE": str(max(1, round(args.kv_cache_gib))),
+           "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    if args.vllm_cores == "all":  # vLLM's default keeps a core for its front end (1 of 2 here)
+        env.update(VLLM_CPU_OMP_THREADS_BIND=vllm_cpu_env.allowed_cores(), VLLM_CPU_NUM_OF_RESERVED_CPU="0")
+    return env
 
 
 def _server_cmd(system: str, model: Path, port: int, args) -> list[str]:
     common = ["--port", str(port), "--served-model-name", NAME, "--max-model-len", str(args.max_model_len)]
     if system == "vllm-serve":
-        limit = json.dumps({"image": max(w.images_hi for w in args.workloads) or 1})
+        limit = json.dumps({"image": max(w.images_hi for w in args.workloads), "video": 0})
         return [str(args.vllm_python.parent / "vllm"), "serve", str(model), *common,
                 "--limit-mm-per-prompt", limit, *args.vllm_arg]
     return [sys.executable, "-m", "qwenvl_pd.cli", "serve", "--model", str(model), *common,
@@ -57,8 +69,7 @@ def _ready(port: int) -> bool:
 
 def start(system: str, model: Path, args, log: Path) -> tuple[subprocess.Popen, int]:
     port = free_port()
-    env = {**vllm_cpu_env.env(), "VLLM_CPU_KVCACHE_SPACE": str(int(args.kv_cache_gib)), "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(_server_cmd(system, model, port, args), env=env, stdout=open(log, "w"),
+    proc = subprocess.Popen(_server_cmd(system, model, port, args), env=_env(args), stdout=open(log, "w"),
                             stderr=subprocess.STDOUT, start_new_session=True)
     t0 = time.monotonic()
     while not _ready(port):

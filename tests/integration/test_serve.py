@@ -15,6 +15,8 @@ from nodes import free_port, png_bytes
 
 from PIL import Image
 
+from qwenvl_pd.cpus import format_cpus, split_roles
+
 
 def _children(pid: int) -> list[int]:
     out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
@@ -33,11 +35,14 @@ def _role(pid: int) -> str:
 
 
 def _pinning(tp: int) -> tuple[list[str], dict[str, str]]:
-    """At TP 2 the roles are pinned (prefill and proxy on one core, decode on another, as
-    benchmarks/pd_vs_colocated.py does): serve's flags, and each role's expected list."""
+    """TP 1: serve's default pins, no flags (decode on the first half of the cores, prefill and
+    proxy on the rest); TP 2: given by flags. -> serve's flags, and each role's expected list."""
     cores = sorted(os.sched_getaffinity(0))
-    if tp == 1 or len(cores) < 2:
+    if len(cores) < 2:
         return [], {}
+    if tp == 1:
+        prefill, decode, proxy = split_roles(tuple(cores))
+        return [], {"prefill": format_cpus(prefill), "decode": format_cpus(decode), "proxy": format_cpus(proxy)}
     a, b = str(cores[0]), str(cores[-1])
     return (["--cpus-prefill", b, "--cpus-decode", a, "--cpus-proxy", b],
             {"prefill": b, "decode": a, "proxy": b})
