@@ -79,7 +79,7 @@ def test_models_are_retrieved_by_name_or_alias_and_unknown_ones_are_404(client_b
 
 
 @pytest.mark.parametrize("path", ["/v1/models", "/v1/models/Qwen-tiny", "/health", "/live", "/metrics",
-                                  "/version"])
+                                  "/version", "/openapi.json", "/docs"])
 def test_head_answers_every_get_route(client_backend, path):
     c, _ = client_backend
     r = c.head(path)
