@@ -1,7 +1,8 @@
 """Where a decode step's time goes: 16 sequences at a long and a short context.
 
     python benchmarks/step_profile.py [--model DIR] [--dtype bfloat16] [--contexts 256 4096]
-                                      [--seqs 16] [--steps 8] [--repeat 3]
+                                      [--seqs 16] [--steps 4] [--repeat 5]
+                                      [--attention reference kernel]
 
 Without --model it builds a random-weight Qwen2.5-VL of about 0.7B parameters (hidden 1024,
 24 layers, 8 heads, 2 KV heads) once into ~/.cache/qwenvl-pd/bench-0.7b. The sequences join as a
@@ -9,19 +10,24 @@ decode node's do (their prompts' K/V "already in the cache", here whatever the c
 a 4k context costs no prefill; the engine then runs its real decode steps. Printed per context:
 the step's wall time split into scheduling, input preparation, forward, logits and sampling,
 the forward split by operator (torch profiler: attention gather vs compute, linears, the rest),
-and decode tokens/s. Medians over --repeat runs of --steps steps.
+and decode tokens/s. Medians over --repeat runs of --steps steps. With both attention paths
+named (the torch reference, which gathers each row's context, and the CPU kernel reading the
+cache in place: model/layers/cpu_paged.py), their runs alternate in one process, so a shared
+machine's load falls on both alike.
 """
 import argparse
+import os
 import statistics
 import time
 from collections import defaultdict
 from pathlib import Path
 
 import torch
-from torch.profiler import ProfilerActivity, profile
+from torch.profiler import ProfilerActivity, profile, record_function
 
 from qwenvl_pd import LLM, SamplingParams
 from qwenvl_pd.engine.sequence import FinishReason, Sequence
+from qwenvl_pd.model.layers import cpu_paged
 from qwenvl_pd.model.tiny import make_tiny
 
 MODEL_0_7B = dict(hidden_size=1024, intermediate_size=4864, num_hidden_layers=24,
@@ -60,6 +66,9 @@ class Timers:
 
     def __init__(self, llm: LLM):
         self.total = defaultdict(float)
+        self.attach(llm)
+
+    def attach(self, llm: LLM) -> None:
         engine, runner, model = llm.engine, llm.engine.runner, llm.model
         engine.scheduler.schedule = self.wrap("schedule", engine.scheduler.schedule)
         runner.prepare = self.wrap("prepare inputs", runner.prepare)
@@ -86,8 +95,16 @@ def run_steps(llm: LLM, steps: int) -> float:
 
 def op_shares(llm: LLM) -> dict[str, float]:
     """Self CPU ms per category over one step."""
+    kernel = cpu_paged.paged_decode
+
+    def labelled(*a, **k):  # a ctypes call is no torch op: name it for the profiler
+        with record_function("cpu_paged_decode"):
+            return kernel(*a, **k)
+
+    cpu_paged.paged_decode = labelled
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         llm.engine.step()
+    cpu_paged.paged_decode = kernel
     shares = defaultdict(float)
     for ev in prof.key_averages():
         name = next((c for c, keys in CATEGORIES if any(k in ev.key for k in keys)), "other ops")
@@ -95,18 +112,35 @@ def op_shares(llm: LLM) -> dict[str, float]:
     return shares
 
 
-def profile_context(llm: LLM, n: int, ctx: int, steps: int, repeat: int) -> dict:
+def use(mode: str) -> None:
+    os.environ["QWENVL_PD_CPU_KERNEL"] = "1" if mode == "kernel" else "0"
+
+
+def profile_context(llm: LLM, n: int, ctx: int, steps: int, repeat: int, modes: list[str]) -> dict:
     seqs = join(llm, n, ctx)
-    run_steps(llm, 2)  # warm-up: buffers, first-call costs
-    timers = Timers(llm)
-    walls = [run_steps(llm, steps) for _ in range(repeat)]
-    ops = op_shares(llm)
+    results = {}
+    for mode in modes:
+        use(mode)
+        run_steps(llm, 2)  # warm-up: buffers, first-call costs
+        results[mode] = {"walls": [], "timers": Timers(llm)}
+        _unwrap(llm)
+    for _ in range(repeat):
+        for mode in modes:
+            use(mode)
+            r = results[mode]
+            r["timers"].attach(llm)
+            r["walls"].append(run_steps(llm, steps))
+            _unwrap(llm)
+    for mode in modes:
+        use(mode)
+        r = results[mode]
+        r["ops"] = op_shares(llm)
+        r["wall"] = statistics.median(r["walls"]) / steps
+        r["phases"] = {k: v / (steps * repeat) for k, v in r["timers"].total.items()}
+        r["tok/s"] = n / r["wall"]
     for s in seqs:
         llm.engine.finish(s, FinishReason.ABORT)
-    wall = statistics.median(walls) / steps
-    phases = {k: v / (steps * repeat) for k, v in timers.total.items()}
-    _unwrap(llm)
-    return {"wall": wall, "phases": phases, "ops": ops, "tok/s": n / wall}
+    return results
 
 
 def _unwrap(llm: LLM) -> None:
@@ -116,8 +150,8 @@ def _unwrap(llm: LLM) -> None:
             obj.__dict__.pop(name, None)
 
 
-def report(ctx: int, n: int, r: dict) -> None:
-    print(f"\n== {n} sequences at {ctx} context: step {r['wall'] * 1000:.1f} ms, "
+def report(ctx: int, n: int, mode: str, r: dict) -> None:
+    print(f"\n== {mode} attention, {n} sequences at {ctx} context: step {r['wall'] * 1000:.1f} ms, "
           f"{r['tok/s']:.1f} decode tok/s")
     print(f"{'phase':<24}{'ms/step':>10}{'share':>8}")
     for k, v in sorted(r["phases"].items(), key=lambda kv: -kv[1]):
@@ -134,16 +168,25 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--contexts", type=int, nargs="+", default=[256, 4096])
     ap.add_argument("--seqs", type=int, default=16)
-    ap.add_argument("--steps", type=int, default=8)
-    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--attention", nargs="+", default=["reference", "kernel"],
+                    choices=["reference", "kernel"])
     args = ap.parse_args()
-    width = max(args.contexts) + args.steps * (args.repeat + 4) + 16
+    width = max(args.contexts) + (args.steps + 2) * (args.repeat + 2) * len(args.attention) + 16
     blocks = args.seqs * (-(-width // 16) + 1)
     llm = LLM(str(checkpoint(args.model)), dtype=args.dtype, max_model_len=width + 16,
               num_kv_blocks=blocks, enable_prefix_caching=False, max_num_seqs=args.seqs)
     print(f"{args.model.name}, {args.dtype}, {torch.get_num_threads()} threads")
+    summary = {}
     for ctx in args.contexts:
-        report(ctx, args.seqs, profile_context(llm, args.seqs, ctx, args.steps, args.repeat))
+        summary[ctx] = profile_context(llm, args.seqs, ctx, args.steps, args.repeat, args.attention)
+        for mode, r in summary[ctx].items():
+            report(ctx, args.seqs, mode, r)
+    print(f"\nsummary: decode tok/s, {args.seqs} sequences (median step)")
+    print(f"{'context':>8}" + "".join(f"{m:>12}" for m in args.attention))
+    for ctx, results in summary.items():
+        print(f"{ctx:>8}" + "".join(f"{results[m]['tok/s']:>12.1f}" for m in args.attention))
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from qwenvl_pd.engine.sequence import ScheduledChunk, Sequence
 from qwenvl_pd.engine.step_input import DecodeRows, StepInput
 from qwenvl_pd.engine.token_inputs import flat_tokens
 from qwenvl_pd.model.base import VisionLanguageModel
+from qwenvl_pd.model.layers import cpu_paged
 from qwenvl_pd.model.layers.attention import AttentionMetadata, DecodeGroup, PrefillSpan
 from qwenvl_pd.model.text import VisualInjection
 
@@ -20,7 +21,8 @@ if TYPE_CHECKING:
     from qwenvl_pd.engine.ranks import StepChannel
 
 # decode rows attend in groups of this many (sorted by context length): one padded batch for
-# all rows would read up to max/mean times the keys it needs (4 measured best of 2-8 on CPU)
+# all rows would read up to max/mean times the keys it needs (4 measured best of 2-8 on CPU);
+# the CPU kernel reads each row's own keys, so it takes all rows at once
 DECODE_GROUP = 4
 # prompt-logprob rows per lm_head call: [256, 152k] float32 logits are 155 MB, whatever the chunk
 PROMPT_SLICE = 256
@@ -124,8 +126,10 @@ class ModelRunner:
 
     def _attention_rows(self, chunks: list[ScheduledChunk], step: StepInput) -> None:
         decode = [c.seq for c in chunks if c.num_tokens == 1]
-        # one launch for all rows where launches cost more than padding does (CUDA, NPU)
-        size = DECODE_GROUP if self.device.type == "cpu" else max(len(decode), 1)
+        # one launch for all rows where launches cost more than padding does (CUDA, NPU, the
+        # CPU kernel); the CPU reference pads each group to its longest row
+        padded = self.device.type == "cpu" and not cpu_paged.available()
+        size = DECODE_GROUP if padded else max(len(decode), 1)
         if decode:  # one table for all decode rows (rows persist between steps); groups slice it
             widths = [len(seq.block_ids) for seq in decode]
             tables = self._block_tables(decode)
@@ -173,7 +177,8 @@ class ModelRunner:
         tables, lens = rows.block_tables, rows.lens
         fused_lens = lens.to(torch.int32) if self.device.type == "npu" else None
         return DecodeGroup(rows.start, rows.start + len(lens), tables.to(self.device),
-                           masks[..., :tables.shape[1] * self.block_size].to(self.device), fused_lens)
+                           masks[..., :tables.shape[1] * self.block_size].to(self.device), fused_lens,
+                           lens.to(self.device))
 
     def _slot(self, seq: Sequence, index: int) -> int:
         return seq.block_ids[index // self.block_size] * self.block_size + index % self.block_size
