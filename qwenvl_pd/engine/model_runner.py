@@ -128,7 +128,7 @@ class ModelRunner:
         decode = [c.seq for c in chunks if c.num_tokens == 1]
         # one launch for all rows where launches cost more than padding does (CUDA, NPU, the
         # CPU kernel); the CPU reference pads each group to its longest row
-        padded = self.device.type == "cpu" and not cpu_paged.available()
+        padded = self.device.type == "cpu" and not self._in_place()
         size = DECODE_GROUP if padded else max(len(decode), 1)
         if decode:  # one table for all decode rows (rows persist between steps); groups slice it
             widths = [len(seq.block_ids) for seq in decode]
@@ -150,10 +150,17 @@ class ModelRunner:
                     for p in step.prefills]
         # chunks with earlier keys gather them; a first chunk attends over its own K/V
         gathers = [len(p.block_table) for p in prefills if p.context_len > p.end - p.start]
-        most = max([g.block_tables.numel() for g in groups] + gathers, default=0)
+        if not self._in_place():  # the kernel reads decode rows' blocks where they are
+            gathers += [g.block_tables.numel() for g in groups]
+        most = max(gathers, default=0)
         num_decode = sum(len(rows.lens) for rows in step.decode)
         return AttentionMetadata(step.slot_mapping.to(dev), num_decode, groups, prefills,
                                  self._gather_buffer(most))
+
+    def _in_place(self) -> bool:
+        """Whether CPU decode attention runs cpu_paged's kernel (else the torch reference)."""
+        return (self.device.type == "cpu" and self.kv_cache.dtype in cpu_paged.DTYPES
+                and cpu_paged.available())
 
     def _gather_buffer(self, blocks: int) -> torch.Tensor:
         """Scratch for `blocks` gathered K/V blocks, grown by half again when short so that it is

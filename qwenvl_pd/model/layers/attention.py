@@ -98,9 +98,9 @@ def _gather(cache: torch.Tensor, block_ids: torch.Tensor, buffer: torch.Tensor |
     """-> [2, kv_heads, len(block_ids), block_size, d]: head-major, so a head's keys are one run.
     One index_select copies whole per-head blocks, 2-3x faster on CPU than advanced indexing."""
     source = cache.transpose(1, 2)  # [2, kv_heads, blocks, block_size, d], a view
-    if buffer is None:
-        return source.index_select(2, block_ids)
     shape = (2, cache.shape[2], len(block_ids), *cache.shape[3:])
+    if buffer is None or buffer.numel() < math.prod(shape):  # unsized: rows the kernel declined
+        return source.index_select(2, block_ids)
     return torch.index_select(source, 2, block_ids, out=buffer[:math.prod(shape)].view(shape))
 
 

@@ -41,3 +41,22 @@ def _agreement(got: list[list[int]], expected: list[list[int]]) -> int:
     """Tokens up to each row's first difference, summed."""
     return sum(next((i for i, (a, b) in enumerate(zip(g, e)) if a != b), len(e))
                for g, e in zip(got, expected))
+
+
+def test_decode_rows_attend_as_one_group_with_their_lengths_and_gather_nothing(path, monkeypatch):
+    llm = LLM(model=path, max_model_len=1024)
+    engine, runner = llm.engine, llm.engine.runner
+    for i in range(6):
+        engine.add(llm._sequence(llm.inputs.process(_request(2 * i)),
+                                 SamplingParams(max_tokens=8, ignore_eos=True), i))
+    engine.step()  # every prompt in one chunk: no earlier context to gather
+    chunks = engine.scheduler.schedule()
+    lens = sorted(c.seq.num_computed + 1 for c in chunks)
+    meta = runner._metadata(runner.prepare(chunks))
+    assert [(g.start, g.end) for g in meta.decode_groups] == [(0, 6)]
+    assert sorted(meta.decode_groups[0].lens.tolist()) == lens
+    assert runner.gather_buffer.numel() == 0
+    monkeypatch.setenv("QWENVL_PD_CPU_KERNEL", "0")  # the reference: groups of 4, a scratch
+    meta = runner._metadata(runner.prepare(chunks))
+    assert [(g.start, g.end) for g in meta.decode_groups] == [(0, 4), (4, 6)]
+    assert runner.gather_buffer.numel() > 0
