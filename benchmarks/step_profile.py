@@ -105,11 +105,14 @@ def op_shares(llm: LLM) -> dict[str, float]:
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         llm.engine.step()
     cpu_paged.paged_decode = kernel
-    shares = defaultdict(float)
+    shares, other = defaultdict(float), {}
     for ev in prof.key_averages():
         name = next((c for c, keys in CATEGORIES if any(k in ev.key for k in keys)), "other ops")
         shares[name] += ev.self_cpu_time_total / 1000
-    return shares
+        if name == "other ops":
+            other[ev.key] = ev.self_cpu_time_total / 1000
+    top = sorted(other.items(), key=lambda kv: -kv[1])[:6]
+    return shares, ", ".join(f"{k} {v:.0f}" for k, v in top)
 
 
 def use(mode: str) -> None:
@@ -134,7 +137,7 @@ def profile_context(llm: LLM, n: int, ctx: int, steps: int, repeat: int, modes: 
     for mode in modes:
         use(mode)
         r = results[mode]
-        r["ops"] = op_shares(llm)
+        r["ops"], r["other"] = op_shares(llm)
         r["wall"] = statistics.median(r["walls"]) / steps
         r["phases"] = {k: v / (steps * repeat) for k, v in r["timers"].total.items()}
         r["tok/s"] = n / r["wall"]
@@ -160,6 +163,7 @@ def report(ctx: int, n: int, mode: str, r: dict) -> None:
     print(f"{'operator (1 profiled step)':<28}{'self ms':>8}{'share':>8}")
     for k, v in sorted(r["ops"].items(), key=lambda kv: -kv[1]):
         print(f"{k:<28}{v:>8.1f}{v / total:>8.0%}")
+    print(f"  other ops, most (ms): {r['other']}")
 
 
 def main() -> None:

@@ -80,7 +80,7 @@ def _decode(q: torch.Tensor, cache: torch.Tensor, group: DecodeGroup, scale: flo
     if group.context_lens is not None:
         return npu_paged_decode(q, cache, group.block_tables, group.context_lens, scale)
     if group.lens is not None and cpu_paged.supports(q, cache):
-        out = torch.empty_like(q)
+        out = torch.empty(q.shape, dtype=q.dtype)  # rows, heads, d: the strides the kernel writes
         if cpu_paged.paged_decode(q, cache, group.block_tables, group.lens, scale, out):
             return out
     rows, kv_heads, d = group.block_tables.shape[0], cache.shape[2], cache.shape[-1]

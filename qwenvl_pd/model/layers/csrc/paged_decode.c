@@ -161,14 +161,17 @@ DEFINE_ATTEND(attend_bf16, uint16_t, dot_bf16, axpy_bf16, f2bf)
 
 typedef struct {
     const Args *a;
-    int first;
-} Worker;
+    int next; /* the next task to take, shared by the threads */
+} Queue;
 
+/* Tasks are taken one at a time, not dealt out in advance: on a busy machine a thread the OS
+ * parks leaves its tasks to the others instead of holding up the whole layer. */
 static void *work(void *arg) {
-    const Worker *w = (const Worker *)arg;
-    const Args *a = w->a;
+    Queue *queue = (Queue *)arg;
+    const Args *a = queue->a;
     int tasks = a->rows * a->kv_heads;
-    for (int t = w->first; t < tasks; t += a->threads) {
+    for (int i; (i = __atomic_fetch_add(&queue->next, 1, __ATOMIC_RELAXED)) < tasks;) {
+        int t = tasks - 1 - i; /* the runner sorts rows shortest first: longest taken first */
         if (a->bf16)
             attend_bf16(a, t / a->kv_heads, t % a->kv_heads);
         else
@@ -185,17 +188,12 @@ int paged_decode(Args *a) {
     a->threads = a->threads < 1 ? 1 : a->threads > MAXT ? MAXT : a->threads;
     a->threads = a->threads > tasks ? tasks : a->threads;
     pthread_t ids[MAXT];
-    Worker workers[MAXT];
-    for (int i = 0; i < a->threads; i++) workers[i] = (Worker){a, i};
+    Queue queue = {a, 0};
     int started[MAXT] = {0};
     for (int i = 1; i < a->threads; i++)
-        started[i] = pthread_create(&ids[i], NULL, work, &workers[i]) == 0;
-    work(&workers[0]);
-    for (int i = 1; i < a->threads; i++) {
-        if (started[i])
-            pthread_join(ids[i], NULL);
-        else
-            work(&workers[i]); /* no thread to be had: its share runs here */
-    }
+        started[i] = pthread_create(&ids[i], NULL, work, &queue) == 0;
+    work(&queue); /* a thread that could not start leaves its share to this one */
+    for (int i = 1; i < a->threads; i++)
+        if (started[i]) pthread_join(ids[i], NULL);
     return 0;
 }
