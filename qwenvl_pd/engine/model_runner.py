@@ -40,6 +40,7 @@ class ModelRunner:
         self.tables = BlockTables()
         cfg = model.config
         self.mm_token_ids = torch.tensor([cfg.image_token_id, cfg.video_token_id])
+        self._in_place()  # builds (or loads) the CPU kernel now, not in the first request's step
 
     def run(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
         """Forward the chunks; logits [len(chunks), vocab] at each chunk's last token, in order.
