@@ -32,6 +32,7 @@ class DecodeGraphs:
         self.slots = torch.full((n,), self.scratch_slot, dtype=torch.long, device=dev)
         self.tables = torch.zeros(n, max_blocks, dtype=torch.long, device=dev)
         self.key_mask = torch.zeros(n, 1, 1, max_blocks * block_size, dtype=torch.bool, device=dev)
+        self.lens = torch.ones(n, dtype=torch.long, device=dev)  # the key mask's row sums
         self.hidden = torch.zeros(n, model.config.text.hidden_size, dtype=kv_cache.dtype, device=dev)
         self.graphs = self._capture(api) if api is not None else {}
         self.runs = Counter()  # (batch bucket, width) -> steps run
@@ -66,10 +67,13 @@ class DecodeGraphs:
         self.key_mask[:n, 0, 0].copy_(keys[None] < lens[:, None])
         self.key_mask[n:bucket] = False
         self.key_mask[n:bucket, 0, 0, 0] = True  # padded rows attend to one key, never to nothing
+        self.lens[:n].copy_(lens)
+        self.lens[n:bucket] = 1
 
     def _forward(self, bucket: int, width: int) -> None:
         group = DecodeGroup(0, bucket, self.tables[:bucket, :width],
-                            self.key_mask[:bucket, ..., :width * self.block_size])
+                            self.key_mask[:bucket, ..., :width * self.block_size],
+                            lens=self.lens[:bucket])
         meta = AttentionMetadata(self.slots[:bucket], bucket, [group], [])
         self.hidden[:bucket] = self.model(self.ids[:bucket], self.positions[:, :bucket],
                                           self.kv_cache, meta)
@@ -93,6 +97,7 @@ class DecodeGraphs:
         self.slots[:bucket].fill_(self.scratch_slot)
         self.key_mask[:bucket] = False
         self.key_mask[:bucket, 0, 0, 0] = True
+        self.lens[:bucket] = 1
 
 
 def _powers_of_two(low: int, below: int) -> list[int]:

@@ -13,6 +13,7 @@ from qwenvl_pd.engine.sequence import ScheduledChunk, Sequence
 from qwenvl_pd.engine.step_input import DecodeRows, StepInput
 from qwenvl_pd.engine.token_inputs import flat_tokens
 from qwenvl_pd.model.base import VisionLanguageModel
+from qwenvl_pd.model.layers import cpu_paged
 from qwenvl_pd.model.layers.attention import AttentionMetadata, DecodeGroup, PrefillSpan
 from qwenvl_pd.model.text import VisualInjection
 
@@ -20,7 +21,8 @@ if TYPE_CHECKING:
     from qwenvl_pd.engine.ranks import StepChannel
 
 # decode rows attend in groups of this many (sorted by context length): one padded batch for
-# all rows would read up to max/mean times the keys it needs (4 measured best of 2-8 on CPU)
+# all rows would read up to max/mean times the keys it needs (4 measured best of 2-8 on CPU);
+# the CPU kernel reads each row's own keys, so it takes all rows at once
 DECODE_GROUP = 4
 # prompt-logprob rows per lm_head call: [256, 152k] float32 logits are 155 MB, whatever the chunk
 PROMPT_SLICE = 256
@@ -38,6 +40,7 @@ class ModelRunner:
         self.tables = BlockTables()
         cfg = model.config
         self.mm_token_ids = torch.tensor([cfg.image_token_id, cfg.video_token_id])
+        self._in_place()  # builds (or loads) the CPU kernel now, not in the first request's step
 
     def run(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
         """Forward the chunks; logits [len(chunks), vocab] at each chunk's last token, in order.
@@ -124,8 +127,10 @@ class ModelRunner:
 
     def _attention_rows(self, chunks: list[ScheduledChunk], step: StepInput) -> None:
         decode = [c.seq for c in chunks if c.num_tokens == 1]
-        # one launch for all rows where launches cost more than padding does (CUDA, NPU)
-        size = DECODE_GROUP if self.device.type == "cpu" else max(len(decode), 1)
+        # one launch for all rows where launches cost more than padding does (CUDA, NPU, the
+        # CPU kernel); the CPU reference pads each group to its longest row
+        padded = self.device.type == "cpu" and not self._in_place()
+        size = DECODE_GROUP if padded else max(len(decode), 1)
         if decode:  # one table for all decode rows (rows persist between steps); groups slice it
             widths = [len(seq.block_ids) for seq in decode]
             tables = self._block_tables(decode)
@@ -146,10 +151,17 @@ class ModelRunner:
                     for p in step.prefills]
         # chunks with earlier keys gather them; a first chunk attends over its own K/V
         gathers = [len(p.block_table) for p in prefills if p.context_len > p.end - p.start]
-        most = max([g.block_tables.numel() for g in groups] + gathers, default=0)
+        if not self._in_place():  # the kernel reads decode rows' blocks where they are
+            gathers += [g.block_tables.numel() for g in groups]
+        most = max(gathers, default=0)
         num_decode = sum(len(rows.lens) for rows in step.decode)
         return AttentionMetadata(step.slot_mapping.to(dev), num_decode, groups, prefills,
                                  self._gather_buffer(most))
+
+    def _in_place(self) -> bool:
+        """Whether CPU decode attention runs cpu_paged's kernel (else the torch reference)."""
+        return (self.device.type == "cpu" and self.kv_cache.dtype in cpu_paged.DTYPES
+                and cpu_paged.available())
 
     def _gather_buffer(self, blocks: int) -> torch.Tensor:
         """Scratch for `blocks` gathered K/V blocks, grown by half again when short so that it is
@@ -173,7 +185,8 @@ class ModelRunner:
         tables, lens = rows.block_tables, rows.lens
         fused_lens = lens.to(torch.int32) if self.device.type == "npu" else None
         return DecodeGroup(rows.start, rows.start + len(lens), tables.to(self.device),
-                           masks[..., :tables.shape[1] * self.block_size].to(self.device), fused_lens)
+                           masks[..., :tables.shape[1] * self.block_size].to(self.device), fused_lens,
+                           lens.to(self.device))
 
     def _slot(self, seq: Sequence, index: int) -> int:
         return seq.block_ids[index // self.block_size] * self.block_size + index % self.block_size

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from qwenvl_pd.model.layers import cpu_paged
 from qwenvl_pd.model.layers.npu_attention import npu_paged_decode
 
 
@@ -32,6 +33,8 @@ class DecodeGroup:
     key_mask: torch.Tensor      # [rows, 1, 1, blocks*block_size] True = attend
     # [rows] int32 on the host, keys per row: set where torch_npu's fused kernel is to run
     context_lens: torch.Tensor | None = None
+    # [rows] int64 keys per row, on the device: lets the CPU kernel read the cache in place
+    lens: torch.Tensor | None = None
 
 
 @dataclass
@@ -59,7 +62,8 @@ def write_kv(cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: torch.Tensor,
                     meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """q [T, heads, d], this step's k, v [T, kv_heads, d] (already in the cache) -> [T, heads, d].
-    Torch reference on every device; decode groups with context_lens go to torch_npu's kernel."""
+    Torch reference on every device; decode groups with context_lens go to torch_npu's kernel,
+    those with lens on CPU to cpu_paged's, which reads the cache in place."""
     out = torch.empty_like(q)
     buffer = meta.gather_buffer
     for group in meta.decode_groups:
@@ -75,6 +79,10 @@ def _decode(q: torch.Tensor, cache: torch.Tensor, group: DecodeGroup, scale: flo
             buffer: torch.Tensor | None):
     if group.context_lens is not None:
         return npu_paged_decode(q, cache, group.block_tables, group.context_lens, scale)
+    if group.lens is not None and cpu_paged.supports(q, cache):
+        out = torch.empty(q.shape, dtype=q.dtype)  # rows, heads, d: the strides the kernel writes
+        if cpu_paged.paged_decode(q, cache, group.block_tables, group.lens, scale, out):
+            return out
     rows, kv_heads, d = group.block_tables.shape[0], cache.shape[2], cache.shape[-1]
     gathered = _gather(cache, group.block_tables.flatten(), buffer).view(2, kv_heads, rows, -1, d)
     keys, values = gathered.transpose(1, 2)  # [D, kv_heads, ctx, d] each
@@ -90,9 +98,9 @@ def _gather(cache: torch.Tensor, block_ids: torch.Tensor, buffer: torch.Tensor |
     """-> [2, kv_heads, len(block_ids), block_size, d]: head-major, so a head's keys are one run.
     One index_select copies whole per-head blocks, 2-3x faster on CPU than advanced indexing."""
     source = cache.transpose(1, 2)  # [2, kv_heads, blocks, block_size, d], a view
-    if buffer is None:
-        return source.index_select(2, block_ids)
     shape = (2, cache.shape[2], len(block_ids), *cache.shape[3:])
+    if buffer is None or buffer.numel() < math.prod(shape):  # unsized: rows the kernel declined
+        return source.index_select(2, block_ids)
     return torch.index_select(source, 2, block_ids, out=buffer[:math.prod(shape)].view(shape))
 
 

@@ -1,0 +1,199 @@
+/* Decode attention that reads a paged KV cache in place through block tables (CPU).
+ *
+ * One task per (row, KV head): the heads sharing that KV head score each key row while it is in
+ * L1, with an online softmax over chunks of CHUNK keys, so K and V are read once from memory
+ * and nothing is copied out of the cache. Built by cpu_paged.py with -O3 -march=native; the
+ * 16-wide inner loops are written for the compiler to vectorise (bf16 -> f32 is a shift).
+ */
+#include <math.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <string.h>
+
+#define MAXG 16   /* query heads per KV head */
+#define MAXD 256  /* head_dim */
+#define CHUNK 128 /* keys scored before their softmax update */
+#define MAXT 64   /* threads */
+
+typedef struct {
+    const void *q, *k, *v;
+    void *out;
+    const int64_t *tables, *lens;
+    int64_t q_row, q_head, o_row, o_head;  /* strides in elements */
+    int64_t k_block, k_head, k_token;      /* cache strides in elements, K and V alike */
+    int64_t table_row;
+    int rows, heads, kv_heads, dim, block_size, bf16, threads;
+    float scale;
+} Args;
+
+static inline float bf2f(uint16_t x) {
+    uint32_t u = (uint32_t)x << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t f2bf(float f) { /* round to nearest even, as torch does */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40); /* NaN stays NaN */
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+/* e^x for x <= 0 to float precision: 2^(x log2 e) split into 2^n * e^r, |r| <= ln2 / 2 */
+static inline float exp_neg(float x) {
+    x = x < -87.0f ? -87.0f : x;
+    int32_t ni = (int32_t)(x * 1.44269504088896341f - 0.5f); /* x <= 0: rounds to nearest */
+    float n = (float)ni;
+    float r = x - n * 0.693145751953125f - n * 1.42860682030941723e-06f;
+    float p = 1.0f / 5040;
+    p = p * r + 1.0f / 720;
+    p = p * r + 1.0f / 120;
+    p = p * r + 1.0f / 24;
+    p = p * r + 1.0f / 6;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    uint32_t bits = (uint32_t)(ni + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, 4);
+    return p * scale;
+}
+
+/* s[g] = q[g] . key for the G heads of a group; key of either dtype */
+#define DEFINE_DOT(NAME, T, LOAD)                                                      \
+    static inline void NAME(const float (*q)[MAXD], const T *key, int G, int D, float *s, \
+                            int stride) {                                              \
+        float kf[MAXD];                                                                \
+        for (int i = 0; i < D; i++) kf[i] = LOAD(key[i]);                              \
+        for (int g = 0; g < G; g++) {                                                  \
+            float acc[16] = {0};                                                       \
+            int i = 0;                                                                 \
+            for (; i + 16 <= D; i += 16)                                               \
+                for (int j = 0; j < 16; j++) acc[j] += q[g][i + j] * kf[i + j];        \
+            for (int w = 8; w > 0; w >>= 1) /* a tree: no 16-add dependency chain */     \
+                for (int j = 0; j < w; j++) acc[j] += acc[j + w];                      \
+            float sum = acc[0];                                                        \
+            for (; i < D; i++) sum += q[g][i] * kf[i];                                 \
+            s[g * stride] = sum;                                                       \
+        }                                                                              \
+    }
+
+/* acc[g] += p[g] * value for the G heads */
+#define DEFINE_AXPY(NAME, T, LOAD)                                                        \
+    static inline void NAME(float (*acc)[MAXD], const T *value, int G, int D, const float *p, \
+                            int stride) {                                                 \
+        float vf[MAXD];                                                                   \
+        for (int i = 0; i < D; i++) vf[i] = LOAD(value[i]);                               \
+        for (int g = 0; g < G; g++) {                                                     \
+            float w = p[g * stride];                                                      \
+            for (int i = 0; i < D; i++) acc[g][i] += w * vf[i];                           \
+        }                                                                                 \
+    }
+
+#define AS_FLOAT(x) (x)
+DEFINE_DOT(dot_f32, float, AS_FLOAT)
+DEFINE_DOT(dot_bf16, uint16_t, bf2f)
+DEFINE_AXPY(axpy_f32, float, AS_FLOAT)
+DEFINE_AXPY(axpy_bf16, uint16_t, bf2f)
+
+/* softmax update of one chunk: s[g][:cnt] become weights; acc, l rescaled to the new max */
+static void rescale(float (*s)[CHUNK], int cnt, int G, int D, float *m, float *l,
+                    float (*acc)[MAXD]) {
+    for (int g = 0; g < G; g++) {
+        float mx = m[g];
+        for (int t = 0; t < cnt; t++) mx = s[g][t] > mx ? s[g][t] : mx;
+        float corr = m[g] == -INFINITY ? 0.0f : exp_neg(m[g] - mx), sum = 0;
+        for (int t = 0; t < cnt; t++) {
+            s[g][t] = exp_neg(s[g][t] - mx);
+            sum += s[g][t];
+        }
+        l[g] = l[g] * corr + sum;
+        m[g] = mx;
+        if (corr != 1.0f)
+            for (int i = 0; i < D; i++) acc[g][i] *= corr;
+    }
+}
+
+#define DEFINE_ATTEND(NAME, T, DOT, AXPY, STORE)                                            \
+    static void NAME(const Args *a, int row, int h) {                                       \
+        int G = a->heads / a->kv_heads, D = a->dim, bs = a->block_size;                     \
+        float q[MAXG][MAXD], acc[MAXG][MAXD], s[MAXG][CHUNK], m[MAXG], l[MAXG];             \
+        const T *qs = (const T *)a->q + row * a->q_row + (int64_t)h * G * a->q_head;        \
+        for (int g = 0; g < G; g++) {                                                       \
+            for (int i = 0; i < D; i++) q[g][i] = (float)DOT##_load(qs[g * a->q_head + i]) * a->scale; \
+            memset(acc[g], 0, sizeof(float) * D);                                           \
+            m[g] = -INFINITY;                                                               \
+            l[g] = 0;                                                                       \
+        }                                                                                   \
+        const int64_t *table = a->tables + row * a->table_row, n = a->lens[row];           \
+        const T *kbase = (const T *)a->k + h * a->k_head, *vbase = (const T *)a->v + h * a->k_head; \
+        /* block: table entry of the chunk's first key, offset its place in that block */  \
+        int64_t block = 0;                                                                  \
+        int offset = 0;                                                                     \
+        for (int64_t start = 0; start < n; start += CHUNK) {                                \
+            int cnt = n - start < CHUNK ? (int)(n - start) : CHUNK;                         \
+            int64_t b = block;                                                              \
+            int o = offset;                                                                 \
+            for (int t = 0; t < cnt; t++) {                                                 \
+                DOT(q, kbase + table[b] * a->k_block + o * a->k_token, G, D, &s[0][t], CHUNK); \
+                if (++o == bs) o = 0, b++;                                                  \
+            }                                                                               \
+            rescale(s, cnt, G, D, m, l, acc);                                               \
+            for (int t = 0; t < cnt; t++) {                                                 \
+                AXPY(acc, vbase + table[block] * a->k_block + offset * a->k_token, G, D,    \
+                     &s[0][t], CHUNK);                                                      \
+                if (++offset == bs) offset = 0, block++;                                    \
+            }                                                                               \
+        }                                                                                   \
+        T *os = (T *)a->out + row * a->o_row + (int64_t)h * G * a->o_head;                 \
+        for (int g = 0; g < G; g++) {                                                       \
+            float inv = l[g] > 0 ? 1.0f / l[g] : 0.0f;                                      \
+            for (int i = 0; i < D; i++) os[g * a->o_head + i] = STORE(acc[g][i] * inv);    \
+        }                                                                                   \
+    }
+
+#define dot_f32_load AS_FLOAT
+#define dot_bf16_load bf2f
+DEFINE_ATTEND(attend_f32, float, dot_f32, axpy_f32, AS_FLOAT)
+DEFINE_ATTEND(attend_bf16, uint16_t, dot_bf16, axpy_bf16, f2bf)
+
+typedef struct {
+    const Args *a;
+    int next; /* the next task to take, shared by the threads */
+} Queue;
+
+/* Tasks are taken one at a time, not dealt out in advance: on a busy machine a thread the OS
+ * parks leaves its tasks to the others instead of holding up the whole layer. */
+static void *work(void *arg) {
+    Queue *queue = (Queue *)arg;
+    const Args *a = queue->a;
+    int tasks = a->rows * a->kv_heads;
+    for (int i; (i = __atomic_fetch_add(&queue->next, 1, __ATOMIC_RELAXED)) < tasks;) {
+        int t = tasks - 1 - i; /* the runner sorts rows shortest first: longest taken first */
+        if (a->bf16)
+            attend_bf16(a, t / a->kv_heads, t % a->kv_heads);
+        else
+            attend_f32(a, t / a->kv_heads, t % a->kv_heads);
+    }
+    return NULL;
+}
+
+/* Returns 0, or -1 where the shapes exceed the kernel's fixed buffers (caller falls back). */
+int paged_decode(Args *a) {
+    if (a->heads % a->kv_heads || a->heads / a->kv_heads > MAXG || a->dim > MAXD) return -1;
+    int tasks = a->rows * a->kv_heads;
+    if (tasks == 0) return 0;
+    a->threads = a->threads < 1 ? 1 : a->threads > MAXT ? MAXT : a->threads;
+    a->threads = a->threads > tasks ? tasks : a->threads;
+    pthread_t ids[MAXT];
+    Queue queue = {a, 0};
+    int started[MAXT] = {0};
+    for (int i = 1; i < a->threads; i++)
+        started[i] = pthread_create(&ids[i], NULL, work, &queue) == 0;
+    work(&queue); /* a thread that could not start leaves its share to this one */
+    for (int i = 1; i < a->threads; i++)
+        if (started[i]) pthread_join(ids[i], NULL);
+    return 0;
+}
