@@ -77,7 +77,7 @@ class LLM:
 
     def _run_to_completion(self) -> None:
         while self.engine.has_work():
-            for seq in self.engine.step():
+            for seq in self.engine.step().sampled:
                 if not seq.finished and seq.params.stop and self._hit_stop(seq):
                     self.engine.finish(seq, FinishReason.STOP)
 

@@ -19,7 +19,7 @@ from qwenvl_pd.engine.block_manager import OutOfBlocks
 from qwenvl_pd.kv_transfer.cursor import Read, ReadCursor
 from qwenvl_pd.kv_transfer.engine import TransferError
 from qwenvl_pd.messages import DecodeRequest, KVProgress, PrefillResult, TokenEvent
-from qwenvl_pd.node.runtime import QueueFull
+from qwenvl_pd.engine.commands import JoinPrefilled, QueueFull
 from qwenvl_pd.protos import convert, qwenvl_pd_pb2 as pb, qwenvl_pd_pb2_grpc as pb_grpc
 
 
@@ -38,8 +38,10 @@ class LayerwisePull:
         rid, svc = self.req.request_id, self.svc
         try:
             self.blocks = await svc._allocate(len(self.h.block_ids))
-        except (OutOfBlocks, QueueFull) as e:
+        except OutOfBlocks as e:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e) or "decode is out of KV blocks")
+        except QueueFull as e:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"decode {svc.rt.instance_id} has {e}")
         aborted = svc.pulling[rid] = asyncio.Event()
         try:
             result = await self._follow(aborted)
@@ -74,7 +76,7 @@ class LayerwisePull:
             return
         req = dataclasses.replace(self.req, first_token=result.first_token,
                                   mrope_position_delta=result.mrope_position_delta)
-        await svc.host.settle(lambda: svc._join(svc._sequence(req, self.blocks)))
+        await svc.host.settle(JoinPrefilled(svc._sequence(req, self.blocks)))
 
     async def _follow(self, aborted: asyncio.Event) -> PrefillResult | None:
         """Read every group prefill reports until its result; None when aborted meanwhile."""

@@ -11,7 +11,8 @@ from qwenvl_pd.decode_node.layerwise import LayerwisePull
 from qwenvl_pd.engine.block_manager import OutOfBlocks
 from qwenvl_pd.node.host import NodeHost, run_node
 from qwenvl_pd.protos.channel import CLIENT_OPTIONS
-from qwenvl_pd.node.runtime import NodeConfig, QueueFull, Runtime, check_queue
+from qwenvl_pd.node.runtime import NodeConfig, Runtime
+from qwenvl_pd.engine.commands import Abort, FreeBlocks, JoinPrefilled, QueueFull, ReserveBlocks, StepResult
 from qwenvl_pd.engine.sequence import FinishReason, Sequence
 from qwenvl_pd.kv_transfer.engine import TransferError, TransferTimeout
 from qwenvl_pd.kv_transfer.heads import handle_problem
@@ -26,36 +27,26 @@ log = logging.getLogger(__name__)
 class DecodeService(pb_grpc.DecodeServicer):
     def __init__(self, runtime: Runtime):
         self.rt = runtime
-        self.host = NodeHost(runtime, self._on_tokens)
+        self.host = NodeHost(runtime, self._on_step)
         self.streams: dict[str, asyncio.Queue] = {}
-        self.seqs: dict[str, Sequence] = {}  # engine thread
         self.transfers = {"kv_transfers_total": 0, "kv_transfer_bytes_total": 0,
                           "kv_transfer_seconds_total": 0.0}
         self._channels: dict[str, grpc.aio.Channel] = {}
         self.pulling: dict[str, asyncio.Event] = {}  # set: aborted while its KV is in flight
 
     # ---- engine thread
-    def _on_tokens(self, seqs: list[Sequence]) -> None:
-        handed_back = self.rt.engine.scheduler.handed_back
-        for seq in seqs + handed_back:
-            if seq.finished:
-                self.seqs.pop(seq.request_id, None)
+    def _on_step(self, result: StepResult) -> None:
+        for seq in result.sampled + result.handed_back:
             self.host.post(self._publish, seq.request_id, _event(seq))
-        handed_back.clear()
-
-    def _join(self, seq: Sequence) -> None:
-        self.seqs[seq.request_id] = seq
-        self.rt.engine.requests_total += 1
-        self.rt.engine.scheduler.add_prefilled(seq)
-
-    def _abort(self, request_id: str) -> bool:
-        seq = self.seqs.pop(request_id, None)
-        if seq is not None:
-            self.rt.engine.finish(seq, FinishReason.ABORT)
-            self.host.post(self._publish, request_id, _event(seq))
-        return seq is not None
 
     # ---- asyncio side
+    async def _abort(self, request_id: str) -> bool:
+        """End request_id's row now (its blocks freed) and publish its end."""
+        seq = await self.host.settle(Abort(request_id))
+        if seq is not None:
+            self._publish(request_id, _event(seq))
+        return seq is not None
+
     def _publish(self, request_id: str, event: TokenEvent) -> None:
         queue = self.streams.get(request_id)
         if queue is not None:
@@ -71,7 +62,7 @@ class DecodeService(pb_grpc.DecodeServicer):
             if req.layerwise:
                 await LayerwisePull(self, req).run(context)
             elif unconfirmed := await (await self._pull_and_join(req, context)):
-                await self.host.settle(lambda: self._abort(req.request_id))  # end the row, free its blocks
+                await self._abort(req.request_id)  # end the row, free its blocks
                 await context.abort(grpc.StatusCode.UNAVAILABLE, f"KV lease of request {req.request_id} "
                                     f"on prefill {req.handle.instance_id} {unconfirmed}; not using the read")
             while True:
@@ -82,7 +73,7 @@ class DecodeService(pb_grpc.DecodeServicer):
         finally:
             self.streams.pop(req.request_id, None)
             # a client that went away (or any error) frees the blocks at once
-            await self.host.settle(lambda: self._abort(req.request_id))
+            await asyncio.shield(self._abort(req.request_id))
 
     async def _validate(self, request, context) -> DecodeRequest:
         try:
@@ -126,10 +117,10 @@ class DecodeService(pb_grpc.DecodeServicer):
         # request's, not a restarted instance's or another request's that reused the blocks
         release = asyncio.ensure_future(self._release(req.handle, req.request_id))
         if self.pulling.pop(req.request_id).is_set():  # aborted while the KV was in flight
-            await self.host.settle(lambda: self.rt.engine.blocks.free(blocks))
+            await self.host.settle(FreeBlocks(blocks))
             self.streams[req.request_id].put_nowait(TokenEvent(finish_reason="abort"))
             return release
-        await self.host.settle(lambda: self._join(self._sequence(req, blocks)))
+        await self.host.settle(JoinPrefilled(self._sequence(req, blocks)))
         return release
 
     async def _allocate_or_refuse(self, n: int, context) -> list[int]:
@@ -138,7 +129,7 @@ class DecodeService(pb_grpc.DecodeServicer):
         except OutOfBlocks:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "decode is out of KV blocks")
         except QueueFull as e:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"decode {self.rt.instance_id} has {e}")
 
     async def _read(self, req: DecodeRequest, blocks: list[int], context) -> None:
         h, start = req.handle, time.perf_counter()
@@ -169,26 +160,22 @@ class DecodeService(pb_grpc.DecodeServicer):
         """n blocks from the engine thread; a stream cancelled meanwhile gives them back once
         the allocation has happened (it happens anyway: the engine thread does not see the
         cancel)."""
-        done = self.host.engine_loop.submit(lambda: self._reserve(n))
+        done = self.host.send(ReserveBlocks(n, self.rt.cfg.max_queued_requests))
         try:
             return await asyncio.shield(asyncio.wrap_future(done))
         except asyncio.CancelledError:
             done.add_done_callback(lambda f: f.exception() is None and self._free_later(f.result()))
             raise
 
-    def _reserve(self, n: int) -> list[int]:
-        check_queue(self.rt)
-        return self.rt.engine.blocks.allocate_n(n)
-
     def _free_later(self, blocks: list[int]) -> None:
-        self.host.engine_loop.submit(lambda: self.rt.engine.blocks.free(blocks))
+        self.host.send(FreeBlocks(blocks))
 
     async def _free_after(self, error: TransferError, blocks: list[int]) -> None:
         # a timed-out read may still land in these blocks: free them only once it has settled
         if isinstance(error, TransferTimeout):
             error.settled.add_done_callback(lambda _: self._free_later(blocks))
         else:
-            await self.host.settle(lambda: self.rt.engine.blocks.free(blocks))
+            await self.host.settle(FreeBlocks(blocks))
 
     def _sequence(self, req: DecodeRequest, blocks: list[int]) -> Sequence:
         seq = Sequence(req.request_id, list(req.prompt_token_ids), torch.zeros(3, 0, dtype=torch.long),
@@ -228,8 +215,7 @@ class DecodeService(pb_grpc.DecodeServicer):
         if pulling is not None:
             pulling.set()
             return pb.AbortResponse(found=True)
-        found = await self.host.settle(lambda: self._abort(request.request_id))
-        return pb.AbortResponse(found=found)
+        return pb.AbortResponse(found=await self._abort(request.request_id))
 
     async def GetLoad(self, request, context):
         return convert.to_proto(load_report(self.rt, "decode", **self.transfers))

@@ -12,11 +12,12 @@ from types import SimpleNamespace
 
 from qwenvl_pd.engine.loop import EngineLoop
 from qwenvl_pd.engine.stack import StackConfig, build_stack
-from qwenvl_pd.engine.sequence import FinishReason, Sequence
+from qwenvl_pd.engine.commands import Abort, Add, StepResult
+from qwenvl_pd.engine.sequence import Sequence
 from qwenvl_pd.messages import PrefillRequest, SampledToken, TokenEvent
 from qwenvl_pd.model.inputs import InputError
 from qwenvl_pd.node.requests import prompt_logprobs, sequence_from_request
-from qwenvl_pd.node.runtime import NodeConfig, Runtime, check_pool
+from qwenvl_pd.node.runtime import NodeConfig, Runtime
 from qwenvl_pd.proxy.config import ProxyConfig
 from qwenvl_pd.proxy.errors import bad_request
 
@@ -25,13 +26,13 @@ class ColocatedBackend:
     def __init__(self, cfg: StackConfig):
         self.stack = build_stack(cfg)
         try:
-            check_pool(self.stack.engine.blocks, self.stack.engine.cfg.max_model_len)
+            self.stack.engine.check_pool()
         except ValueError:
             self.stack.close()
             raise
         self.model_dir, self.max_model_len = cfg.model, self.stack.engine.cfg.max_model_len
         self.config, self.inputs, self.engine = self.stack.config, self.stack.inputs, self.stack.engine
-        self.loop = EngineLoop(self.engine, self._on_tokens)
+        self.loop = EngineLoop(self.engine, self._on_step)
         self.queues: dict[str, asyncio.Queue] = {}
         self.aio: asyncio.AbstractEventLoop | None = None
 
@@ -48,8 +49,8 @@ class ColocatedBackend:
         return True
 
     # ---- engine thread
-    def _on_tokens(self, seqs: list[Sequence]) -> None:
-        for seq in seqs:
+    def _on_step(self, result: StepResult) -> None:
+        for seq in result.sampled:
             logprob, top = seq.logprobs[-1] if seq.logprobs else (None, ())
             first = seq.num_output == 1
             event = TokenEvent(SampledToken(seq.token_ids[-1], logprob, tuple(top)),
@@ -72,7 +73,7 @@ class ColocatedBackend:
     async def generate(self, req: PrefillRequest, key: bytes) -> AsyncIterator[TokenEvent]:
         seq = await asyncio.to_thread(self._sequence, req)
         queue = self.queues[req.request_id] = asyncio.Queue()
-        await asyncio.wrap_future(self.loop.submit(lambda: self.engine.add(seq)))
+        await asyncio.wrap_future(self.loop.submit(Add(seq)))
         finished = False
         try:
             while not finished:
@@ -82,7 +83,7 @@ class ColocatedBackend:
         finally:
             self.queues.pop(req.request_id, None)
             if not finished:  # a stop string or a client that left: free the blocks now
-                self.loop.submit(lambda: seq.finished or self.engine.finish(seq, FinishReason.ABORT))
+                self.loop.submit(Abort(req.request_id))
 
     def stop(self) -> None:
         self.loop.stop()

@@ -1,4 +1,5 @@
 """What a prefill or decode node holds: model, engine, KV region registered with Mooncake."""
+import dataclasses
 import hashlib
 import json
 import socket
@@ -81,7 +82,7 @@ class Runtime:
         self.transfer, self.region = self.kv.transfer, self.kv.region
         self.fingerprint = self._fingerprint()
         try:
-            check_pool(self.engine.blocks, cfg.max_model_len)
+            self.engine.check_pool()
         except ValueError:
             self.close()
             raise
@@ -122,34 +123,8 @@ class Runtime:
         self.stack.close()
 
 
-def check_pool(blocks, max_model_len: int) -> None:
-    """A pool that cannot hold one max_model_len sequence would leave such a prompt waiting for
-    blocks forever: a server refuses to start instead."""
-    if blocks.num_blocks * blocks.block_size < max_model_len:
-        raise ValueError(f"the KV pool holds {blocks.num_blocks * blocks.block_size} tokens "
-                         f"({blocks.num_blocks} blocks), less than max_model_len {max_model_len}: "
-                         "raise --kv-cache-gib or lower --max-model-len")
-
-
-class QueueFull(RuntimeError):
-    """The waiting queue is at its bound: the caller should go elsewhere or come back later."""
-
-
-def check_queue(rt: Runtime) -> None:
-    """Engine thread: refuse new work once max_queued_requests wait (no unbounded queue)."""
-    waiting, limit = len(rt.engine.scheduler.waiting), rt.cfg.max_queued_requests
-    if waiting >= limit:
-        raise QueueFull(f"{rt.cfg.role} {rt.instance_id} has {waiting} requests waiting "
-                        f"(--max-queued-requests {limit}); try again later")
-
-
 def load_report(rt: Runtime, role: str, **transfer) -> LoadReport:
-    engine = rt.engine
-    return LoadReport(role=role, instance_id=rt.instance_id, running=len(engine.scheduler.running),
-                      waiting=len(engine.scheduler.waiting), blocks_used=engine.blocks.num_used_blocks,
-                      blocks_total=engine.blocks.num_blocks, prefix_cache_queries=engine.blocks.prefix_queries,
-                      prefix_cache_hits=engine.blocks.prefix_hits,
-                      requests_total=engine.requests_total, **transfer)
+    return LoadReport(role=role, instance_id=rt.instance_id, **dataclasses.asdict(rt.engine.load()), **transfer)
 
 
 def _read(path: Path) -> str:
