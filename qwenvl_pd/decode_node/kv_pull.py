@@ -14,7 +14,7 @@ import torch
 
 from qwenvl_pd.engine.commands import FreeBlocks, JoinPrefilled, ReserveBlocks
 from qwenvl_pd.engine.sequence import Sequence
-from qwenvl_pd.kv_transfer.engine import TransferTimeout
+from qwenvl_pd.kv_transfer.transfer_engine import TransferTimeout
 from qwenvl_pd.kv_transfer.handle import KVHandle
 from qwenvl_pd.messages import DecodeRequest, SampledToken
 from qwenvl_pd.node.host import NodeHost

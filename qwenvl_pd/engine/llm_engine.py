@@ -15,7 +15,8 @@ from qwenvl_pd.engine.kv_cache import allocate_kv_cache, blocks_for_memory
 from qwenvl_pd.engine.model_runner import ModelRunner, ScheduledChunk
 from qwenvl_pd.engine.sampler import SamplerInput, sample
 from qwenvl_pd.engine.scheduler import Scheduler, SchedulerConfig
-from qwenvl_pd.engine.sequence import FinishReason, Sequence, TokenSpan
+from qwenvl_pd.finish_reason import FinishReason
+from qwenvl_pd.engine.sequence import Sequence, TokenSpan
 from qwenvl_pd.model.parallel import TensorParallel
 from qwenvl_pd.platform import graph_api
 

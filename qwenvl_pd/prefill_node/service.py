@@ -7,13 +7,14 @@ import time
 import grpc
 
 from qwenvl_pd.node.host import NodeHost, run_node
-from qwenvl_pd.node.requests import prompt_logprobs, sequence_from_request
+from qwenvl_pd.node.requests import sequence_from_request, token_event
 from qwenvl_pd.node.runtime import NodeConfig, Runtime, load_report
 from qwenvl_pd.engine.commands import Abort, Add, DuplicateRequest, FreeBlocks, QueueFull, StepResult
-from qwenvl_pd.engine.sequence import FinishReason, Sequence
+from qwenvl_pd.finish_reason import FinishReason
+from qwenvl_pd.engine.sequence import Sequence
 from qwenvl_pd.kv_transfer.handle import KVHandle
 from qwenvl_pd.engine.kv_streams import LayerProgress
-from qwenvl_pd.messages import PrefillRequest, PrefillResult, PrefillStreamEvent, SampledToken
+from qwenvl_pd.messages import PrefillRequest, PrefillResult, PrefillStreamEvent
 from qwenvl_pd.model.inputs import InputError
 from qwenvl_pd.prefill_node.kv_watch import Watched
 from qwenvl_pd.prefill_node.leases import LeaseTable, lease_seconds
@@ -100,7 +101,7 @@ class PrefillService(pb_grpc.PrefillServicer):
     async def _parse(self, request, context) -> tuple[PrefillRequest, Sequence]:
         try:
             req: PrefillRequest = convert.from_proto(request)
-            seq = await asyncio.to_thread(sequence_from_request, self.rt.inputs, req, self.rt.cfg.max_model_len,
+            seq = await asyncio.to_thread(sequence_from_request, self.rt.inputs, req, self.rt.max_model_len,
                                           self.rt.engine.grammars)
         except (ValueError, InputError) as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
@@ -181,11 +182,10 @@ class PrefillService(pb_grpc.PrefillServicer):
             raise
 
     def _result(self, seq: Sequence, lease_s: float) -> PrefillResult:
-        logprob, top = seq.logprobs[0] if seq.logprobs else (None, ())
-        token = SampledToken(seq.output_ids[0], logprob, tuple(top))
-        result = dict(request_id=seq.request_id, first_token=token, mrope_position_delta=seq.mrope_delta,
-                      prompt_len=seq.prompt_len, num_cached_tokens=seq.num_cached,
-                      prompt_logprobs=prompt_logprobs(seq))
+        event = token_event(seq, first=True)
+        result = dict(request_id=seq.request_id, first_token=event.token, mrope_position_delta=seq.mrope_delta,
+                      prompt_len=seq.prompt_len, num_cached_tokens=event.num_cached_tokens,
+                      prompt_logprobs=event.prompt_logprobs)
         if seq.finish_reason != FinishReason.PREFILLED:
             return PrefillResult(**result, finish_reason=seq.finish_reason.value)
         return PrefillResult(**result, handle=self._handle(seq, lease_s))

@@ -12,7 +12,7 @@ import grpc
 
 from qwenvl_pd.decode_node.kv_pull import KVPull
 from qwenvl_pd.kv_transfer.cursor import Read, ReadCursor
-from qwenvl_pd.kv_transfer.engine import TransferError
+from qwenvl_pd.kv_transfer.transfer_engine import TransferError
 from qwenvl_pd.messages import KVProgress, PrefillResult, TokenEvent
 from qwenvl_pd.protos import convert, qwenvl_pd_pb2 as pb, qwenvl_pd_pb2_grpc as pb_grpc
 

@@ -9,16 +9,15 @@ import time
 import grpc
 
 from qwenvl_pd.decode_node.kv_pull import KVPull, TransferStats
-from qwenvl_pd.decode_node.layerwise import LayerwisePull
+from qwenvl_pd.decode_node.layerwise_pull import LayerwisePull
 from qwenvl_pd.decode_node.prefill_peers import PrefillPeers
 from qwenvl_pd.engine.block_manager import OutOfBlocks
 from qwenvl_pd.engine.commands import Abort, QueueFull, StepResult
-from qwenvl_pd.engine.sequence import FinishReason, Sequence
-from qwenvl_pd.kv_transfer.engine import TransferError
+from qwenvl_pd.kv_transfer.transfer_engine import TransferError
 from qwenvl_pd.kv_transfer.heads import handle_problem
-from qwenvl_pd.messages import DecodeRequest, SampledToken, TokenEvent
+from qwenvl_pd.messages import DecodeRequest, TokenEvent
 from qwenvl_pd.node.host import NodeHost, run_node
-from qwenvl_pd.node.requests import check_grammar
+from qwenvl_pd.node.requests import check_grammar, token_event
 from qwenvl_pd.node.runtime import NodeConfig, Runtime, load_report
 from qwenvl_pd.protos import auth, convert, qwenvl_pd_pb2 as pb, qwenvl_pd_pb2_grpc as pb_grpc
 
@@ -37,7 +36,7 @@ class DecodeService(pb_grpc.DecodeServicer):
     # ---- engine thread
     def _on_step(self, result: StepResult) -> None:
         for seq in result.sampled + result.handed_back:
-            self.host.post(self._publish, seq.request_id, _event(seq))
+            self.host.post(self._publish, seq.request_id, token_event(seq))
 
     # ---- asyncio side
     def _publish(self, request_id: str, event: TokenEvent) -> None:
@@ -49,7 +48,7 @@ class DecodeService(pb_grpc.DecodeServicer):
         """End request_id's row now (its blocks freed) and publish its end."""
         seq = await self.host.settle(Abort(request_id))
         if seq is not None:
-            self._publish(request_id, _event(seq))
+            self._publish(request_id, token_event(seq))
         return seq is not None
 
     async def Decode(self, request, context):
@@ -174,16 +173,6 @@ class DecodeService(pb_grpc.DecodeServicer):
 
     async def GetLoad(self, request, context):
         return convert.to_proto(load_report(self.rt, "decode", **dataclasses.asdict(self.stats)))
-
-
-def _event(seq: Sequence) -> TokenEvent:
-    reason = seq.finish_reason.value if seq.finish_reason else ""
-    token = None
-    if seq.finish_reason not in (FinishReason.ABORT, FinishReason.PREEMPTED):
-        logprob, top = seq.logprobs[-1] if seq.logprobs else (None, ())
-        token = SampledToken(seq.token_ids[-1], logprob, tuple(top))
-    return TokenEvent(token=token, finish_reason=reason, num_prompt_tokens=seq.prompt_len,
-                      num_output_tokens=seq.num_output)
 
 
 def main(cfg: NodeConfig) -> int:
