@@ -3,10 +3,10 @@ start one, run the benchmark, stop it, start the other, run it again, print both
 the ratios (PD / colocated). Same proxy, tokenizer and protocol path in both: only where the
 tokens are computed differs.
 
-Both scenarios pin the roles (role_cpus; --no-pin leaves them all on all cores): PD runs decode
-alone on the first half of the cores, prefill and the proxy on the rest (on 2 cores: 0 | 1);
-colocated runs its one process on all of them (the same cores in all; the load generator, this
-process, is not pinned). Unpinned, a prefill that overlaps a decode oversubscribes the cores
+Both scenarios run with serve's default pins (cpus.split_roles; --no-pin, passed on to serve,
+leaves them all on all cores): PD runs decode alone on the first half of the cores, prefill and
+the proxy on the rest (on 2 cores: 0 | 1); colocated runs its one process on all of them (the
+same cores in all; the load generator, this process, is not pinned). Unpinned, a prefill that overlaps a decode oversubscribes the cores
 with both nodes' torch threads, which is where unpinned PD loses TPOT at low load.
 
 --scenario default: low load (random-mm, 0.5 req/s); median TTFT and TPOT ratios.
@@ -44,19 +44,6 @@ DEFAULT_LOAD = ["--dataset-name", "random-mm", "--num-prompts", "20", "--request
 DEFAULT_KEYS = ("mean_ttft_ms", "median_ttft_ms", "p99_ttft_ms", "mean_tpot_ms", "median_tpot_ms", "p99_tpot_ms")
 
 
-def role_cpus() -> list[str]:
-    """serve's pins in both modes: decode on the first half of this process's cores, prefill and
-    the proxy on the rest (on 2 cores: decode 0, prefill + proxy 1); --colocated pins its one
-    process to their union, so both modes get the same cores. Unpinned, the roles' torch threads
-    oversubscribe the cores whenever a prefill overlaps a decode."""
-    cores = sorted(os.sched_getaffinity(0))
-    if len(cores) < 2:
-        return []
-    half = len(cores) // 2
-    decode, rest = ",".join(map(str, cores[:half])), ",".join(map(str, cores[half:]))
-    return ["--cpus-decode", decode, "--cpus-prefill", rest, "--cpus-proxy", rest]
-
-
 def _serve(model: str | None, colocated: bool, port: int, log, extra: list[str]) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "qwenvl_pd.cli", "serve", "--port", str(port), *extra]
     cmd += (["--model", model] if model else []) + (["--colocated"] if colocated else [])
@@ -92,7 +79,7 @@ def _each_mode(args, extra: list[str], run_one) -> dict[str, dict]:
 
 
 def _pins(args) -> list[str]:
-    return [] if args.no_pin else role_cpus()
+    return ["--no-pin"] if args.no_pin else []  # serve pins by default
 
 
 def _default(args, rest: list[str]) -> dict[str, dict]:

@@ -3,10 +3,14 @@ import argparse
 import os
 import sys
 
+from qwenvl_pd.vllm_cli import (add_accepted_args, add_data_parallel_args, add_engine_args, add_model_arg,
+                                data_parallel_instances, engine_flags, log_no_effect, normalize_argv,
+                                resolve_model)
+
 
 def _make_tiny(args: argparse.Namespace) -> int:
     from qwenvl_pd.model.tiny import make_tiny
-    path = make_tiny(args.arch, args.out, seed=args.seed, quantize=args.quantize)
+    path = make_tiny(args.arch, args.out, seed=args.seed, quantize=args.quantize, dtype=args.dtype)
     kind = "" if args.quantize == "none" else f" {args.quantize.upper()}"
     print(f"wrote a tiny{kind} {args.arch} checkpoint with RANDOM weights to {path}")
     return 0
@@ -61,7 +65,9 @@ def _node(args: argparse.Namespace) -> int:
         num_kv_blocks=args.num_kv_blocks, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         enable_prefix_caching=not args.no_prefix_caching, seed=args.seed,
-        max_model_len=args.max_model_len, decode_graphs=args.decode_graphs)
+        max_model_len=args.max_model_len, decode_graphs=args.decode_graphs,
+        gpu_memory_utilization=args.gpu_memory_utilization)
+    log_no_effect(args)
     stack = StackConfig(
         model=args.model, max_model_len=args.max_model_len, device=args.device, dtype=args.dtype,
         tensor_parallel_size=args.tensor_parallel_size, enable_expert_parallel=args.enable_expert_parallel,
@@ -69,8 +75,9 @@ def _node(args: argparse.Namespace) -> int:
         limit_mm_per_prompt={"image": args.limit_images, "video": args.limit_videos}, engine=engine,
         quantization=args.quantization)
     cfg = NodeConfig(
+        # the served name defaults to the model argument as given, as vLLM's does
         role=args.command, port=args.port, stack=stack, host=args.host, bind=args.bind,
-        served_model_name=args.served_model_name or "", transfer_protocol=args.transfer_protocol,
+        served_model_name=args.served_model_name or args.model, transfer_protocol=args.transfer_protocol,
         transfer_device=args.transfer_device, transfer_timeout_s=args.transfer_timeout,
         lease_seconds=args.lease_seconds, drain_seconds=args.drain_seconds, instance_id=args.instance_id or "",
         cluster_secret=read_secret(args.cluster_secret_file or ""), max_queued_requests=args.max_queued_requests,
@@ -86,14 +93,14 @@ def _node(args: argparse.Namespace) -> int:
 
 def _add_node_parser(sub, role: str, default_port: int) -> None:
     p = sub.add_parser(role, help=f"run a {role} instance (gRPC)")
-    p.add_argument("--model", required=True, help="Hugging Face checkpoint directory")
+    add_model_arg(p)
+    p.add_argument("--model", help="Hugging Face checkpoint directory (or the positional MODEL)")
     p.add_argument("--port", type=int, default=default_port)
     p.add_argument("--host", default="127.0.0.1", help="address peers reach this instance at")
     p.add_argument("--bind", default="0.0.0.0")
-    p.add_argument("--served-model-name")
+    p.add_argument("--served-model-name", help="default: the model argument as given")
     p.add_argument("--max-model-len", type=int, default=8192)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | npu")
-    p.add_argument("--dtype", default="auto")
     p.add_argument("--transfer-protocol", default="tcp", choices=["tcp", "rdma", "ascend"])
     p.add_argument("--transfer-device", default="", help="RDMA/Ascend device name(s) for Mooncake")
     p.add_argument("--transfer-timeout", type=float, default=10.0, help="seconds; < --lease-seconds")
@@ -107,20 +114,19 @@ def _add_node_parser(sub, role: str, default_port: int) -> None:
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--kv-cache-gib", type=float, default=1.0)
     p.add_argument("--num-kv-blocks", type=int)
-    p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--max-queued-requests", type=int, default=1024,
                    help="waiting requests beyond this are refused with RESOURCE_EXHAUSTED (429)")
-    p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--decode-graphs", default="auto", choices=["auto", "off", "eager"],
                    help="auto: CUDA/ACL graphs for decode steps where available")
     p.add_argument("--limit-images", type=int, default=16)
     p.add_argument("--limit-videos", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
+    add_engine_args(p)
+    add_accepted_args(p)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     _add_cpus_arg(p, f"this {role} instance and its ranks")
     _add_parallel_args(p)
-    p.set_defaults(func=_node)
+    p.set_defaults(func=_node, parser=p)
 
 
 def _add_secret_arg(p) -> None:
@@ -147,11 +153,15 @@ def _colocated_opener(args: argparse.Namespace):
     from qwenvl_pd.engine.stack import StackConfig
     from qwenvl_pd.node.colocated import colocated_opener
     engine = EngineConfig(kv_cache_bytes=int(args.kv_cache_gib * (1 << 30)),
-                          max_num_batched_tokens=args.max_num_batched_tokens)
+                          max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
+                          enable_prefix_caching=not args.no_prefix_caching, seed=args.seed,
+                          gpu_memory_utilization=args.gpu_memory_utilization)
     threads = threads_for(args.cpus, 0, args.tensor_parallel_size)
     _set_threads(threads)  # one engine in the proxy's process: it runs on the proxy's --cpus
+    mm = {"image": args.max_images_per_request, "video": args.limit_videos}
     return colocated_opener(StackConfig(
-        args.colocated_model, args.max_model_len, args.device, tensor_parallel_size=args.tensor_parallel_size,
+        args.colocated_model, args.max_model_len, args.device, args.dtype, limit_mm_per_prompt=mm,
+        tensor_parallel_size=args.tensor_parallel_size,
         enable_expert_parallel=args.enable_expert_parallel, threads=threads, engine=engine,
         quantization=args.quantization))
 
@@ -232,28 +242,53 @@ def _add_proxy_parser(sub) -> None:
     p.add_argument("--max-model-len", type=int, default=8192, help=argparse.SUPPRESS)
     p.add_argument("--kv-cache-gib", type=float, default=1.0, help=argparse.SUPPRESS)
     p.add_argument("--device", default="auto", help=argparse.SUPPRESS)
+    p.add_argument("--limit-videos", type=int, default=2, help=argparse.SUPPRESS)
+    add_engine_args(p, hidden=True)
     _add_parallel_args(p, hidden=True)
     p.set_defaults(func=_proxy)
 
 
 def _serve(args: argparse.Namespace) -> int:
     from qwenvl_pd.serve import ServeConfig, main as run
+    log_no_effect(args)
+    dp = data_parallel_instances(args, args.parser)  # N engines: N prefill + N decode here
+    num_prefill, num_decode = (dp, dp) if dp > 1 else (args.num_prefill, args.num_decode)
+    share = args.gpu_memory_utilization
+    if share and not args.colocated:  # the instances of one machine divide its devices' memory
+        share /= num_prefill + num_decode
+    proxy_args = list(args.proxy_arg) + _serve_proxy_args(args)
     return run(ServeConfig(
-        model=args.model or "", host=args.host, port=args.port, num_prefill=args.num_prefill,
-        num_decode=args.num_decode, max_model_len=args.max_model_len, kv_cache_gib=args.kv_cache_gib,
-        served_model_name=args.served_model_name or "", api_key=args.api_key or "",
-        colocated=args.colocated, device=args.device, extra_proxy_args=tuple(args.proxy_arg),
+        model=args.model or "", host=args.host, port=args.port, num_prefill=num_prefill,
+        num_decode=num_decode, max_model_len=args.max_model_len, kv_cache_gib=args.kv_cache_gib,
+        # vLLM serves the model under the --model argument as given (its base name is an alias)
+        served_model_name=args.served_model_name or args.model or "", api_key=args.api_key or "",
+        colocated=args.colocated, device=args.device, extra_proxy_args=tuple(proxy_args),
         prefill_tp=args.prefill_tensor_parallel_size or args.tensor_parallel_size,
         decode_tp=args.decode_tensor_parallel_size or args.tensor_parallel_size,
         enable_expert_parallel=args.enable_expert_parallel, quantization=args.quantization,
         kv_transfer_mode=args.kv_transfer_mode,
         cpus_prefill=args.cpus_prefill, cpus_decode=args.cpus_decode, cpus_proxy=args.cpus_proxy,
-        max_num_batched_tokens=args.max_num_batched_tokens))
+        pin=not args.no_pin, max_num_batched_tokens=args.max_num_batched_tokens,
+        node_args=tuple(engine_flags(args, args.parser, share))))
+
+
+def _serve_proxy_args(args: argparse.Namespace) -> list[str]:
+    """The proxy's share of serve's engine flags: its image bound, and under --colocated the
+    engine it runs itself."""
+    limit = (args.limit_mm_per_prompt or {}).get("image")
+    out = [] if limit is None else ["--max-images-per-request", str(limit)]
+    if args.colocated:
+        out += engine_flags(args, args.parser, args.gpu_memory_utilization, with_limits=False)
+        if "video" in (args.limit_mm_per_prompt or {}):
+            out += ["--limit-videos", str(args.limit_mm_per_prompt["video"])]
+    return out
 
 
 def _add_serve_parser(sub) -> None:
     p = sub.add_parser("serve", help="prefill, decode and proxy on this machine (Mooncake TCP on loopback)")
-    p.add_argument("--model", help="checkpoint directory (default: a tiny RANDOM-weight Qwen2.5-VL)")
+    add_model_arg(p)
+    p.add_argument("--model", help="checkpoint directory, or the positional MODEL (default: a tiny "
+                   "RANDOM-weight Qwen2.5-VL)")
     p.add_argument("--host", default="127.0.0.1", help="address the proxy listens on")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--num-prefill", type=int, default=1)
@@ -261,7 +296,7 @@ def _add_serve_parser(sub) -> None:
     p.add_argument("--max-model-len", type=int, default=8192)
     p.add_argument("--kv-cache-gib", type=float, default=1.0)
     p.add_argument("--device", default="auto")
-    p.add_argument("--served-model-name")
+    p.add_argument("--served-model-name", help="default: the model argument as given")
     p.add_argument("--api-key", default=os.environ.get("QWENVL_PD_API_KEY"))
     p.add_argument("--kv-transfer-mode", default="whole", choices=["whole", "layerwise"],
                    help="how decode gets the KV (the proxy's --kv-transfer-mode)")
@@ -278,7 +313,12 @@ def _add_serve_parser(sub) -> None:
     _add_cpus_arg(p, "every decode instance", "--cpus-decode")
     _add_cpus_arg(p, "the proxy (--colocated: its one process, engine included, gets the union of "
                   "the three lists: the same cores as the PD run)", "--cpus-proxy")
-    p.set_defaults(func=_serve)
+    p.add_argument("--no-pin", action="store_true", help="with no --cpus-* given, leave every role "
+                   "on every core (default: decode on the first half, prefill and proxy on the rest)")
+    add_engine_args(p)
+    add_accepted_args(p)
+    add_data_parallel_args(p)
+    p.set_defaults(func=_serve, parser=p)
 
 
 
@@ -290,6 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--arch", required=True, choices=["qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"])
     tiny.add_argument("--out", required=True)
     tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                      help="the weights' dtype, declared in config.json")
     tiny.add_argument("--quantize", default="none", choices=["none", "w8a8", "w8a8_dynamic"],
                       help="write msModelSlim's W8A8 layout (static or dynamic activations)")
     tiny.set_defaults(func=_make_tiny)
@@ -316,7 +358,12 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["bench"]:  # every later argument belongs to the benchmark's own parser
         from qwenvl_pd.bench.serve import main as bench
         return bench(argv[1:])
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(normalize_argv(argv))
+    if args.command in ("serve", "prefill", "decode"):
+        resolve_model(args, args.parser)
+        if args.command != "serve" and not args.model:
+            parser.error(f"{args.command}: the model is required (MODEL or --model)")
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as e:

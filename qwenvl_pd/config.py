@@ -100,7 +100,8 @@ def _build(family: str, hf, model_dir: Path) -> ModelConfig:
         vision_start_token_id=_first(hf, "vision_start_token_id", 151652),
         vision_end_token_id=_first(hf, "vision_end_token_id", 151653),
         eos_token_ids=_eos_ids(text, model_dir),
-        torch_dtype=str(_first(text, "dtype", None) or _first(hf, "dtype", None) or "bfloat16"
+        # no dtype in config.json means float32 weights (transformers' and vLLM's reading)
+        torch_dtype=str(_first(text, "dtype", None) or _first(hf, "dtype", None) or "float32"
                         ).removeprefix("torch."),
     )
 

@@ -82,3 +82,15 @@ def threads_for(cpus: tuple[int, ...], threads: int, tp: int) -> int:
     if threads or not cpus:
         return threads
     return max(1, len(cpus) // tp)
+
+
+def split_roles(cores: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    """serve's default pins -> (prefill, decode, proxy): decode alone on the first half of the
+    cores, prefill and the proxy on the rest (on 2 cores: decode 0, prefill + proxy 1); () for
+    all under 2 cores. Unpinned, a prefill that overlaps a decode oversubscribes the cores with
+    both nodes' torch threads, and decode's TPOT pays (benchmarks/pd_vs_colocated.py)."""
+    cores = tuple(sorted(cores))
+    if len(cores) < 2:
+        return (), (), ()
+    half = len(cores) // 2
+    return cores[half:], cores[:half], cores[half:]

@@ -50,6 +50,10 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     skip_special_tokens: bool = True
+    # byte-level BPE (Qwen's) decodes adjacent added tokens with no space either way, as
+    # transformers' fast tokenizers and vLLM do: accepted for compatibility, never on the wire
+    spaces_between_special_tokens: bool = True
+    logit_bias: dict[int, float] | None = None  # added to the logits before penalties (vLLM's order)
     structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self):
@@ -57,6 +61,8 @@ class SamplingParams:
             object.__setattr__(self, "max_tokens", self.max_completion_tokens)
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", [self.stop])
+        if self.logit_bias is not None:
+            object.__setattr__(self, "logit_bias", {int(t): float(b) for t, b in self.logit_bias.items()} or None)
         self._check()
 
     def _check(self) -> None:

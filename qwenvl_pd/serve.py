@@ -15,10 +15,10 @@ import subprocess
 import sys
 import time
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from qwenvl_pd.cpus import check_cpus, format_cpus, union
+from qwenvl_pd.cpus import check_cpus, format_cpus, split_roles, union
 from qwenvl_pd.process import die_with_parent, free_port
 
 STARTUP_S = 900.0  # a large checkpoint takes minutes to load
@@ -45,10 +45,12 @@ class ServeConfig:
     quantization: str | None = None
     kv_transfer_mode: str = "whole"  # the proxy's --kv-transfer-mode
     max_num_batched_tokens: int = 2048
+    node_args: tuple[str, ...] = ()  # more flags for every instance (cli.py: vLLM's engine flags)
     # cores per role (() : not pinned); --colocated pins its one process to their union
     cpus_prefill: tuple[int, ...] = ()
     cpus_decode: tuple[int, ...] = ()
     cpus_proxy: tuple[int, ...] = ()
+    pin: bool = True  # no cores given: split this process's cores between the roles (split_roles)
 
     def __post_init__(self):
         for cpus in (self.cpus_prefill, self.cpus_decode, self.cpus_proxy):
@@ -57,6 +59,22 @@ class ServeConfig:
     @property
     def cpus_colocated(self) -> tuple[int, ...]:
         return union(self.cpus_prefill, self.cpus_decode, self.cpus_proxy)
+
+    def pinned(self) -> "ServeConfig":
+        """The default layout where no role's cores were given (explicit lists win)."""
+        if not self.pin or self.cpus_colocated:
+            return self
+        prefill, decode, proxy = split_roles(tuple(os.sched_getaffinity(0)))
+        return replace(self, cpus_prefill=prefill, cpus_decode=decode, cpus_proxy=proxy)
+
+    def layout(self) -> str:
+        if not self.cpus_colocated:
+            return "not pinned: every role on every core"
+        if self.colocated:
+            return f"the colocated engine and proxy on cores {format_cpus(self.cpus_colocated)}"
+        return ", ".join(f"{role} on cores {format_cpus(cpus) if cpus else 'all'}" for role, cpus in
+                         (("prefill", self.cpus_prefill), ("decode", self.cpus_decode),
+                          ("proxy", self.cpus_proxy)))
 
 
 @dataclass
@@ -107,7 +125,7 @@ def _node_args(cfg: ServeConfig, role: str, model: str, port: int) -> list[str]:
     args = ["--model", model, "--port", str(port), "--host", "127.0.0.1", "--bind", "127.0.0.1",
             "--max-model-len", str(cfg.max_model_len), "--kv-cache-gib", str(cfg.kv_cache_gib),
             "--max-num-batched-tokens", str(cfg.max_num_batched_tokens),
-            "--device", cfg.device, *_parallel_args(tp, cfg), *_cpus_args(cpus)]
+            "--device", cfg.device, *_parallel_args(tp, cfg), *_cpus_args(cpus), *cfg.node_args]
     return args + (["--served-model-name", cfg.served_model_name] if cfg.served_model_name else [])
 
 
@@ -212,6 +230,10 @@ def main(cfg: ServeConfig) -> int:
         _banner(["qwenvl-pd serve: NO --model GIVEN: serving a tiny checkpoint with RANDOM weights",
                  f"  ({model}); its answers are noise. For a real model:",
                  "  qwenvl-pd serve --model /path/to/Qwen2.5-VL-7B-Instruct --port 8000"])
+    default = cfg.pin and not cfg.cpus_colocated
+    cfg = cfg.pinned()
+    print(f"qwenvl-pd serve: {cfg.layout()}" + (" (--no-pin to leave them unpinned)" if default else ""),
+          file=sys.stderr, flush=True)
     signal.signal(signal.SIGTERM, _on_sigterm)
     # the roles of this run share a fresh secret (children inherit it): nothing else on the
     # host can call their node ports or hand decode a KV handle

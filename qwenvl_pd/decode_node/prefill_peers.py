@@ -9,20 +9,18 @@ import grpc
 from qwenvl_pd.kv_transfer.handle import KVHandle
 from qwenvl_pd.protos import auth, qwenvl_pd_pb2 as pb, qwenvl_pd_pb2_grpc as pb_grpc
 from qwenvl_pd.protos.channel import CLIENT_OPTIONS
+from qwenvl_pd.protos.channel_cache import ChannelCache
 
 log = logging.getLogger(__name__)
 
 
 class PrefillPeers:
     def __init__(self, cluster_secret: bytes):
-        self.secret = cluster_secret
-        self.channels: dict[str, grpc.aio.Channel] = {}
+        self.channels = ChannelCache(lambda address: auth.channel(address, cluster_secret, CLIENT_OPTIONS))
 
     def channel(self, address: str) -> grpc.aio.Channel:
-        """The channel to a prefill's gRPC address, opened once."""
-        if address not in self.channels:
-            self.channels[address] = auth.channel(address, self.secret, CLIENT_OPTIONS)
-        return self.channels[address]
+        """The channel to a prefill's gRPC address, opened once (a bounded cache)."""
+        return self.channels.get(address)
 
     async def release(self, h: KVHandle, request_id: str) -> str:
         """Tell prefill the blocks are pulled; "" when it confirms it leased them to us until

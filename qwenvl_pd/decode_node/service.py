@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 class DecodeService(pb_grpc.DecodeServicer):
     def __init__(self, runtime: Runtime):
         self.rt = runtime
-        self.host = NodeHost(runtime, self._on_step)
+        self.host = NodeHost(runtime, self._on_step, in_flight=lambda: len(self.streams))
         self.streams: dict[str, asyncio.Queue] = {}  # a request's events, until its stream ends
         self.pulls: dict[str, KVPull] = {}  # requests whose KV is being read
         self.peers = PrefillPeers(runtime.cfg.cluster_secret)
@@ -52,6 +52,7 @@ class DecodeService(pb_grpc.DecodeServicer):
         return seq is not None
 
     async def Decode(self, request, context):
+        await self.host.refuse_if_draining(context)
         req = await self._validate(request, context)
         if req.request_id in self.streams:
             await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"request {req.request_id} is in flight")
@@ -128,6 +129,9 @@ class DecodeService(pb_grpc.DecodeServicer):
             await context.abort(grpc.StatusCode.PERMISSION_DENIED,
                                 f"the KV handle of request {req.request_id} was not signed by a prefill "
                                 "of this cluster")
+        if h.request_id != req.request_id and (secret or h.request_id):
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"the KV handle was issued for request "
+                                f"{h.request_id!r}, not {req.request_id!r}")
         if secret and not h.control_address:
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, "the KV handle names no prefill to "
                                 "release it at, so its lease cannot be confirmed")

@@ -10,6 +10,8 @@ class EngineConfig:
     recompute_on_preempt: bool = True
     block_size: int = 16
     kv_cache_bytes: int = 1 << 30
+    # on an accelerator: weights + KV pool take this share of device memory (overrides kv_cache_bytes)
+    gpu_memory_utilization: float | None = None
     num_kv_blocks: int | None = None  # overrides kv_cache_bytes
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048

@@ -11,7 +11,7 @@ from qwenvl_pd.engine.encoder_cache import EncoderCache
 from qwenvl_pd.engine.grammar import Grammars
 from qwenvl_pd.engine.graphs import DecodeGraphs
 from qwenvl_pd.engine.kv_streams import KVStreams, Report
-from qwenvl_pd.engine.kv_cache import allocate_kv_cache, blocks_for_memory
+from qwenvl_pd.engine.kv_cache import allocate_kv_cache, blocks_for_memory, kv_budget_bytes
 from qwenvl_pd.engine.model_runner import ModelRunner, ScheduledChunk
 from qwenvl_pd.engine.sampler import SamplerInput, sample
 from qwenvl_pd.engine.scheduler import Scheduler, SchedulerConfig
@@ -28,8 +28,8 @@ def build_runner(model, config: ModelConfig, cfg: EngineConfig, dtype: torch.dty
     """This rank's KV region, decode graphs and runner; every rank builds the same shapes."""
     device = next(model.parameters()).device
     kv_heads = tp.kv_heads(config.text.num_kv_heads)[1]
-    num_blocks = cfg.num_kv_blocks or blocks_for_memory(config.text, cfg.block_size, dtype,
-                                                        cfg.kv_cache_bytes, kv_heads)
+    budget = kv_budget_bytes(cfg.kv_cache_bytes, cfg.gpu_memory_utilization, device)
+    num_blocks = cfg.num_kv_blocks or blocks_for_memory(config.text, cfg.block_size, dtype, budget, kv_heads)
     # one extra block at the end that no request owns: padded graph rows write there
     kv_cache = allocate_kv_cache(config.text, num_blocks + 1, cfg.block_size, dtype, device, kv_heads)
     graphs = _graphs(model, config, cfg, kv_cache, num_blocks)

@@ -1,7 +1,7 @@
 """Token sampling with vLLM's semantics, one pass per step over the whole batch: every stage is
 a tensor op over the batch, never a Python loop over the vocabulary.
 
-Order (vLLM's): grammar bitmask -> raw logprobs -> min_tokens mask -> penalties -> greedy argmax, or temperature ->
+Order (vLLM's): grammar bitmask -> raw logprobs -> min_tokens mask, logit_bias -> penalties -> greedy argmax, or temperature ->
 top_k -> top_p -> min_p -> exponential race. A seeded row's noise is a function of
 (seed, position) alone, so its tokens never depend on what else is in the batch. The grammar
 bitmask comes first, as vLLM applies it to the logits before its sampler: logprobs are those of
@@ -42,10 +42,10 @@ def sample(logits: torch.Tensor, inputs: list[SamplerInput],
     [B, ceil(vocab / 32)] int32 (bit t of row i set: token t allowed) constrains rows to a grammar."""
     raw = logits.float() if bitmask is None else apply_bitmask(logits, bitmask)
     x = raw
-    if any(_penalised(i.params) or _below_min_tokens(i) for i in inputs):
+    if any(_penalised(i.params) or _below_min_tokens(i) or i.params.logit_bias for i in inputs):
         # raw stays untouched for logprobs; apply_penalties views the copy flat
-        x = apply_penalties(mask_min_tokens(raw.clone(memory_format=torch.contiguous_format),
-                                            inputs), inputs)
+        x = raw.clone(memory_format=torch.contiguous_format)
+        x = apply_penalties(apply_logit_bias(mask_min_tokens(x, inputs), inputs), inputs)
     token_ids = x.argmax(-1)  # the greedy rows' answer; sampled rows overwrite theirs
     rows = [i for i, inp in enumerate(inputs) if not inp.params.greedy]
     if rows:
@@ -87,6 +87,20 @@ def mask_min_tokens(logits: torch.Tensor, inputs: list[SamplerInput]) -> torch.T
             cols += ids
     if rows:
         logits[rows, cols] = _MASK
+    return logits
+
+
+def apply_logit_bias(logits: torch.Tensor, inputs: list[SamplerInput]) -> torch.Tensor:
+    """In place: each row's logit_bias added to its tokens' logits (ids past the logits ignored)."""
+    rows, cols, bias = [], [], []
+    for i, inp in enumerate(inputs):
+        for t, b in (inp.params.logit_bias or {}).items():
+            if 0 <= t < logits.shape[1]:
+                rows.append(i)
+                cols.append(t)
+                bias.append(b)
+    if rows:
+        logits[rows, cols] += torch.tensor(bias, dtype=logits.dtype, device=logits.device)
     return logits
 
 

@@ -66,7 +66,7 @@ def build_stack(cfg: StackConfig, rank_setup: Callable[[RankContext], object] | 
     inputs = InputProcessor(cfg.model, config, tokenizer.encode, max_len, cfg.limit_mm_per_prompt)
     tp = TensorParallel(0, cfg.tensor_parallel_size, cfg.enable_expert_parallel)
     device = detect_device(cfg.device)
-    dtype = default_dtype(device, cfg.dtype)
+    dtype = default_dtype(device, cfg.dtype, config.torch_dtype)
     ranks = _start_ranks(cfg, config, tp, device, dtype, engine_cfg, rank_setup)
     try:
         model = load_model(cfg.model, config, dtype, rank_device(device.type, 0) if ranks else device, tp,

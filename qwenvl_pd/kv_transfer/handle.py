@@ -68,6 +68,7 @@ class KVHandle:
     # ids in every rank's region hold that rank's heads
     rank_segments: tuple[KVSegment, ...] = ()
     signature: bytes = b""  # set by a prefill that has the cluster secret (protos/auth.py)
+    request_id: str = ""  # the request it was issued for, signed with the rest
 
     def __post_init__(self):
         object.__setattr__(self, "block_ids", tuple(self.block_ids))

@@ -31,7 +31,7 @@ def _qwen2_5_vl() -> dict:
         **TOKENS, **_TEXT, "vocab_size": 152064, "max_position_embeddings": 32768,
         "max_window_layers": 3, "use_sliding_window": False, "sliding_window": 32768,
         "rope_theta": 1000000.0, "rope_scaling": {"type": "mrope", "mrope_section": [4, 6, 6]},
-        "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+        "tie_word_embeddings": False, "torch_dtype": "float32",
         "vision_config": {
             "depth": 4, "hidden_act": "silu", "hidden_size": 64, "intermediate_size": 128,
             "num_heads": 2, "in_chans": 3, "out_hidden_size": 128, "patch_size": 14,
@@ -44,7 +44,7 @@ def _qwen2_5_vl() -> dict:
 def _qwen3_vl(moe: bool) -> dict:
     text = {**_TEXT, "model_type": "qwen3_vl_moe_text" if moe else "qwen3_vl_text",
             "bos_token_id": 151643, "eos_token_id": 151645, "head_dim": 32, "vocab_size": 151936,
-            "max_position_embeddings": 262144, "attention_bias": False, "dtype": "bfloat16",
+            "max_position_embeddings": 262144, "attention_bias": False, "dtype": "float32",
             "rope_scaling": {"mrope_interleaved": True, "mrope_section": [6, 5, 5], "rope_type": "default"},
             "rope_theta": 5000000, "tie_word_embeddings": not moe}
     if moe:
@@ -85,16 +85,21 @@ def _preprocessor(arch: str) -> tuple[dict, dict | None]:
 
 
 def make_tiny(arch: str, out: str | Path, seed: int = 0, text_overrides: dict | None = None,
-              quantize: str = "none") -> Path:
+              quantize: str = "none", dtype: str = "float32", vision_overrides: dict | None = None) -> Path:
     """Write a tiny checkpoint of `arch` into `out` and return its path. text_overrides changes
     language-model sizes (benchmarks use larger ones); "mrope_section" goes to the rope settings.
-    quantize "w8a8" | "w8a8_dynamic": msModelSlim's layout, calibrated on random tokens."""
+    quantize "w8a8" | "w8a8_dynamic": msModelSlim's layout, calibrated on random tokens.
+    dtype: the weights' dtype, declared in config.json as releases do (dtype "auto" follows it);
+    vision_overrides: vision tower sizes (depth, hidden_size, ...)."""
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     config = _qwen2_5_vl() if arch == "qwen2_5_vl" else _qwen3_vl(arch == "qwen3_vl_moe")
+    config["vision_config"].update(vision_overrides or {})
     _override(config, dict(text_overrides or {}))
+    text = config.get("text_config", config)
+    text["torch_dtype" if "torch_dtype" in text else "dtype"] = dtype
     _write_json(out / "config.json", config)
     _write_json(out / "generation_config.json",
                 {"bos_token_id": 151643, "eos_token_id": [151645, 151643], "pad_token_id": 151643,
@@ -104,7 +109,7 @@ def make_tiny(arch: str, out: str | Path, seed: int = 0, text_overrides: dict | 
     if video:
         _write_json(out / "video_preprocessor_config.json", video)
     _write_tokenizer(out, arch)
-    _write_weights(out, ModelConfig.from_hf(out), seed)
+    _write_weights(out, ModelConfig.from_hf(out), seed, getattr(torch, dtype))
     if quantize != "none":
         from qwenvl_pd.model.quant.calibrate import quantize_checkpoint
         quantize_checkpoint(out, quantize, seed)
@@ -128,14 +133,15 @@ def _write_tokenizer(out: Path, arch: str) -> None:
     _write_json(out / "tokenizer_config.json", {**tok_cfg, "chat_template": template})
 
 
-def _write_weights(out: Path, config: ModelConfig, seed: int) -> None:
+def _write_weights(out: Path, config: ModelConfig, seed: int, dtype: torch.dtype) -> None:
     cls, _ = MODELS[config.family]
     with torch.device("meta"):
         shapes = {n: p.shape for n, p in cls(config).named_parameters()}
     if config.text.tie_word_embeddings:
         shapes.pop("lm_head.weight")  # tied checkpoints ship no lm_head
     gen = torch.Generator().manual_seed(seed)
-    save_shards(out, {n: _init(n, s, gen) for n, s in shapes.items()})
+    # drawn in float32 then rounded: a bf16 checkpoint is the float32 one of the same seed, rounded
+    save_shards(out, {n: _init(n, s, gen).to(dtype) for n, s in shapes.items()})
 
 
 def _init(name: str, shape: torch.Size, gen: torch.Generator) -> torch.Tensor:

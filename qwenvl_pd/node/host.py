@@ -3,6 +3,7 @@ the standard health service."""
 import asyncio
 import logging
 import signal
+import time
 from concurrent.futures import Future
 from typing import Callable
 
@@ -17,16 +18,26 @@ from qwenvl_pd.node.runtime import Runtime
 
 log = logging.getLogger(__name__)
 WATCH_S = 0.5  # how often the engine and the ranks are checked
+DRAIN_POLL_S = 0.05
 
 
 class NodeHost:
     """A node's engine thread seen from asyncio: commands go in, step results come out (on_step,
     on the engine thread; post hands them over)."""
 
-    def __init__(self, runtime: Runtime, on_step: Callable[[StepResult], None]):
+    def __init__(self, runtime: Runtime, on_step: Callable[[StepResult], None],
+                 in_flight: Callable[[], int] = lambda: 0):
         self.runtime = runtime
         self.aio = asyncio.get_running_loop()
         self.engine_loop = EngineLoop(runtime.engine, on_step)
+        self.in_flight = in_flight  # requests (prefill: leases too) a drain must wait for
+        self.draining = False
+
+    async def refuse_if_draining(self, context) -> None:
+        """New work goes elsewhere once a drain has begun; what is under way finishes here."""
+        if self.draining:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"{self.runtime.cfg.role} "
+                                f"{self.runtime.instance_id} is draining; send new work elsewhere")
 
     async def call(self, command: Command):
         """Run command on the engine thread and await its result; a caller cancelled before it
@@ -78,13 +89,25 @@ async def serve(runtime: Runtime, register: Callable[[grpc.aio.Server], NodeHost
         asyncio.get_running_loop().add_signal_handler(sig, stop.set)
     failed = await _until_stopped(stop, host, runtime, health_servicer)
     if not failed:  # a signal: the proxy stops routing here while running streams finish
-        log.info("draining for up to %.0f s", runtime.cfg.drain_seconds)
         await health_servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+        await drain(host, runtime.cfg.drain_seconds)
     # after a failure in-flight streams end with an RPC error now, not when their deadline passes
-    await server.stop(grace=0.5 if failed else runtime.cfg.drain_seconds)
+    await server.stop(grace=0.5)
     host.engine_loop.stop()
     runtime.close(failed)
     return 1 if failed else 0
+
+
+async def drain(host: NodeHost, seconds: float) -> None:
+    """Refuse new work, keep serving what is under way (prefill: the KV reads, Release and WatchKV
+    of every lease) until none is left or `seconds` pass: closing the transfer engine under a
+    lease would fail a decode that is still reading it."""
+    host.draining = True
+    deadline = time.monotonic() + seconds
+    log.info("draining: %d in flight, waiting up to %.0f s", host.in_flight(), seconds)
+    while host.in_flight() and time.monotonic() < deadline:
+        await asyncio.sleep(DRAIN_POLL_S)
+    log.info("drained (%d left in flight)", host.in_flight())
 
 
 async def _until_stopped(stop: asyncio.Event, host: NodeHost, runtime: Runtime, health_servicer) -> bool:

@@ -4,24 +4,26 @@ Each tensor-parallel rank registers its own shard of the KV cache with its own t
 prefill lists every rank's segment in the KVHandle. A decode pull is one job that rank 0
 broadcasts on the ranks' host group: each rank reads the heads it owns from the prefill rank(s)
 holding them (kv_transfer/heads.py: any TP sizes that split the same heads), one batched read per
-prefill rank, then the ranks agree on the outcome with one all-reduce. A timed-out
-read is waited for before the rank reports, so when a pull returns no read can still land.
+prefill rank, several pulls at once (node/pull_jobs.py). A timed-out read is waited for before
+the rank reports, so when a pull returns no read can still land.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from qwenvl_pd.engine.ranks import RankContext, recv_message, send_message
+from qwenvl_pd.engine.ranks import IDLE_TIMEOUT, RankContext
 from qwenvl_pd.kv_transfer.transfer_engine import KVTransferEngine, TransferError, TransferTimeout
 from qwenvl_pd.kv_transfer.handle import KVHandle, KVSegment
 from qwenvl_pd.kv_transfer.heads import head_pieces, heads_per_rank, pull_plan
 from qwenvl_pd.kv_transfer.layout import Region
+from qwenvl_pd.node.pull_jobs import PULLS_AT_ONCE, JobPoster, PullJob, serve_jobs
 
 log = logging.getLogger(__name__)
 ADDRESS_BYTES = 256  # a "host:port" session id, padded for the all-gather
@@ -36,26 +38,6 @@ class TransferOptions:
     timeout_s: float = 10.0
 
 
-@dataclass(frozen=True)
-class PullJob:
-    """One request's blocks: remote ids in every prefill rank's region -> local ids."""
-    segments: tuple[KVSegment, ...]  # every prefill rank's, rank order
-    region_num_blocks: int
-    block_bytes: int  # of a prefill rank's block
-    num_kv_heads: int  # of the model: with len(segments) it says which heads each prefill rank holds
-    remote_blocks: tuple[int, ...]
-    local_blocks: tuple[int, ...]
-    layers: tuple[int, int] = (0, 0)  # [first, stop) of the layers to read; (0, 0): all
-
-    @classmethod
-    def of(cls, handle: KVHandle, local_blocks: list[int], layers: range | None = None,
-           remote_blocks: tuple[int, ...] | None = None) -> PullJob:
-        span = (layers.start, layers.stop) if layers is not None else (0, 0)
-        remote = handle.block_ids if remote_blocks is None else tuple(remote_blocks)
-        return cls(handle.segments, handle.region_num_blocks, handle.block_bytes,
-                   handle.fingerprint.num_kv_heads, remote, tuple(local_blocks), span)
-
-
 class RankKV:
     """This rank's transfer engine and registered region; on rank 0 also every rank's segment."""
 
@@ -66,7 +48,12 @@ class RankKV:
         self.tp, self.group, self.role = ctx.tp, ctx.group, opts.role
         own = KVSegment(self.transfer.session_id, self.region.base)
         self.segments = _all_gather(own, ctx) if ctx.group is not None else (own,)
-        self._lock = threading.Lock()  # one job at a time on the group
+        # every rank creates it, in the same order: new_group is collective
+        self.answers_group = (dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
+                              if ctx.group is not None else None)
+        self.jobs = (JobPoster(ctx.group, self.answers_group, self.tp.size)
+                     if ctx.group is not None and self.tp.rank == 0 and self.role == "decode" else None)
+        self._pulls = ThreadPoolExecutor(PULLS_AT_ONCE, thread_name_prefix="kv-pull")
 
     def pull(self, handle: KVHandle, local_blocks: list[int], layers: range | None = None,
              remote_blocks: tuple[int, ...] | None = None) -> int:
@@ -75,9 +62,16 @@ class RankKV:
         job = PullJob.of(handle, local_blocks, layers, remote_blocks)
         if self.group is None:  # one rank: a late read keeps its TransferTimeout for the caller
             return self._read(job, settle=False)
-        with self._lock:
-            _send(job, self.group)
-            return self._agree(job)
+        answers, error, read = self.jobs.post(job), None, 0
+        try:
+            read = self._read(job, settle=True)
+        except (TransferError, ValueError) as e:
+            log.error("rank 0: KV read failed: %s", e)
+            error = e
+        if answers.wait() or error:  # past the wait, no rank's read can still land
+            raise TransferError("KV read failed on at least one tensor-parallel rank"
+                                + (f": {error}" if error else ""))
+        return read
 
     async def pull_async(self, handle: KVHandle, local_blocks: list[int], layers: range | None = None,
                          remote_blocks: tuple[int, ...] | None = None) -> int:
@@ -85,7 +79,7 @@ class RankKV:
         thread (the broadcast and all-reduce block)."""
         if self.group is not None:
             return await asyncio.get_running_loop().run_in_executor(
-                None, self.pull, handle, local_blocks, layers, remote_blocks)
+                self._pulls, self.pull, handle, local_blocks, layers, remote_blocks)
         job = PullJob.of(handle, local_blocks, layers, remote_blocks)
         plan = self._plan(job)
         for rank, slices in plan.items():  # a timeout ends the pull: its `settled` is the last read
@@ -93,25 +87,8 @@ class RankKV:
         return _plan_bytes(plan)
 
     def serve_pulls(self) -> None:
-        """Ranks 1..N-1: run every job rank 0 sends until it closes the group."""
-        while (job := _recv(self.group)) is not None:
-            try:
-                self._agree(job)
-            except TransferError:
-                pass  # rank 0 reports it
-
-    def _agree(self, job: PullJob) -> int:
-        failed, read, error = torch.zeros(1, dtype=torch.long), 0, None
-        try:
-            read = self._read(job, settle=True)
-        except (TransferError, ValueError) as e:  # a bad job must not skip the all-reduce
-            log.error("rank %d: KV read failed: %s", self.tp.rank, e)
-            failed[0], error = 1, e
-        dist.all_reduce(failed, op=dist.ReduceOp.MAX, group=self.group)
-        if failed.item():
-            raise TransferError("KV read failed on at least one tensor-parallel rank"
-                                + (f": {error}" if error else ""))
-        return read
+        """Ranks 1..N-1: run the jobs rank 0 posts until it closes the group."""
+        serve_jobs(self.group, self.answers_group, lambda job: self._read(job, settle=True))
 
     def _read(self, job: PullJob, settle: bool) -> int:
         """One batched read per prefill rank holding heads of ours, in turn: a timeout ends the
@@ -135,9 +112,9 @@ class RankKV:
         return pull_plan(self.region, remotes, pieces, job.remote_blocks, job.local_blocks, layers)
 
     def close(self) -> None:
-        if self.group is not None and self.tp.rank == 0 and self.role == "decode":
-            with self._lock:  # ends the other ranks' serve_pulls
-                _send(None, self.group)
+        if self.jobs is not None:
+            self.jobs.close()  # ends the other ranks' serve_pulls
+        self._pulls.shutdown(wait=False, cancel_futures=True)
         self.transfer.close()
 
 
@@ -165,24 +142,3 @@ def _all_gather(own: KVSegment, ctx: RankContext) -> tuple[KVSegment, ...]:
     dist.all_gather(parts, mine, group=ctx.group)
     return tuple(KVSegment(bytes(p[:ADDRESS_BYTES].tolist()).rstrip(b"\0").decode(),
                            int(p[ADDRESS_BYTES:].view(torch.long))) for p in parts)
-
-
-def _send(job: PullJob | None, group) -> None:
-    if job is None:
-        send_message(None, torch.empty(0, dtype=torch.uint8), group)
-        return
-    addresses = "\n".join(seg.transfer_address for seg in job.segments).encode()
-    ints = torch.tensor([job.region_num_blocks, job.block_bytes, job.num_kv_heads, len(job.remote_blocks),
-                         *job.layers, *(seg.kv_base_ptr for seg in job.segments), *job.remote_blocks, *job.local_blocks])
-    send_message(ints, torch.tensor(list(addresses), dtype=torch.uint8), group)
-
-
-def _recv(group) -> PullJob | None:
-    message = recv_message(group)
-    if message is None:
-        return None
-    values, addresses = message[0].tolist(), bytes(message[1].tolist()).decode().split("\n")
-    region_blocks, block_bytes, heads, n, first, stop = values[:6]
-    ptrs, ids = values[6:6 + len(addresses)], values[6 + len(addresses):]
-    return PullJob(tuple(KVSegment(a, p) for a, p in zip(addresses, ptrs)), region_blocks, block_bytes,
-                   heads, tuple(ids[:n]), tuple(ids[n:]), (first, stop))

@@ -24,6 +24,9 @@ class LeaseTable:
         self._leases: dict[str, Lease] = {}
         self.expired_total = 0
 
+    def __len__(self) -> int:
+        return len(self._leases)
+
     def __contains__(self, request_id: str) -> bool:
         return request_id in self._leases
 

@@ -28,7 +28,8 @@ class PrefillService(pb_grpc.PrefillServicer):
     def __init__(self, runtime: Runtime):
         self.rt = runtime
         self.leases = LeaseTable()
-        self.host = NodeHost(runtime, self._on_step)
+        # a drain waits for running prefills and for the leases decode may still read
+        self.host = NodeHost(runtime, self._on_step, lambda: len(self.waiters) + len(self.leases))
         self.waiters: dict[str, asyncio.Future] = {}
         self.lease_seconds: dict[str, float] = {}  # set before a sequence reaches the engine
         self.watched: dict[str, Watched] = {}  # layer-wise requests, until their lease is gone
@@ -99,6 +100,7 @@ class PrefillService(pb_grpc.PrefillServicer):
         return convert.to_proto(await self._answer(req, seq, context))
 
     async def _parse(self, request, context) -> tuple[PrefillRequest, Sequence]:
+        await self.host.refuse_if_draining(context)
         try:
             req: PrefillRequest = convert.from_proto(request)
             seq = await asyncio.to_thread(sequence_from_request, self.rt.inputs, req, self.rt.max_model_len,
@@ -205,7 +207,7 @@ class PrefillService(pb_grpc.PrefillServicer):
             region_num_blocks=self.rt.region.num_blocks, block_ids=tuple(seq.block_ids),
             num_tokens=seq.prompt_len, fingerprint=self.rt.fingerprint,
             lease_expires_unix_ms=lease_ms, control_address=f"{self.rt.cfg.host}:{self.rt.cfg.port}",
-            rank_segments=self.rt.kv.segments[1:])
+            rank_segments=self.rt.kv.segments[1:], request_id=seq.request_id)
 
     async def Release(self, request, context):
         return pb.ReleaseResponse(released=await self._release(request.request_id, request.instance_id))

@@ -28,7 +28,8 @@ PAIRS: dict[type, type] = {
     PrefillStreamEvent: pb.PrefillStreamEvent, KVProgress: pb.KVProgress,
 }
 _BACK = {msg: cls for cls, msg in PAIRS.items()}
-SKIPPED = {SamplingParams: {"stop"}}  # dataclass fields that never go on the wire
+# dataclass fields that never go on the wire: the proxy applies stop strings and decodes text
+SKIPPED = {SamplingParams: {"stop", "spaces_between_special_tokens"}}
 _TUPLE_MESSAGES = (pb.GridTHW, pb.TopLogprob)  # carried as plain tuples of their fields
 
 
@@ -42,6 +43,9 @@ def to_proto(obj: Any):
         if f.name in SKIPPED.get(type(obj), ()) or value is None:
             continue
         fd = fields[f.name]
+        if _is_map(fd):
+            kwargs[f.name] = dict(value)
+            continue
         kwargs[f.name] = [_to_value(fd, v) for v in value] if fd.is_repeated else _to_value(fd, value)
     return msg_cls(**kwargs)
 
@@ -55,7 +59,9 @@ def from_proto(msg) -> Any:
             continue
         fd = msg.DESCRIPTOR.fields_by_name[f.name]
         value = getattr(msg, f.name)
-        if fd.is_repeated:
+        if _is_map(fd):  # an empty map is the dataclass's None
+            kwargs[f.name] = dict(value) or None
+        elif fd.is_repeated:
             kwargs[f.name] = [_from_value(fd, v) for v in value]
         elif fd.has_presence and not msg.HasField(f.name):
             if fd.message_type is None:
@@ -92,6 +98,10 @@ def _from_value(fd, value):
     if type(value) in _TUPLE_MESSAGES:
         return tuple(getattr(value, name) for name in _names(fd))
     return from_proto(value)
+
+
+def _is_map(fd) -> bool:
+    return fd.message_type is not None and fd.message_type.GetOptions().map_entry
 
 
 def _names(fd) -> list[str]:

@@ -8,7 +8,14 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class SamplingParams(_message.Message):
-    __slots__ = ("n", "temperature", "top_p", "top_k", "min_p", "seed", "max_tokens", "max_completion_tokens", "min_tokens", "stop_token_ids", "ignore_eos", "logprobs", "repetition_penalty", "presence_penalty", "frequency_penalty", "skip_special_tokens", "structured_outputs", "prompt_logprobs")
+    __slots__ = ("n", "temperature", "top_p", "top_k", "min_p", "seed", "max_tokens", "max_completion_tokens", "min_tokens", "stop_token_ids", "ignore_eos", "logprobs", "repetition_penalty", "presence_penalty", "frequency_penalty", "skip_special_tokens", "structured_outputs", "prompt_logprobs", "logit_bias")
+    class LogitBiasEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: float
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[float] = ...) -> None: ...
     N_FIELD_NUMBER: _ClassVar[int]
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     TOP_P_FIELD_NUMBER: _ClassVar[int]
@@ -27,6 +34,7 @@ class SamplingParams(_message.Message):
     SKIP_SPECIAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
     STRUCTURED_OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     PROMPT_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    LOGIT_BIAS_FIELD_NUMBER: _ClassVar[int]
     n: int
     temperature: float
     top_p: float
@@ -45,7 +53,8 @@ class SamplingParams(_message.Message):
     skip_special_tokens: bool
     structured_outputs: StructuredOutputsParams
     prompt_logprobs: int
-    def __init__(self, n: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., min_p: _Optional[float] = ..., seed: _Optional[int] = ..., max_tokens: _Optional[int] = ..., max_completion_tokens: _Optional[int] = ..., min_tokens: _Optional[int] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., ignore_eos: _Optional[bool] = ..., logprobs: _Optional[int] = ..., repetition_penalty: _Optional[float] = ..., presence_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., skip_special_tokens: _Optional[bool] = ..., structured_outputs: _Optional[_Union[StructuredOutputsParams, _Mapping]] = ..., prompt_logprobs: _Optional[int] = ...) -> None: ...
+    logit_bias: _containers.ScalarMap[int, float]
+    def __init__(self, n: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., min_p: _Optional[float] = ..., seed: _Optional[int] = ..., max_tokens: _Optional[int] = ..., max_completion_tokens: _Optional[int] = ..., min_tokens: _Optional[int] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., ignore_eos: _Optional[bool] = ..., logprobs: _Optional[int] = ..., repetition_penalty: _Optional[float] = ..., presence_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., skip_special_tokens: _Optional[bool] = ..., structured_outputs: _Optional[_Union[StructuredOutputsParams, _Mapping]] = ..., prompt_logprobs: _Optional[int] = ..., logit_bias: _Optional[_Mapping[int, float]] = ...) -> None: ...
 
 class StructuredOutputsParams(_message.Message):
     __slots__ = ("json", "regex", "choice", "grammar", "json_object", "resume_token_ids")
@@ -172,7 +181,7 @@ class LayoutFingerprint(_message.Message):
     def __init__(self, model: _Optional[str] = ..., dtype: _Optional[str] = ..., block_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., tp_size: _Optional[int] = ..., tp_rank: _Optional[int] = ..., quantization: _Optional[str] = ...) -> None: ...
 
 class KVHandle(_message.Message):
-    __slots__ = ("instance_id", "transfer_address", "kv_base_ptr", "block_bytes", "region_num_blocks", "block_ids", "num_tokens", "fingerprint", "lease_expires_unix_ms", "control_address", "rank_segments", "signature")
+    __slots__ = ("instance_id", "transfer_address", "kv_base_ptr", "block_bytes", "region_num_blocks", "block_ids", "num_tokens", "fingerprint", "lease_expires_unix_ms", "control_address", "rank_segments", "signature", "request_id")
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     KV_BASE_PTR_FIELD_NUMBER: _ClassVar[int]
@@ -185,6 +194,7 @@ class KVHandle(_message.Message):
     CONTROL_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     RANK_SEGMENTS_FIELD_NUMBER: _ClassVar[int]
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     instance_id: str
     transfer_address: str
     kv_base_ptr: int
@@ -197,7 +207,8 @@ class KVHandle(_message.Message):
     control_address: str
     rank_segments: _containers.RepeatedCompositeFieldContainer[KVSegment]
     signature: bytes
-    def __init__(self, instance_id: _Optional[str] = ..., transfer_address: _Optional[str] = ..., kv_base_ptr: _Optional[int] = ..., block_bytes: _Optional[int] = ..., region_num_blocks: _Optional[int] = ..., block_ids: _Optional[_Iterable[int]] = ..., num_tokens: _Optional[int] = ..., fingerprint: _Optional[_Union[LayoutFingerprint, _Mapping]] = ..., lease_expires_unix_ms: _Optional[int] = ..., control_address: _Optional[str] = ..., rank_segments: _Optional[_Iterable[_Union[KVSegment, _Mapping]]] = ..., signature: _Optional[bytes] = ...) -> None: ...
+    request_id: str
+    def __init__(self, instance_id: _Optional[str] = ..., transfer_address: _Optional[str] = ..., kv_base_ptr: _Optional[int] = ..., block_bytes: _Optional[int] = ..., region_num_blocks: _Optional[int] = ..., block_ids: _Optional[_Iterable[int]] = ..., num_tokens: _Optional[int] = ..., fingerprint: _Optional[_Union[LayoutFingerprint, _Mapping]] = ..., lease_expires_unix_ms: _Optional[int] = ..., control_address: _Optional[str] = ..., rank_segments: _Optional[_Iterable[_Union[KVSegment, _Mapping]]] = ..., signature: _Optional[bytes] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class KVSegment(_message.Message):
     __slots__ = ("transfer_address", "kv_base_ptr")

@@ -23,16 +23,18 @@ from qwenvl_pd.proxy.vllm_fields import CHAT_REFUSED, COMPLETION_REFUSED, is_noo
 from qwenvl_pd.sampling_params import SamplingParams
 
 __all__ = ["TextPart", "ImagePart", "VideoPart", "Part", "ChatMessage", "ChatRequest", "CompletionRequest",
-           "parse_chat_request", "parse_completion_request", "parse_parts", "refuse_unsupported",
+           "parse_chat_request", "parse_completion_request", "parse_parts", "refuse_unsupported", "typed",
            "request_common", "require_object"]
 
-ROLES = ("system", "user", "assistant", "tool")
+ROLES = ("system", "developer", "user", "assistant", "tool")  # developer: OpenAI's new name for system
 URL_SCHEMES = ("data", "http", "https", "file")
 MAX_N = 128
 MAX_STOP = 64
 MAX_STOP_CHARS = 1024       # one stop string: each is searched in every new piece of text
 MAX_STOP_TOKEN_IDS = 1024
 MAX_LOGPROBS = 20  # what the sampler returns; OpenAI's own cap for chat
+MAX_PROMPTS = 128  # prompts in one /v1/completions batch; each is n samples of its own
+LOGIT_BIAS_BOUND = 100.0  # OpenAI's range; vLLM clamps to it
 INT64 = (-(2**63), 2**63 - 1)  # the proto's seed type
 
 
@@ -74,6 +76,7 @@ class _Common:
     stream: bool
     include_usage: bool
     cache_salt: str = ""  # vLLM's: prefix-cache hits only among requests of the same salt
+    continuous_usage: bool = False  # vLLM's stream_options.continuous_usage_stats: usage on every chunk
 
     @property
     def n(self) -> int:
@@ -104,13 +107,18 @@ class ChatRequest(_Common):
 @dataclass(frozen=True)
 class CompletionRequest(_Common):
     prompt: str | tuple[int, ...] = ""  # text, or token ids
+    more_prompts: tuple[str | tuple[int, ...], ...] = ()  # a batch's prompts after the first
     logprobs: int | None = None
     echo: bool = False  # the prompt's text (and with logprobs its entries) before each completion's
+
+    @property
+    def prompts(self) -> tuple[str | tuple[int, ...], ...]:
+        return (self.prompt, *self.more_prompts)
 
 
 # ---- field readers: each raises a 400 naming the field -------------------------------------
 
-def _typed(body: dict, key: str, kinds: tuple[type, ...], what: str, path: str | None = None) -> Any:
+def typed(body: dict, key: str, kinds: tuple[type, ...], what: str, path: str | None = None) -> Any:
     v = body.get(key)
     if v is None:
         return None
@@ -123,7 +131,7 @@ def _typed(body: dict, key: str, kinds: tuple[type, ...], what: str, path: str |
 
 def _num(body: dict, key: str, default: float, lo: float, hi: float = math.inf,
          lo_open: bool = False) -> float:
-    v = _typed(body, key, (int, float), "a number")
+    v = typed(body, key, (int, float), "a number")
     if v is None:
         return default
     if v < lo or (lo_open and v == lo) or v > hi:
@@ -133,7 +141,7 @@ def _num(body: dict, key: str, default: float, lo: float, hi: float = math.inf,
 
 
 def _int(body: dict, key: str, default: int | None, lo: int, hi: int | None = None) -> int | None:
-    v = _typed(body, key, (int,), "an integer")
+    v = typed(body, key, (int,), "an integer")
     if v is None:
         return default
     if v < lo or (hi is not None and v > hi):
@@ -143,7 +151,7 @@ def _int(body: dict, key: str, default: int | None, lo: int, hi: int | None = No
 
 
 def _bool(body: dict, key: str, default: bool) -> bool:
-    v = _typed(body, key, (bool,), "a boolean")
+    v = typed(body, key, (bool,), "a boolean")
     return default if v is None else v
 
 
@@ -177,20 +185,21 @@ def refuse_unsupported(body: dict, names: Sequence[str]) -> None:
             raise bad_request(f"'{key}' is not supported by this server", key)
 
 
-def _stream(body: dict) -> tuple[bool, bool]:
+def _stream(body: dict) -> tuple[bool, bool, bool]:
+    """(stream, include_usage, continuous usage): vLLM's continuous_usage_stats puts the usage so
+    far on every chunk, and only with include_usage, as vLLM does."""
     stream = _bool(body, "stream", False)
     opts = body.get("stream_options")
     if opts is None:
-        return stream, False
+        return stream, False, False
     if not isinstance(opts, dict):
         raise bad_request("'stream_options' must be an object", "stream_options")
     if not stream:
         raise bad_request("'stream_options' is only allowed when 'stream' is true", "stream_options")
-    if opts.get("continuous_usage_stats"):  # vLLM's usage on every chunk: not built
-        raise bad_request("'stream_options.continuous_usage_stats' is not supported by this server",
-                          "stream_options.continuous_usage_stats")
-    return stream, bool(_typed(opts, "include_usage", (bool,), "a boolean",
-                               "stream_options.include_usage"))
+    usage = bool(typed(opts, "include_usage", (bool,), "a boolean", "stream_options.include_usage"))
+    every = bool(typed(opts, "continuous_usage_stats", (bool,), "a boolean",
+                        "stream_options.continuous_usage_stats"))
+    return stream, usage, usage and every
 
 
 def _prompt_logprobs(body: dict) -> int | None:
@@ -228,13 +237,34 @@ def _sampling(body: dict, max_default: int | None, logprobs: int | None,
             presence_penalty=_num(body, "presence_penalty", 0.0, -2.0, 2.0),
             frequency_penalty=_num(body, "frequency_penalty", 0.0, -2.0, 2.0),
             skip_special_tokens=_bool(body, "skip_special_tokens", True),
+            spaces_between_special_tokens=_bool(body, "spaces_between_special_tokens", True),
+            logit_bias=_logit_bias(body),
             structured_outputs=parse_structured(body))
     except ValueError as e:  # a rule SamplingParams has and the readers above lack
         raise bad_request(str(e)) from None
 
 
+def _logit_bias(body: dict) -> dict[int, float] | None:
+    """OpenAI's {"<token id>": bias}; biases clamped to [-100, 100] as vLLM does. Ids past the
+    vocabulary are refused once the model is known (prompt/inputs.py)."""
+    v = body.get("logit_bias")
+    if v is None or v == {}:
+        return None
+    if not isinstance(v, dict):
+        raise bad_request("'logit_bias' must be an object mapping token ids to biases", "logit_bias")
+    out = {}
+    for key, bias in v.items():
+        tid = int(key) if isinstance(key, str) and key.strip().isdigit() else None
+        ok = type(bias) in (int, float) and math.isfinite(bias)
+        if tid is None or not ok:
+            raise bad_request(f"'logit_bias' maps token ids to numbers; got {key!r}: {bias!r}",
+                              "logit_bias")
+        out[tid] = min(LOGIT_BIAS_BOUND, max(-LOGIT_BIAS_BOUND, float(bias)))
+    return out
+
+
 def _model(body: dict) -> str | None:
-    return _typed(body, "model", (str,), "a string")
+    return typed(body, "model", (str,), "a string")
 
 
 def require_object(body: Any) -> dict:
@@ -264,7 +294,7 @@ def _part(p: Any, path: str) -> Part:
         raise bad_request("a content part must be an object", path)
     kind = p.get("type")
     if kind == "text":
-        return TextPart(_typed(p, "text", (str,), "a string", f"{path}.text") or "")
+        return TextPart(typed(p, "text", (str,), "a string", f"{path}.text") or "")
     if kind == "image_url":
         detail = p["image_url"].get("detail") if isinstance(p.get("image_url"), dict) else None
         return ImagePart(_url(p.get("image_url"), path, "image_url"), detail)
@@ -280,11 +310,12 @@ def _message(m: Any, path: str) -> ChatMessage:
     role = m.get("role")
     if role not in ROLES:
         raise bad_request(f"'role' must be one of {ROLES}, got {role!r}", f"{path}.role")
+    role = "system" if role == "developer" else role  # as vLLM and OpenAI treat it
     content = m.get("content")
     if content is None and role == "assistant":
         content = ""  # an assistant turn may carry no text
     extra = dict(tool_calls=_tool_calls(m, path) if role == "assistant" else (),
-                 tool_call_id=_typed(m, "tool_call_id", (str,), "a string", f"{path}.tool_call_id"))
+                 tool_call_id=typed(m, "tool_call_id", (str,), "a string", f"{path}.tool_call_id"))
     if isinstance(content, str):
         return ChatMessage(role, content, **extra)
     if not isinstance(content, list):
@@ -323,10 +354,11 @@ def _messages(raw: Any) -> tuple[ChatMessage, ...]:
 def request_common(body: dict, max_default: int | None, logprobs: int | None,
                    prompt_logprobs: int | None = None) -> dict[str, Any]:
     """The fields every request type shares, as keyword arguments of its dataclass."""
-    stream, include_usage = _stream(body)
+    stream, include_usage, continuous = _stream(body)
     sampling = _sampling(body, max_default, logprobs, prompt_logprobs)
     return dict(model=_model(body), sampling=sampling, stream=stream, include_usage=include_usage,
-                cache_salt=_typed(body, "cache_salt", (str,), "a string") or "")
+                cache_salt=typed(body, "cache_salt", (str,), "a string") or "",
+                continuous_usage=continuous)
 
 
 def parse_chat_request(body: Any) -> ChatRequest:
@@ -338,7 +370,7 @@ def parse_chat_request(body: Any) -> ChatRequest:
     top = _int(body, "top_logprobs", None, 0, MAX_LOGPROBS)
     if top is not None and not want:
         raise bad_request("'top_logprobs' requires 'logprobs' to be true", "top_logprobs")
-    kwargs = _typed(body, "chat_template_kwargs", (dict,), "an object") or {}
+    kwargs = typed(body, "chat_template_kwargs", (dict,), "an object") or {}
     common = request_common(body, None, (top or 0) if want else None, _prompt_logprobs(body))
     tools = parse_tools(body)
     spec = tools.grammar()
@@ -353,27 +385,40 @@ def parse_chat_request(body: Any) -> ChatRequest:
                        chat_template_kwargs=dict(kwargs), tools=tools)
 
 
-def _prompt(v: Any) -> str | tuple[int, ...]:
-    if isinstance(v, list) and len(v) == 1 and isinstance(v[0], (str, list)):
-        v = v[0]  # a batch of one is the same request
+def _one_prompt(v: Any) -> str | tuple[int, ...] | None:
     if isinstance(v, str) and v:
         return v
     if isinstance(v, list) and v and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
                                          for t in v):
         return tuple(v)
-    raise bad_request("'prompt' must be a non-empty string or a non-empty list of token ids "
-                      "(batches of several prompts are not supported)", "prompt")
+    return None
+
+
+def _prompts(v: Any) -> tuple[str | tuple[int, ...], ...]:
+    """One prompt (text or token ids), or a batch: a list of texts or of token id lists."""
+    one = _one_prompt(v)
+    if one is not None:
+        return (one,)
+    batch = tuple(_one_prompt(p) for p in v) if isinstance(v, list) and v and not \
+        any(isinstance(p, int) for p in v) else (None,)
+    if None in batch:
+        raise bad_request("'prompt' must be a non-empty string, a non-empty list of token ids, or a "
+                          "non-empty list of those", "prompt")
+    if len(batch) > MAX_PROMPTS:
+        raise bad_request(f"'prompt' has {len(batch)} prompts; at most {MAX_PROMPTS} are allowed",
+                          "prompt")
+    return batch
 
 
 def parse_completion_request(body: Any) -> CompletionRequest:
     body = require_object(body)
     refuse_unsupported(body, COMPLETION_REFUSED)
-    prompt = _prompt(body.get("prompt"))
+    prompts = _prompts(body.get("prompt"))
     logprobs = _int(body, "logprobs", None, 0, MAX_LOGPROBS)
     echo = _bool(body, "echo", False)
     prompt_logprobs = _prompt_logprobs(body)
     if prompt_logprobs is None and echo:  # vLLM's rule: the echoed prompt gets logprobs' count
         prompt_logprobs = logprobs
     # 16 is the legacy completions API default; chat has none (the context length bounds it)
-    return CompletionRequest(**request_common(body, 16, logprobs, prompt_logprobs), prompt=prompt,
-                             logprobs=logprobs, echo=echo)
+    return CompletionRequest(**request_common(body, 16, logprobs, prompt_logprobs), prompt=prompts[0],
+                             more_prompts=prompts[1:], logprobs=logprobs, echo=echo)

@@ -5,7 +5,7 @@ import json
 import math
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -132,11 +132,13 @@ def _completion_choice(c: Choice) -> dict[str, Any]:
 @dataclass(frozen=True)
 class ChunkBuilder:
     """Streaming chunks of one request: role delta (chat) first, content deltas, one finish
-    chunk per choice, then the usage chunk (empty choices) when include_usage is set."""
+    chunk per choice, then the usage chunk (empty choices) when include_usage is set. With
+    usage_now (vLLM's continuous_usage_stats) every chunk carries the usage so far."""
     rid: str
     model: str
     chat: bool
     include_usage: bool = False
+    usage_now: Callable[[], dict[str, Any]] | None = None
     created: int = field(default_factory=lambda: int(time.time()))
 
     def _chunk(self, choices: list[dict]) -> dict[str, Any]:
@@ -144,12 +146,12 @@ class ChunkBuilder:
         out = {"id": self.rid, "object": obj, "created": self.created, "model": self.model,
                "choices": choices}
         if self.include_usage:
-            out["usage"] = None  # OpenAI: every chunk but the last carries a null usage
+            # OpenAI: every chunk but the last carries a null usage
+            out["usage"] = None if self.usage_now is None else self.usage_now()
         return out
 
     def _choice(self, index: int, text: str, finish: str | None,
-                logprobs: Sequence[TokenLogprob] | None, role: bool = False,
-                tool_calls: Sequence = ()) -> dict[str, Any]:
+                logprobs: Sequence[TokenLogprob] | None, role: bool = False) -> dict[str, Any]:
         if not self.chat:
             lp = None if logprobs is None else completion_logprobs(logprobs)
             return {"index": index, "text": text, "logprobs": lp, "finish_reason": finish}
@@ -157,10 +159,14 @@ class ChunkBuilder:
             delta = {"role": "assistant", "content": ""}
         else:  # a finish chunk without text carries an empty delta, as OpenAI's does
             delta = {"content": text} if text or not finish else {}
-            if tool_calls:
-                delta["tool_calls"] = [c.openai(k) for k, c in enumerate(tool_calls)]
         lp = None if logprobs is None else chat_logprobs(logprobs)
         return {"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish}
+
+    def chat_delta(self, index: int, delta: dict[str, Any], finish: str | None,
+                   logprobs: Sequence[TokenLogprob] | None = None) -> dict[str, Any]:
+        """A chat chunk with the delta as given (tool call fragments, content, or nothing)."""
+        lp = None if logprobs is None else chat_logprobs(logprobs)
+        return self._chunk([{"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish}])
 
     def role(self, index: int = 0) -> dict[str, Any]:
         return self._chunk([self._choice(index, "", None, None, role=True)])
@@ -169,8 +175,8 @@ class ChunkBuilder:
         return self._chunk([self._choice(index, text, None, logprobs)])
 
     def finish(self, reason: str, index: int = 0, text: str = "",
-               logprobs: Sequence[TokenLogprob] | None = None, tool_calls: Sequence = ()) -> dict:
-        return self._chunk([self._choice(index, text, reason, logprobs, tool_calls=tool_calls)])
+               logprobs: Sequence[TokenLogprob] | None = None) -> dict:
+        return self._chunk([self._choice(index, text, reason, logprobs)])
 
     def usage(self, usage_: dict[str, Any]) -> dict[str, Any]:
         return {**self._chunk([]), "usage": usage_}

@@ -14,7 +14,8 @@ from typing import Any
 from qwenvl_pd.proxy.errors import bad_request
 from qwenvl_pd.sampling_params import StructuredOutputsParams
 
-__all__ = ["Tools", "ToolCall", "parse_tools", "tool_system_prompt", "parse_output"]
+__all__ = ["Tools", "ToolCall", "parse_tools", "tool_system_prompt", "parse_output", "hermes_call",
+           "held_back"]
 
 CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.S)
 OPEN = "<tool_call>"
@@ -133,7 +134,7 @@ def parse_output(tools: Tools, text: str) -> tuple[str | None, tuple[ToolCall, .
                            for c in calls)
     if tools.mode != "auto" or OPEN not in text:
         return text, ()
-    calls = tuple(c for c in (_hermes(m) for m in CALL.findall(text)) if c is not None)
+    calls = tuple(c for c in (hermes_call(m) for m in CALL.findall(text)) if c is not None)
     calls = calls if tools.parallel else calls[:1]
     if not calls:
         return text, ()
@@ -141,7 +142,8 @@ def parse_output(tools: Tools, text: str) -> tuple[str | None, tuple[ToolCall, .
     return content or None, calls
 
 
-def _hermes(body: str) -> ToolCall | None:
+def hermes_call(body: str) -> ToolCall | None:
+    """One call's JSON body -> the call; None unless it is {"name": str, "arguments": ...}."""
     try:
         call = json.loads(body)
     except ValueError:
@@ -152,9 +154,9 @@ def _hermes(body: str) -> ToolCall | None:
     return ToolCall(call["name"], args if isinstance(args, str) else json.dumps(args, ensure_ascii=False))
 
 
-def held_back(text: str) -> int:
-    """How many trailing characters of streamed text may be the start of <tool_call>."""
-    for k in range(min(len(OPEN) - 1, len(text)), 0, -1):
-        if OPEN.startswith(text[-k:]):
+def held_back(text: str, token: str = OPEN) -> int:
+    """How many trailing characters of streamed text may be the start of `token`."""
+    for k in range(min(len(token) - 1, len(text)), 0, -1):
+        if token.startswith(text[-k:]):
             return k
     return 0

@@ -13,8 +13,8 @@ __all__ = ["COMMON_REFUSED", "CHAT_REFUSED", "COMPLETION_REFUSED", "GENERATE_REF
 
 # refused on every route
 COMMON_REFUSED = (
-    "best_of", "use_beam_search", "length_penalty", "logit_bias", "include_stop_str_in_output",
-    "spaces_between_special_tokens", "truncate_prompt_tokens", "truncation_side",
+    "best_of", "use_beam_search", "length_penalty", "include_stop_str_in_output",
+    "truncate_prompt_tokens", "truncation_side",
     "allowed_token_ids", "bad_words", "logprob_token_ids", "guided_whitespace_pattern",
     "structural_tag", "priority", "logits_processors", "return_tokens_as_token_ids",
     "return_token_ids", "return_prompt_text", "kv_transfer_params",
@@ -33,7 +33,6 @@ GENERATE_REFUSED = COMMON_REFUSED + ("logprobs", "prompt_logprobs", "stream_opti
 _DEFAULTS: dict[str, tuple[Any, ...]] = {
     "best_of": (1,),  # `vllm bench serve` sends best_of: 1
     "length_penalty": (1, 1.0),
-    "spaces_between_special_tokens": (True,),
     "include_reasoning": (True,),  # no reasoning parser here: all text is content, as vLLM without one
     "priority": (0,),
     "routed_experts_prompt_start": (0,),

@@ -156,6 +156,59 @@ async def _run_layerwise(p_addr: str, d_addr: str, req) -> tuple[list[int], str]
     return await pd_generate(p_addr, d_addr, req, layerwise=True)
 
 
+def test_a_tp_decodes_pull_from_a_healthy_prefill_passes_one_stuck_on_a_hung_prefill(cluster_of):
+    """D2 pulls request X from P2, which is stopped (its read hangs), then Y from P1: Y streams to
+    its end while X is still stuck (pulls used to queue behind one lock on the ranks' group)."""
+    cluster = cluster_of(list(CHECKPOINTS)[-1])
+    (hung_proc, hung_addr), p_addr = cluster.nodes["prefill", 2], cluster.address("prefill", 1)
+    d_addr = cluster.address("decode", 2)
+    llm = LLM(model=cluster.model, max_model_len=2048)
+    greedy = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    x, y, warm_x, warm_y = (_pd_request(llm, rid, {"prompt": _chat(f"pull {rid} " * 20)}, greedy)
+                            for rid in ("px", "py", "wx", "wy"))
+    llm.close()
+    # decode has read from both before: Mooncake's first contact with a peer (its handshake)
+    # blocks the engine's other first contacts, a limit of Mooncake's, not of the pulls
+    for prefill, warm in ((hung_addr, warm_x), (p_addr, warm_y)):
+        assert asyncio.run(_run(prefill, d_addr, warm))[1] == "length"
+    pids = [hung_proc.pid, *rank_children(hung_proc.pid)]
+    y_reason, x_running, x_code = asyncio.run(_pull_past_a_hung_prefill(hung_addr, p_addr, d_addr, x, y, pids))
+    assert (y_reason, x_running) == ("length", True)
+    assert x_code == grpc.StatusCode.UNAVAILABLE
+    for prefill in (hung_addr, p_addr):
+        pl, dl = asyncio.run(_settled_loads(prefill, d_addr, timeout=30))
+        assert (pl.blocks_used, dl.blocks_used, dl.running) == (0, 0, 0)
+
+
+async def _pull_past_a_hung_prefill(hung_addr, p_addr, d_addr, x, y, pids):
+    hung, p, d = (Instance.connect(role, a) for role, a in (("prefill", hung_addr), ("prefill", p_addr),
+                                                              ("decode", d_addr)))
+    x_result, y_result = await pd_client.prefill(hung, x), await pd_client.prefill(p, y)
+
+    async def decode(req, result):
+        reason = ""
+        async for event in pd_client.decode(d, pd_client.decode_request(req, result)):
+            reason = event.finish_reason or reason
+        return reason
+
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        x_task = asyncio.ensure_future(decode(x, x_result))
+        await asyncio.sleep(0.5)  # X's pull is posted to every rank and hangs there
+        y_reason = await decode(y, y_result)
+        x_running = not x_task.done()
+        with pytest.raises(grpc.aio.AioRpcError) as x_error:  # still stopped: X's read times out
+            await x_task
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+    await pd_client.abort(hung, "prefill", x.request_id)
+    for inst in (hung, p, d):
+        await inst.channel.close()
+    return y_reason, x_running, x_error.value.code()
+
+
 def test_a_decode_rank_killed_mid_stream_ends_the_stream_and_the_instance(cluster_of):
     """The last cluster's D2 loses its rank 1 mid-stream: the stream fails with a status, the
     instance exits non-zero, and prefill's lease is freed all the same."""

@@ -246,6 +246,42 @@ def test_sigterm_drains_a_running_stream_then_exits_0(shared):
     finally:
         stop(node)
 
+def test_a_draining_prefill_keeps_serving_the_kv_it_leased_then_exits_0(shared):
+    llm, model, _, (_, d_addr) = shared
+    node, addr = start_node("prefill", model, "--drain-seconds", "20")
+    req = _pd_request(llm, "dr1", {"prompt": _chat("lease me " * 30)},
+                      SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
+    expected = llm.generate({"prompt": _chat("lease me " * 30)},
+                            SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))[0].outputs[0].token_ids
+
+    async def scenario():
+        p, d = Instance.connect("prefill", addr), Instance.connect("decode", d_addr)
+        result = await pd_client.prefill(p, req)
+        node.send_signal(signal.SIGTERM)  # the lease is held; decode has not read it yet
+        await asyncio.sleep(1.0)
+        refused = None
+        try:
+            await pd_client.prefill(p, dataclasses.replace(req, request_id="dr2"))
+        except grpc.aio.AioRpcError as e:
+            refused = (e.code(), "draining" in e.details())
+        tokens = [result.first_token.token_id]
+        async for ev in pd_client.decode(d, pd_client.decode_request(req, result)):
+            tokens += [ev.token.token_id] if ev.token else []
+        await p.channel.close()
+        await d.channel.close()
+        return refused, tokens
+
+    try:
+        refused, tokens = asyncio.run(scenario())
+        assert refused == (grpc.StatusCode.UNAVAILABLE, True)
+        assert tokens == list(expected)  # read from the draining prefill, after its SIGTERM
+        started = time.monotonic()
+        assert node.wait(timeout=15) == 0  # exits once decode released the lease, not at 20 s
+        assert time.monotonic() - started < 10
+    finally:
+        stop(node)
+
+
 def test_decode_killed_mid_transfer_lease_frees_prefill_blocks(shared):
     llm, model, (p_proc, p_addr), _ = shared
     victim, victim_addr = start_node("decode", model)
@@ -395,12 +431,19 @@ def test_with_the_cluster_secret_unsigned_calls_and_handles_are_refused(shared, 
             with pytest.raises(grpc.aio.AioRpcError) as unsigned:
                 async for _ in pd_client.decode(d, pd_client.decode_request(req, forged)):
                     pass
+            # the signed handle paired with another request of the same length
+            with pytest.raises(grpc.aio.AioRpcError) as paired:
+                async for _ in pd_client.decode(d, pd_client.decode_request(
+                        dataclasses.replace(req, request_id="auth2"), result)):
+                    pass
             events = [ev async for ev in pd_client.decode(d, pd_client.decode_request(req, result))]
             for inst in (bare, p, d):
                 await inst.channel.close()
-            return refused.value, unsigned.value, events
+            return refused.value, unsigned.value, events, paired.value
 
-        refused, unsigned, events = asyncio.run(scenario())
+        refused, unsigned, events, paired = asyncio.run(scenario())
+        assert paired.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert "issued for request 'auth1', not 'auth2'" in paired.details()
         assert refused.code() == grpc.StatusCode.UNAUTHENTICATED and "cluster secret" in refused.details()
         assert unsigned.code() == grpc.StatusCode.PERMISSION_DENIED
         assert "was not signed by a prefill of this cluster" in unsigned.details()

@@ -200,6 +200,29 @@ def test_mindie_generate_answers_like_chat_and_completions(client, llm, cluster)
     assert updates[-1] == {"text": ["Once upon a" + completion.choices[0].text]}
 
 
+def test_what_vllm_accepts_from_the_openai_client(client, cluster):
+    # the developer role, models.retrieve, logit_bias in prefill's and decode's samplers, a batch
+    # of prompts, and usage on every chunk (guidellm's default)
+    name = client.models.list().data[0].id
+    assert client.models.retrieve(name).id == name and client.models.retrieve("tiny").id == "tiny"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("no-such-model")
+    r = client.chat.completions.create(model="tiny", max_tokens=5, temperature=0, logit_bias={"1000": 100},
+                                       messages=[{"role": "developer", "content": "Be brief."},
+                                                 {"role": "user", "content": "Hi"}])
+    forced = httpx.post(cluster.url + "/detokenize", json={"tokens": [1000] * 5},
+                        headers={"Authorization": f"Bearer {KEY}"}).json()["prompt"]
+    assert r.choices[0].message.content == forced and r.usage.completion_tokens == 5
+    greedy = dict(model="tiny", max_tokens=5, temperature=0, extra_body={"ignore_eos": True})
+    one = [client.completions.create(prompt=p, **greedy).choices[0].text for p in ("Once upon a", "The sky")]
+    batch = client.completions.create(prompt=["Once upon a", "The sky"], **greedy)
+    assert [(c.index, c.text) for c in batch.choices] == [(0, one[0]), (1, one[1])]
+    chunks = list(client.completions.create(prompt="Once upon a", stream=True, stream_options={
+        "include_usage": True, "continuous_usage_stats": True}, **greedy))
+    assert all(ch.usage is not None for ch in chunks) and chunks[-1].usage.completion_tokens == 5
+    assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == one[0]
+
+
 def test_requests_spread_over_every_instance(cluster):
     async def burst():
         aclient = openai.AsyncOpenAI(base_url=cluster.url + "/v1", api_key=KEY, timeout=60, max_retries=0)
@@ -335,8 +358,10 @@ def test_auto_tool_call_text_becomes_tool_calls_streamed_and_not(client):
     jsonschema.validate(json.loads(call.function.arguments), WEATHER)
     chunks = [ch.choices[0] for ch in client.chat.completions.create(stream=True, **kw) if ch.choices]
     streamed = [tc for ch in chunks for tc in (ch.delta.tool_calls or [])]
-    assert [(tc.index, tc.function.name, tc.function.arguments) for tc in streamed] == \
-        [(0, "get_weather", call.function.arguments)]
+    # as vLLM's hermes parser streams: the id and name first, then the arguments in fragments
+    assert (streamed[0].index, streamed[0].function.name) == (0, "get_weather") and streamed[0].id
+    assert len(streamed) > 2 and {tc.index for tc in streamed} == {0}
+    assert "".join(tc.function.arguments or "" for tc in streamed) == call.function.arguments
     assert "".join(ch.delta.content or "" for ch in chunks) == ""
     assert chunks[-1].finish_reason == "tool_calls"
     # the call and its result go back in the next turn

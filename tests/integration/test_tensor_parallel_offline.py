@@ -1,5 +1,6 @@
 """LLM(tensor_parallel_size=2) over gloo against transformers' greedy tokens on every family,
-expert parallel, and a checkpoint with fewer KV heads than ranks; seeded sampling at TP 1 and 2."""
+expert parallel, and a checkpoint with fewer KV heads than ranks; seeded sampling and logit_bias at
+TP 1 and 2."""
 import sys
 from pathlib import Path
 
@@ -52,17 +53,19 @@ def test_seeded_sampling_and_prompt_logprobs_are_the_same_at_tp1_and_tp2(tiny_di
     path = str(tiny_dirs["qwen2_5_vl"])
     params = [SamplingParams(max_tokens=16, temperature=1.5, top_p=0.95, seed=s,
                              prompt_logprobs=3 if s == 1 else None) for s in (1, 2, 3)]
+    params.append(SamplingParams(max_tokens=4, temperature=0, logit_bias={1000: 100.0}))  # on rank 0's logits
     prompt = {"prompt": _chat(CASES["one_image"][0]), "multi_modal_data": CASES["one_image"][1]}
     runs, scores = [], []
     for tp in (1, 2):
         # 32-token chunks: each chunk's prompt rows go through the vocab-parallel gather
         llm = LLM(path, max_model_len=2048, tensor_parallel_size=tp, max_num_batched_tokens=10)
-        outs = llm.generate([prompt] * 3, params)
+        outs = llm.generate([prompt] * 4, params)
         runs.append([o.outputs[0].token_ids for o in outs])
         scores.append([outs[0].prompt_logprobs, outs[1].prompt_logprobs])
         llm.close()
     assert runs[0] == runs[1]
-    assert len({tuple(t) for t in runs[0]}) == 3  # the seeds do differ
+    assert len({tuple(t) for t in runs[0][:3]}) == 3  # the seeds do differ
+    assert runs[0][3] == [1000] * 4
     (tp1, none1), (tp2, none2) = scores
     assert none1 is None and none2 is None and len(tp1) == len(tp2) > 20 and tp1[0] is tp2[0] is None
     assert [list(p) for p in tp1[1:]] == [list(p) for p in tp2[1:]]  # the same ids, in order

@@ -7,7 +7,7 @@ import threading
 import pytest
 
 from qwenvl_pd.cli import build_parser
-from qwenvl_pd.cpus import check_cpus, format_cpus, parse_cpus, pin, threads_for, union
+from qwenvl_pd.cpus import check_cpus, format_cpus, parse_cpus, pin, split_roles, threads_for, union
 from qwenvl_pd.serve import ServeConfig, _node_args
 
 
@@ -91,3 +91,37 @@ def test_serve_passes_each_role_its_cores_and_colocated_their_union():
     assert ServeConfig(cpus_prefill=(cpu,), cpus_decode=(cpu,)).cpus_colocated == (cpu,)
     with pytest.raises(ValueError, match="core\\(s\\) 100000 not available"):
         ServeConfig(cpus_decode=(100000,))
+
+
+@pytest.mark.parametrize("cores, prefill, decode, proxy", [
+    ((), (), (), ()), ((3,), (), (), ()),
+    ((0, 1), (1,), (0,), (1,)),
+    ((1, 0, 2), (1, 2), (0,), (1, 2)),
+    ((0, 1, 2, 3), (2, 3), (0, 1), (2, 3)),
+    ((4, 6, 8, 10, 12, 14), (10, 12, 14), (4, 6, 8), (10, 12, 14)),
+])
+def test_split_roles_gives_decode_the_first_half(cores, prefill, decode, proxy):
+    assert split_roles(cores) == (prefill, decode, proxy)
+
+
+def test_serve_pins_by_default_explicit_lists_win_and_no_pin_leaves_all():
+    cores = tuple(sorted(os.sched_getaffinity(0)))
+    prefill, decode, proxy = split_roles(cores)
+    cfg = ServeConfig().pinned()
+    assert (cfg.cpus_prefill, cfg.cpus_decode, cfg.cpus_proxy) == (prefill, decode, proxy)
+    assert ServeConfig(pin=False).pinned() == ServeConfig(pin=False)
+    assert ServeConfig(pin=False).layout() == "not pinned: every role on every core"
+    given = ServeConfig(cpus_decode=cores[:1])
+    assert given.pinned() == given
+    assert given.layout() == f"prefill on cores all, decode on cores {cores[0]}, proxy on cores all"
+    assert ServeConfig(cpus_decode=cores[:1], colocated=True).layout() == \
+        f"the colocated engine and proxy on cores {cores[0]}"
+
+
+def test_serve_no_pin_and_dtype_flags_reach_the_config():
+    args = build_parser().parse_args(["serve", "--no-pin", "--dtype", "bfloat16"])
+    assert (args.no_pin, args.dtype) == (True, "bfloat16")
+    args = build_parser().parse_args(["serve"])
+    assert (args.no_pin, args.dtype) == (False, "auto")
+    node = _node_args(ServeConfig(dtype="bfloat16"), "decode", "m", 1)
+    assert node[node.index("--dtype") + 1] == "bfloat16"

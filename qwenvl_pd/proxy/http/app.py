@@ -25,6 +25,7 @@ from qwenvl_pd.proxy.metrics import ProxyMetrics
 from qwenvl_pd.proxy.prompt.model_info import build_model
 from qwenvl_pd.proxy.http.request_models import component_schemas
 from qwenvl_pd.proxy.http.routes import router as routes
+from qwenvl_pd.proxy.http.tokenize_api import router as tokenize_api
 from qwenvl_pd.proxy.http.state import Proxy
 from qwenvl_pd.proxy.http.streaming import error_response
 
@@ -85,4 +86,5 @@ def create_app(cfg: ProxyConfig, open_backend: OpenBackend) -> FastAPI:
     _install_openapi(app)
     app.include_router(routes)
     app.include_router(generate_api)
+    app.include_router(tokenize_api)
     return app

@@ -13,7 +13,8 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.json_schema import models_json_schema
 
-from qwenvl_pd.proxy.protocol import INT64, MAX_LOGPROBS, MAX_N, MAX_STOP, MAX_STOP_TOKEN_IDS, ROLES
+from qwenvl_pd.proxy.protocol import (INT64, MAX_LOGPROBS, MAX_N, MAX_PROMPTS, MAX_STOP, MAX_STOP_TOKEN_IDS,
+                                      ROLES)
 
 __all__ = ["ChatCompletionRequest", "CompletionRequest", "GenerateRequest", "ErrorResponse",
            "request_body", "component_schemas"]
@@ -118,6 +119,7 @@ class StructuredOutputs(_Closed):
 
 class StreamOptions(_Open):
     include_usage: bool | None = None
+    continuous_usage_stats: bool | None = None  # vLLM's: with include_usage, usage on every chunk
 
 
 class _Sampling(_Open):
@@ -141,6 +143,8 @@ class _Sampling(_Open):
     presence_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
     frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
     skip_special_tokens: bool | None = None
+    spaces_between_special_tokens: bool | None = None
+    logit_bias: dict[str, float] | None = None  # token id -> bias, clamped to [-100, 100]
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputs | None = None
     guided_json: dict[str, Any] | bool | str | None = None
@@ -169,10 +173,10 @@ TokenIds = Annotated[list[NonNegative], Field(min_length=1)]
 
 
 class CompletionRequest(_Streamed):
-    # one prompt: a string or token ids, alone or as a batch of one
+    # one prompt, a string or token ids, or a batch of them (choices numbered prompt by prompt)
     prompt: Union[Annotated[str, Field(min_length=1)], TokenIds,
-                  Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1, max_length=1)],
-                  Annotated[list[TokenIds], Field(min_length=1, max_length=1)]]
+                  Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1, max_length=MAX_PROMPTS)],
+                  Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)]]
     logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     echo: bool | None = None  # with logprobs: the prompt's entries first (its first one null)
     prompt_logprobs: PromptLogprobs = None  # on each choice

@@ -40,6 +40,7 @@ class Delta:
     logprobs: tuple[TokenLogprob, ...] | None  # None: not requested
     finish_reason: str | None = None  # set on a choice's last delta
     prompt_logprobs: PromptLogprobList | None = None  # on a choice's first delta, when asked for
+    tokens: int = 0  # the choice's completion tokens so far, this delta's included
 
 
 @dataclass
@@ -79,6 +80,10 @@ class RequestRun:
         self.arrived = arrived or time.perf_counter()
         self.stats = [SampleStats() for _ in range(prompt.sampling.n)]
         self.media_gate = asyncio.Semaphore(MEDIA_PREFILLS_AT_ONCE if prompt.media else prompt.sampling.n)
+
+    @property
+    def n(self) -> int:
+        return self.prompt.sampling.n
 
     def usage(self) -> dict:
         return usage(len(self.prompt.token_ids), sum(s.tokens for s in self.stats), self.stats[0].cached)
@@ -135,10 +140,10 @@ class RequestRun:
                     lp, head_lp = head_lp + lp, ()
                 if finish:
                     st.finish_reason = finish
-                    yield Delta(index, text, lp, finish, prompt_lp)
+                    yield Delta(index, text, lp, finish, prompt_lp, st.tokens)
                     return  # closing `events` cancels the decode stream (a stop string hit)
                 if text or lp or prompt_lp:
-                    yield Delta(index, text, lp, prompt_logprobs=prompt_lp)
+                    yield Delta(index, text, lp, prompt_logprobs=prompt_lp, tokens=st.tokens)
                     prompt_lp = None
 
     @contextlib.asynccontextmanager

@@ -67,7 +67,7 @@ class Proxy:
         return hashlib.sha256(b"qwenvl-pd api key\0" + key).hexdigest()[:32] + ":" + salt
 
     def check_model(self, name: str | None) -> None:
-        if name is not None and name != self.model.name:
+        if name is not None and not self.model.answers_to(name):
             raise not_found_model(name)
 
     def admit(self, n: int = 1) -> Slot:

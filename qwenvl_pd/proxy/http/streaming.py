@@ -17,9 +17,10 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from qwenvl_pd.proxy.errors import APIError, server_error
 from qwenvl_pd.proxy.http.request_run import Delta, RequestRun
 from qwenvl_pd.proxy.cluster.racing import unless
-from qwenvl_pd.proxy.tools import OPEN, Tools, held_back, parse_output
+from qwenvl_pd.proxy.tool_stream import CallEvent, tool_stream
+from qwenvl_pd.proxy.tools import Tools
 from qwenvl_pd.proxy.responses import (SSE_DONE, Choice, ChunkBuilder, TokenLogprob, chat_completion,
-                                       completion, completion_logprobs, sse, sse_error)
+                                       completion, completion_logprobs, sse, sse_error, usage)
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +30,7 @@ def error_response(err: APIError) -> JSONResponse:
 
 
 async def collect(run: RequestRun, rid: str, model: str, chat: bool) -> dict[str, Any]:
-    n = run.prompt.sampling.n
+    n = run.n
     texts: list[list[str]] = [[] for _ in range(n)]
     lps: list[list[TokenLogprob] | None] = [None if not run.want_logprobs else [] for _ in range(n)]
     finish: list[str | None] = [None] * n
@@ -49,32 +50,56 @@ async def collect(run: RequestRun, rid: str, model: str, chat: bool) -> dict[str
 
 
 def _with_tools(tools: Tools, c: Choice) -> Choice:
-    """A chat choice whose text holds tool calls -> content + tool_calls, finish "tool_calls"."""
+    """A chat choice whose text holds tool calls -> content + tool_calls, finish "tool_calls";
+    the same machine the stream runs (tool_stream.py), so both give the same message."""
     if tools.mode == "none":
         return c
-    content, calls = parse_output(tools, c.text)
+    ts = tool_stream(tools)
+    content, _ = ts.feed(c.text, final=True)
+    calls = ts.calls()
     if not calls:
         return c
     reason = "tool_calls" if c.finish_reason == "stop" else c.finish_reason
-    return dataclasses.replace(c, text=content or "", finish_reason=reason, tool_calls=calls)
+    return dataclasses.replace(c, text=content, finish_reason=reason, tool_calls=calls)
+
+
+def _merged(events: list[CallEvent]) -> list[dict]:
+    """A call's first event and the fragments after it in one chunk make one entry."""
+    out: list[dict] = []
+    for e in events:
+        if out and e.name is None and out[-1]["index"] == e.index:
+            out[-1]["function"]["arguments"] += e.arguments
+        else:
+            out.append(e.openai())
+    return out
 
 
 class _Sse:
     """Chunks of one request; completions' logprobs carry text offsets that grow per choice.
-    With tools, a choice's text is held from where a tool call may start (all of it under a
-    grammar-written call) and its calls go out whole with the finish chunk."""
+    With tools, each choice's text runs through a tool stream: content until a call starts,
+    then the call's id and name, then its arguments in fragments (vLLM's hermes streaming)."""
 
-    def __init__(self, run: RequestRun, rid: str, model: str, chat: bool, include_usage: bool):
+    def __init__(self, run: RequestRun, rid: str, model: str, chat: bool, include_usage: bool,
+                 continuous_usage: bool = False):
         self.run, self.chat = run, chat
-        self.build = ChunkBuilder(rid, model, chat, include_usage)
-        self.offsets = [0] * run.prompt.sampling.n
-        self.texts = [""] * run.prompt.sampling.n  # with tools: all text so far, and how much went out
-        self.sent = [0] * run.prompt.sampling.n
+        self.build = ChunkBuilder(rid, model, chat, include_usage, self._usage if continuous_usage else None)
+        self.offsets = [0] * run.n
+        self.tokens = [0] * run.n  # per choice, as far as the chunks sent tell
+        self.streams = [tool_stream(run.tools) for _ in range(run.n)] if chat else []
+
+    def _usage(self) -> dict:
+        """The usage as of the chunk being built (the run itself may have counted further)."""
+        total = self.run.usage()
+        return usage(total["prompt_tokens"], sum(self.tokens),
+                     total["prompt_tokens_details"]["cached_tokens"])
 
     def chunk(self, d: Delta) -> str:
+        """The delta's SSE event; "" when it has nothing to say (text held for a tool call)."""
+        self.tokens[d.index] = d.tokens
         lp = d.logprobs
         if self.chat and self.run.tools.mode != "none":
-            return sse(self._tool_chunk(d))
+            out = self._tool_chunk(d)
+            return "" if out is None else sse(out)
         if d.finish_reason:
             out = self.build.finish(d.finish_reason, d.index, d.text, lp)
         else:
@@ -84,23 +109,21 @@ class _Sse:
         self.offsets[d.index] += len(d.text)
         return sse(out)
 
-    def _tool_chunk(self, d: Delta) -> dict:
-        i, tools = d.index, self.run.tools
-        self.texts[i] += d.text
-        text = self.texts[i]
-        if not d.finish_reason:
-            end = text.find(OPEN) if OPEN in text else len(text) - held_back(text)
-            end = self.sent[i] if tools.mode != "auto" else max(end, self.sent[i])
-            out, self.sent[i] = text[self.sent[i]:end], end
-            return self.build.delta(out, i, d.logprobs)
-        c = _with_tools(tools, Choice(i, text, d.finish_reason))
-        rest = c.text[self.sent[i]:] if c.tool_calls else text[self.sent[i]:]
-        return self.build.finish(c.finish_reason, i, rest, d.logprobs, c.tool_calls)
+    def _tool_chunk(self, d: Delta) -> dict | None:
+        ts, finish = self.streams[d.index], d.finish_reason
+        content, events = ts.feed(d.text, final=bool(finish))
+        delta = ({"content": content} if content else {}) | (
+            {"tool_calls": _merged(events)} if events else {})
+        if not (delta or finish or d.logprobs):
+            return None
+        if finish == "stop" and ts.calls():
+            finish = "tool_calls"
+        return self.build.chat_delta(d.index, delta, finish or None, d.logprobs)
 
     def head(self) -> list[str]:
         if not self.chat:
             return []
-        return [sse(self.build.role(i)) for i in range(self.run.prompt.sampling.n)]
+        return [sse(self.build.role(i)) for i in range(self.run.n)]
 
 
 async def first_delta(deltas: AsyncIterator[Delta], on_close: Callable[[], None]
@@ -118,9 +141,10 @@ async def first_delta(deltas: AsyncIterator[Delta], on_close: Callable[[], None]
 
 
 async def stream(run: RequestRun, rid: str, model: str, chat: bool, include_usage: bool,
-                 on_close: Callable[[], None]) -> StreamingResponse | JSONResponse:
+                 on_close: Callable[[], None], continuous_usage: bool = False
+                 ) -> StreamingResponse | JSONResponse:
     deltas = run.deltas()
-    out = _Sse(run, rid, model, chat, include_usage)
+    out = _Sse(run, rid, model, chat, include_usage, continuous_usage)
     first, refused = await first_delta(deltas, on_close)
     if refused is not None:
         return refused
@@ -130,9 +154,11 @@ async def stream(run: RequestRun, rid: str, model: str, chat: bool, include_usag
             for line in out.head():
                 yield line
             if first is not None:
-                yield out.chunk(first)
+                if line := out.chunk(first):
+                    yield line
                 async for d in deltas:
-                    yield out.chunk(d)
+                    if line := out.chunk(d):
+                        yield line
             if include_usage:
                 yield sse(out.build.usage(run.usage()))
         except APIError as e:

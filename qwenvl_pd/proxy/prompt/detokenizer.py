@@ -39,7 +39,10 @@ class TokenTable:
         self._tok = tokenizer
         self._u2b = _unicode_to_byte()
         self._added = {i: t.content for i, t in tokenizer.added_tokens_decoder.items()}
-        self._special = frozenset(tokenizer.all_special_ids)
+        # the added tokens' own flag (tokenizer.json's "special"), which transformers' and vLLM's
+        # decode(skip_special_tokens=True) skip: a re-saved tokenizer may flag tokens special
+        # that its config no longer lists in all_special_ids
+        self._special = frozenset(i for i, t in tokenizer.added_tokens_decoder.items() if t.special)
         self._cache: dict[int, bytes] = {}
 
     def is_special(self, token_id: int) -> bool:

@@ -111,8 +111,17 @@ def _expand(ids: list[int], media: list[MediaItem], model: ProxyModel,
         raise bad_request(str(e), field) from None
 
 
+def _check_logit_bias(sampling: SamplingParams, model: ProxyModel) -> None:
+    vocab = len(model.tokenizer)
+    bad = sorted(t for t in sampling.logit_bias or () if t >= vocab)
+    if bad:
+        raise bad_request(f"'logit_bias' names token id {bad[0]}, outside the vocabulary (size {vocab})",
+                          "logit_bias")
+
+
 def _resolve(token_ids: list[int], sampling: SamplingParams, model: ProxyModel,
              prompt_param: str) -> SamplingParams:
+    _check_logit_bias(sampling, model)
     n, limit = len(token_ids), model.max_model_len
     if n >= limit:
         raise bad_request(f"the prompt is {n} tokens (images and videos expanded); this model's "

@@ -40,6 +40,10 @@ class ProxyModel:
     vision: VisionPreprocessConfig
     ids: VisionTokenIds
     max_token_chars: int = 1  # the longest token's text: a prompt of c characters is >= c / this tokens
+    aliases: tuple[str, ...] = ()  # other names requests may send: a path's base name
+
+    def answers_to(self, name: str) -> bool:
+        return name == self.name or name in self.aliases
 
     def encode(self, text: str) -> list[int]:
         # the rendered template already holds every special token: add none. encode_batch, unlike
@@ -73,6 +77,13 @@ def _json(text: str, what: str) -> dict | None:
     return data
 
 
+def name_aliases(name: str) -> tuple[str, ...]:
+    """A name that is a path or a hub id (vLLM serves the --model argument as given) also answers
+    to its last component, the checkpoint directory's name."""
+    base = name.rstrip("/").rsplit("/", 1)[-1]
+    return (base,) if base and base != name else ()
+
+
 def build_model(info: ModelInfo, served_model_name: str = "") -> ProxyModel:
     if not info.chat_template:
         raise ValueError("the checkpoint has no chat template; /v1/chat/completions needs one")
@@ -81,8 +92,9 @@ def build_model(info: ModelInfo, served_model_name: str = "") -> ProxyModel:
     vision = config_from_dicts(image, "preprocessor_config.json", video, "video_preprocessor_config.json")
     tokenizer = _tokenizer(info)
     special = special_tokens_from_config(info.tokenizer_config_json or b"{}")
+    name = served_model_name or info.served_model_name
     return ProxyModel(
-        name=served_model_name or info.served_model_name, family=info.family,
+        name=name, aliases=name_aliases(name), family=info.family,
         max_model_len=info.max_model_len, tokenizer=tokenizer, tokens=TokenTable(tokenizer),
         template=ChatTemplate(info.chat_template, special), vision=vision,
         ids=VisionTokenIds(info.vision_start_token_id, info.vision_end_token_id,

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from qwenvl_pd.engine import sampler
-from qwenvl_pd.engine.sampler import (SampleResult, SamplerInput, apply_penalties, filtered_probs,
-                                      mask_min_tokens, sample, top_k_top_p_mask)
+from qwenvl_pd.engine.sampler import (SampleResult, SamplerInput, apply_logit_bias, apply_penalties,
+                                      filtered_probs, mask_min_tokens, sample, top_k_top_p_mask)
 from qwenvl_pd.sampling_params import SamplingParams
 
 INF = float("inf")
@@ -114,6 +114,21 @@ def test_penalties_change_the_greedy_pick():
     assert sample(logits, [inp(output=[0], temperature=0, frequency_penalty=1.0)])[0].token_id == 1
     assert sample(logits, [inp(prompt=[0], temperature=0, repetition_penalty=1.5)])[0].token_id == 1
     assert sample(logits, [inp(prompt=[0], temperature=0, presence_penalty=2.0)])[0].token_id == 0
+
+
+# ---- logit_bias ------------------------------------------------------------------------------
+
+def test_logit_bias_adds_to_each_rows_own_tokens_and_skips_ids_past_the_vocabulary():
+    out = apply_logit_bias(torch.tensor([ROW, ROW]), [inp(logit_bias={1: 5.0, 4: -100, 99: 3.0}), inp()])
+    assert out.tolist() == [[2.0, 4.0, 0.5, -2.0, -97.0, 0.0], ROW]
+
+
+def test_logit_bias_steers_greedy_and_sampled_rows_yet_logprobs_stay_raw():
+    logits = torch.tensor([[3.0, 2.5, 0.0, 0.0, 0.0, 0.0]] * 2)
+    inputs = [inp(temperature=0, logit_bias={5: 10.0}, logprobs=0), inp(seed=7, logit_bias={2: 100})]
+    greedy, sampled = sample(logits, inputs)
+    assert (greedy.token_id, sampled.token_id) == (5, 2)
+    assert greedy.logprob == pytest.approx(logits[0].log_softmax(-1)[5].item())
 
 
 # ---- top_k / top_p / min_p -------------------------------------------------------------------

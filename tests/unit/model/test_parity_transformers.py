@@ -1,4 +1,5 @@
-"""Our models against transformers' on the same tiny checkpoints: prefill logits and greedy tokens."""
+"""Our models against transformers' on the same tiny checkpoints: prefill logits and greedy tokens,
+in float32 (exactly) and in bfloat16 (within the noise bf16 itself makes, near-ties allowed)."""
 import numpy as np
 import pytest
 import torch
@@ -8,6 +9,7 @@ from PIL import Image
 from qwenvl_pd import LLM, SamplingParams
 from qwenvl_pd.engine.model_runner import ScheduledChunk
 from qwenvl_pd.engine.sequence import Sequence
+from qwenvl_pd.model.tiny import make_tiny
 
 ARCHS = ["qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"]
 IMG = "<|vision_start|><|image_pad|><|vision_end|>"
@@ -35,6 +37,7 @@ CASES = {
 def pair(request, tiny_dirs):
     path = tiny_dirs[request.param]
     ours = LLM(model=str(path), max_model_len=2048)
+    assert ours.stack.dtype == torch.float32  # "auto" follows the float32 checkpoint
     assert ours.model.lm_head.packed is not None  # parity covers the oneDNN-packed CPU path
     ref = transformers.AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
     return request.param, ours, ref
@@ -88,3 +91,50 @@ def test_prefill_logits_and_greedy_tokens_match(pair, case):
                            eos_token_id=None, pad_token_id=151643)
     expected = gen[0, len(prompt.token_ids):].tolist()
     assert out[0].outputs[0].token_ids == expected
+
+
+# bf16 expert matmuls are slow on CPU (transformers' and ours): MoE keeps two cases of four
+BF16_CASES = [(a, c) for a in ARCHS for c in CASES if a != "qwen3_vl_moe" or c in ("text", "two_images")]
+
+
+@pytest.fixture(scope="module")
+def bf16_trio(request, tmp_path_factory):
+    """A bf16 checkpoint; ours in bf16, transformers in bf16 and in float32 (the truth)."""
+    path = make_tiny(request.param, tmp_path_factory.mktemp("bf16") / request.param, dtype="bfloat16")
+    ours = LLM(model=str(path), max_model_len=2048, dtype="bfloat16")
+    load = transformers.AutoModelForImageTextToText.from_pretrained
+    return (request.param, ours, load(path, dtype=torch.bfloat16).eval(),
+            load(path, dtype=torch.float32).eval())
+
+
+def _float32_inputs(prompt):
+    kw = _ref_inputs(prompt)
+    return {k: v.float() if k.startswith("pixel_values") else v for k, v in kw.items()}
+
+
+@pytest.mark.parametrize("bf16_trio, case", BF16_CASES, indirect=["bf16_trio"])
+def test_bf16_prefill_and_greedy_tokens_match_within_bf16_noise(bf16_trio, case):
+    arch, ours, ref, ref32 = bf16_trio
+    body, mm = CASES[case]
+    request = {"prompt": _chat(body), "multi_modal_data": mm}
+    prompt = ours.inputs.process(request)
+    assert ours.stack.dtype == torch.bfloat16
+    with torch.inference_mode():
+        truth = ref32(**_float32_inputs(prompt)).logits[0]
+        theirs = ref(**_ref_inputs(prompt)).logits[0].float() - truth  # transformers' bf16 error
+    mine = _our_prefill_logits(ours, prompt).float() - truth
+    # the mean error: a few tokens whose MoE routing flips in bf16 dominate the max on either side
+    assert mine.abs().mean() <= 2 * theirs.abs().mean() + 0.01, f"{arch}/{case}"
+    assert mine.abs().max() <= 0.35 * truth.abs().max(), f"{arch}/{case}"
+
+    got = ours.generate([request], SamplingParams(max_tokens=32, temperature=0, ignore_eos=True))
+    got = got[0].outputs[0].token_ids
+    with torch.inference_mode():
+        gen = ref.generate(**_ref_inputs(prompt), max_new_tokens=32, do_sample=False, eos_token_id=None,
+                           pad_token_id=151643, output_logits=True, return_dict_in_generate=True)
+    expected = gen.sequences[0, len(prompt.token_ids):].tolist()
+    first = next((i for i, (a, b) in enumerate(zip(got, expected)) if a != b), None)
+    if first is not None:  # a near-tie: transformers' own gap there is within its bf16 noise
+        logits = gen.logits[first][0].float()
+        gap = (logits[expected[first]] - logits[got[first]]).item()
+        assert gap <= theirs.abs().max().item(), f"{arch}/{case}: token {first} differs by {gap}"

@@ -28,6 +28,7 @@ SP = SamplingParams(n=2, temperature=0.1 + 0.2, top_p=0.95, top_k=20, min_p=1e-3
                     max_completion_tokens=7, min_tokens=3, stop_token_ids=[151645, 0],
                     ignore_eos=True, logprobs=5, repetition_penalty=1.05, presence_penalty=-2.0,
                     frequency_penalty=0.7, skip_special_tokens=False, prompt_logprobs=20,
+                    logit_bias={0: -100.0, 2 ** 31 - 1: 0.1 + 0.2},
                     structured_outputs=StructuredOutputsParams(json='{"type": "object"}',
                                                                resume_token_ids=(5, 2 ** 31 - 1)))
 # the other kinds of grammar, one each (a spec holds exactly one)
@@ -42,7 +43,8 @@ HANDLE = KVHandle(instance_id="prefill-0", transfer_address="10.0.0.7:17777",
                   kv_base_ptr=2 ** 64 - 2 ** 20, block_bytes=16 * 4 * 128 * 2, region_num_blocks=4096,
                   block_ids=(4095, 7, 8, 9), num_tokens=50, fingerprint=FP,
                   lease_expires_unix_ms=1_760_000_000_123, control_address="10.0.0.7:50051",
-                  rank_segments=(KVSegment("10.0.0.8:17778", 2 ** 64 - 2 ** 21),), signature=b"\x00\xffmac")
+                  rank_segments=(KVSegment("10.0.0.8:17778", 2 ** 64 - 2 ** 21),), signature=b"\x00\xffmac",
+                  request_id="chatcmpl-7")
 IMAGE = MediaItem(kind="image", content_hash="ab" * 32, grid_thw=(1, 34, 52), data=b"\x89PNG\x00\xff")
 VIDEO = MediaItem(kind="video", content_hash="cd" * 32, grid_thw=(4, 16, 16), frames=(b"jpg1", b""),
                   fps=29.97, second_per_grid_t=0.5, timestamps=(0.25, 1.25, 2.0 / 3))

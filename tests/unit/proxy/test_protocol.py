@@ -216,7 +216,15 @@ def test_completion_request():
 
 @pytest.mark.parametrize("over, param", [
     ({"prompt": ""}, "prompt"),
-    ({"prompt": ["a", "b"]}, "prompt"),
+    ({"prompt": ["a", ""]}, "prompt"),  # every prompt of a batch non-empty
+    ({"prompt": [[1], []]}, "prompt"),
+    ({"prompt": ["a"] * 129}, "prompt"),  # MAX_PROMPTS
+    ({"logit_bias": {"x": 1}}, "logit_bias"),
+    ({"logit_bias": {"-1": 1}}, "logit_bias"),
+    ({"logit_bias": {"5": "high"}}, "logit_bias"),
+    ({"logit_bias": [5]}, "logit_bias"),
+    ({"stream": True, "stream_options": {"continuous_usage_stats": "yes"}},
+     "stream_options.continuous_usage_stats"),
     ({"prompt": [1, -2]}, "prompt"),
     ({"prompt": None}, "prompt"),
     ({"logprobs": True}, "logprobs"),
@@ -231,6 +239,21 @@ def test_completion_request():
 ])
 def test_completion_errors(over, param):
     assert bad(parse_completion_request, {"prompt": "p", **over}).param == param
+
+
+def test_vllm_and_openai_extras_are_read():
+    batch = parse_completion_request({"prompt": ["a", "b"], "logit_bias": {"7": 150, "9": -0.5}})
+    assert batch.prompts == ("a", "b") and batch.sampling.logit_bias == {7: 100.0, 9: -0.5}
+    assert parse_completion_request({"prompt": [[1, 2], [3]]}).prompts == ((1, 2), (3,))
+    assert parse_completion_request({"prompt": ["a"]}).prompts == ("a",)
+    streamed = dict(stream=True, stream_options={"include_usage": True, "continuous_usage_stats": True})
+    assert parse_completion_request({"prompt": "p", **streamed}).continuous_usage
+    streamed["stream_options"]["include_usage"] = False  # vLLM: only together with include_usage
+    assert not parse_completion_request({"prompt": "p", **streamed}).continuous_usage
+    chat = parse_chat_request({"messages": [{"role": "developer", "content": "Be brief."},
+                                            {"role": "user", "content": "Hi"}],
+                               "spaces_between_special_tokens": False})
+    assert chat.messages[0].role == "system" and not chat.sampling.spaces_between_special_tokens
 
 
 def test_prompt_logprobs_follow_vllm():

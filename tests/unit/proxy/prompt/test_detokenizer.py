@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import random
+import shutil
 
 import pytest
 
@@ -52,6 +54,29 @@ def test_special_tokens_follow_decode(qwen_tokenizer, table, skip):
     _, pieces, tail = stream(table, ids, skip=skip)
     assert "".join(pieces) + tail == qwen_tokenizer.decode(ids, skip_special_tokens=skip)
     assert ("<tool_call>" in "".join(pieces)) and (("<|im_end|>" in "".join(pieces)) != skip)
+
+
+@pytest.fixture(scope="module")
+def resaved_tokenizer(qwen_tokenizer_dir, tmp_path_factory):
+    """The Qwen tokenizer with its config's special-token list dropped, as a fine-tune may save it:
+    tokenizer.json still flags <|im_start|> and the vision tokens special."""
+    from transformers import AutoTokenizer
+    d = tmp_path_factory.mktemp("resaved")
+    shutil.copy(qwen_tokenizer_dir / "tokenizer.json", d)
+    cfg = json.loads((qwen_tokenizer_dir / "tokenizer_config.json").read_text())
+    for key in ("additional_special_tokens", "extra_special_tokens"):
+        cfg.pop(key, None)
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    return AutoTokenizer.from_pretrained(str(d))
+
+
+@pytest.mark.parametrize("skip", [True, False])
+def test_tokens_flagged_special_in_tokenizer_json_are_skipped_as_transformers_does(resaved_tokenizer, skip):
+    ids = resaved_tokenizer.encode("<|im_start|>assistant\nhi<|vision_start|> 好<tool_call><|im_end|>")
+    assert 151644 not in resaved_tokenizer.all_special_ids  # the case under test
+    _, pieces, tail = stream(TokenTable(resaved_tokenizer), ids, skip=skip)
+    assert "".join(pieces) + tail == resaved_tokenizer.decode(ids, skip_special_tokens=skip)
+    assert ("<|im_start|>" in "".join(pieces)) != skip
 
 
 def test_dangling_partial_character_flushes_as_replacement(qwen_tokenizer, table):
