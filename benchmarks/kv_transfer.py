@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "integrat
 from nodes import pd_generate, pd_pair  # noqa: E402
 
 from qwenvl_pd import SamplingParams  # noqa: E402
-from qwenvl_pd.kv_transfer.engine import KVTransferEngine  # noqa: E402
+from qwenvl_pd.kv_transfer.transfer_engine import KVTransferEngine  # noqa: E402
 from qwenvl_pd.kv_transfer.peer import spawn_peer  # noqa: E402
 from qwenvl_pd.messages import PrefillRequest  # noqa: E402
 from qwenvl_pd.model.tiny import make_tiny  # noqa: E402

@@ -18,7 +18,7 @@ os.environ.setdefault("GLOG_minloglevel", "2")  # keep Mooncake's INFO/WARNING c
 
 import torch  # noqa: E402
 
-from qwenvl_pd.kv_transfer.engine import KVTransferEngine  # noqa: E402
+from qwenvl_pd.kv_transfer.transfer_engine import KVTransferEngine  # noqa: E402
 from qwenvl_pd.kv_transfer.peer import spawn_peer  # noqa: E402
 
 MiB = 1 << 20

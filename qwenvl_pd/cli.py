@@ -53,9 +53,10 @@ def _set_threads(threads: int) -> None:
 
 def _node(args: argparse.Namespace) -> int:
     import logging
-    from qwenvl_pd.cpus import pin
+    from qwenvl_pd.cpus import pin, threads_for
     from qwenvl_pd.protos.auth import read_secret
     from qwenvl_pd.engine.config import EngineConfig
+    from qwenvl_pd.engine.stack import StackConfig
     from qwenvl_pd.node.runtime import NodeConfig
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     engine = EngineConfig(
@@ -67,24 +68,26 @@ def _node(args: argparse.Namespace) -> int:
         max_model_len=args.max_model_len, decode_graphs=args.decode_graphs,
         gpu_memory_utilization=args.gpu_memory_utilization)
     log_no_effect(args)
+    stack = StackConfig(
+        model=args.model, max_model_len=args.max_model_len, device=args.device, dtype=args.dtype,
+        tensor_parallel_size=args.tensor_parallel_size, enable_expert_parallel=args.enable_expert_parallel,
+        threads=threads_for(args.cpus, args.threads, args.tensor_parallel_size),
+        limit_mm_per_prompt={"image": args.limit_images, "video": args.limit_videos}, engine=engine,
+        quantization=args.quantization)
     cfg = NodeConfig(
         # the served name defaults to the model argument as given, as vLLM's does
-        role=args.command, model=args.model, port=args.port, host=args.host, bind=args.bind,
-        served_model_name=args.served_model_name or args.model, max_model_len=args.max_model_len,
-        device=args.device, dtype=args.dtype, transfer_protocol=args.transfer_protocol,
+        role=args.command, port=args.port, stack=stack, host=args.host, bind=args.bind,
+        served_model_name=args.served_model_name or args.model, transfer_protocol=args.transfer_protocol,
         transfer_device=args.transfer_device, transfer_timeout_s=args.transfer_timeout,
         lease_seconds=args.lease_seconds, drain_seconds=args.drain_seconds, instance_id=args.instance_id or "",
-        cluster_secret=read_secret(args.cluster_secret_file or ""),
-        limit_mm_per_prompt={"image": args.limit_images, "video": args.limit_videos}, engine=engine,
-        tensor_parallel_size=args.tensor_parallel_size, enable_expert_parallel=args.enable_expert_parallel,
-        threads=args.threads, quantization=args.quantization, max_queued_requests=args.max_queued_requests,
+        cluster_secret=read_secret(args.cluster_secret_file or ""), max_queued_requests=args.max_queued_requests,
         kv_layer_group=args.kv_layer_group, cpus=args.cpus)
     pin(cfg.cpus)  # before the ranks start: they inherit it
-    _set_threads(cfg.rank_threads)
+    _set_threads(stack.threads)
     if args.command == "prefill":
-        from qwenvl_pd.prefill_node.server import main as run
+        from qwenvl_pd.prefill_node.service import main as run
     else:
-        from qwenvl_pd.decode_node.server import main as run
+        from qwenvl_pd.decode_node.service import main as run
     return run(cfg)
 
 

@@ -6,7 +6,8 @@ import weakref
 
 from qwenvl_pd.engine import prompt_logprobs
 from qwenvl_pd.engine.config import EngineConfig
-from qwenvl_pd.engine.sequence import FinishReason, Sequence
+from qwenvl_pd.finish_reason import FinishReason
+from qwenvl_pd.engine.sequence import Sequence
 from qwenvl_pd.engine.stack import StackConfig, build_stack
 from qwenvl_pd.model.inputs import ProcessedPrompt
 from qwenvl_pd.outputs import CompletionOutput, RequestOutput
@@ -77,7 +78,7 @@ class LLM:
 
     def _run_to_completion(self) -> None:
         while self.engine.has_work():
-            for seq in self.engine.step():
+            for seq in self.engine.step().sampled:
                 if not seq.finished and seq.params.stop and self._hit_stop(seq):
                     self.engine.finish(seq, FinishReason.STOP)
 

@@ -8,14 +8,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from qwenvl_pd.finish_reason import FinishReason
 from qwenvl_pd.kv_transfer.handle import KVHandle, LayoutFingerprint
 from qwenvl_pd.sampling_params import SamplingParams
 
 __all__ = ["MediaItem", "PrefillRequest", "SampledToken", "PromptLogprobs", "PrefillResult", "DecodeRequest",
-           "PrefillStreamEvent", "KVProgress", "TokenEvent", "LoadReport", "ModelInfo", "KVHandle", "LayoutFingerprint"]
+           "PrefillStreamEvent", "KVProgress", "TokenEvent", "LoadReport", "ModelInfo", "KVHandle", "LayoutFingerprint",
+           "FinishReason"]
 
 MEDIA_KINDS = ("image", "video")
-FINISH_REASONS = ("", "stop", "length", "abort", "error", "preempted")  # preempted: decode handed it back
 ROLES = ("prefill", "decode")
 
 
@@ -163,8 +164,8 @@ class TokenEvent:
     prompt_logprobs: PromptLogprobs | None = None  # first event of a sample, when asked for
 
     def __post_init__(self):
-        _check(self.finish_reason in FINISH_REASONS,
-               f"finish_reason must be one of {FINISH_REASONS}, not {self.finish_reason!r}")
+        allowed = FinishReason.on_the_wire()
+        _check(self.finish_reason in allowed, f"finish_reason must be one of {allowed}, not {self.finish_reason!r}")
 
 
 @dataclass(frozen=True)

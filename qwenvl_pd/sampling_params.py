@@ -25,8 +25,11 @@ class StructuredOutputsParams:
                              "json_object")
 
 
-@dataclass
+@dataclass(frozen=True)
 class SamplingParams:
+    """Frozen: one object travels from the caller through the messages into the engine's
+    sequences, so nothing downstream can change what an earlier stage checked. Normalized and
+    checked once, here (dataclasses.replace builds a new one, checked again)."""
     n: int = 1
     temperature: float = 1.0
     top_p: float = 1.0
@@ -36,7 +39,7 @@ class SamplingParams:
     max_tokens: int | None = 16
     max_completion_tokens: int | None = None  # the OpenAI name; wins over max_tokens when set
     min_tokens: int = 0
-    stop: list[str] | str | None = None
+    stop: list[str] | str | None = None  # a str is kept as [str]
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None
@@ -55,7 +58,14 @@ class SamplingParams:
 
     def __post_init__(self):
         if self.max_completion_tokens is not None:
-            self.max_tokens = self.max_completion_tokens
+            object.__setattr__(self, "max_tokens", self.max_completion_tokens)
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", [self.stop])
+        if self.logit_bias is not None:
+            object.__setattr__(self, "logit_bias", {int(t): float(b) for t, b in self.logit_bias.items()} or None)
+        self._check()
+
+    def _check(self) -> None:
         checks = [
             (self.n >= 1, "n must be >= 1"),
             (self.temperature >= 0, "temperature must be >= 0"),
@@ -74,10 +84,6 @@ class SamplingParams:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
-        if self.logit_bias is not None:
-            self.logit_bias = {int(t): float(b) for t, b in self.logit_bias.items()} or None
-        if isinstance(self.stop, str):
-            self.stop = [self.stop]
 
     @property
     def greedy(self) -> bool:

@@ -20,7 +20,9 @@ from pathlib import Path
 
 PACKAGE = "qwenvl_pd"
 NODE_PACKAGES = ("node", "decode_node", "prefill_node")
-ENGINE_INTERNALS = ("scheduler", "blocks")  # what only the engine itself may touch
+ENGINE_INTERNALS = ("scheduler", "blocks", "requests_total")  # what only the engine itself may touch
+ENGINE_THREAD_CALLS = ("submit", "call", "settle", "send")  # what hands work to the engine thread
+OWNER_PARAMS = ("service", "owner")  # an __init__ parameter so named: the helper's owner
 
 
 @dataclass
@@ -151,6 +153,67 @@ def engine_reach_ins(mods: dict[str, Module]) -> list[str]:
     """x.scheduler / x.blocks in node modules, x not the module's own self."""
     return [f"{m.name}:{a.lineno} {ast.unparse(a)}" for m in mods.values() if m.package in NODE_PACKAGES
             for a in _attributes(m) if a.attr in ENGINE_INTERNALS and not _owner_is_self(a)]
+
+
+def engine_closures(mods: dict[str, Module]) -> list[str]:
+    """Code handed to the engine thread as a lambda (submit/call/settle/send(lambda: ...)):
+    the engine thread takes typed commands (engine/commands.py) instead."""
+    return [f"{m.name}:{c.lineno} {ast.unparse(c)[:70]}" for m in mods.values()
+            if m.package in NODE_PACKAGES or m.name.endswith("engine.loop")
+            for c in ast.walk(m.tree) if isinstance(c, ast.Call) and isinstance(c.func, ast.Attribute)
+            and c.func.attr in ENGINE_THREAD_CALLS and any(isinstance(a, ast.Lambda) for a in c.args)]
+
+
+def _pairs(n: ast.Assign) -> Iterator[tuple[str, str]]:
+    """(target, value) of an assignment, tuples unpacked: `a, b = x, y` -> (a, x), (b, y)."""
+    t, v = n.targets[0], n.value
+    if isinstance(t, ast.Tuple) and isinstance(v, ast.Tuple) and len(t.elts) == len(v.elts):
+        yield from ((ast.unparse(x), ast.unparse(y)) for x, y in zip(t.elts, v.elts))
+    else:
+        yield ast.unparse(t), ast.unparse(v)
+
+
+def _owner_aliases(mod: Module) -> set[str]:
+    """Names under which a helper class holds the object that made it: an __init__ parameter
+    named like an owner, the self attributes and locals it is copied into."""
+    aliases = {a.arg for f in ast.walk(mod.tree) if isinstance(f, ast.FunctionDef) and f.name == "__init__"
+               for a in f.args.args if a.arg in OWNER_PARAMS}
+    for _ in range(2):  # self.svc = service, then svc = self.svc
+        aliases |= {t for n in ast.walk(mod.tree) if isinstance(n, ast.Assign) for t, v in _pairs(n)
+                    if v in aliases}
+    return aliases
+
+
+def owner_calls(mods: dict[str, Module], packages: Iterable[str]) -> list[str]:
+    """A helper's uses of the object that owns it (svc.x): hops back into the owner, where the
+    helper should be handed what it needs instead."""
+    packages, out = set(packages), []
+    for m in (m for m in mods.values() if m.package in packages):
+        aliases = _owner_aliases(m)
+        out += [f"{m.name}:{a.lineno} {ast.unparse(a)}" for a in _attributes(m) if ast.unparse(a.value) in aliases]
+    return out
+
+
+def service_state(mods: dict[str, Module], module: str, cls: str) -> list[str]:
+    """The dicts a service keeps in its __init__ (per-request state spread over them)."""
+    mod = mods.get(module)
+    init = next((f for c in ast.walk(mod.tree) if isinstance(c, ast.ClassDef) and c.name == cls
+                 for f in c.body if isinstance(f, ast.FunctionDef) and f.name == "__init__"), None) if mod else None
+    out = []
+    for n in ast.walk(init) if init else ():
+        target = n.target if isinstance(n, ast.AnnAssign) else (n.targets[0] if isinstance(n, ast.Assign) else None)
+        shown = ast.unparse(n) if target is not None else ""
+        if target is not None and ("dict[" in shown or isinstance(n.value, ast.Dict)):
+            out.append(ast.unparse(target))
+    return out
+
+
+def repeated_config_fields(mods: dict[str, Module]) -> list[str]:
+    """Fields NodeConfig declares again although StackConfig has them (it should hold one)."""
+    def fields(name: str) -> set[str]:
+        return {ast.unparse(s.target) for m in mods.values() for c in ast.walk(m.tree)
+                if isinstance(c, ast.ClassDef) and c.name == name for s in c.body if isinstance(s, ast.AnnAssign)}
+    return sorted(fields("NodeConfig") & fields("StackConfig"))
 
 
 # private names of the standard library and namedtuple that are their public interface
@@ -284,7 +347,9 @@ def report(root: Path) -> None:
     nodes_to_proxy = sorted(f"{m.name} -> {i}" for m in mods.values() if m.package in NODE_PACKAGES
                             for i in internal(m.imports | m.lazy_imports, mods) if ".proxy" in i)
     print(f"node -> proxy imports: {len(nodes_to_proxy)} {nodes_to_proxy}")
-    _listing("node -> engine.scheduler/.blocks reach-ins", engine_reach_ins(mods))
+    _listing("node -> engine.scheduler/.blocks/.requests_total reach-ins", engine_reach_ins(mods))
+    _listing("closures handed to the engine thread", engine_closures(mods))
+    _listing("node helpers calling back into their owner", owner_calls(mods, NODE_PACKAGES))
     _listing("private members used across objects, node packages", private_uses(mods, NODE_PACKAGES))
     _listing("private members used across objects, proxy", private_uses(mods, ["proxy"]))
     _listing("private names imported from another module", private_imports(mods))
@@ -292,12 +357,17 @@ def report(root: Path) -> None:
     print(f"import cycles: {cycles(mods) or 'none'}")
     for concept, where in duplicated_concepts(mods).items():
         _listing(f"definitions of {concept}", where)
+    _listing("NodeConfig fields repeating StackConfig's", repeated_config_fields(mods))
+    decode = next((n for n in (f"{PACKAGE}.decode_node.service", f"{PACKAGE}.decode_node.server") if n in mods), "")
+    _listing("dicts of per-request state in DecodeService", service_state(mods, decode, "DecodeService"))
     calls = rpc_calls(mods)
     print(f"node RPCs called, by caller: {len(calls)} {calls}")
     into, back = backend_round_hops(mods)
     print(f"request walk, proxy -> decode: whole-KV = Prefill (proxy->P), Decode (proxy->D), Release (D->P); "
           f"layer-wise = PrefillStream (proxy->P), Decode (proxy->D), WatchKV (D->P)")
     print(f"backend <-> layer-wise round hops: {into} calls into the round, {back} calls back into the backend")
+    lw = owner_calls(mods, ["decode_node"])
+    print(f"decode service <-> layer-wise pull hops: {len(lw)} uses of the service inside the pull")
 
 
 def _listing(title: str, items: list[str]) -> None:

@@ -5,6 +5,7 @@ import torch
 
 from qwenvl_pd.config import ModelConfig
 from qwenvl_pd.engine.block_manager import BlockManager
+from qwenvl_pd.engine.commands import DuplicateRequest, EngineLoad, QueueFull, StepResult
 from qwenvl_pd.engine.config import EngineConfig
 from qwenvl_pd.engine.encoder_cache import EncoderCache
 from qwenvl_pd.engine.grammar import Grammars
@@ -14,7 +15,8 @@ from qwenvl_pd.engine.kv_cache import allocate_kv_cache, blocks_for_memory, kv_b
 from qwenvl_pd.engine.model_runner import ModelRunner, ScheduledChunk
 from qwenvl_pd.engine.sampler import SamplerInput, sample
 from qwenvl_pd.engine.scheduler import Scheduler, SchedulerConfig
-from qwenvl_pd.engine.sequence import FinishReason, Sequence, TokenSpan
+from qwenvl_pd.finish_reason import FinishReason
+from qwenvl_pd.engine.sequence import Sequence, TokenSpan
 from qwenvl_pd.model.parallel import TensorParallel
 from qwenvl_pd.platform import graph_api
 
@@ -47,6 +49,9 @@ def _graphs(model, config: ModelConfig, cfg: EngineConfig, kv_cache: torch.Tenso
 
 
 class LLMEngine:
+    """The engine of one instance. A node drives it only through these methods (on its engine
+    thread: EngineLoop), never through its scheduler or block manager."""
+
     def __init__(self, model, config: ModelConfig, cfg: EngineConfig, dtype: torch.dtype,
                  tp: TensorParallel = TensorParallel(), channel=None, grammars: Grammars | None = None):
         self.model, self.config, self.cfg, self.grammars = model, config, cfg, grammars
@@ -59,6 +64,7 @@ class LLMEngine:
         self.encoder_cache = EncoderCache(cfg.encoder_cache_bytes)
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.requests_total = 0
+        self.live: dict[str, Sequence] = {}  # unfinished sequences by request id
         self.kv_streams: KVStreams | None = None  # set by stream_layers(): prefill's layer-wise KV
 
     def stream_layers(self, group: int, report: Report) -> KVStreams:
@@ -68,18 +74,75 @@ class LLMEngine:
                                     report, device)
         return self.kv_streams
 
-    def add(self, seq: Sequence) -> None:
-        self.requests_total += 1
+    def check_pool(self) -> None:
+        """Raise ValueError when the KV pool cannot hold one max_model_len sequence: such a prompt
+        would wait for blocks forever, so a server refuses to start instead."""
+        blocks, max_len = self.blocks, self.cfg.max_model_len
+        if blocks.num_blocks * blocks.block_size < max_len:
+            raise ValueError(f"the KV pool holds {blocks.num_blocks * blocks.block_size} tokens "
+                             f"({blocks.num_blocks} blocks), less than max_model_len {max_len}: "
+                             "raise --kv-cache-gib or lower --max-model-len")
+
+    def add(self, seq: Sequence, max_waiting: int | None = None, stream_layers: bool = False) -> None:
+        """Queue seq for prefill. Raises DuplicateRequest if its request id is live, QueueFull
+        once max_waiting requests wait; stream_layers reports its KV layer group by group."""
+        self._admit(seq, max_waiting)
+        if stream_layers:
+            self.kv_streams.watch(seq.request_id)
         self.scheduler.add(seq)
+
+    def join_prefilled(self, seq: Sequence) -> None:
+        """Decode: seq's prompt KV sits in seq.block_ids (reserve_blocks, then a read); it joins
+        the running batch and samples from its next step on."""
+        self._admit(seq, None)
+        self.scheduler.add_prefilled(seq)
+
+    def _admit(self, seq: Sequence, max_waiting: int | None) -> None:
+        if seq.request_id in self.live:
+            raise DuplicateRequest(seq.request_id)
+        self._check_queue(max_waiting)
+        self.live[seq.request_id] = seq
+        self.requests_total += 1
+
+    def _check_queue(self, max_waiting: int | None) -> None:
+        waiting = len(self.scheduler.waiting)
+        if max_waiting is not None and waiting >= max_waiting:
+            raise QueueFull(f"{waiting} requests waiting (--max-queued-requests {max_waiting}); "
+                            "try again later")
+
+    def abort(self, request_id: str) -> Sequence | None:
+        """End request_id's live sequence now (ABORT, its blocks freed) -> it, or None."""
+        seq = self.live.get(request_id)
+        if seq is not None:
+            self.finish(seq, FinishReason.ABORT)
+        return seq
+
+    def reserve_blocks(self, n: int, max_waiting: int | None = None) -> list[int]:
+        """n blocks owned by the caller until free_blocks (decode: the target of a KV read).
+        Raises QueueFull as add does, OutOfBlocks when the pool cannot give n."""
+        self._check_queue(max_waiting)
+        return self.blocks.allocate_n(n)
+
+    def free_blocks(self, block_ids) -> None:
+        """Give back blocks no sequence owns: a reservation, or a prefilled sequence's blocks
+        that the engine kept for the handoff (finish reason PREFILLED)."""
+        self.blocks.free(block_ids)
+
+    def load(self) -> EngineLoad:
+        """The counters for a load report; safe to call from any thread."""
+        s, b = self.scheduler, self.blocks
+        return EngineLoad(len(s.running), len(s.waiting), b.num_used_blocks, b.num_blocks,
+                          b.prefix_queries, b.prefix_hits, self.requests_total)
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()
 
-    def step(self) -> list[Sequence]:
-        """One forward over what the scheduler picked; returns the sequences that got a token."""
+    def step(self) -> StepResult:
+        """One forward over what the scheduler picked: schedule -> run -> postprocess."""
         chunks = self.scheduler.schedule()
+        handed_back = self._take_handed_back()
         if not chunks:
-            return []
+            return StepResult(handed_back=handed_back)
         self._encode_vision(chunks)
         streams = self.kv_streams
         if streams is not None:
@@ -90,7 +153,14 @@ class LLMEngine:
         if streams is not None:
             streams.end()
         self.scheduler.seal(chunks)
-        return self._postprocess(chunks, logits)
+        sampled = self._postprocess(chunks, logits)
+        return StepResult(sampled, tuple(s for s in sampled if s.finished), handed_back)
+
+    def _take_handed_back(self) -> tuple[Sequence, ...]:
+        seqs, self.scheduler.handed_back = tuple(self.scheduler.handed_back), []
+        for seq in seqs:
+            self.live.pop(seq.request_id, None)
+        return seqs
 
     def _encode_vision(self, chunks: list[ScheduledChunk]) -> None:
         for c in chunks:
@@ -98,11 +168,11 @@ class LLMEngine:
             if s.items and s.vision is None and s.num_computed < s.prompt_len:
                 s.vision = self.encoder_cache.encode(self.model, s.items)
 
-    def _postprocess(self, chunks: list[ScheduledChunk], logits: torch.Tensor) -> list[Sequence]:
+    def _postprocess(self, chunks: list[ScheduledChunk], logits: torch.Tensor) -> tuple[Sequence, ...]:
         # partial prefill chunks produce no token: only rows that reached the sequence's end sample
         done = [i for i, c in enumerate(chunks) if c.seq.num_computed == len(c.seq.token_ids)]
         if not done:
-            return []
+            return ()
         seqs = [chunks[i].seq for i in done]
         rows = logits if len(done) == len(chunks) else logits[done]
         matchers = [self._matcher(s) for s in seqs]
@@ -119,7 +189,7 @@ class LLMEngine:
                 self.finish(seq, FinishReason.STOP)
                 continue
             self._check_finish(seq, r.token_id)
-        return seqs
+        return tuple(seqs)
 
     def _matcher(self, seq: Sequence):
         """The row's grammar matcher, built on its first sample: on decode it then accepts what
@@ -149,5 +219,10 @@ class LLMEngine:
             self.finish(seq, FinishReason.PREFILLED)
 
     def finish(self, seq: Sequence, reason: FinishReason) -> None:
-        keep = reason == FinishReason.PREFILLED  # the prefill node holds them under a lease
+        """End seq with reason; its blocks are freed, but for PREFILLED: those the caller gives
+        back with free_blocks once decode has read them (the prefill node's lease)."""
+        keep = reason == FinishReason.PREFILLED
         self.scheduler.finish(seq, reason, keep_blocks=keep)
+        self.live.pop(seq.request_id, None)
+        if self.kv_streams is not None:
+            self.kv_streams.unwatch(seq.request_id)

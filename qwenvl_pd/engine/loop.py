@@ -1,24 +1,24 @@
-"""Runs an LLMEngine on its own thread; gRPC handlers talk to it only through submit()."""
+"""Runs an LLMEngine on its own thread; callers talk to it only through commands (submit)."""
 import logging
 import queue
 import threading
 from concurrent.futures import Future
 from typing import Callable
 
+from qwenvl_pd.engine.commands import Abort, Add, Command, FreeBlocks, JoinPrefilled, ReserveBlocks, StepResult
 from qwenvl_pd.engine.llm_engine import LLMEngine
-from qwenvl_pd.engine.sequence import Sequence
 
 log = logging.getLogger(__name__)
-IDLE_WAIT_S = 0.05  # how often an idle loop still ticks (lease expiry)
+IDLE_WAIT_S = 0.05  # how often an idle loop wakes up (to notice stop)
 
 
 class EngineLoop:
-    """The engine, its block manager and its sequences are touched by this thread alone."""
+    """The engine, its block manager and its sequences are touched by this thread alone.
+    on_step gets each step's result on this thread: it should hand it on, not block."""
 
-    def __init__(self, engine: LLMEngine, on_tokens: Callable[[list[Sequence]], None],
-                 on_tick: Callable[[], None] = lambda: None):
+    def __init__(self, engine: LLMEngine, on_step: Callable[[StepResult], None]):
         self.engine = engine
-        self._on_tokens, self._on_tick = on_tokens, on_tick
+        self._on_step = on_step
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._stopped = threading.Event()
         self.failure: str | None = None  # why the loop stopped on its own
@@ -32,20 +32,19 @@ class EngineLoop:
         self._inbox.put(None)
         self._thread.join(timeout=10)
 
-    def submit(self, fn: Callable[[], object]) -> Future:
-        """Run fn on the engine thread between steps; the future holds its result or error.
-        Cancelling the future before fn started skips fn: its caller went away."""
+    def submit(self, command: Command) -> Future:
+        """Run command on the engine thread between steps; the future holds its result or error.
+        Cancelling the future before it ran skips it: its caller went away."""
         fut: Future = Future()
-        self._inbox.put((fn, fut))
+        self._inbox.put((command, fut))
         return fut
 
     def _run(self) -> None:
         while not self._stopped.is_set():
             self._drain(wait=not self.engine.has_work())
-            self._on_tick()
             if self.engine.has_work():
                 try:
-                    self._on_tokens(self.engine.step())
+                    self._on_step(self.engine.step())
                 except Exception as e:  # a broken step must not kill the node silently
                     log.exception("engine step failed")
                     self.failure = f"engine step failed: {e}"
@@ -63,11 +62,26 @@ class EngineLoop:
             except queue.Empty:
                 return
 
-    @staticmethod
-    def _run_one(fn: Callable[[], object], fut: Future) -> None:
+    def _run_one(self, command: Command, fut: Future) -> None:
         if not fut.set_running_or_notify_cancel():
             return  # cancelled while queued
         try:
-            fut.set_result(fn())
+            fut.set_result(self._execute(command))
         except Exception as e:  # handed to the caller through the future
             fut.set_exception(e)
+
+    def _execute(self, command: Command):
+        """The one place a command becomes an engine call."""
+        engine = self.engine
+        match command:
+            case Add(seq, max_waiting, stream_layers):
+                return engine.add(seq, max_waiting, stream_layers)
+            case JoinPrefilled(seq):
+                return engine.join_prefilled(seq)
+            case Abort(request_id):
+                return engine.abort(request_id)
+            case ReserveBlocks(n, max_waiting):
+                return engine.reserve_blocks(n, max_waiting)
+            case FreeBlocks(block_ids):
+                return engine.free_blocks(block_ids)
+        raise TypeError(f"not an engine command: {command!r}")

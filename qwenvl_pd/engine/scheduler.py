@@ -4,7 +4,8 @@ from collections import deque
 from dataclasses import dataclass
 
 from qwenvl_pd.engine.block_manager import BlockManager, block_hashes
-from qwenvl_pd.engine.sequence import FinishReason, ScheduledChunk, Sequence, Status
+from qwenvl_pd.finish_reason import FinishReason
+from qwenvl_pd.engine.sequence import ScheduledChunk, Sequence, Status
 
 
 @dataclass(frozen=True)

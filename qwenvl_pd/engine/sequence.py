@@ -5,17 +5,10 @@ from enum import Enum
 
 import torch
 
+from qwenvl_pd.finish_reason import FinishReason
 from qwenvl_pd.model.inputs import MMItem
 from qwenvl_pd.model.vision import VisionEmbeds
 from qwenvl_pd.sampling_params import SamplingParams
-
-
-class FinishReason(str, Enum):
-    STOP = "stop"
-    LENGTH = "length"
-    ABORT = "abort"
-    PREFILLED = "prefilled"   # prefill mode: first token sampled, blocks kept for the handoff
-    PREEMPTED = "preempted"   # decode mode: out of blocks, handed back to be prefilled again
 
 
 class Status(Enum):

@@ -100,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = ap.parse_args(argv)
     import torch
 
-    from qwenvl_pd.kv_transfer.engine import KVTransferEngine
+    from qwenvl_pd.kv_transfer.transfer_engine import KVTransferEngine
     shape = tuple(int(x) for x in args.shape.split(","))
     region = pattern(shape) if args.fill == "arange" else torch.ones(shape, dtype=torch.float32)
     with KVTransferEngine(args.host, args.protocol) as engine:

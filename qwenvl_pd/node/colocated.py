@@ -2,43 +2,41 @@
 
 `qwenvl-pd serve --colocated` uses it, so PD and colocated are measured through one proxy, one
 tokenizer and one protocol path; only where the tokens are computed differs. The engine runs on
-its own thread (engine/loop.py), exactly as inside a node.
+its own thread (engine/loop.py), exactly as inside a node. A request it cannot serve raises
+errors.InvalidRequest, which the proxy maps at its edge.
 """
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from types import SimpleNamespace
 
+from qwenvl_pd.engine.commands import Abort, Add, StepResult
 from qwenvl_pd.engine.loop import EngineLoop
+from qwenvl_pd.engine.sequence import Sequence
 from qwenvl_pd.engine.stack import StackConfig, build_stack
-from qwenvl_pd.engine.sequence import FinishReason, Sequence
-from qwenvl_pd.messages import PrefillRequest, SampledToken, TokenEvent
+from qwenvl_pd.errors import InvalidRequest
+from qwenvl_pd.messages import ModelInfo, PrefillRequest, TokenEvent
 from qwenvl_pd.model.inputs import InputError
-from qwenvl_pd.node.requests import prompt_logprobs, sequence_from_request
-from qwenvl_pd.node.runtime import NodeConfig, Runtime, check_pool
-from qwenvl_pd.proxy.config import ProxyConfig
-from qwenvl_pd.proxy.errors import bad_request
+from qwenvl_pd.node.model_info import model_info
+from qwenvl_pd.node.requests import sequence_from_request, token_event
 
 
 class ColocatedBackend:
     def __init__(self, cfg: StackConfig):
         self.stack = build_stack(cfg)
         try:
-            check_pool(self.stack.engine.blocks, self.stack.engine.cfg.max_model_len)
+            self.stack.engine.check_pool()
         except ValueError:
             self.stack.close()
             raise
         self.model_dir, self.max_model_len = cfg.model, self.stack.engine.cfg.max_model_len
         self.config, self.inputs, self.engine = self.stack.config, self.stack.inputs, self.stack.engine
-        self.loop = EngineLoop(self.engine, self._on_tokens)
+        self.loop = EngineLoop(self.engine, self._on_step)
         self.queues: dict[str, asyncio.Queue] = {}
         self.aio: asyncio.AbstractEventLoop | None = None
 
-    def model_info(self):
-        # Runtime.model_info reads only these two attributes: reuse it rather than copy it
-        cfg = NodeConfig(role="prefill", model=self.model_dir, port=0, max_model_len=self.max_model_len)
-        return Runtime.model_info(SimpleNamespace(cfg=cfg, model_config=self.config))
+    def model_info(self) -> ModelInfo:
+        return model_info(self.model_dir, self.config, self.max_model_len)
 
     def start(self) -> None:
         self.aio = asyncio.get_running_loop()
@@ -48,14 +46,9 @@ class ColocatedBackend:
         return True
 
     # ---- engine thread
-    def _on_tokens(self, seqs: list[Sequence]) -> None:
-        for seq in seqs:
-            logprob, top = seq.logprobs[-1] if seq.logprobs else (None, ())
-            first = seq.num_output == 1
-            event = TokenEvent(SampledToken(seq.token_ids[-1], logprob, tuple(top)),
-                               seq.finish_reason.value if seq.finished else "",
-                               num_cached_tokens=seq.num_cached if first else 0,
-                               prompt_logprobs=prompt_logprobs(seq) if first else None)
+    def _on_step(self, result: StepResult) -> None:
+        for seq in result.sampled:
+            event = token_event(seq, first=seq.num_output == 1)
             self.aio.call_soon_threadsafe(self._publish, seq.request_id, event)
 
     def _publish(self, request_id: str, event: TokenEvent) -> None:
@@ -67,12 +60,12 @@ class ColocatedBackend:
         try:
             return sequence_from_request(self.inputs, req, self.max_model_len, self.engine.grammars)
         except (ValueError, InputError) as e:
-            raise bad_request(str(e)) from None
+            raise InvalidRequest(str(e)) from None
 
     async def generate(self, req: PrefillRequest, key: bytes) -> AsyncIterator[TokenEvent]:
         seq = await asyncio.to_thread(self._sequence, req)
         queue = self.queues[req.request_id] = asyncio.Queue()
-        await asyncio.wrap_future(self.loop.submit(lambda: self.engine.add(seq)))
+        await asyncio.wrap_future(self.loop.submit(Add(seq)))
         finished = False
         try:
             while not finished:
@@ -82,7 +75,7 @@ class ColocatedBackend:
         finally:
             self.queues.pop(req.request_id, None)
             if not finished:  # a stop string or a client that left: free the blocks now
-                self.loop.submit(lambda: seq.finished or self.engine.finish(seq, FinishReason.ABORT))
+                self.loop.submit(Abort(req.request_id))
 
     def stop(self) -> None:
         self.loop.stop()
@@ -90,8 +83,9 @@ class ColocatedBackend:
 
 
 def colocated_opener(stack: StackConfig):
-    """The proxy's open_backend for one colocated engine built from `stack`."""
-    async def open_colocated(cfg: ProxyConfig, metrics):
+    """The proxy's open_backend (proxy/cluster/interface.py) for one colocated engine built from
+    `stack`; the proxy's config and metrics are not needed here."""
+    async def open_colocated(cfg, metrics):
         return await _open(stack)
     return open_colocated
 

@@ -4,11 +4,13 @@ import asyncio
 import logging
 import signal
 import time
+from concurrent.futures import Future
 from typing import Callable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from qwenvl_pd.engine.commands import Command, StepResult
 from qwenvl_pd.engine.loop import EngineLoop
 from qwenvl_pd.protos.auth import ServerAuth
 from qwenvl_pd.protos.channel import SERVER_OPTIONS
@@ -20,11 +22,14 @@ DRAIN_POLL_S = 0.05
 
 
 class NodeHost:
-    def __init__(self, runtime: Runtime, on_tokens: Callable, on_tick: Callable = lambda: None,
+    """A node's engine thread seen from asyncio: commands go in, step results come out (on_step,
+    on the engine thread; post hands them over)."""
+
+    def __init__(self, runtime: Runtime, on_step: Callable[[StepResult], None],
                  in_flight: Callable[[], int] = lambda: 0):
         self.runtime = runtime
         self.aio = asyncio.get_running_loop()
-        self.engine_loop = EngineLoop(runtime.engine, on_tokens, on_tick)
+        self.engine_loop = EngineLoop(runtime.engine, on_step)
         self.in_flight = in_flight  # requests (prefill: leases too) a drain must wait for
         self.draining = False
 
@@ -34,14 +39,18 @@ class NodeHost:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"{self.runtime.cfg.role} "
                                 f"{self.runtime.instance_id} is draining; send new work elsewhere")
 
-    async def call(self, fn: Callable):
-        """Run fn on the engine thread and await its result; a caller cancelled before fn
+    async def call(self, command: Command):
+        """Run command on the engine thread and await its result; a caller cancelled before it
         started skips it."""
-        return await asyncio.wrap_future(self.engine_loop.submit(fn))
+        return await asyncio.wrap_future(self.engine_loop.submit(command))
 
-    async def settle(self, fn: Callable):
-        """Like call, for clean-up: fn runs even if the awaiting task is cancelled meanwhile."""
-        return await asyncio.shield(asyncio.wrap_future(self.engine_loop.submit(fn)))
+    async def settle(self, command: Command):
+        """Like call, for clean-up: the command runs even if the awaiting task is cancelled."""
+        return await asyncio.shield(asyncio.wrap_future(self.engine_loop.submit(command)))
+
+    def send(self, command: Command) -> Future:
+        """Run command on the engine thread; nobody waits for it (a free after a late read)."""
+        return self.engine_loop.submit(command)
 
     def post(self, fn: Callable, *args) -> None:
         """From the engine thread: run fn(*args) on the asyncio loop."""

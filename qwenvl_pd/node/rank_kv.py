@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from qwenvl_pd.engine.ranks import IDLE_TIMEOUT, RankContext
-from qwenvl_pd.kv_transfer.engine import KVTransferEngine, TransferError, TransferTimeout
+from qwenvl_pd.kv_transfer.transfer_engine import KVTransferEngine, TransferError, TransferTimeout
 from qwenvl_pd.kv_transfer.handle import KVHandle, KVSegment
 from qwenvl_pd.kv_transfer.heads import head_pieces, heads_per_rank, pull_plan
 from qwenvl_pd.kv_transfer.layout import Region

@@ -1,6 +1,6 @@
-"""A PrefillRequest (token ids with expanded placeholders + raw media) -> the engine's Sequence,
-and a prefilled Sequence's prompt logprobs -> their message; the same for the prefill node and
-the colocated engine."""
+"""Between the wire and the engine: a PrefillRequest (token ids with expanded placeholders + raw
+media) -> the engine's Sequence, and a Sequence's latest token -> its TokenEvent (prompt
+logprobs included); the same for the prefill node, the decode node and the colocated engine."""
 import io
 
 from PIL import Image
@@ -8,7 +8,8 @@ from PIL import Image
 from qwenvl_pd.engine import prompt_logprobs as prompt_rows
 from qwenvl_pd.engine.grammar import Grammars
 from qwenvl_pd.engine.sequence import Sequence
-from qwenvl_pd.messages import PrefillRequest, PromptLogprobs
+from qwenvl_pd.finish_reason import FinishReason
+from qwenvl_pd.messages import PrefillRequest, PromptLogprobs, SampledToken, TokenEvent
 from qwenvl_pd.model.inputs import InputProcessor
 from qwenvl_pd.sampling_params import SamplingParams
 
@@ -29,6 +30,20 @@ def sequence_from_request(inputs: InputProcessor, req: PrefillRequest, max_model
                          f"({params.max_tokens}) exceeds max_model_len ({max_model_len})")
     return Sequence(req.request_id, prompt.token_ids, prompt.positions, prompt.mrope_delta,
                     params, items=prompt.items, cache_salt=req.cache_salt)
+
+
+def token_event(seq: Sequence, first: bool = False) -> TokenEvent:
+    """seq's latest token (none once aborted or handed back) and its end, if it ended. first:
+    with what only a sample's first event carries (prefix-cache hits, prompt logprobs)."""
+    token = None
+    if seq.finish_reason not in (FinishReason.ABORT, FinishReason.PREEMPTED):
+        logprob, top = seq.logprobs[-1] if seq.logprobs else (None, ())
+        token = SampledToken(seq.token_ids[-1], logprob, tuple(top))
+    # PREFILLED ends the sequence on prefill, not the request: decode goes on with it
+    ended = seq.finish_reason not in (None, FinishReason.PREFILLED)
+    return TokenEvent(token, seq.finish_reason.value if ended else "", seq.prompt_len,
+                      seq.num_output, num_cached_tokens=seq.num_cached if first else 0,
+                      prompt_logprobs=prompt_logprobs(seq) if first else None)
 
 
 def prompt_logprobs(seq: Sequence) -> PromptLogprobs | None:

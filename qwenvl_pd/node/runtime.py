@@ -1,32 +1,28 @@
 """What a prefill or decode node holds: model, engine, KV region registered with Mooncake."""
+import dataclasses
 import hashlib
-import json
 import socket
 import uuid
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-from qwenvl_pd.cpus import threads_for
-from qwenvl_pd.engine.config import EngineConfig
 from qwenvl_pd.engine.stack import StackConfig, build_stack
 from qwenvl_pd.kv_transfer.handle import LayoutFingerprint
 from qwenvl_pd.kv_transfer.layout import fingerprint_for
 from qwenvl_pd.messages import LoadReport, ModelInfo
+from qwenvl_pd.node.model_info import model_info
 from qwenvl_pd.node.rank_kv import TransferOptions, setup_rank_kv
 
 
 @dataclass(frozen=True)
 class NodeConfig:
     role: str                      # "prefill" | "decode"
-    model: str
     port: int
+    stack: StackConfig             # the checkpoint, its device and the engine serving it
     host: str = "127.0.0.1"        # address peers use for gRPC and Mooncake
     bind: str = "0.0.0.0"
     served_model_name: str = ""
-    max_model_len: int = 8192
-    device: str = "auto"
-    dtype: str = "auto"
     transfer_protocol: str = "tcp"
     transfer_device: str = ""
     transfer_timeout_s: float = 10.0
@@ -34,12 +30,6 @@ class NodeConfig:
     drain_seconds: float = 30.0    # on SIGTERM: NOT_SERVING, then this long for running RPCs
     cluster_secret: bytes = field(default=b"", repr=False)  # b"": node RPCs are not checked
     instance_id: str = ""
-    limit_mm_per_prompt: dict = field(default_factory=dict, hash=False)
-    engine: EngineConfig = EngineConfig()
-    tensor_parallel_size: int = 1
-    enable_expert_parallel: bool = False
-    threads: int = 0
-    quantization: str | None = None  # "ascend" | "none"; None: from the checkpoint
     max_queued_requests: int = 1024  # waiting requests beyond this are refused (RESOURCE_EXHAUSTED)
     kv_layer_group: int = 4  # prefill: layers per layer-wise KV report; 0 refuses layer-wise
     cpus: tuple[int, ...] = ()       # cores this node and its ranks are pinned to; (): not pinned
@@ -53,16 +43,7 @@ class NodeConfig:
     @property
     def max_concurrent_rpcs(self) -> int:
         # every queued or running request holds one RPC; the rest is room for health, load, release
-        return self.max_queued_requests + self.engine.max_num_seqs + 64
-
-    @property
-    def rank_threads(self) -> int:
-        return threads_for(self.cpus, self.threads, self.tensor_parallel_size)
-
-    def stack(self) -> StackConfig:
-        return StackConfig(self.model, self.max_model_len, self.device, self.dtype,
-                           self.tensor_parallel_size, self.enable_expert_parallel, self.rank_threads,
-                           self.limit_mm_per_prompt, self.engine, self.quantization)
+        return self.max_queued_requests + self.stack.engine.max_num_seqs + 64
 
 
 class Runtime:
@@ -74,39 +55,30 @@ class Runtime:
         self.instance_id = cfg.instance_id or f"{cfg.role}-{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
         opts = TransferOptions(cfg.role, cfg.host, cfg.transfer_protocol, cfg.transfer_device,
                                cfg.transfer_timeout_s)
-        self.stack = build_stack(cfg.stack(), rank_setup=partial(setup_rank_kv, opts))
+        self.stack = build_stack(cfg.stack, rank_setup=partial(setup_rank_kv, opts))
         self.model_config, self.tokenizer = self.stack.config, self.stack.tokenizer
         self.inputs, self.model, self.engine = self.stack.inputs, self.stack.model, self.stack.engine
         self.dtype, self.kv = self.stack.dtype, self.stack.rank_state
         self.transfer, self.region = self.kv.transfer, self.kv.region
+        self.max_model_len = self.engine.cfg.max_model_len  # the checkpoint's when the config had none
         self.fingerprint = self._fingerprint()
         try:
-            check_pool(self.engine.blocks, cfg.max_model_len)
+            self.engine.check_pool()
         except ValueError:
             self.close()
             raise
 
     def _fingerprint(self) -> LayoutFingerprint:
         # the model identity is the config's content: same architecture and sizes, same layout
-        digest = hashlib.sha256(Path(self.cfg.model, "config.json").read_bytes()).hexdigest()[:16]
+        digest = hashlib.sha256(Path(self.cfg.stack.model, "config.json").read_bytes()).hexdigest()[:16]
         text = self.model_config.text
         return fingerprint_for(f"{self.model_config.family}:{digest}", self.dtype,
-                               self.cfg.engine.block_size, text.num_layers, text.num_kv_heads,
+                               self.engine.cfg.block_size, text.num_layers, text.num_kv_heads,
                                text.head_dim, self.stack.tp.size,
                                quantization=self.model.quantization)
 
     def model_info(self) -> ModelInfo:
-        d, cfg = Path(self.cfg.model), self.model_config
-        return ModelInfo(
-            served_model_name=self.cfg.served_model_name or d.name, family=cfg.family,
-            tokenizer_json=_read(d / "tokenizer.json").encode(),
-            tokenizer_config_json=_read(d / "tokenizer_config.json").encode(),
-            chat_template=_chat_template(d), preprocessor_config_json=_read(d / "preprocessor_config.json"),
-            max_model_len=self.cfg.max_model_len, eos_token_ids=cfg.eos_token_ids,
-            vision_start_token_id=cfg.vision_start_token_id, vision_end_token_id=cfg.vision_end_token_id,
-            image_token_id=cfg.image_token_id, video_token_id=cfg.video_token_id,
-            video_preprocessor_config_json=_read(d / "video_preprocessor_config.json"),
-            generation_config_json=_read(d / "generation_config.json"))
+        return model_info(self.cfg.stack.model, self.model_config, self.max_model_len, self.cfg.served_model_name)
 
     def failure(self) -> str | None:
         """Why this instance can no longer serve (a tensor-parallel rank died), or None."""
@@ -122,48 +94,5 @@ class Runtime:
         self.stack.close()
 
 
-def check_pool(blocks, max_model_len: int) -> None:
-    """A pool that cannot hold one max_model_len sequence would leave such a prompt waiting for
-    blocks forever: a server refuses to start instead."""
-    if blocks.num_blocks * blocks.block_size < max_model_len:
-        raise ValueError(f"the KV pool holds {blocks.num_blocks * blocks.block_size} tokens "
-                         f"({blocks.num_blocks} blocks), less than max_model_len {max_model_len}: "
-                         "raise --kv-cache-gib or lower --max-model-len")
-
-
-class QueueFull(RuntimeError):
-    """The waiting queue is at its bound: the caller should go elsewhere or come back later."""
-
-
-def check_queue(rt: Runtime) -> None:
-    """Engine thread: refuse new work once max_queued_requests wait (no unbounded queue)."""
-    waiting, limit = len(rt.engine.scheduler.waiting), rt.cfg.max_queued_requests
-    if waiting >= limit:
-        raise QueueFull(f"{rt.cfg.role} {rt.instance_id} has {waiting} requests waiting "
-                        f"(--max-queued-requests {limit}); try again later")
-
-
 def load_report(rt: Runtime, role: str, **transfer) -> LoadReport:
-    engine = rt.engine
-    return LoadReport(role=role, instance_id=rt.instance_id, running=len(engine.scheduler.running),
-                      waiting=len(engine.scheduler.waiting), blocks_used=engine.blocks.num_used_blocks,
-                      blocks_total=engine.blocks.num_blocks, prefix_cache_queries=engine.blocks.prefix_queries,
-                      prefix_cache_hits=engine.blocks.prefix_hits,
-                      requests_total=engine.requests_total, **transfer)
-
-
-def _read(path: Path) -> str:
-    return path.read_text() if path.is_file() else ""
-
-
-def _chat_template(model_dir: Path) -> str:
-    for name in ("chat_template.jinja", "chat_template.json", "tokenizer_config.json"):
-        text = _read(model_dir / name)
-        if not text:
-            continue
-        if name.endswith(".jinja"):
-            return text
-        template = json.loads(text).get("chat_template")
-        if template:
-            return template
-    return ""
+    return LoadReport(role=role, instance_id=rt.instance_id, **dataclasses.asdict(rt.engine.load()), **transfer)

@@ -10,7 +10,7 @@ import torch
 
 pytest.importorskip("mooncake.engine")
 
-from qwenvl_pd.kv_transfer.engine import KVTransferEngine, TransferError, TransferTimeout  # noqa: E402
+from qwenvl_pd.kv_transfer.transfer_engine import KVTransferEngine, TransferError, TransferTimeout  # noqa: E402
 from qwenvl_pd.kv_transfer.layout import Region, read_slices  # noqa: E402
 from qwenvl_pd.kv_transfer.peer import pattern, spawn_peer  # noqa: E402
 

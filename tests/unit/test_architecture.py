@@ -5,13 +5,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "scripts"))
 import arch_metrics as am  # noqa: E402
 
-ENGINE_HALF = pytest.mark.xfail(strict=False, reason="engine half: branch i25-engine")
 MODS = am.load(ROOT)
 NODE_MODULES = [m for m in MODS.values() if m.package in am.NODE_PACKAGES]
 PROXY_MODULES = [m for m in MODS.values() if m.package == "proxy"]
@@ -23,7 +20,7 @@ def _imports(mods, fragment: str) -> list[str]:
 
 
 def test_the_rules_see_the_code():  # a loader that found nothing would pass every rule below
-    assert {"qwenvl_pd.proxy.http.app", "qwenvl_pd.decode_node.server", "qwenvl_pd.engine.llm_engine"} <= set(MODS)
+    assert {"qwenvl_pd.proxy.http.app", "qwenvl_pd.decode_node.service", "qwenvl_pd.engine.llm_engine"} <= set(MODS)
     assert "qwenvl_pd.proxy.cluster.router" in MODS["qwenvl_pd.proxy.cluster.backend"].imports
     assert "torch" in {i.split(".")[0] for i in MODS["qwenvl_pd.model.processor"].imports}
 
@@ -46,19 +43,31 @@ def test_importing_every_proxy_module_loads_no_torch():
     assert (out.returncode, out.stdout.strip()) == (0, "[]"), out.stderr
 
 
-@ENGINE_HALF
 def test_the_nodes_import_nothing_from_the_proxy():
     assert _imports(NODE_MODULES, ".proxy") == []
 
 
-@ENGINE_HALF
 def test_nodes_never_reach_into_the_engines_scheduler_or_blocks():
     assert am.engine_reach_ins(MODS) == []
 
 
-@ENGINE_HALF
+def test_the_engine_thread_takes_commands_not_closures():
+    assert am.engine_closures(MODS) == []
+
+
 def test_nodes_use_no_private_member_of_another_object():
     assert am.private_uses(MODS, am.NODE_PACKAGES) == []
+
+
+def test_node_helpers_never_call_back_into_their_owner():
+    assert am.owner_calls(MODS, am.NODE_PACKAGES) == []
+
+
+def test_one_type_per_concept():
+    found = am.duplicated_concepts(MODS)
+    assert {k: len(found[k]) for k in ("roles tuple", "finish-reason types", "sequence -> SampledToken builders")} \
+        == {"roles tuple": 1, "finish-reason types": 1, "sequence -> SampledToken builders": 1}
+    assert am.repeated_config_fields(MODS) == []
 
 
 def test_the_proxy_uses_no_private_member_of_another_object():

@@ -13,11 +13,12 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from qwenvl_pd.errors import InvalidRequest
 from qwenvl_pd.messages import PrefillRequest, SampledToken, TokenEvent
 from qwenvl_pd.proxy.prompt.detokenizer import IncrementalDetokenizer
 from qwenvl_pd.proxy.prompt.inputs import PreparedPrompt
 from qwenvl_pd.proxy.metrics import ProxyMetrics
-from qwenvl_pd.proxy.errors import server_error
+from qwenvl_pd.proxy.errors import bad_request, server_error
 from qwenvl_pd.proxy.prompt.model_info import ProxyModel
 from qwenvl_pd.proxy.prompt.prompt_logprobs import echo_entries, ranked
 from qwenvl_pd.proxy.responses import PromptLogprobList, TokenLogprob, TopLogprob, usage
@@ -110,7 +111,8 @@ class RequestRun:
                 queue.put_nowait(delta)
         except Exception as e:  # handed to the consumer, which ends the request
             self.stats[index].finish_reason = "error"
-            queue.put_nowait(e)
+            # the colocated engine's InvalidRequest is a 400, as the proxy's own checks are
+            queue.put_nowait(bad_request(str(e)) if isinstance(e, InvalidRequest) else e)
         finally:
             queue.put_nowait(None)
 

@@ -6,7 +6,7 @@ import torch
 
 pytest.importorskip("mooncake.engine")
 
-from qwenvl_pd.kv_transfer.engine import (PROTOCOLS, KVTransferEngine, TransferError,  # noqa: E402
+from qwenvl_pd.kv_transfer.transfer_engine import (PROTOCOLS, KVTransferEngine, TransferError,  # noqa: E402
                                           _tcp_queue_bound)
 
 

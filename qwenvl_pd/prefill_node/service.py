@@ -7,85 +7,79 @@ import time
 import grpc
 
 from qwenvl_pd.node.host import NodeHost, run_node
-from qwenvl_pd.node.requests import prompt_logprobs, sequence_from_request
-from qwenvl_pd.node.runtime import NodeConfig, QueueFull, Runtime, check_queue, load_report
-from qwenvl_pd.engine.sequence import FinishReason, Sequence
+from qwenvl_pd.node.requests import sequence_from_request, token_event
+from qwenvl_pd.node.runtime import NodeConfig, Runtime, load_report
+from qwenvl_pd.engine.commands import Abort, Add, DuplicateRequest, FreeBlocks, QueueFull, StepResult
+from qwenvl_pd.finish_reason import FinishReason
+from qwenvl_pd.engine.sequence import Sequence
 from qwenvl_pd.kv_transfer.handle import KVHandle
 from qwenvl_pd.engine.kv_streams import LayerProgress
-from qwenvl_pd.messages import PrefillRequest, PrefillResult, PrefillStreamEvent, SampledToken
+from qwenvl_pd.messages import PrefillRequest, PrefillResult, PrefillStreamEvent
 from qwenvl_pd.model.inputs import InputError
 from qwenvl_pd.prefill_node.kv_watch import Watched
 from qwenvl_pd.prefill_node.leases import LeaseTable, lease_seconds
 from qwenvl_pd.protos import auth, convert, qwenvl_pd_pb2 as pb, qwenvl_pd_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
+LEASE_CHECK_S = 0.05  # how often expired leases are looked for
 
 
 class PrefillService(pb_grpc.PrefillServicer):
     def __init__(self, runtime: Runtime):
         self.rt = runtime
         self.leases = LeaseTable()
-        self.host = NodeHost(runtime, self._on_tokens, self._expire_leases,
-                             lambda: len(self.waiters) + len(self.leases))
+        # a drain waits for running prefills and for the leases decode may still read
+        self.host = NodeHost(runtime, self._on_step, lambda: len(self.waiters) + len(self.leases))
         self.waiters: dict[str, asyncio.Future] = {}
-        self.seqs: dict[str, Sequence] = {}  # engine thread: live prefills by request id
         self.lease_seconds: dict[str, float] = {}  # set before a sequence reaches the engine
         self.watched: dict[str, Watched] = {}  # layer-wise requests, until their lease is gone
         self.streams = (runtime.engine.stream_layers(runtime.cfg.kv_layer_group, self._on_layers)
                         if runtime.cfg.kv_layer_group else None)
+        self._expiry = asyncio.ensure_future(self._expire_leases())
 
     # ---- engine thread
-    def _on_tokens(self, seqs: list[Sequence]) -> None:
-        for seq in seqs:
-            if seq.finished:
-                self.seqs.pop(seq.request_id, None)
-                if seq.finish_reason == FinishReason.PREFILLED:
-                    self.leases.add(seq.request_id, seq.block_ids,
-                                    self.lease_seconds.get(seq.request_id, self.rt.cfg.lease_seconds))
-                self.host.post(self._resolve, seq.request_id, seq)
-                if self.streams is not None:
-                    self.streams.unwatch(seq.request_id)
+    def _on_step(self, result: StepResult) -> None:
+        for seq in result.finished:
+            self.host.post(self._finished, seq)
 
     def _on_layers(self, progress: LayerProgress) -> None:
         self.host.post(self._progress, progress)
 
-    def _expire_leases(self) -> None:
-        for request_id, blocks in self.leases.pop_expired():
-            self.rt.engine.blocks.free(blocks)
-            self.host.post(self.watched.pop, request_id, None)
+    # ---- asyncio side
+    def _finished(self, seq: Sequence) -> None:
+        """A prefill ended: its blocks go under a lease if decode is to read them."""
+        if seq.finish_reason == FinishReason.PREFILLED:
+            self.leases.add(seq.request_id, seq.block_ids,
+                            self.lease_seconds.get(seq.request_id, self.rt.cfg.lease_seconds))
+        self._resolve(seq.request_id, seq)
 
-    def _add(self, seq: Sequence, layerwise: bool = False) -> None:
-        if seq.request_id in self.seqs or seq.request_id in self.leases:
-            raise KeyError(seq.request_id)
-        check_queue(self.rt)
-        self.seqs[seq.request_id] = seq
-        if layerwise:
-            self.streams.watch(seq.request_id)
-        self.rt.engine.add(seq)
+    async def _expire_leases(self) -> None:
+        while True:
+            await asyncio.sleep(LEASE_CHECK_S)
+            for request_id, blocks in self.leases.pop_expired():
+                self.host.send(FreeBlocks(blocks))
+                self.watched.pop(request_id, None)
 
-    def _abort(self, request_id: str) -> bool:
-        seq = self.seqs.pop(request_id, None)
+    async def _abort(self, request_id: str) -> bool:
+        seq = await self.host.settle(Abort(request_id))
         if seq is not None:
-            if self.streams is not None:
-                self.streams.unwatch(request_id)
-            self.rt.engine.finish(seq, FinishReason.ABORT)
-            self.host.post(self._resolve, request_id, seq)
+            self._resolve(request_id, seq)
             return True
-        return self._free_lease(request_id)
+        return await self._free_lease(request_id)
 
-    def _release(self, request_id: str, instance_id: str) -> bool:
+    async def _release(self, request_id: str, instance_id: str) -> bool:
         if instance_id and instance_id != self.rt.instance_id:
             return False
-        return self._free_lease(request_id)
+        return await self._free_lease(request_id)
 
-    def _free_lease(self, request_id: str) -> bool:
+    async def _free_lease(self, request_id: str) -> bool:
         blocks = self.leases.pop(request_id)
-        if blocks is not None:
-            self.rt.engine.blocks.free(blocks)
-            self.host.post(self.watched.pop, request_id, None)
-        return blocks is not None
+        if blocks is None:
+            return False
+        self.watched.pop(request_id, None)
+        await self.host.settle(FreeBlocks(blocks))
+        return True
 
-    # ---- asyncio side
     def _resolve(self, request_id: str, seq: Sequence) -> None:
         fut = self.waiters.pop(request_id, None)
         if fut is not None and not fut.done():
@@ -109,7 +103,7 @@ class PrefillService(pb_grpc.PrefillServicer):
         await self.host.refuse_if_draining(context)
         try:
             req: PrefillRequest = convert.from_proto(request)
-            seq = await asyncio.to_thread(sequence_from_request, self.rt.inputs, req, self.rt.cfg.max_model_len,
+            seq = await asyncio.to_thread(sequence_from_request, self.rt.inputs, req, self.rt.max_model_len,
                                           self.rt.engine.grammars)
         except (ValueError, InputError) as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
@@ -175,24 +169,25 @@ class PrefillService(pb_grpc.PrefillServicer):
 
     async def _run(self, seq: Sequence, fut: asyncio.Future, context, layerwise: bool = False) -> Sequence:
         try:
+            if seq.request_id in self.leases:
+                raise DuplicateRequest(seq.request_id)
             # skipped if the caller is gone by then
-            await self.host.call(lambda: self._add(seq, layerwise))
+            await self.host.call(Add(seq, self.rt.cfg.max_queued_requests, layerwise))
             return await fut
-        except KeyError:
+        except DuplicateRequest:
             await context.abort(grpc.StatusCode.ALREADY_EXISTS,
                                 f"request {seq.request_id} holds KV not yet released")
         except QueueFull as e:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"prefill {self.rt.instance_id} has {e}")
         except asyncio.CancelledError:  # the proxy gave up: free at once (a no-op if never added)
-            await self.host.settle(lambda: self._abort(seq.request_id))
+            await asyncio.shield(self._abort(seq.request_id))
             raise
 
     def _result(self, seq: Sequence, lease_s: float) -> PrefillResult:
-        logprob, top = seq.logprobs[0] if seq.logprobs else (None, ())
-        token = SampledToken(seq.output_ids[0], logprob, tuple(top))
-        result = dict(request_id=seq.request_id, first_token=token, mrope_position_delta=seq.mrope_delta,
-                      prompt_len=seq.prompt_len, num_cached_tokens=seq.num_cached,
-                      prompt_logprobs=prompt_logprobs(seq))
+        event = token_event(seq, first=True)
+        result = dict(request_id=seq.request_id, first_token=event.token, mrope_position_delta=seq.mrope_delta,
+                      prompt_len=seq.prompt_len, num_cached_tokens=event.num_cached_tokens,
+                      prompt_logprobs=event.prompt_logprobs)
         if seq.finish_reason != FinishReason.PREFILLED:
             return PrefillResult(**result, finish_reason=seq.finish_reason.value)
         return PrefillResult(**result, handle=self._handle(seq, lease_s))
@@ -215,12 +210,10 @@ class PrefillService(pb_grpc.PrefillServicer):
             rank_segments=self.rt.kv.segments[1:], request_id=seq.request_id)
 
     async def Release(self, request, context):
-        released = await self.host.settle(lambda: self._release(request.request_id, request.instance_id))
-        return pb.ReleaseResponse(released=released)
+        return pb.ReleaseResponse(released=await self._release(request.request_id, request.instance_id))
 
     async def Abort(self, request, context):
-        found = await self.host.settle(lambda: self._abort(request.request_id))
-        return pb.AbortResponse(found=found)
+        return pb.AbortResponse(found=await self._abort(request.request_id))
 
     async def GetLoad(self, request, context):
         return convert.to_proto(load_report(self.rt, "prefill"))
