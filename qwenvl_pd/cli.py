@@ -55,7 +55,7 @@ def _node(args: argparse.Namespace) -> int:
     import logging
     from qwenvl_pd.cpus import pin, threads_for
     from qwenvl_pd.protos.auth import read_secret
-    from qwenvl_pd.engine.config import EngineConfig
+    from qwenvl_pd.engine.engine_config import EngineConfig
     from qwenvl_pd.engine.stack import StackConfig
     from qwenvl_pd.node.runtime import NodeConfig
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -149,7 +149,7 @@ def _colocated_opener(args: argparse.Namespace):
     if not args.colocated_model:
         return None
     from qwenvl_pd.cpus import threads_for
-    from qwenvl_pd.engine.config import EngineConfig
+    from qwenvl_pd.engine.engine_config import EngineConfig
     from qwenvl_pd.engine.stack import StackConfig
     from qwenvl_pd.node.colocated import colocated_opener
     engine = EngineConfig(kv_cache_bytes=int(args.kv_cache_gib * (1 << 30)),

@@ -5,7 +5,7 @@ import logging
 import weakref
 
 from qwenvl_pd.engine import prompt_logprobs
-from qwenvl_pd.engine.config import EngineConfig
+from qwenvl_pd.engine.engine_config import EngineConfig
 from qwenvl_pd.finish_reason import FinishReason
 from qwenvl_pd.engine.sequence import Sequence
 from qwenvl_pd.engine.stack import StackConfig, build_stack

@@ -6,7 +6,7 @@ import torch
 from qwenvl_pd.config import ModelConfig
 from qwenvl_pd.engine.block_manager import BlockManager
 from qwenvl_pd.engine.commands import DuplicateRequest, EngineLoad, QueueFull, StepResult
-from qwenvl_pd.engine.config import EngineConfig
+from qwenvl_pd.engine.engine_config import EngineConfig
 from qwenvl_pd.engine.encoder_cache import EncoderCache
 from qwenvl_pd.engine.grammar import Grammars
 from qwenvl_pd.engine.graphs import DecodeGraphs

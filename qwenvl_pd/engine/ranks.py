@@ -25,7 +25,7 @@ from qwenvl_pd.model.parallel import TensorParallel
 from qwenvl_pd.process import die_with_parent
 
 if TYPE_CHECKING:
-    from qwenvl_pd.engine.config import EngineConfig
+    from qwenvl_pd.engine.engine_config import EngineConfig
 
 log = logging.getLogger(__name__)
 BACKENDS = {"cpu": "gloo", "cuda": "nccl", "npu": "hccl"}

@@ -12,7 +12,7 @@ import torch
 from transformers import AutoTokenizer
 
 from qwenvl_pd.config import ModelConfig
-from qwenvl_pd.engine.config import EngineConfig
+from qwenvl_pd.engine.engine_config import EngineConfig
 from qwenvl_pd.engine.grammar import Grammars
 from qwenvl_pd.engine.llm_engine import LLMEngine, build_runner
 from qwenvl_pd.engine.model_runner import ModelRunner
