@@ -34,8 +34,8 @@ import time
 
 import httpx
 
-from qwenvl_pd.bench import mixed
-from qwenvl_pd.bench.serve import bench, parser as bench_parser
+from qwenvl_pd.loadgen import mixed
+from qwenvl_pd.loadgen.serve import bench, parser as bench_parser
 from qwenvl_pd.serve import free_port
 
 DEFAULT_LOAD = ["--dataset-name", "random-mm", "--num-prompts", "20", "--request-rate", "0.5",

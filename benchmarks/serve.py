@@ -1,5 +1,5 @@
 """Load-test any OpenAI-compatible endpoint, vLLM `bench serve` style (the code lives in
-qwenvl_pd/bench so that `qwenvl-pd bench` is the same tool).
+qwenvl_pd/loadgen so that `qwenvl-pd bench` is the same tool).
 
     .venv/bin/qwenvl-pd serve --port 8000 &
     .venv/bin/python benchmarks/serve.py --port 8000 --dataset-name random --random-input 200 \
@@ -9,7 +9,7 @@ qwenvl_pd/bench so that `qwenvl-pd bench` is the same tool).
 """
 import sys
 
-from qwenvl_pd.bench.serve import main
+from qwenvl_pd.loadgen.serve import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -356,7 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["bench"]:  # every later argument belongs to the benchmark's own parser
-        from qwenvl_pd.bench.serve import main as bench
+        from qwenvl_pd.loadgen.serve import main as bench
         return bench(argv[1:])
     parser = build_parser()
     args = parser.parse_args(normalize_argv(argv))

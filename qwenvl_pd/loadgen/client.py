@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from qwenvl_pd.bench.datasets import BenchRequest
+from qwenvl_pd.loadgen.datasets import BenchRequest
 
 
 @dataclass

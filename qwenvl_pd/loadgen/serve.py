@@ -16,8 +16,8 @@ from pathlib import Path
 
 import httpx
 
-from qwenvl_pd.bench import datasets, report
-from qwenvl_pd.bench.client import run
+from qwenvl_pd.loadgen import datasets, report
+from qwenvl_pd.loadgen.client import run
 
 
 def parser() -> argparse.ArgumentParser:

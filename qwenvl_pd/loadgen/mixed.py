@@ -10,8 +10,8 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
-from qwenvl_pd.bench import datasets, report
-from qwenvl_pd.bench.client import RequestResult, run
+from qwenvl_pd.loadgen import datasets, report
+from qwenvl_pd.loadgen.client import RequestResult, run
 
 CHAT = "/v1/chat/completions"
 

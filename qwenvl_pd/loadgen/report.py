@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from qwenvl_pd.bench.client import RequestResult
+from qwenvl_pd.loadgen.client import RequestResult
 
 METRICS = ("ttft", "tpot", "itl", "e2el")
 NAMES = {"ttft": "Time to First Token", "tpot": "Time per Output Token (excl. 1st token)",
