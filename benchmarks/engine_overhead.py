@@ -28,7 +28,7 @@ from engine_vs_transformers import workload  # noqa: E402
 
 import qwenvl_pd.engine.llm_engine as llm_engine  # noqa: E402
 from qwenvl_pd import LLM  # noqa: E402
-from qwenvl_pd.config import ModelConfig  # noqa: E402
+from qwenvl_pd.model_config import ModelConfig  # noqa: E402
 from qwenvl_pd.engine.engine_config import EngineConfig  # noqa: E402
 from qwenvl_pd.engine.llm_engine import LLMEngine  # noqa: E402
 from qwenvl_pd.engine.sequence import Sequence  # noqa: E402

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from qwenvl_pd import LLM, SamplingParams
-from qwenvl_pd.config import ModelConfig
+from qwenvl_pd.model_config import ModelConfig
 from qwenvl_pd.model.parallel import TensorParallel
 from qwenvl_pd.model.registry import MODELS
 from qwenvl_pd.model.tiny import make_tiny

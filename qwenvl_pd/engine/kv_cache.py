@@ -7,7 +7,7 @@ import logging
 
 import torch
 
-from qwenvl_pd.config import TextConfig
+from qwenvl_pd.model_config import TextConfig
 
 
 def allocate_kv_cache(cfg: TextConfig, num_blocks: int, block_size: int, dtype: torch.dtype,

@@ -3,7 +3,7 @@ import logging
 
 import torch
 
-from qwenvl_pd.config import ModelConfig
+from qwenvl_pd.model_config import ModelConfig
 from qwenvl_pd.engine.block_manager import BlockManager
 from qwenvl_pd.engine.commands import DuplicateRequest, EngineLoad, QueueFull, StepResult
 from qwenvl_pd.engine.engine_config import EngineConfig

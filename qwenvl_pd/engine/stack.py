@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 from transformers import AutoTokenizer
 
-from qwenvl_pd.config import ModelConfig
+from qwenvl_pd.model_config import ModelConfig
 from qwenvl_pd.engine.engine_config import EngineConfig
 from qwenvl_pd.engine.grammar import Grammars
 from qwenvl_pd.engine.llm_engine import LLMEngine, build_runner

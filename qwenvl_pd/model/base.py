@@ -2,7 +2,7 @@
 import torch
 from torch import nn
 
-from qwenvl_pd.config import ModelConfig
+from qwenvl_pd.model_config import ModelConfig
 from qwenvl_pd.model.layers.attention import AttentionMetadata
 from qwenvl_pd.model.layers.linear import Linear, column_linear
 from qwenvl_pd.model.layers.mlp import GatedMLP

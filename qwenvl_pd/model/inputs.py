@@ -7,7 +7,7 @@ from typing import Callable
 import torch
 from PIL import Image
 
-from qwenvl_pd.config import ModelConfig
+from qwenvl_pd.model_config import ModelConfig
 from qwenvl_pd.model.mrope import mrope_positions
 from qwenvl_pd.model.grid import VisionTokenIds, expand_placeholders
 from qwenvl_pd.model.processor import ImageInputs, process_images

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from qwenvl_pd.config import ModelConfig
+from qwenvl_pd.model_config import ModelConfig
 from qwenvl_pd.model.base import VisionLanguageModel
 from qwenvl_pd.model.expert_layout import TRANSFORMERS5, saved_major, which_layout
 from qwenvl_pd.model.parallel import Shard, TensorParallel, check_divisible

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from qwenvl_pd.config import TextConfig
+from qwenvl_pd.model_config import TextConfig
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """Qwen2.5-VL: attribute names follow the released checkpoints (model.layers.*, visual.*)."""
 from torch import nn
 
-from qwenvl_pd.config import ModelConfig
+from qwenvl_pd.model_config import ModelConfig
 from qwenvl_pd.model.base import VisionLanguageModel, lm_head
 from qwenvl_pd.model.parallel import TensorParallel
 from qwenvl_pd.model.text import TextModel

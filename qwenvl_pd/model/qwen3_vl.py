@@ -1,7 +1,7 @@
 """Qwen3-VL dense and MoE: model.language_model.*, model.visual.* as in the released checkpoints."""
 from torch import nn
 
-from qwenvl_pd.config import ModelConfig
+from qwenvl_pd.model_config import ModelConfig
 from qwenvl_pd.model.base import VisionLanguageModel, lm_head
 from qwenvl_pd.model.parallel import TensorParallel
 from qwenvl_pd.model.text import TextModel

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from qwenvl_pd.config import TextConfig
+from qwenvl_pd.model_config import TextConfig
 from qwenvl_pd.model.layers.attention import AttentionMetadata, paged_attention, write_kv
 from qwenvl_pd.model.layers.embedding import VocabEmbedding
 from qwenvl_pd.model.layers.linear import LinearGroup, RowLinear, column_linear, pack_group

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from qwenvl_pd.config import ModelConfig
+from qwenvl_pd.model_config import ModelConfig
 from qwenvl_pd.model.registry import MODELS
 from qwenvl_pd.model.shards import save_shards
 from qwenvl_pd.model.tokenizer_files import write_tokenizer

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from qwenvl_pd.config import VisionConfig
+from qwenvl_pd.model_config import VisionConfig
 
 
 @dataclass

@@ -3,7 +3,7 @@ model files (prefill's GetModelInfo and the colocated backend both serve it)."""
 import json
 from pathlib import Path
 
-from qwenvl_pd.config import ModelConfig
+from qwenvl_pd.model_config import ModelConfig
 from qwenvl_pd.messages import ModelInfo
 
 

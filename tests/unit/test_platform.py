@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from qwenvl_pd.model.tiny import make_tiny
-from qwenvl_pd.config import ModelConfig
+from qwenvl_pd.model_config import ModelConfig
 from qwenvl_pd.platform import choose_dtype, cpu_flags
 
 SPR = frozenset({"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"})  # Sapphire Rapids

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from qwenvl_pd.config import ModelConfig
+from qwenvl_pd.model_config import ModelConfig
 from qwenvl_pd.model.quant.apply import PROJECTIONS
 from qwenvl_pd.model.quant.description import DESCRIPTION
 from qwenvl_pd.model.registry import MODELS

@@ -10,7 +10,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from qwenvl_pd import LLM, SamplingParams
-from qwenvl_pd.config import ConfigError, ModelConfig
+from qwenvl_pd.model_config import ConfigError, ModelConfig
 from qwenvl_pd.model.inputs import InputError
 from qwenvl_pd.model.loader import WeightError, load_model
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from qwenvl_pd.config import ModelConfig
+from qwenvl_pd.model_config import ModelConfig
 from qwenvl_pd.model.loader import checkpoint_files, load_model
 from qwenvl_pd.model.parallel import TensorParallel, TPError, check_divisible
 

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from qwenvl_pd import LLM, SamplingParams
-from qwenvl_pd.config import ModelConfig
+from qwenvl_pd.model_config import ModelConfig
 from qwenvl_pd.kv_transfer.layout import fingerprint_for
 from qwenvl_pd.model.loader import WeightError, load_model
 from qwenvl_pd.model.parallel import TensorParallel
