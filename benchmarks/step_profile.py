@@ -10,7 +10,8 @@ decode node's do (their prompts' K/V "already in the cache", here whatever the c
 a 4k context costs no prefill; the engine then runs its real decode steps. Printed per context:
 the step's wall time split into scheduling, input preparation, forward, logits and sampling,
 the forward split by operator (torch profiler: attention gather vs compute, linears, the rest),
-and decode tokens/s. Medians over --repeat runs of --steps steps. With both attention paths
+and decode tokens/s. Step times and tok/s are medians over --repeat runs of --steps steps,
+phase times means over the same steps (so on a busy machine their sum can pass the median). With both attention paths
 named (the torch reference, which gathers each row's context, and the CPU kernel reading the
 cache in place: model/layers/cpu_paged.py), their runs alternate in one process, so a shared
 machine's load falls on both alike.
