@@ -2,7 +2,7 @@
 
     python benchmarks/step_profile.py [--model DIR] [--dtype bfloat16] [--contexts 256 4096]
                                       [--seqs 16] [--steps 4] [--repeat 5]
-                                      [--attention reference kernel]
+                                      [--attention reference kernel] [--threads N]
 
 Without --model it builds a random-weight Qwen2.5-VL of about 0.7B parameters (hidden 1024,
 24 layers, 8 heads, 2 KV heads) once into ~/.cache/qwenvl-pd/bench-0.7b. The sequences join as a
@@ -10,7 +10,8 @@ decode node's do (their prompts' K/V "already in the cache", here whatever the c
 a 4k context costs no prefill; the engine then runs its real decode steps. Printed per context:
 the step's wall time split into scheduling, input preparation, forward, logits and sampling,
 the forward split by operator (torch profiler: attention gather vs compute, linears, the rest),
-and decode tokens/s. Medians over --repeat runs of --steps steps. With both attention paths
+and decode tokens/s. Step times and tok/s are medians over --repeat runs of --steps steps,
+phase times means over the same steps (so on a busy machine their sum can pass the median). With both attention paths
 named (the torch reference, which gathers each row's context, and the CPU kernel reading the
 cache in place: model/layers/cpu_paged.py), their runs alternate in one process, so a shared
 machine's load falls on both alike.
@@ -174,9 +175,12 @@ def main() -> None:
     ap.add_argument("--seqs", type=int, default=16)
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--attention", nargs="+", default=["reference", "kernel"],
                     choices=["reference", "kernel"])
     args = ap.parse_args()
+    if args.threads:  # one thread: steadier numbers on a machine shared with other work
+        torch.set_num_threads(args.threads)
     width = max(args.contexts) + (args.steps + 2) * (args.repeat + 2) * len(args.attention) + 16
     blocks = args.seqs * (-(-width // 16) + 1)
     llm = LLM(str(checkpoint(args.model)), dtype=args.dtype, max_model_len=width + 16,

@@ -22,8 +22,8 @@ import torch
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("csrc") / "paged_decode.c"
 # reassociation lets the compiler vectorise the sums (results stay within float rounding)
-FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fassociative-math",
-         "-fno-signed-zeros", "-shared", "-fPIC"]
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math",
+         "-fassociative-math", "-fno-signed-zeros", "-shared", "-fPIC"]
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 
 
@@ -91,7 +91,7 @@ def _build() -> Path:
         # built aside and renamed: ranks and nodes starting together never load half a file
         with tempfile.TemporaryDirectory(dir=target) as tmp:
             built = Path(tmp) / path.name
-            subprocess.run([compiler, *FLAGS, "-o", str(built), str(SOURCE), "-lpthread", "-lm"],
+            subprocess.run([compiler, *FLAGS, "-o", str(built), str(SOURCE), "-lm"],
                            check=True, capture_output=True, timeout=120)
             os.replace(built, path)
     return path
