@@ -5,11 +5,11 @@ adds up every prompt's tokens. Deltas of all prompts interleave as they come, as
 """
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
 from collections.abc import AsyncIterator, Sequence
 
+from qwenvl_pd.proxy.http.fan_in import fan_in
 from qwenvl_pd.proxy.http.request_run import Delta, RequestRun
 from qwenvl_pd.proxy.responses import usage
 
@@ -33,27 +33,11 @@ class BatchRun:
         return usage(sum(u["prompt_tokens"] for u in parts), sum(u["completion_tokens"] for u in parts),
                      cached)
 
-    async def deltas(self) -> AsyncIterator[Delta]:
+    def deltas(self) -> AsyncIterator[Delta]:
         """Every run's deltas renumbered; an error of any run ends the whole request."""
-        queue: asyncio.Queue = asyncio.Queue()
-        tasks = [asyncio.create_task(self._pump(k, r, queue)) for k, r in enumerate(self.runs)]
-        try:
-            for _ in tasks:
-                while (item := await queue.get()) is not None:
-                    if isinstance(item, BaseException):
-                        raise item
-                    yield item
-        finally:
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+        return fan_in([self._renumbered(k, r) for k, r in enumerate(self.runs)])
 
-    async def _pump(self, k: int, run: RequestRun, queue: asyncio.Queue) -> None:
-        try:
-            async with contextlib.aclosing(run.deltas()) as deltas:
-                async for d in deltas:
-                    queue.put_nowait(dataclasses.replace(d, index=k * self.per + d.index))
-        except Exception as e:  # handed to the consumer, which ends the request
-            queue.put_nowait(e)
-        finally:
-            queue.put_nowait(None)
+    async def _renumbered(self, k: int, run: RequestRun) -> AsyncIterator[Delta]:
+        async with contextlib.aclosing(run.deltas()) as deltas:
+            async for d in deltas:
+                yield dataclasses.replace(d, index=k * self.per + d.index)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from qwenvl_pd.errors import InvalidRequest
 from qwenvl_pd.messages import PrefillRequest, SampledToken, TokenEvent
+from qwenvl_pd.proxy.http.fan_in import fan_in
 from qwenvl_pd.proxy.prompt.detokenizer import IncrementalDetokenizer
 from qwenvl_pd.proxy.prompt.inputs import PreparedPrompt
 from qwenvl_pd.proxy.metrics import ProxyMetrics
@@ -88,33 +89,15 @@ class RequestRun:
     def usage(self) -> dict:
         return usage(len(self.prompt.token_ids), sum(s.tokens for s in self.stats), self.stats[0].cached)
 
-    async def deltas(self) -> AsyncIterator[Delta]:
+    def deltas(self) -> AsyncIterator[Delta]:
         """Deltas of all samples as they come; an error of any sample ends the whole request."""
-        queue: asyncio.Queue = asyncio.Queue()
         reqs = sample_requests(self.rid, self.prompt)
-        tasks = [asyncio.create_task(self._pump(i, r, queue)) for i, r in enumerate(reqs)]
-        try:
-            for _ in range(len(tasks)):
-                while (item := await queue.get()) is not None:
-                    if isinstance(item, BaseException):
-                        raise item
-                    yield item
-        finally:
-            for t in tasks:
-                t.cancel()
-            self._observe()  # before awaiting: a cancelled caller may not run past the next await
-            await asyncio.gather(*tasks, return_exceptions=True)
+        return fan_in([self._sample(i, r) for i, r in enumerate(reqs)], self._failed, self._observe)
 
-    async def _pump(self, index: int, req: PrefillRequest, queue: asyncio.Queue) -> None:
-        try:
-            async for delta in self._sample(index, req):
-                queue.put_nowait(delta)
-        except Exception as e:  # handed to the consumer, which ends the request
-            self.stats[index].finish_reason = "error"
-            # the colocated engine's InvalidRequest is a 400, as the proxy's own checks are
-            queue.put_nowait(bad_request(str(e)) if isinstance(e, InvalidRequest) else e)
-        finally:
-            queue.put_nowait(None)
+    def _failed(self, index: int, e: Exception) -> BaseException:
+        self.stats[index].finish_reason = "error"
+        # the colocated engine's InvalidRequest is a 400, as the proxy's own checks are
+        return bad_request(str(e)) if isinstance(e, InvalidRequest) else e
 
     async def _sample(self, index: int, req: PrefillRequest) -> AsyncIterator[Delta]:
         sp, st = req.sampling, self.stats[index]
