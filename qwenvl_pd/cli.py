@@ -81,7 +81,8 @@ def _node(args: argparse.Namespace) -> int:
         transfer_device=args.transfer_device, transfer_timeout_s=args.transfer_timeout,
         lease_seconds=args.lease_seconds, drain_seconds=args.drain_seconds, instance_id=args.instance_id or "",
         cluster_secret=read_secret(args.cluster_secret_file or ""), max_queued_requests=args.max_queued_requests,
-        kv_layer_group=args.kv_layer_group, cpus=args.cpus)
+        kv_layer_group=args.kv_layer_group, cpus=args.cpus,
+        allowed_prefills=tuple(a for a in (args.allowed_prefills or "").split(",") if a.strip()))
     pin(cfg.cpus)  # before the ranks start: they inherit it
     _set_threads(stack.threads)
     if args.command == "prefill":
@@ -107,6 +108,8 @@ def _add_node_parser(sub, role: str, default_port: int) -> None:
     p.add_argument("--lease-seconds", type=float, default=30.0)
     p.add_argument("--kv-layer-group", type=int, default=4,
                    help="prefill: report layer-wise KV progress every N layers (0: refuse layer-wise)")
+    p.add_argument("--allowed-prefills", help="decode: the prefills (host[:port] or DNS names, comma-"
+                   "separated: the proxy's --prefill) it reads KV from; default any a caller names")
     p.add_argument("--drain-seconds", type=float, default=30.0,
                    help="on SIGTERM: report NOT_SERVING, let running streams finish this long")
     p.add_argument("--instance-id")

@@ -11,6 +11,7 @@ import grpc
 from qwenvl_pd.decode_node.kv_pull import KVPull, TransferStats
 from qwenvl_pd.decode_node.layerwise_pull import LayerwisePull
 from qwenvl_pd.decode_node.prefill_peers import PrefillPeers
+from qwenvl_pd.decode_node.prefill_allowlist import PrefillAllowList
 from qwenvl_pd.engine.block_manager import OutOfBlocks
 from qwenvl_pd.engine.commands import Abort, QueueFull, StepResult
 from qwenvl_pd.kv_transfer.transfer_engine import TransferError
@@ -31,6 +32,10 @@ class DecodeService(pb_grpc.DecodeServicer):
         self.streams: dict[str, asyncio.Queue] = {}  # a request's events, until its stream ends
         self.pulls: dict[str, KVPull] = {}  # requests whose KV is being read
         self.peers = PrefillPeers(runtime.cfg.cluster_secret)
+        self.allowed = PrefillAllowList(runtime.cfg.allowed_prefills)
+        if not (self.allowed or runtime.cfg.cluster_secret):
+            log.warning("no cluster secret and no --allowed-prefills: this decode reads KV from any "
+                        "prefill address a caller names")
         self.stats = TransferStats()
 
     # ---- engine thread
@@ -135,6 +140,8 @@ class DecodeService(pb_grpc.DecodeServicer):
         if secret and not h.control_address:
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, "the KV handle names no prefill to "
                                 "release it at, so its lease cannot be confirmed")
+        if self.allowed and (why := await self.allowed.refusal(h)):
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, why)
         if h.num_tokens != req.prompt_len:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"the handle holds {h.num_tokens} tokens, the prompt has {req.prompt_len}")

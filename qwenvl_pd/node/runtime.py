@@ -33,6 +33,7 @@ class NodeConfig:
     max_queued_requests: int = 1024  # waiting requests beyond this are refused (RESOURCE_EXHAUSTED)
     kv_layer_group: int = 4  # prefill: layers per layer-wise KV report; 0 refuses layer-wise
     cpus: tuple[int, ...] = ()       # cores this node and its ranks are pinned to; (): not pinned
+    allowed_prefills: tuple[str, ...] = ()  # decode: the only prefill hosts it reads KV from; (): any
 
     def __post_init__(self):
         if self.max_queued_requests < 1:

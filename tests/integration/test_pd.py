@@ -282,6 +282,34 @@ def test_a_draining_prefill_keeps_serving_the_kv_it_leased_then_exits_0(shared):
         stop(node)
 
 
+def test_a_decode_with_allowed_prefills_reads_from_no_other_address(shared):
+    llm, model, (_, p_addr), _ = shared
+    node, addr = start_node("decode", model, "--allowed-prefills", "10.255.255.1")
+    req = _pd_request(llm, "al1", {"prompt": _chat("whose KV is this?")},
+                      SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+
+    async def scenario():
+        p, d = Instance.connect("prefill", p_addr), Instance.connect("decode", addr)
+        result = await pd_client.prefill(p, req)
+        try:
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                async for _ in pd_client.decode(d, pd_client.decode_request(req, result)):
+                    pass
+            return refused.value, (await pd_client.load(d, "decode")).blocks_used
+        finally:
+            await pd_client.abort(p, "prefill", req.request_id)
+            await p.channel.close()
+            await d.channel.close()
+
+    try:
+        refused, blocks = asyncio.run(scenario())
+        assert refused.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert "not a prefill this decode reads from (--allowed-prefills 10.255.255.1)" in refused.details()
+        assert blocks == 0  # refused before any block was reserved or read
+    finally:
+        stop(node)
+
+
 def test_decode_killed_mid_transfer_lease_frees_prefill_blocks(shared):
     llm, model, (p_proc, p_addr), _ = shared
     victim, victim_addr = start_node("decode", model)
