@@ -124,32 +124,28 @@ def report(w: Workload, res: dict[str, dict], stack: roofline.TextStack, bounds:
     lines = [f"== {w.name}: {w.prompts} prompts of {text} text tokens{images}, {w.output} out; "
              f"online concurrency {w.concurrency} ==",
              f"{'offline':32} {'out tok/s':>10} {'x vLLM':>7} {'prefill/GEMM':>13} {'decode/BW':>10} {'start s':>8}"]
-    base = res.get("vllm-offline", {}).get("tok_s")
-    for s in ("vllm-offline", "ours-offline"):
-        r = res.get(s)
-        if r is None:
-            continue
-        if "error" in r:
-            lines.append(f"{LABELS[s]:32} failed: {r['error']}")
-            continue
+    def offline(r: dict, base: float | None) -> str:
         pf, df = roofline.offline_fractions(stack, bounds, dtype, r, w.output)
-        lines.append(f"{LABELS[s]:32} {r['tok_s']:10.1f} {_ratio(r['tok_s'], base):>7} {pf:13.2f} {df:10.2f} "
-                     f"{r['startup_s']:8.0f}")
-    lines.append(f"{'online (vllm bench serve)':32} {'out tok/s':>10} {'x vLLM':>7} {'TTFT ms p50':>13} "
-                 f"{'TPOT ms p50':>12} {'decode/BW':>10}")
-    base = res.get("vllm-serve", {}).get("output_throughput")
-    for s in ("vllm-serve", "pd", "colocated"):
-        r = res.get(s)
-        if r is None:
-            continue
-        if "error" in r:
-            lines.append(f"{LABELS[s]:32} failed: {r['error']}")
-            continue
+        return f"{r['tok_s']:10.1f} {_ratio(r['tok_s'], base):>7} {pf:13.2f} {df:10.2f} {r['startup_s']:8.0f}"
+
+    def online(r: dict, base: float | None) -> str:
         context = r["total_input_tokens"] // max(1, r["completed"]) + w.output // 2
         df = roofline.online_decode_fraction(stack, bounds, dtype, r["median_tpot_ms"], w.concurrency, context)
-        lines.append(f"{LABELS[s]:32} {r['output_throughput']:10.1f} {_ratio(r['output_throughput'], base):>7} "
-                     f"{r['median_ttft_ms']:13.0f} {r['median_tpot_ms']:12.1f} {df:10.2f}")
+        return (f"{r['output_throughput']:10.1f} {_ratio(r['output_throughput'], base):>7} "
+                f"{r['median_ttft_ms']:13.0f} {r['median_tpot_ms']:12.1f} {df:10.2f}")
+
+    lines += _rows(res, ("vllm-offline", "ours-offline"), "tok_s", offline)
+    lines.append(f"{'online (vllm bench serve)':32} {'out tok/s':>10} {'x vLLM':>7} {'TTFT ms p50':>13} "
+                 f"{'TPOT ms p50':>12} {'decode/BW':>10}")
+    lines += _rows(res, ("vllm-serve", "pd", "colocated"), "output_throughput", online)
     return "\n".join(lines)
+
+
+def _rows(res: dict[str, dict], systems: tuple[str, ...], rate: str, row) -> list[str]:
+    """One line per system that ran, vLLM's (the first) the base of the ratios."""
+    base = res.get(systems[0], {}).get(rate)
+    return [f"{LABELS[s]:32} " + (f"failed: {res[s]['error']}" if "error" in res[s] else row(res[s], base))
+            for s in systems if s in res]
 
 
 def _ratio(x: float, base: float | None) -> str:
