@@ -9,15 +9,18 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from qwenvl_pd.finish_reason import FinishReason
+from qwenvl_pd.kv_transfer.embedding_handle import EmbeddingHandle
 from qwenvl_pd.kv_transfer.handle import KVHandle, LayoutFingerprint
 from qwenvl_pd.sampling_params import SamplingParams
 
 __all__ = ["MediaItem", "PrefillRequest", "SampledToken", "PromptLogprobs", "PrefillResult", "DecodeRequest",
            "PrefillStreamEvent", "KVProgress", "TokenEvent", "LoadReport", "ModelInfo", "KVHandle", "LayoutFingerprint",
-           "FinishReason"]
+           "FinishReason", "EmbeddingHandle", "EncodeRequest", "EncodeResult", "EmbeddingRelease"]
 
 MEDIA_KINDS = ("image", "video")
-ROLES = ("prefill", "decode")
+ROLES = ("prefill", "decode")  # a PD cluster needs both
+ENCODE = "encode"  # optional: without one, prefill runs the vision tower itself
+ALL_ROLES = ROLES + (ENCODE,)
 
 
 def _tuples(obj, *names: str) -> None:
@@ -42,12 +45,16 @@ class MediaItem:
     fps: float | None = None  # frame rate of `frames` (files carry their own)
     second_per_grid_t: float | None = None  # Qwen2.5-VL video
     timestamps: tuple[float, ...] = ()  # Qwen3-VL video: seconds of each temporal step
+    # set: prefill reads these embeddings instead of encoding; data and frames may be empty
+    embedding: EmbeddingHandle | None = None
 
     def __post_init__(self):
         _tuples(self, "grid_thw", "frames", "timestamps")
         _check(self.kind in MEDIA_KINDS, f"media kind must be one of {MEDIA_KINDS}, not {self.kind!r}")
         _check(len(self.grid_thw) == 3, f"grid_thw must be (t, h, w), not {self.grid_thw}")
-        _check(bool(self.data) != bool(self.frames), "a media item needs either data or frames")
+        _check(not (self.data and self.frames), "a media item has data or frames, not both")
+        _check(bool(self.data or self.frames or self.embedding),
+               "a media item needs data, frames or an embedding handle")
         _check(not self.frames or self.kind == "video", "only a video comes as frames")
 
 
@@ -63,6 +70,37 @@ class PrefillRequest:
 
     def __post_init__(self):
         _tuples(self, "prompt_token_ids", "media")
+
+
+@dataclass(frozen=True)
+class EncodeRequest:
+    """proxy -> encode: a request's media, as the proxy would send them to prefill."""
+    request_id: str
+    media: tuple[MediaItem, ...]
+    lease_ms: int = 0  # 0: the encoder's default
+
+    def __post_init__(self):
+        _tuples(self, "media")
+
+
+@dataclass(frozen=True)
+class EncodeResult:
+    """encode -> proxy: one handle per media item, in order."""
+    handles: tuple[EmbeddingHandle, ...]
+    hits: int = 0  # items the pool (or the store) already held
+
+    def __post_init__(self):
+        _tuples(self, "handles")
+
+
+@dataclass(frozen=True)
+class EmbeddingRelease:
+    """prefill (or proxy) -> encode: unpin these leases of instance `instance_id`."""
+    lease_ids: tuple[str, ...]
+    instance_id: str = ""
+
+    def __post_init__(self):
+        _tuples(self, "lease_ids")
 
 
 @dataclass(frozen=True)
@@ -183,9 +221,21 @@ class LoadReport:
     prefix_cache_queries: int = 0  # in blocks
     prefix_cache_hits: int = 0  # in blocks
     requests_total: int = 0  # requests admitted to the engine since start
+    # encode: items served from its pool / the store, items it encoded, seconds in the tower
+    embedding_hits: int = 0
+    embedding_store_hits: int = 0
+    embedding_misses: int = 0
+    encode_seconds_total: float = 0.0
+    embedding_bytes_used: int = 0
+    embedding_bytes_total: int = 0
+    embedding_leases: int = 0  # entries pinned now
+    # prefill: embeddings read from encoders (or the store), and reads that failed
+    embedding_reads: int = 0
+    embedding_read_bytes: int = 0
+    embedding_read_failures: int = 0
 
     def __post_init__(self):
-        _check(self.role in ROLES, f"role must be one of {ROLES}, not {self.role!r}")
+        _check(self.role in ALL_ROLES, f"role must be one of {ALL_ROLES}, not {self.role!r}")
 
 
 @dataclass(frozen=True)

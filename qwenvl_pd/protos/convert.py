@@ -11,7 +11,9 @@ import dataclasses
 from typing import Any
 
 from qwenvl_pd.kv_transfer.handle import KVHandle, KVSegment, LayoutFingerprint
-from qwenvl_pd.messages import (DecodeRequest, KVProgress, LoadReport, MediaItem, ModelInfo,
+from qwenvl_pd.kv_transfer.embedding_handle import EmbeddingHandle
+from qwenvl_pd.messages import (DecodeRequest, EmbeddingRelease, EncodeRequest, EncodeResult,
+                                KVProgress, LoadReport, MediaItem, ModelInfo,
                                 PrefillRequest, PrefillResult, PrefillStreamEvent, PromptLogprobs,
                                 SampledToken, TokenEvent)
 from qwenvl_pd.protos import qwenvl_pd_pb2 as pb
@@ -26,6 +28,8 @@ PAIRS: dict[type, type] = {
     PrefillResult: pb.PrefillResponse, DecodeRequest: pb.DecodeRequest, TokenEvent: pb.TokenEvent,
     LoadReport: pb.LoadReport, ModelInfo: pb.ModelInfo,
     PrefillStreamEvent: pb.PrefillStreamEvent, KVProgress: pb.KVProgress,
+    EmbeddingHandle: pb.EmbeddingHandle, EncodeRequest: pb.EncodeRequest,
+    EncodeResult: pb.EncodeResponse, EmbeddingRelease: pb.EmbeddingReleaseRequest,
 }
 _BACK = {msg: cls for cls, msg in PAIRS.items()}
 # dataclass fields that never go on the wire: the proxy applies stop strings and decodes text

@@ -83,7 +83,7 @@ class GridTHW(_message.Message):
     def __init__(self, t: _Optional[int] = ..., h: _Optional[int] = ..., w: _Optional[int] = ...) -> None: ...
 
 class MediaItem(_message.Message):
-    __slots__ = ("kind", "data", "frames", "fps", "content_hash", "grid_thw", "second_per_grid_t", "timestamps")
+    __slots__ = ("kind", "data", "frames", "fps", "content_hash", "grid_thw", "second_per_grid_t", "timestamps", "embedding")
     class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         KIND_UNSPECIFIED: _ClassVar[MediaItem.Kind]
@@ -100,6 +100,7 @@ class MediaItem(_message.Message):
     GRID_THW_FIELD_NUMBER: _ClassVar[int]
     SECOND_PER_GRID_T_FIELD_NUMBER: _ClassVar[int]
     TIMESTAMPS_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDING_FIELD_NUMBER: _ClassVar[int]
     kind: MediaItem.Kind
     data: bytes
     frames: _containers.RepeatedScalarFieldContainer[bytes]
@@ -108,7 +109,68 @@ class MediaItem(_message.Message):
     grid_thw: GridTHW
     second_per_grid_t: float
     timestamps: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, kind: _Optional[_Union[MediaItem.Kind, str]] = ..., data: _Optional[bytes] = ..., frames: _Optional[_Iterable[bytes]] = ..., fps: _Optional[float] = ..., content_hash: _Optional[str] = ..., grid_thw: _Optional[_Union[GridTHW, _Mapping]] = ..., second_per_grid_t: _Optional[float] = ..., timestamps: _Optional[_Iterable[float]] = ...) -> None: ...
+    embedding: EmbeddingHandle
+    def __init__(self, kind: _Optional[_Union[MediaItem.Kind, str]] = ..., data: _Optional[bytes] = ..., frames: _Optional[_Iterable[bytes]] = ..., fps: _Optional[float] = ..., content_hash: _Optional[str] = ..., grid_thw: _Optional[_Union[GridTHW, _Mapping]] = ..., second_per_grid_t: _Optional[float] = ..., timestamps: _Optional[_Iterable[float]] = ..., embedding: _Optional[_Union[EmbeddingHandle, _Mapping]] = ...) -> None: ...
+
+class EmbeddingHandle(_message.Message):
+    __slots__ = ("key", "instance_id", "transfer_address", "address", "nbytes", "num_tokens", "hidden_size", "num_deepstack", "dtype", "vision_fingerprint", "lease_expires_unix_ms", "control_address", "lease_id", "in_store", "signature")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    TRANSFER_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    NBYTES_FIELD_NUMBER: _ClassVar[int]
+    NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
+    NUM_DEEPSTACK_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    VISION_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    LEASE_EXPIRES_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    CONTROL_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    IN_STORE_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    key: str
+    instance_id: str
+    transfer_address: str
+    address: int
+    nbytes: int
+    num_tokens: int
+    hidden_size: int
+    num_deepstack: int
+    dtype: str
+    vision_fingerprint: str
+    lease_expires_unix_ms: int
+    control_address: str
+    lease_id: str
+    in_store: bool
+    signature: bytes
+    def __init__(self, key: _Optional[str] = ..., instance_id: _Optional[str] = ..., transfer_address: _Optional[str] = ..., address: _Optional[int] = ..., nbytes: _Optional[int] = ..., num_tokens: _Optional[int] = ..., hidden_size: _Optional[int] = ..., num_deepstack: _Optional[int] = ..., dtype: _Optional[str] = ..., vision_fingerprint: _Optional[str] = ..., lease_expires_unix_ms: _Optional[int] = ..., control_address: _Optional[str] = ..., lease_id: _Optional[str] = ..., in_store: _Optional[bool] = ..., signature: _Optional[bytes] = ...) -> None: ...
+
+class EncodeRequest(_message.Message):
+    __slots__ = ("request_id", "media", "lease_ms")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    MEDIA_FIELD_NUMBER: _ClassVar[int]
+    LEASE_MS_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    media: _containers.RepeatedCompositeFieldContainer[MediaItem]
+    lease_ms: int
+    def __init__(self, request_id: _Optional[str] = ..., media: _Optional[_Iterable[_Union[MediaItem, _Mapping]]] = ..., lease_ms: _Optional[int] = ...) -> None: ...
+
+class EncodeResponse(_message.Message):
+    __slots__ = ("handles", "hits")
+    HANDLES_FIELD_NUMBER: _ClassVar[int]
+    HITS_FIELD_NUMBER: _ClassVar[int]
+    handles: _containers.RepeatedCompositeFieldContainer[EmbeddingHandle]
+    hits: int
+    def __init__(self, handles: _Optional[_Iterable[_Union[EmbeddingHandle, _Mapping]]] = ..., hits: _Optional[int] = ...) -> None: ...
+
+class EmbeddingReleaseRequest(_message.Message):
+    __slots__ = ("lease_ids", "instance_id")
+    LEASE_IDS_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    lease_ids: _containers.RepeatedScalarFieldContainer[str]
+    instance_id: str
+    def __init__(self, lease_ids: _Optional[_Iterable[str]] = ..., instance_id: _Optional[str] = ...) -> None: ...
 
 class PrefillRequest(_message.Message):
     __slots__ = ("request_id", "prompt_token_ids", "media", "sampling", "lease_ms", "cache_salt")
@@ -337,15 +399,17 @@ class LoadRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class LoadReport(_message.Message):
-    __slots__ = ("role", "instance_id", "running", "waiting", "blocks_used", "blocks_total", "kv_transfers_total", "kv_transfer_bytes_total", "kv_transfer_seconds_total", "prefix_cache_queries", "prefix_cache_hits", "requests_total")
+    __slots__ = ("role", "instance_id", "running", "waiting", "blocks_used", "blocks_total", "kv_transfers_total", "kv_transfer_bytes_total", "kv_transfer_seconds_total", "prefix_cache_queries", "prefix_cache_hits", "requests_total", "embedding_hits", "embedding_store_hits", "embedding_misses", "encode_seconds_total", "embedding_bytes_used", "embedding_bytes_total", "embedding_leases", "embedding_reads", "embedding_read_bytes", "embedding_read_failures")
     class Role(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         ROLE_UNSPECIFIED: _ClassVar[LoadReport.Role]
         PREFILL: _ClassVar[LoadReport.Role]
         DECODE: _ClassVar[LoadReport.Role]
+        ENCODE: _ClassVar[LoadReport.Role]
     ROLE_UNSPECIFIED: LoadReport.Role
     PREFILL: LoadReport.Role
     DECODE: LoadReport.Role
+    ENCODE: LoadReport.Role
     ROLE_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     RUNNING_FIELD_NUMBER: _ClassVar[int]
@@ -358,6 +422,16 @@ class LoadReport(_message.Message):
     PREFIX_CACHE_QUERIES_FIELD_NUMBER: _ClassVar[int]
     PREFIX_CACHE_HITS_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDING_HITS_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDING_STORE_HITS_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDING_MISSES_FIELD_NUMBER: _ClassVar[int]
+    ENCODE_SECONDS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDING_BYTES_USED_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDING_BYTES_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDING_LEASES_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDING_READS_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDING_READ_BYTES_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDING_READ_FAILURES_FIELD_NUMBER: _ClassVar[int]
     role: LoadReport.Role
     instance_id: str
     running: int
@@ -370,7 +444,17 @@ class LoadReport(_message.Message):
     prefix_cache_queries: int
     prefix_cache_hits: int
     requests_total: int
-    def __init__(self, role: _Optional[_Union[LoadReport.Role, str]] = ..., instance_id: _Optional[str] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., blocks_used: _Optional[int] = ..., blocks_total: _Optional[int] = ..., kv_transfers_total: _Optional[int] = ..., kv_transfer_bytes_total: _Optional[int] = ..., kv_transfer_seconds_total: _Optional[float] = ..., prefix_cache_queries: _Optional[int] = ..., prefix_cache_hits: _Optional[int] = ..., requests_total: _Optional[int] = ...) -> None: ...
+    embedding_hits: int
+    embedding_store_hits: int
+    embedding_misses: int
+    encode_seconds_total: float
+    embedding_bytes_used: int
+    embedding_bytes_total: int
+    embedding_leases: int
+    embedding_reads: int
+    embedding_read_bytes: int
+    embedding_read_failures: int
+    def __init__(self, role: _Optional[_Union[LoadReport.Role, str]] = ..., instance_id: _Optional[str] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., blocks_used: _Optional[int] = ..., blocks_total: _Optional[int] = ..., kv_transfers_total: _Optional[int] = ..., kv_transfer_bytes_total: _Optional[int] = ..., kv_transfer_seconds_total: _Optional[float] = ..., prefix_cache_queries: _Optional[int] = ..., prefix_cache_hits: _Optional[int] = ..., requests_total: _Optional[int] = ..., embedding_hits: _Optional[int] = ..., embedding_store_hits: _Optional[int] = ..., embedding_misses: _Optional[int] = ..., encode_seconds_total: _Optional[float] = ..., embedding_bytes_used: _Optional[int] = ..., embedding_bytes_total: _Optional[int] = ..., embedding_leases: _Optional[int] = ..., embedding_reads: _Optional[int] = ..., embedding_read_bytes: _Optional[int] = ..., embedding_read_failures: _Optional[int] = ...) -> None: ...
 
 class ModelInfoRequest(_message.Message):
     __slots__ = ()

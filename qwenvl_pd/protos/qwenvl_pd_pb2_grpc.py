@@ -366,6 +366,173 @@ class Prefill:
             _registered_method=True)
 
 
+class EncodeStub:
+    """Vision tower only: each item's embeddings in a content-addressed pool registered with the
+    Mooncake transfer engine; prefill reads them with one read per item.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Encode = channel.unary_unary(
+                '/qwenvl_pd.v1.Encode/Encode',
+                request_serializer=qwenvl__pd__pb2.EncodeRequest.SerializeToString,
+                response_deserializer=qwenvl__pd__pb2.EncodeResponse.FromString,
+                _registered_method=True)
+        self.Release = channel.unary_unary(
+                '/qwenvl_pd.v1.Encode/Release',
+                request_serializer=qwenvl__pd__pb2.EmbeddingReleaseRequest.SerializeToString,
+                response_deserializer=qwenvl__pd__pb2.ReleaseResponse.FromString,
+                _registered_method=True)
+        self.GetLoad = channel.unary_unary(
+                '/qwenvl_pd.v1.Encode/GetLoad',
+                request_serializer=qwenvl__pd__pb2.LoadRequest.SerializeToString,
+                response_deserializer=qwenvl__pd__pb2.LoadReport.FromString,
+                _registered_method=True)
+
+
+class EncodeServicer:
+    """Vision tower only: each item's embeddings in a content-addressed pool registered with the
+    Mooncake transfer engine; prefill reads them with one read per item.
+    """
+
+    def Encode(self, request, context):
+        """Encode the items not yet in the pool (batched with other requests'); one handle per item,
+        the entry pinned until its lease ends or Release.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Release(self, request, context):
+        """A prefill has read the entries (or will not): unpin them now.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetLoad(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_EncodeServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Encode': grpc.unary_unary_rpc_method_handler(
+                    servicer.Encode,
+                    request_deserializer=qwenvl__pd__pb2.EncodeRequest.FromString,
+                    response_serializer=qwenvl__pd__pb2.EncodeResponse.SerializeToString,
+            ),
+            'Release': grpc.unary_unary_rpc_method_handler(
+                    servicer.Release,
+                    request_deserializer=qwenvl__pd__pb2.EmbeddingReleaseRequest.FromString,
+                    response_serializer=qwenvl__pd__pb2.ReleaseResponse.SerializeToString,
+            ),
+            'GetLoad': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetLoad,
+                    request_deserializer=qwenvl__pd__pb2.LoadRequest.FromString,
+                    response_serializer=qwenvl__pd__pb2.LoadReport.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'qwenvl_pd.v1.Encode', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('qwenvl_pd.v1.Encode', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Encode:
+    """Vision tower only: each item's embeddings in a content-addressed pool registered with the
+    Mooncake transfer engine; prefill reads them with one read per item.
+    """
+
+    @staticmethod
+    def Encode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/qwenvl_pd.v1.Encode/Encode',
+            qwenvl__pd__pb2.EncodeRequest.SerializeToString,
+            qwenvl__pd__pb2.EncodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Release(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/qwenvl_pd.v1.Encode/Release',
+            qwenvl__pd__pb2.EmbeddingReleaseRequest.SerializeToString,
+            qwenvl__pd__pb2.ReleaseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetLoad(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/qwenvl_pd.v1.Encode/GetLoad',
+            qwenvl__pd__pb2.LoadRequest.SerializeToString,
+            qwenvl__pd__pb2.LoadReport.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
 class DecodeStub:
     """Continuous-batching decode: pulls a request's KV from prefill and streams its tokens.
     """

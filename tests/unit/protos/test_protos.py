@@ -8,8 +8,9 @@ from pathlib import Path
 import grpc
 import pytest
 
+from qwenvl_pd.kv_transfer.embedding_handle import EmbeddingHandle
 from qwenvl_pd.kv_transfer.handle import KVHandle, KVSegment, LayoutFingerprint
-from qwenvl_pd.messages import (DecodeRequest, LoadReport, MediaItem, ModelInfo, PrefillRequest,
+from qwenvl_pd.messages import (DecodeRequest, EmbeddingRelease, EncodeRequest, EncodeResult, LoadReport, MediaItem, ModelInfo, PrefillRequest,
                                 PrefillResult, PrefillStreamEvent, KVProgress, PromptLogprobs, SampledToken,
                                 TokenEvent)
 from qwenvl_pd.protos import qwenvl_pd_pb2 as pb
@@ -48,6 +49,12 @@ HANDLE = KVHandle(instance_id="prefill-0", transfer_address="10.0.0.7:17777",
 IMAGE = MediaItem(kind="image", content_hash="ab" * 32, grid_thw=(1, 34, 52), data=b"\x89PNG\x00\xff")
 VIDEO = MediaItem(kind="video", content_hash="cd" * 32, grid_thw=(4, 16, 16), frames=(b"jpg1", b""),
                   fps=29.97, second_per_grid_t=0.5, timestamps=(0.25, 1.25, 2.0 / 3))
+EMBEDDING = EmbeddingHandle(key="ef" * 32, instance_id="encode-0", transfer_address="10.0.0.9:17779",
+                            address=2 ** 64 - 2 ** 22, nbytes=3 * 64 * (1 + 2) * 2, num_tokens=64,
+                            hidden_size=3, dtype="bfloat16", vision_fingerprint="0f" * 32, num_deepstack=2,
+                            lease_expires_unix_ms=1_760_000_000_456, control_address="10.0.0.9:50053",
+                            lease_id="lease-\u00e9", in_store=True, signature=b"\x00sig")
+ENCODED = MediaItem(kind="image", content_hash="ab" * 32, grid_thw=(1, 16, 16), embedding=EMBEDDING)
 PREFILL_REQ = PrefillRequest(request_id="req-1", prompt_token_ids=(151644, 151655, 2 ** 31 - 1),
                              media=(IMAGE, VIDEO), sampling=SP, lease_ms=30_000, cache_salt="tenant-\u00e9")
 PREFILL_RESULT = PrefillResult(request_id="req-1", first_token=TOKEN, handle=HANDLE,
@@ -67,6 +74,12 @@ SAMPLES = [
     IMAGE,
     VIDEO,
     PREFILL_REQ,
+    PrefillRequest(request_id="req-2", prompt_token_ids=(1,), media=(ENCODED,)),
+    EMBEDDING,
+    ENCODED,
+    EncodeRequest(request_id="req-1", media=(IMAGE, VIDEO), lease_ms=5_000),
+    EncodeResult(handles=(EMBEDDING, EMBEDDING), hits=1),
+    EmbeddingRelease(lease_ids=("a", "b"), instance_id="encode-0"),
     PREFILL_RESULT,
     HANDLE.rank_segments[0],
     DECODE_REQ,
@@ -78,6 +91,10 @@ SAMPLES = [
                blocks_total=4096, kv_transfers_total=17, kv_transfer_bytes_total=2 ** 40 + 1,
                kv_transfer_seconds_total=0.1 + 0.7, prefix_cache_queries=90, prefix_cache_hits=45,
                requests_total=3),
+    LoadReport(role="encode", instance_id="encode-0", running=1, embedding_hits=4, embedding_store_hits=2,
+               embedding_misses=3, encode_seconds_total=0.1 + 0.2, embedding_bytes_used=2 ** 33,
+               embedding_bytes_total=2 ** 34, embedding_leases=2, embedding_reads=5,
+               embedding_read_bytes=2 ** 40 + 3, embedding_read_failures=1),
     ModelInfo(served_model_name="qwen-vl", family="qwen3_vl", tokenizer_json=b'{"model": "\xc3\xa9"}',
               tokenizer_config_json=b"{}", chat_template="{% for m in messages %}\u00e9{% endfor %}",
               preprocessor_config_json='{"patch_size": 16}', max_model_len=262144,
@@ -160,8 +177,13 @@ def _bad_role():
 
 
 def test_dataclasses_validate_and_store_tuples():
-    with pytest.raises(ValueError, match="either data or frames"):
+    with pytest.raises(ValueError, match="needs data, frames or an embedding handle"):
         MediaItem(kind="image", content_hash="h", grid_thw=(1, 2, 2))
+    with pytest.raises(ValueError, match="data or frames, not both"):
+        MediaItem(kind="video", content_hash="h", grid_thw=(1, 2, 2), data=b"v", frames=[b"x"])
+    with pytest.raises(ValueError, match="do not hold 192 rows of 3"):
+        dataclasses.replace(EMBEDDING, nbytes=1000)
+    assert EMBEDDING.element_size == 2
     with pytest.raises(ValueError, match="only a video"):
         MediaItem(kind="image", content_hash="h", grid_thw=(1, 2, 2), frames=[b"x"])
     with pytest.raises(ValueError, match="finish_reason"):
