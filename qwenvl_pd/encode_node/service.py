@@ -44,8 +44,7 @@ class EncodeService(pb_grpc.EncodeServicer):
         hits = [self.rt.pool.lease_if_ready(k, lease_s) for k in keys]
         waits = [None if hit else self.rt.batcher.submit(k, m, num_tokens(m, self.rt.merge), lease_s)
                  for k, m, hit in zip(keys, req.media, hits)]
-        results = await _gather([w[0] for w in waits if w])
-        served = [Served(*hit, "pool") if hit else next(results) for hit in hits]
+        served = await self._served(hits, [w[0] if w else None for w in waits])
         failed = [s for s in served if isinstance(s, BaseException)]
         if failed:
             self.rt.pool.release([s.lease.lease_id for s in served if isinstance(s, Served)])
@@ -55,6 +54,22 @@ class EncodeService(pb_grpc.EncodeServicer):
         self.hits += sum(1 for h in hits if h) + sum(joined)
         reused = sum(1 for s, j in zip(served, joined) if j or s.source != "encoded")
         return convert.to_proto(EncodeResult(tuple(self._handle(s) for s in served), reused))
+
+    async def _served(self, hits: list, waits: list) -> list:
+        """Per item: its Served (a hit now, or the worker's result), or the exception it failed with."""
+        futures = [w for w in waits if w]
+        try:
+            results = await _gather(futures)
+        except asyncio.CancelledError:  # the caller went away: nobody will read or release these
+            self.rt.pool.release([lease.lease_id for _, lease in filter(None, hits)])
+            for fut in futures:
+                fut.add_done_callback(self._release_result)
+            raise
+        return [Served(*hit, "pool") if hit else next(results) for hit in hits]
+
+    def _release_result(self, fut) -> None:
+        if not fut.cancelled() and fut.exception() is None:
+            self.rt.pool.release([fut.result().lease.lease_id])
 
     async def _parse(self, request, context) -> EncodeRequest:
         if self.draining:
@@ -103,8 +118,10 @@ class EncodeService(pb_grpc.EncodeServicer):
 
 
 async def _gather(futures):
-    """Each future's result or exception, in order, as an iterator."""
-    done = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures), return_exceptions=True)
+    """Each future's result or exception, in order, as an iterator. Shielded: a cancelled caller
+    leaves the worker's futures to complete (their leases are then released), never cancelled."""
+    done = await asyncio.gather(*(asyncio.shield(asyncio.wrap_future(f)) for f in futures),
+                                return_exceptions=True)
     return iter(done)
 
 
