@@ -21,6 +21,7 @@ from qwenvl_pd.kv_transfer.embedding_store import EmbeddingStore, master_command
 from qwenvl_pd.kv_transfer.transfer_engine import KVTransferEngine  # noqa: E402
 from qwenvl_pd.messages import EmbeddingRelease, EncodeRequest, MediaItem  # noqa: E402
 from qwenvl_pd.model.processor import process_images  # noqa: E402
+from qwenvl_pd.model.video import process_videos  # noqa: E402
 from qwenvl_pd.model.vision import encode  # noqa: E402
 from qwenvl_pd.model.vision_config import VisionPreprocessConfig  # noqa: E402
 from qwenvl_pd.model.vision_loader import load_vision_tower  # noqa: E402
@@ -100,20 +101,42 @@ def cluster(tiny_dirs):
     c.close()
 
 
+def mp4(frames=8, w=64, h=48) -> bytes:
+    import av
+    import numpy as np
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="mp4") as c:
+        s = c.add_stream("mpeg4", rate=4)
+        s.width, s.height, s.pix_fmt = w, h, "yuv420p"
+        for i in range(frames):
+            for p in s.encode(av.VideoFrame.from_ndarray(np.full((h, w, 3), i * 20, np.uint8), format="rgb24")):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    return buf.getvalue()
+
+
 @pytest.fixture(scope="module")
-def reference(tiny_dirs):
-    """The tower's output for an image, computed here in float32 on one thread (as the node)."""
+def vision(tiny_dirs):
+    return VisionPreprocessConfig.from_dir(tiny_dirs["qwen3_vl"])
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_dirs, vision):
+    """The tower's output for an image or a video, computed here in float32 on one thread (as
+    the node runs it)."""
     cfg = ModelConfig.from_hf(tiny_dirs["qwen3_vl"])
     tower = load_vision_tower(tiny_dirs["qwen3_vl"], cfg, torch.float32)
-    vision = VisionPreprocessConfig.from_dir(tiny_dirs["qwen3_vl"])
 
-    def run(data: bytes) -> torch.Tensor:
-        px = process_images([data], vision)
+    def run(data: bytes, kind: str = "image") -> torch.Tensor:
+        px = process_images([data], vision) if kind == "image" else process_videos([data], vision, "qwen3_vl")
+        pixels, grid = (px.pixel_values, px.image_grid_thw) if kind == "image" else \
+            (px.pixel_values_videos, px.video_grid_thw)
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
             with torch.inference_mode():
-                out = encode(tower, px.pixel_values, px.image_grid_thw)
+                out = encode(tower, pixels, grid)
         finally:
             torch.set_num_threads(threads)
         return torch.cat([out.embeds.reshape(-1), out.deepstack.reshape(-1)])
@@ -170,6 +193,18 @@ def test_concurrent_requests_for_one_new_image_encode_it_once(cluster):
     assert sum(r.hits for r in replies) == 7
     assert (after.embedding_misses - before.embedding_misses, after.embedding_hits - before.embedding_hits) == (1, 7)
     assert len({h.key for r in replies for h in r.handles}) == 1
+
+
+def test_a_video_is_encoded_once_and_reads_back_exactly(cluster, vision, reference):
+    data = mp4()
+    want = process_videos([data], vision, "qwen3_vl")
+    item = MediaItem(kind="video", content_hash=bytes_hash(data), data=data,
+                     grid_thw=tuple(want.video_grid_thw[0].tolist()), timestamps=want.timestamps[0])
+    first, second = encode_items(cluster.address, item), encode_items(cluster.address, item)
+    assert (first.hits, second.hits) == (0, 1)
+    t, h, w = item.grid_thw
+    assert second.handles[0].num_tokens == t * h * w // 4
+    assert torch.equal(read_handle(second.handles[0]), reference(data, "video"))
 
 
 def test_release_unpins_only_this_instances_leases(cluster):
