@@ -27,3 +27,12 @@ def test_the_bytes_themselves_are_not_hashed():
     # prefill holding only a handle (no bytes) computes the same key
     handle_only = dataclasses.replace(IMAGE, data=b"other bytes")
     assert embedding_key(handle_only, "fp") == embedding_key(IMAGE, "fp")
+
+
+def test_the_key_and_store_modules_load_no_torch():  # the proxy imports them
+    import subprocess
+    import sys
+    code = ("import sys, qwenvl_pd.kv_transfer.embedding_key, qwenvl_pd.kv_transfer.embedding_store\n"
+            "print(sorted(n for n in sys.modules if n.split('.')[0] in ('torch', 'transformers')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert (out.returncode, out.stdout.strip()) == (0, "[]"), out.stderr
