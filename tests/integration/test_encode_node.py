@@ -39,6 +39,8 @@ def png(color, size=(64, 48)) -> bytes:
 
 
 GRID = (1, 14, 20)  # of a 64x48 image with the tiny Qwen3-VL's processor: 70 vision tokens
+ENTRY = 70 * 3 * 128 * 4  # its embeddings and 2 deepstack layers in float32
+POOL_FOR_TWO = 2 * ENTRY + 1000  # the restarted encoder's pool: two such entries fit, not three
 
 
 def image_item(data: bytes, grid=GRID) -> MediaItem:
@@ -55,22 +57,22 @@ class Cluster:
         self.holder = _join_store(f"127.0.0.1:{self.master_port}")
         self.encoder, self.address = self.start_encoder()
 
-    def start_encoder(self):
+    def start_encoder(self, *extra: str):
         port = free_port()
         log = tempfile.TemporaryFile("w+")
         cmd = [sys.executable, "-m", "qwenvl_pd.cli", "encode", "--model", self.model, "--port", str(port),
                "--host", "127.0.0.1", "--bind", "127.0.0.1", "--threads", "1", "--embedding-cache-gib", "0.01",
                "--embedding-store", f"127.0.0.1:{self.master_port}", "--embedding-store-segment-gib", "0",
-               "--drain-seconds", "0", "--limit-images", "3"]
+               "--drain-seconds", "0", "--limit-images", "3", *extra]
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, text=True,
                                 env={**_env(), "QWENVL_PD_CLUSTER_SECRET": SECRET.decode()})
         proc.log = log
         wait_healthy(f"127.0.0.1:{port}", proc)
         return proc, f"127.0.0.1:{port}"
 
-    def restart_encoder(self):
+    def restart_encoder(self, *extra: str):
         stop(self.encoder)
-        self.encoder, self.address = self.start_encoder()
+        self.encoder, self.address = self.start_encoder(*extra)
 
     def close(self):
         stop(self.encoder)
@@ -247,9 +249,23 @@ def test_a_call_without_the_secret_is_refused(cluster):
 
 def test_the_store_serves_a_restarted_encoder(cluster, reference):
     data = png((10, 200, 30))  # encoded by the first test, put into the store then
-    cluster.restart_encoder()
+    # long leases: the next test counts on this entry staying pinned
+    cluster.restart_encoder("--embedding-cache-gib", str(POOL_FOR_TWO / 2**30), "--lease-seconds", "300")
     reply = encode_items(cluster.address, image_item(data))
     report = load(cluster.address)
     assert reply.hits == 1
     assert (report.embedding_store_hits, report.embedding_misses, report.embedding_hits) == (1, 0, 0)
     assert reply.handles[0].in_store and torch.equal(read_handle(reply.handles[0]), reference(data))
+
+
+def test_a_pool_full_of_pinned_entries_refuses_until_one_is_released(cluster):
+    # runs on the restarted encoder: its pool holds the previous test's entry, pinned
+    second = encode_items(cluster.address, image_item(png((40, 40, 40))))
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        encode_items(cluster.address, image_item(png((41, 41, 41))))
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert f"embedding pool full: {ENTRY} bytes wanted" in err.value.details()
+    msg = convert.to_proto(EmbeddingRelease((second.handles[0].lease_id,), second.handles[0].instance_id))
+    assert asyncio.run(call(cluster.address, "Release", msg)).released
+    third = encode_items(cluster.address, image_item(png((41, 41, 41))))
+    assert third.handles[0].address == second.handles[0].address  # the released entry's place
