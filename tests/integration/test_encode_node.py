@@ -3,6 +3,7 @@ Store: Encode over gRPC, the handle's bytes read over a second Mooncake engine, 
 bad input refused with a status, and the store serving a restarted encoder."""
 import asyncio
 import io
+import socket
 import subprocess
 import sys
 import tempfile
@@ -17,7 +18,7 @@ pytest.importorskip("mooncake.store")
 
 from nodes import free_port, stop, wait_healthy  # noqa: E402
 from qwenvl_pd.kv_transfer.embedding_key import bytes_hash  # noqa: E402
-from qwenvl_pd.kv_transfer.embedding_store import EmbeddingStore, master_command  # noqa: E402
+from qwenvl_pd.kv_transfer.embedding_store import holder_command, master_command  # noqa: E402
 from qwenvl_pd.kv_transfer.transfer_engine import KVTransferEngine  # noqa: E402
 from qwenvl_pd.messages import EmbeddingRelease, EncodeRequest, MediaItem  # noqa: E402
 from qwenvl_pd.model.processor import process_images  # noqa: E402
@@ -48,13 +49,16 @@ def image_item(data: bytes, grid=GRID) -> MediaItem:
 
 
 class Cluster:
-    """mooncake_master, a store client lending the memory (it outlives encoders), one encoder."""
+    """mooncake_master, a mooncake_client lending the store its memory (it outlives encoders),
+    one encoder lending none."""
 
     def __init__(self, model: str):
-        self.model, self.master_port = model, free_port()
-        self.master = subprocess.Popen(master_command(self.master_port, free_port()),
-                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self.holder = _join_store(f"127.0.0.1:{self.master_port}")
+        self.model, self.master_port, holder_port = model, free_port(), free_port()
+        quiet = dict(stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.master = subprocess.Popen(master_command(self.master_port, free_port()), **quiet)
+        wait_port(self.master_port, self.master)
+        self.holder = subprocess.Popen(holder_command(f"127.0.0.1:{self.master_port}", holder_port, 64 << 20), **quiet)
+        wait_port(holder_port, self.holder)
         self.encoder, self.address = self.start_encoder()
 
     def start_encoder(self, *extra: str):
@@ -75,9 +79,8 @@ class Cluster:
         self.encoder, self.address = self.start_encoder(*extra)
 
     def close(self):
-        stop(self.encoder)
-        self.holder.close()
-        stop(self.master)
+        for proc in (self.encoder, self.holder, self.master):
+            stop(proc)
 
 
 def _env():
@@ -85,15 +88,15 @@ def _env():
     return dict(os.environ)
 
 
-def _join_store(master: str, timeout_s: float = 30) -> EmbeddingStore:
+def wait_port(port: int, proc: subprocess.Popen, timeout_s: float = 30) -> None:
     deadline = time.monotonic() + timeout_s
-    while True:  # the master may take a moment to listen
+    while proc.poll() is None and time.monotonic() < deadline:
         try:
-            return EmbeddingStore(master, segment_bytes=64 << 20)
-        except ValueError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"{proc.args[0]} is not listening on {port} (exit code {proc.poll()})")
 
 
 @pytest.fixture(scope="module")
