@@ -65,12 +65,26 @@ class EmbeddingStore:
 def master_command(port: int, metrics_port: int, host: str = "127.0.0.1") -> list[str]:
     """The command line of a mooncake_master (the binary the wheel ships) on host:port; its
     metrics server needs a port of its own (default 9003 would clash between runs)."""
+    return [_binary("mooncake_master"), f"--rpc_port={port}", f"--rpc_address={host}",
+            f"--metrics_port={metrics_port}"]
+
+
+def holder_command(master: str, port: int, segment_bytes: int, host: str = "127.0.0.1") -> list[str]:
+    """The command line of a `mooncake_client` that only lends segment_bytes to the store: the
+    objects placed there outlive the encoders that put them (an encoder's own segment goes with
+    it). It listens on host:port once ready."""
+    return [_binary("mooncake_client"), f"--master_server_address={master}", f"--host={host}",
+            f"--port={port}", f"--global_segment_size={segment_bytes}", "--metadata_server=P2PHANDSHAKE",
+            "--protocol=tcp"]
+
+
+def _binary(name: str) -> str:
     import mooncake
-    bundled = Path(mooncake.__file__).parent / "mooncake_master"
-    binary = str(bundled) if bundled.is_file() else shutil.which("mooncake_master")
-    if binary is None:
-        raise StoreError("no mooncake_master binary: install mooncake-transfer-engine")
-    return [binary, f"--rpc_port={port}", f"--rpc_address={host}", f"--metrics_port={metrics_port}"]
+    bundled = Path(mooncake.__file__).parent / name
+    found = str(bundled) if bundled.is_file() else shutil.which(name)
+    if found is None:
+        raise StoreError(f"no {name} binary: install mooncake-transfer-engine")
+    return found
 
 
 def _check_reachable(master: str) -> None:

@@ -3,6 +3,7 @@ Store: Encode over gRPC, the handle's bytes read over a second Mooncake engine, 
 bad input refused with a status, and the store serving a restarted encoder."""
 import asyncio
 import io
+import socket
 import subprocess
 import sys
 import tempfile
@@ -17,7 +18,7 @@ pytest.importorskip("mooncake.store")
 
 from nodes import free_port, stop, wait_healthy  # noqa: E402
 from qwenvl_pd.kv_transfer.embedding_key import bytes_hash  # noqa: E402
-from qwenvl_pd.kv_transfer.embedding_store import EmbeddingStore, master_command  # noqa: E402
+from qwenvl_pd.kv_transfer.embedding_store import holder_command, master_command  # noqa: E402
 from qwenvl_pd.kv_transfer.transfer_engine import KVTransferEngine  # noqa: E402
 from qwenvl_pd.messages import EmbeddingRelease, EncodeRequest, MediaItem  # noqa: E402
 from qwenvl_pd.model.processor import process_images  # noqa: E402
@@ -39,6 +40,8 @@ def png(color, size=(64, 48)) -> bytes:
 
 
 GRID = (1, 14, 20)  # of a 64x48 image with the tiny Qwen3-VL's processor: 70 vision tokens
+ENTRY = 70 * 3 * 128 * 4  # its embeddings and 2 deepstack layers in float32
+POOL_FOR_TWO = 2 * ENTRY + 1000  # the restarted encoder's pool: two such entries fit, not three
 
 
 def image_item(data: bytes, grid=GRID) -> MediaItem:
@@ -46,36 +49,38 @@ def image_item(data: bytes, grid=GRID) -> MediaItem:
 
 
 class Cluster:
-    """mooncake_master, a store client lending the memory (it outlives encoders), one encoder."""
+    """mooncake_master, a mooncake_client lending the store its memory (it outlives encoders),
+    one encoder lending none."""
 
     def __init__(self, model: str):
-        self.model, self.master_port = model, free_port()
-        self.master = subprocess.Popen(master_command(self.master_port, free_port()),
-                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self.holder = _join_store(f"127.0.0.1:{self.master_port}")
+        self.model, self.master_port, holder_port = model, free_port(), free_port()
+        quiet = dict(stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.master = subprocess.Popen(master_command(self.master_port, free_port()), **quiet)
+        wait_port(self.master_port, self.master)
+        self.holder = subprocess.Popen(holder_command(f"127.0.0.1:{self.master_port}", holder_port, 64 << 20), **quiet)
+        wait_port(holder_port, self.holder)
         self.encoder, self.address = self.start_encoder()
 
-    def start_encoder(self):
+    def start_encoder(self, *extra: str):
         port = free_port()
         log = tempfile.TemporaryFile("w+")
         cmd = [sys.executable, "-m", "qwenvl_pd.cli", "encode", "--model", self.model, "--port", str(port),
                "--host", "127.0.0.1", "--bind", "127.0.0.1", "--threads", "1", "--embedding-cache-gib", "0.01",
                "--embedding-store", f"127.0.0.1:{self.master_port}", "--embedding-store-segment-gib", "0",
-               "--drain-seconds", "0", "--limit-images", "3"]
+               "--drain-seconds", "0", "--limit-images", "3", *extra]
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, text=True,
                                 env={**_env(), "QWENVL_PD_CLUSTER_SECRET": SECRET.decode()})
         proc.log = log
         wait_healthy(f"127.0.0.1:{port}", proc)
         return proc, f"127.0.0.1:{port}"
 
-    def restart_encoder(self):
+    def restart_encoder(self, *extra: str):
         stop(self.encoder)
-        self.encoder, self.address = self.start_encoder()
+        self.encoder, self.address = self.start_encoder(*extra)
 
     def close(self):
-        stop(self.encoder)
-        self.holder.close()
-        stop(self.master)
+        for proc in (self.encoder, self.holder, self.master):
+            stop(proc)
 
 
 def _env():
@@ -83,15 +88,15 @@ def _env():
     return dict(os.environ)
 
 
-def _join_store(master: str, timeout_s: float = 30) -> EmbeddingStore:
+def wait_port(port: int, proc: subprocess.Popen, timeout_s: float = 30) -> None:
     deadline = time.monotonic() + timeout_s
-    while True:  # the master may take a moment to listen
+    while proc.poll() is None and time.monotonic() < deadline:
         try:
-            return EmbeddingStore(master, segment_bytes=64 << 20)
-        except ValueError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"{proc.args[0]} is not listening on {port} (exit code {proc.poll()})")
 
 
 @pytest.fixture(scope="module")
@@ -247,9 +252,23 @@ def test_a_call_without_the_secret_is_refused(cluster):
 
 def test_the_store_serves_a_restarted_encoder(cluster, reference):
     data = png((10, 200, 30))  # encoded by the first test, put into the store then
-    cluster.restart_encoder()
+    # long leases: the next test counts on this entry staying pinned
+    cluster.restart_encoder("--embedding-cache-gib", str(POOL_FOR_TWO / 2**30), "--lease-seconds", "300")
     reply = encode_items(cluster.address, image_item(data))
     report = load(cluster.address)
     assert reply.hits == 1
     assert (report.embedding_store_hits, report.embedding_misses, report.embedding_hits) == (1, 0, 0)
     assert reply.handles[0].in_store and torch.equal(read_handle(reply.handles[0]), reference(data))
+
+
+def test_a_pool_full_of_pinned_entries_refuses_until_one_is_released(cluster):
+    # runs on the restarted encoder: its pool holds the previous test's entry, pinned
+    second = encode_items(cluster.address, image_item(png((40, 40, 40))))
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        encode_items(cluster.address, image_item(png((41, 41, 41))))
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert f"embedding pool full: {ENTRY} bytes wanted" in err.value.details()
+    msg = convert.to_proto(EmbeddingRelease((second.handles[0].lease_id,), second.handles[0].instance_id))
+    assert asyncio.run(call(cluster.address, "Release", msg)).released
+    third = encode_items(cluster.address, image_item(png((41, 41, 41))))
+    assert third.handles[0].address == second.handles[0].address  # the released entry's place

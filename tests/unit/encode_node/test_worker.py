@@ -85,3 +85,16 @@ def test_an_entry_larger_than_the_pool_is_refused(parts):
     w([big])
     with pytest.raises(PoolError, match="needs 107520 bytes, more than the whole pool"):
         big.waiters[0][1].result()
+
+
+def test_qwen2_5_vl_entries_hold_embeds_only(tiny_dirs):
+    cfg = ModelConfig.from_hf(tiny_dirs["qwen2_5_vl"])
+    tower = load_vision_tower(tiny_dirs["qwen2_5_vl"], cfg, torch.float32)
+    layout = EntryLayout(cfg.vision.out_hidden_size, cfg.vision.num_deepstack, torch.float32)
+    w = work((tower, layout, VisionPreprocessConfig.from_dir(tiny_dirs["qwen2_5_vl"]), cfg.family), 1 << 20)
+    data = png((5, 5, 5))
+    item = MediaItem(kind="image", content_hash=bytes_hash(data), grid_thw=(1, 4, 4), data=data)
+    j = Job("a", item, 4, [(30.0, Future())])
+    w([j])
+    entry = j.waiters[0][1].result().entry
+    assert (entry.num_tokens, entry.num_deepstack, entry.nbytes) == (4, 0, 4 * 128 * 4)
