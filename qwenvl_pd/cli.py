@@ -179,7 +179,8 @@ def _proxy(args: argparse.Namespace) -> int:
         parse_discover_dns(args.discover_dns)  # a bad spec fails here, before any start-up work
     cfg = ProxyConfig(
         host=args.host, port=args.port, prefill=parse_addresses(args.prefill),
-        decode=parse_addresses(args.decode), discover_dns=args.discover_dns or "",
+        decode=parse_addresses(args.decode), encode=parse_addresses(args.encode),
+        discover_dns=args.discover_dns or "", encode_timeout_s=args.encode_timeout,
         api_keys=tuple(args.api_key or ()), cache_salt_per_api_key=args.cache_salt_per_api_key,
         cluster_secret=read_secret(args.cluster_secret_file or ""),
         served_model_name=args.served_model_name or "",
@@ -203,7 +204,9 @@ def _add_proxy_parser(sub) -> None:
     p = sub.add_parser("proxy", help="run the OpenAI-compatible HTTP proxy in front of PD instances")
     p.add_argument("--prefill", help="prefill instances, HOST:PORT[,HOST:PORT...]")
     p.add_argument("--decode", help="decode instances, HOST:PORT[,HOST:PORT...]")
-    p.add_argument("--discover-dns", help="prefill=NAME:PORT,decode=NAME:PORT (headless Services)")
+    p.add_argument("--encode", help="encode instances (optional, EPD), HOST:PORT[,HOST:PORT...]")
+    p.add_argument("--discover-dns", help="prefill=NAME:PORT,decode=NAME:PORT[,encode=NAME:PORT] "
+                   "(headless Services)")
     p.add_argument("--host", default="0.0.0.0", help="address to listen on")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", nargs="+", metavar="KEY",
@@ -236,6 +239,8 @@ def _add_proxy_parser(sub) -> None:
                    help="seconds a prefill may take (queueing included) before it is retried elsewhere")
     p.add_argument("--token-timeout", type=float, default=60.0,
                    help="seconds a running request may go without a token before its decode counts as stuck")
+    p.add_argument("--encode-timeout", type=float, default=30.0,
+                   help="seconds an encode round may take before prefill gets the media bytes instead")
     p.add_argument("--kv-transfer-mode", default="whole", choices=["whole", "layerwise"],
                    help="whole: decode pulls the KV after prefill; layerwise: group by group while "
                         "prefill computes (prefill's --kv-layer-group)")

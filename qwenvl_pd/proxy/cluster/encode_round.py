@@ -1,0 +1,134 @@
+"""The proxy's encode round (EPD): before a prefill gets a request with media, an encode instance
+turns the media into embeddings and hands back one signed handle per item; prefill then reads
+the embeddings instead of running the vision tower.
+
+Decisions, in order (docs/ARCHITECTURE.md draws the path):
+- text-only requests, and clusters without a healthy encoder, send the bytes as before;
+- skip: every item's content hash was sent to the chosen prefill lately (bytes or handles), so its
+  own encoder cache holds the embeddings: bytes, no round;
+- the encoder: rendezvous hash of the first item's content hash (Router.pick_encode);
+- any failure of the round (down, late, full, a bad reply) is logged, counted and falls back to
+  the bytes: prefill encodes locally, the client never sees it.
+Prefill answering FAILED_PRECONDITION "embeddings unavailable: ..." is the backend's to handle
+(the same prefill again with the bytes); `unread` releases the leases it did not read.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import grpc
+
+from qwenvl_pd.messages import ENCODE, EmbeddingHandle, EmbeddingRelease, EncodeRequest, PrefillRequest
+from qwenvl_pd.proxy.cluster import pd_client
+from qwenvl_pd.proxy.cluster.instance import Instance
+from qwenvl_pd.proxy.cluster.racing import unless_lost
+from qwenvl_pd.proxy.cluster.router import Router
+
+log = logging.getLogger(__name__)
+EMBEDDINGS_UNAVAILABLE = "embeddings unavailable: "  # prefill's FAILED_PRECONDITION details prefix
+ENCODER_DOWN = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+def embeddings_unavailable(e: grpc.aio.AioRpcError) -> bool:
+    return e.code() == grpc.StatusCode.FAILED_PRECONDITION and (e.details() or "").startswith(EMBEDDINGS_UNAVAILABLE)
+
+
+def with_embeddings(req: PrefillRequest, handles: Sequence[EmbeddingHandle]) -> PrefillRequest:
+    """req with each item's bytes replaced by its handle (grid, hash and timing kept)."""
+    if len(handles) != len(req.media):
+        raise ValueError(f"the encoder answered {len(handles)} handles for {len(req.media)} media items")
+    media = tuple(dataclasses.replace(m, embedding=h, data=b"", frames=()) for m, h in zip(req.media, handles))
+    return dataclasses.replace(req, media=media)
+
+
+class RecentMedia:
+    """Content hashes recently sent to each prefill; each instance keeps its `per_instance` most
+    recent, least recently sent out first (prefill's own encoder cache is bounded too)."""
+
+    def __init__(self, per_instance: int = 1024):
+        self.per_instance = per_instance
+        self._sent: dict[str, OrderedDict[str, None]] = {}
+
+    def covers(self, address: str, hashes: Sequence[str]) -> bool:
+        seen = self._sent.get(address, {})
+        return bool(hashes) and all(h in seen for h in hashes)
+
+    def add(self, address: str, hashes: Sequence[str]) -> None:
+        seen = self._sent.setdefault(address, OrderedDict())
+        for h in hashes:
+            seen[h] = None
+            seen.move_to_end(h)
+        while len(seen) > self.per_instance:
+            seen.popitem(last=False)
+
+
+class EncodeRound:
+    def __init__(self, router: Router, timeout_s: float = 30.0, remember: int = 1024):
+        self.router, self.timeout_s = router, timeout_s
+        self.metrics = router.metrics
+        self.recent = RecentMedia(remember)
+
+    async def prepare(self, req: PrefillRequest, prefill: Instance) -> PrefillRequest:
+        """What to send `prefill`: req with embedding handles, or req itself (bytes)."""
+        hashes = [m.content_hash for m in req.media]
+        if not hashes:
+            return req
+        if self.recent.covers(prefill.address, hashes):
+            self.metrics.encode_skips.inc()
+            return req
+        encoder = self.router.pick_encode(hashes[0])
+        if encoder is None:
+            return req
+        return await self._encode(req, encoder)
+
+    async def _encode(self, req: PrefillRequest, encoder: Instance) -> PrefillRequest:
+        start = time.monotonic()
+        try:
+            with self.router.using(encoder):
+                call = pd_client.encode(encoder, EncodeRequest(req.request_id, req.media), self.timeout_s)
+                result = await unless_lost(encoder, call)
+            sent = with_embeddings(req, result.handles)
+        except (grpc.aio.AioRpcError, ValueError) as e:
+            why = e.code().name if isinstance(e, grpc.aio.AioRpcError) else "BAD_REPLY"
+            log.warning("encode round of %s on %s failed (%s: %s); prefill encodes the media itself",
+                        req.request_id, encoder.address, why, e.details() if why != "BAD_REPLY" else e)
+            self.metrics.encode_fallbacks.inc(reason=why)
+            if isinstance(e, grpc.aio.AioRpcError) and e.code() in ENCODER_DOWN:
+                self.router.mark_failed(encoder)
+            return req
+        self.metrics.encode_rounds.inc()
+        self.metrics.encode_round_seconds.observe(time.monotonic() - start)
+        return sent
+
+    def sent(self, prefill: Instance, req: PrefillRequest) -> None:
+        """prefill has the request's media now (its encoder cache): later rounds may skip."""
+        self.recent.add(prefill.address, [m.content_hash for m in req.media])
+
+    def unread(self, sent: PrefillRequest, e: grpc.aio.AioRpcError | None = None) -> None:
+        """The prefill that got `sent` failed (with e, when known): unpin its leases now; a read
+        failure is counted as a fallback."""
+        if e is not None and embeddings_unavailable(e):
+            log.warning("prefill could not read the embeddings of %s (%s); sending the media bytes",
+                        sent.request_id, e.details())
+            self.metrics.encode_fallbacks.inc(reason="EMBEDDINGS_UNAVAILABLE")
+        by_encoder: dict[tuple[str, str], list[str]] = {}
+        for m in sent.media:
+            if m.embedding is not None and m.embedding.lease_id:
+                by_encoder.setdefault((m.embedding.control_address, m.embedding.instance_id), []).append(
+                    m.embedding.lease_id)
+        for (address, instance_id), leases in by_encoder.items():
+            encoder = self.router.instances[ENCODE].get(address)
+            if encoder is not None:  # otherwise the lease expires on its own
+                asyncio.ensure_future(_release_quietly(encoder, EmbeddingRelease(tuple(leases), instance_id)))
+
+
+async def _release_quietly(encoder: Instance, release: EmbeddingRelease) -> None:
+    try:
+        await pd_client.release(encoder, release)
+    except grpc.aio.AioRpcError:
+        pass  # the lease expires anyway
