@@ -277,6 +277,8 @@ def _serve(args: argparse.Namespace) -> int:
         kv_transfer_mode=args.kv_transfer_mode,
         cpus_prefill=args.cpus_prefill, cpus_decode=args.cpus_decode, cpus_proxy=args.cpus_proxy,
         pin=not args.no_pin, max_num_batched_tokens=args.max_num_batched_tokens,
+        num_encode=args.num_encode, embedding_cache_gib=args.embedding_cache_gib,
+        embedding_store=args.embedding_store or "", cpus_encode=args.cpus_encode,
         node_args=tuple(engine_flags(args, args.parser, share))))
 
 
@@ -301,6 +303,11 @@ def _add_serve_parser(sub) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--num-prefill", type=int, default=1)
     p.add_argument("--num-decode", type=int, default=1)
+    p.add_argument("--num-encode", type=int, default=0, help="encode instances (EPD): they run the vision "
+                   "tower and prefill reads their embeddings; 0: prefill encodes itself (PD)")
+    p.add_argument("--embedding-cache-gib", type=float, default=1.0, help="each encoder's embedding pool")
+    p.add_argument("--embedding-store", choices=["mooncake"], help="start a Mooncake master on loopback: "
+                   "encoders put embeddings into its store and every prefill can read them")
     p.add_argument("--max-model-len", type=int, default=8192)
     p.add_argument("--kv-cache-gib", type=float, default=1.0)
     p.add_argument("--device", default="auto")
@@ -319,6 +326,7 @@ def _add_serve_parser(sub) -> None:
                    help="prefill chunk budget per step of every engine (prefill nodes, colocated)")
     _add_cpus_arg(p, "every prefill instance", "--cpus-prefill")
     _add_cpus_arg(p, "every decode instance", "--cpus-decode")
+    _add_cpus_arg(p, "every encode instance (default: half of prefill's cores)", "--cpus-encode")
     _add_cpus_arg(p, "the proxy (--colocated: its one process, engine included, gets the union of "
                   "the three lists: the same cores as the PD run)", "--cpus-proxy")
     p.add_argument("--no-pin", action="store_true", help="with no --cpus-* given, leave every role "
