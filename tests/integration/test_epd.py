@@ -1,0 +1,151 @@
+"""EPD end to end on loopback: real `qwenvl-pd encode`, prefill, decode and proxy processes on the
+tiny model, driven by the official openai client. Greedy output through an encoder equals PD's;
+the same image sent through two prefills is encoded once (the encoder's load report: one miss,
+one hit); a killed encoder costs the client nothing (prefill encodes the bytes itself); a proxy
+whose encoder never came up serves as PD.
+
+The tests with an encoder are skipped until `qwenvl-pd encode` exists on this branch (the encode
+node lands separately)."""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import httpx
+import openai
+import pytest
+
+from qwenvl_pd.messages import ENCODE
+from qwenvl_pd.model.tiny import make_tiny
+
+from nodes import free_port, stop
+from test_proxy import NODE_ARGS, _cli, _image, _image_messages, _wait_node, start_proxy
+
+
+def _encode_cli_missing() -> str:
+    r = subprocess.run([sys.executable, "-m", "qwenvl_pd.cli", "encode", "--help"], capture_output=True,
+                       text=True, timeout=120)
+    last = (r.stderr.strip().splitlines() or [""])[-1]
+    return "" if r.returncode == 0 else f"`qwenvl-pd encode --help` failed (no encode node on this branch): {last}"
+
+
+MISSING = _encode_cli_missing()
+needs_encoder = pytest.mark.skipif(bool(MISSING), reason=MISSING or "the encode CLI is here")
+GREEDY = dict(model="tiny", max_tokens=8, temperature=0, extra_body={"ignore_eos": True})
+
+
+class EPDCluster:
+    """Nodes by name (p0, p1, d0, e0) and proxies by name, all on loopback."""
+
+    def __init__(self, model: str):
+        self.model, self.procs, self.addr, self.urls = model, {}, {}, {}
+
+    def start(self, roles: tuple[tuple[str, str], ...]) -> None:
+        for name, role in roles:  # all at once: loading overlaps
+            port = free_port()
+            args = NODE_ARGS if role != ENCODE else ["--host", "127.0.0.1", "--embedding-cache-gib", "0.05"]
+            self.procs[name] = _cli(role, "--model", self.model, "--port", str(port), *args)
+            self.addr[name] = f"127.0.0.1:{port}"
+        for name, _ in roles:
+            _wait_node(self.addr[name], self.procs[name])
+
+    def start_proxy(self, name: str, prefill: str, encode: str | None) -> None:
+        extra = ["--encode", self.addr.get(encode, encode)] if encode else []
+        self.procs[f"proxy-{name}"], self.urls[name] = start_proxy(
+            "--prefill", self.addr[prefill], "--decode", self.addr["d0"], "--max-image-pixels", "4000000", *extra)
+
+    def client(self, name: str) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.urls[name] + "/v1", api_key="none", timeout=120, max_retries=0)
+
+    def encoder_load(self):
+        import asyncio
+        from qwenvl_pd.proxy.cluster import pd_client
+        from qwenvl_pd.proxy.cluster.instance import Instance
+
+        async def one():
+            inst = Instance.connect(ENCODE, self.addr["e0"])
+            try:
+                return await pd_client.load(inst, ENCODE)
+            finally:
+                await inst.channel.close()
+        return asyncio.run(one())
+
+    def metric(self, proxy: str, name: str) -> float:
+        text = httpx.get(self.urls[proxy] + "/metrics", timeout=10).text
+        values = re.findall(rf"^qwenvl_pd:{name}(?:{{[^}}]*}})? (\S+)$", text, re.M)
+        return sum(map(float, values))
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            stop(proc)
+
+
+@pytest.fixture(scope="module")
+def pd(tmp_path_factory):
+    """p0, p1, d0 and the PD proxy "pd" (p0, no encoder)."""
+    c = EPDCluster(str(make_tiny("qwen2_5_vl", tmp_path_factory.mktemp("epd") / "tiny")))
+    try:
+        c.start((("p0", "prefill"), ("p1", "prefill"), ("d0", "decode")))
+        c.start_proxy("pd", "p0", None)
+        yield c
+    finally:
+        c.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster(pd):
+    """pd plus the encoder e0 and the EPD proxies "a" (p0 + e0) and "b" (p1 + e0)."""
+    pd.start((("e0", ENCODE),))
+    pd.start_proxy("a", "p0", "e0")
+    pd.start_proxy("b", "p1", "e0")
+    return pd
+
+
+def _answer(cluster: EPDCluster, proxy: str, data: bytes) -> str:
+    r = cluster.client(proxy).chat.completions.create(messages=_image_messages(data), **GREEDY)
+    assert r.choices[0].finish_reason == "length"
+    return r.choices[0].message.content
+
+
+def test_an_encoder_that_never_came_up_leaves_pd_serving(pd):
+    # ready without a healthy encoder (start_proxy waited for /health), and no round is tried
+    pd.start_proxy("dead", "p1", f"127.0.0.1:{free_port()}")
+    data = _image(120, 90, seed=3)
+    assert _answer(pd, "dead", data) == _answer(pd, "pd", data)
+    assert pd.metric("dead", "encode_rounds_total") == pd.metric("dead", "encode_fallbacks_total") == 0
+
+
+@needs_encoder
+def test_epd_equals_pd_and_a_repeated_image_is_encoded_once(cluster):
+    data = _image(224, 168, seed=5)
+    pd = _answer(cluster, "pd", data)
+    assert _answer(cluster, "b", data) == pd  # p1 has never seen it: it reads e0's embeddings
+    first = cluster.encoder_load()
+    assert _answer(cluster, "a", data) == pd  # another prefill, the same image: e0's pool hit
+    second = cluster.encoder_load()
+    assert (first.embedding_misses, first.embedding_hits) == (1, 0)
+    assert (second.embedding_misses, second.embedding_hits) == (1, 1)
+    assert cluster.metric("b", "encode_rounds_total") == 1
+    assert cluster.metric("b", "encode_fallbacks_total") == 0
+    assert _answer(cluster, "b", data) == pd  # p1 was sent it: the proxy skips the round
+    assert cluster.metric("b", "encode_round_skips_total") == 1
+
+
+@needs_encoder
+def test_text_only_never_reaches_the_encoder(cluster):
+    before = cluster.encoder_load()
+    r = cluster.client("a").completions.create(prompt="Once upon a", **GREEDY)
+    assert r.usage.completion_tokens == 8
+    after = cluster.encoder_load()
+    assert (after.embedding_hits, after.embedding_misses) == (before.embedding_hits, before.embedding_misses)
+
+
+@needs_encoder
+def test_a_killed_encoder_falls_back_to_prefill_encoding(cluster):
+    data = _image(160, 112, seed=9)
+    pd = _answer(cluster, "pd", data)
+    cluster.procs["e0"].kill()
+    cluster.procs["e0"].wait(timeout=30)
+    assert _answer(cluster, "a", data) == pd
+    assert _answer(cluster, "b", _image(96, 64, seed=10))  # and again, once the proxy knows
