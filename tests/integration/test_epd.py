@@ -8,9 +8,13 @@ The tests with an encoder are skipped until `qwenvl-pd encode` exists on this br
 node lands separately)."""
 from __future__ import annotations
 
+import os
 import re
+import signal
 import subprocess
 import sys
+import tempfile
+import time
 
 import httpx
 import openai
@@ -149,3 +153,53 @@ def test_a_killed_encoder_falls_back_to_prefill_encoding(cluster):
     cluster.procs["e0"].wait(timeout=30)
     assert _answer(cluster, "a", data) == pd
     assert _answer(cluster, "b", _image(96, 64, seed=10))  # and again, once the proxy knows
+
+
+@needs_encoder
+def test_serve_num_encode_with_the_store_serves_images_and_stops_everything(tmp_path):
+    port = free_port()
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}  # the tiny default model is built here
+    log = tempfile.TemporaryFile("w+")
+    proc = subprocess.Popen([sys.executable, "-m", "qwenvl_pd.cli", "serve", "--port", str(port), "--num-encode",
+                             "1", "--embedding-store", "mooncake", "--embedding-cache-gib", "0.05"],
+                            env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+    url, children = f"http://127.0.0.1:{port}", []
+    try:
+        deadline = time.monotonic() + 240
+        while proc.poll() is None and time.monotonic() < deadline and not _http_ok(url + "/health"):
+            time.sleep(0.5)
+        log.seek(0)
+        assert proc.poll() is None, log.read()[-5000:]
+        client = openai.OpenAI(base_url=url + "/v1", api_key="x", timeout=120, max_retries=0)
+        data, model = _image(112, 84, seed=4), client.models.list().data[0].id
+        answers = [client.chat.completions.create(messages=_image_messages(data), **{**GREEDY, "model": model})
+                   .choices[0].message.content for _ in range(2)]
+        assert answers[0] == answers[1]
+        metrics = httpx.get(url + "/metrics", timeout=10).text
+        assert "qwenvl_pd:encode_rounds_total 1\n" in metrics  # the second was skipped: prefill has it
+        assert "qwenvl_pd:encode_round_skips_total 1\n" in metrics
+        children = [int(p) for p in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
+                                                   text=True).stdout.split()]
+        names = sorted(_name(c) for c in children)
+        assert names == ["decode", "encode", "mooncake_master", "prefill", "proxy"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    deadline = time.monotonic() + 15
+    while any(os.path.exists(f"/proc/{c}") for c in children) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [c for c in children if os.path.exists(f"/proc/{c}")]
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _name(pid: int) -> str:
+    """A serve child's role, or the master's binary name."""
+    with open(f"/proc/{pid}/cmdline") as f:
+        argv = f.read().split("\0")
+    return argv[argv.index("qwenvl_pd.cli") + 1] if "qwenvl_pd.cli" in argv else os.path.basename(argv[0])

@@ -13,7 +13,7 @@ from qwenvl_pd.kv_transfer.embedding_handle import EmbeddingHandle
 from qwenvl_pd.kv_transfer.handle import KVHandle, LayoutFingerprint
 from qwenvl_pd.messages import (ENCODE, EncodeResult, LoadReport, MediaItem, PrefillRequest, PrefillResult,
                                 SampledToken, TokenEvent)
-from qwenvl_pd.protos import convert, qwenvl_pd_pb2 as pb, qwenvl_pd_pb2_grpc as pb_grpc
+from qwenvl_pd.protos import convert, qwenvl_pd_pb2_grpc as pb_grpc
 from qwenvl_pd.proxy.cluster import backend as backend_mod
 from qwenvl_pd.proxy.cluster.backend import PDBackend
 from qwenvl_pd.proxy.cluster.encode_round import RecentMedia, with_embeddings
