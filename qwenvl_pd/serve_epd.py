@@ -29,9 +29,10 @@ def mooncake_master() -> str:
 
 
 def master_args(port: int, metrics_port: int) -> list[str]:
-    """Loopback only: the store's RPC port and its admin/metrics port."""
+    """Loopback only: the store's RPC port and its admin/metrics port; no periodic metrics line
+    (it would fill serve's terminal every few seconds)."""
     return ["-rpc_port", str(port), "-rpc_address", "127.0.0.1", "-metrics_host", "127.0.0.1",
-            "-metrics_port", str(metrics_port)]
+            "-metrics_port", str(metrics_port), "-enable_metric_reporting=false"]
 
 
 def encode_args(model: str, port: int, device: str, cpus: str, cache_gib: float, store: str) -> list[str]:
