@@ -12,7 +12,7 @@ import pytest
 from qwenvl_pd.kv_transfer.embedding_handle import EmbeddingHandle
 from qwenvl_pd.kv_transfer.handle import KVHandle, LayoutFingerprint
 from qwenvl_pd.messages import (ENCODE, EncodeResult, LoadReport, MediaItem, PrefillRequest, PrefillResult,
-                                SampledToken, TokenEvent)
+                                PrefillStreamEvent, SampledToken, TokenEvent)
 from qwenvl_pd.protos import convert, qwenvl_pd_pb2_grpc as pb_grpc
 from qwenvl_pd.proxy.cluster import backend as backend_mod
 from qwenvl_pd.proxy.cluster.backend import PDBackend
@@ -77,7 +77,7 @@ class Script:
         return True
 
 
-def run(script: Script | None, body, encoders=(E[0],), health=None, **router_args):
+def run(script: Script | None, body, encoders=(E[0],), health=None, layerwise=False, **router_args):
     health = {} if health is None else health
 
     async def main():
@@ -89,12 +89,12 @@ def run(script: Script | None, body, encoders=(E[0],), health=None, **router_arg
         router.set_members(ENCODE, list(encoders))
         await router.health_round()
         try:
-            return await body(PDBackend(router), router)
+            return await body(PDBackend(router, layerwise=layerwise), router)
         finally:
             await router.stop()
     mp = pytest.MonkeyPatch()
-    for name in ("prefill", "decode", "encode", "release", "abort"):
-        if script is not None:
+    for name in ("prefill", "decode", "encode", "release", "abort", "prefill_stream"):
+        if script is not None and hasattr(script, name):
             mp.setattr(backend_mod.pd_client, name, getattr(script, name))
     try:
         return asyncio.run(main())
@@ -243,6 +243,27 @@ def test_another_failed_precondition_is_the_clients_error():
     err = run(script, body)
     assert err.status == 500 and "vision fingerprint differs" in err.message
     assert len(script.prefill_calls) == 1
+
+
+class LayerwiseScript(Script):
+    """PrefillStream answering its result at once (no announce: decode runs the whole-KV path)."""
+
+    async def prefill_stream(self, inst, req, timeout=600):
+        self.prefill_calls.append((inst.address, req))
+        kv = KVHandle("p", "127.0.0.1:1", 0, 64, 8, (0,), 3, FP)
+        yield PrefillStreamEvent(result=PrefillResult(req.request_id, SampledToken(7), 0, 3, kv))
+
+
+def test_the_layerwise_round_carries_the_handles_and_remembers_the_media():
+    script = LayerwiseScript(encodes=[EncodeResult((handle("aa"), handle("bb")))])
+
+    async def body(backend, router):
+        return await tokens(backend), await tokens(backend), series(router)
+    first, second, counts = run(script, body, layerwise=True)
+    assert first == second == [7, 8]
+    assert [media_sent(r) for _, r in script.prefill_calls] == [
+        [(b"", "aa|fp"), (b"", "bb|fp")], [(b"one", None), (b"two", None)]]
+    assert counts == {"rounds": 1, "skips": 1, "observed": 1}
 
 
 def test_a_continuation_carries_the_original_bytes():
