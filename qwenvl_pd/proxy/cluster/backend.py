@@ -135,8 +135,9 @@ class PDBackend:
             self.encode.unread(sent, e)
             if not embeddings_unavailable(e):
                 raise
-            result = await unless_lost(state, pd_client.prefill(state, req, self.prefill_timeout_s))
-        self.encode.sent(state, req)
+            sent = req
+            result = await unless_lost(state, pd_client.prefill(state, sent, self.prefill_timeout_s))
+        self.encode.sent(state, sent)
         return result
 
     async def _prefill_layerwise(self, req: PrefillRequest, key: bytes):
@@ -146,7 +147,7 @@ class PDBackend:
             sent = await self.encode.prepare(req, state)
             done = await prefill_layerwise(state, sent, self.prefill_timeout_s, self.start_early_decode)
         if done is not None:
-            self.encode.sent(state, req)
+            self.encode.sent(state, sent)
             return done[0], state, done[1]
         if sent is not req:  # whatever went wrong, the whole-KV round encodes (or skips) again
             self.encode.unread(sent)

@@ -4,8 +4,10 @@ the embeddings instead of running the vision tower.
 
 Decisions, in order (docs/ARCHITECTURE.md draws the path):
 - text-only requests, and clusters without a healthy encoder, send the bytes as before;
-- skip: every item's content hash was sent to the chosen prefill lately (bytes or handles), so its
-  own encoder cache holds the embeddings: bytes, no round;
+- skip: every item was sent to the chosen prefill lately as bytes, so its own encoder and prefix
+  caches hold it under the pixels' hash: bytes again, no round. An item it got as a handle is
+  cached there under the embedding key instead, so it gets a fresh handle (a pool hit on the
+  encoder, a local hit on prefill, no read): switching forms would miss both caches;
 - the encoder: rendezvous hash of the first item's content hash (Router.pick_encode);
 - any failure of the round (down, late, full, a bad reply) is logged, counted and falls back to
   the bytes: prefill encodes locally, the client never sees it.
@@ -47,21 +49,24 @@ def with_embeddings(req: PrefillRequest, handles: Sequence[EmbeddingHandle]) -> 
 
 
 class RecentMedia:
-    """Content hashes recently sent to each prefill; each instance keeps its `per_instance` most
-    recent, least recently sent out first (prefill's own encoder cache is bounded too)."""
+    """The content hashes recently sent to each prefill and the form each went in (bytes or a
+    handle); each instance keeps its `per_instance` most recent, least recently sent out first
+    (prefill's own encoder cache is bounded too)."""
 
     def __init__(self, per_instance: int = 1024):
         self.per_instance = per_instance
-        self._sent: dict[str, OrderedDict[str, None]] = {}
+        self._sent: dict[str, OrderedDict[str, bool]] = {}  # address -> {hash: sent as bytes}
 
-    def covers(self, address: str, hashes: Sequence[str]) -> bool:
+    def as_bytes(self, address: str, hashes: Sequence[str]) -> bool:
+        """Every one of hashes went to `address` as bytes last time."""
         seen = self._sent.get(address, {})
-        return bool(hashes) and all(h in seen for h in hashes)
+        return bool(hashes) and all(seen.get(h) is True for h in hashes)
 
-    def add(self, address: str, hashes: Sequence[str]) -> None:
+    def add(self, address: str, items: Sequence[tuple[str, bool]]) -> None:
+        """items: (content hash, sent as bytes)."""
         seen = self._sent.setdefault(address, OrderedDict())
-        for h in hashes:
-            seen[h] = None
+        for h, as_bytes in items:
+            seen[h] = as_bytes
             seen.move_to_end(h)
         while len(seen) > self.per_instance:
             seen.popitem(last=False)
@@ -76,13 +81,11 @@ class EncodeRound:
     async def prepare(self, req: PrefillRequest, prefill: Instance) -> PrefillRequest:
         """What to send `prefill`: req with embedding handles, or req itself (bytes)."""
         hashes = [m.content_hash for m in req.media]
-        if not hashes:
-            return req
-        if self.recent.covers(prefill.address, hashes):
-            self.metrics.encode_skips.inc()
-            return req
-        encoder = self.router.pick_encode(hashes[0])
+        encoder = self.router.pick_encode(hashes[0]) if hashes else None
         if encoder is None:
+            return req
+        if self.recent.as_bytes(prefill.address, hashes):
+            self.metrics.encode_skips.inc()
             return req
         return await self._encode(req, encoder)
 
@@ -105,9 +108,9 @@ class EncodeRound:
         self.metrics.encode_round_seconds.observe(time.monotonic() - start)
         return sent
 
-    def sent(self, prefill: Instance, req: PrefillRequest) -> None:
-        """prefill has the request's media now (its encoder cache): later rounds may skip."""
-        self.recent.add(prefill.address, [m.content_hash for m in req.media])
+    def sent(self, prefill: Instance, sent: PrefillRequest) -> None:
+        """prefill took `sent` (bytes or handles): its caches hold the media in that form now."""
+        self.recent.add(prefill.address, [(m.content_hash, m.embedding is None) for m in sent.media])
 
     def unread(self, sent: PrefillRequest, e: grpc.aio.AioRpcError | None = None) -> None:
         """The prefill that got `sent` failed (with e, when known): unpin its leases now; a read

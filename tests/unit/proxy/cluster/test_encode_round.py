@@ -143,13 +143,15 @@ def test_health_and_load_rounds_cover_encoders():
     assert (healthy, listed, ready) == (False, [E[0], E[2]], True)
 
 
-def test_recent_media_keeps_the_latest_per_prefill():
+def test_recent_media_keeps_the_latest_form_per_prefill():
     recent = RecentMedia(per_instance=2)
-    recent.add("p1", ["a", "b"])
-    recent.add("p1", ["a"])  # a is now the most recent
-    recent.add("p1", ["c"])  # b, the least recent, goes
-    assert [recent.covers("p1", hs) for hs in (["a", "c"], ["b"], ["a"], [])] == [True, False, True, False]
-    assert recent.covers("p2", ["a"]) is False
+    recent.add("p1", [("a", True), ("b", True)])
+    recent.add("p1", [("a", True)])  # a is now the most recent
+    recent.add("p1", [("c", True)])  # b, the least recent, goes
+    assert [recent.as_bytes("p1", hs) for hs in (["a", "c"], ["b"], ["a"], [])] == [True, False, True, False]
+    recent.add("p1", [("c", False)])  # then sent as a handle: prefill keys it by the embedding key
+    assert (recent.as_bytes("p1", ["a", "c"]), recent.as_bytes("p1", ["a"])) == (False, True)
+    assert recent.as_bytes("p2", ["a"]) is False
 
 
 def test_with_embeddings_keeps_grid_hash_and_timing_and_drops_bytes():
@@ -177,17 +179,34 @@ def test_text_only_never_touches_an_encoder():
     assert script.encode_calls == [] and media_sent(script.prefill_calls[0][1]) == []
 
 
-def test_handles_go_to_prefill_then_the_same_media_skips_the_round():
-    script = Script(encodes=[EncodeResult((handle("aa"), handle("bb")))])
+def test_handles_go_to_prefill_and_the_same_media_again_gets_handles_again():
+    # prefill keys media it got as handles by the embedding key: bytes now would miss its caches
+    script = Script(encodes=[EncodeResult((handle("aa"), handle("bb")))] * 2)
 
     async def body(backend, router):
         first, second = await tokens(backend), await tokens(backend)
         return first, second, series(router)
     first, second, counts = run(script, body)
     assert first == second == [7, 8]
-    assert script.encode_calls == [(E[0], ("aa", "bb"))]  # once: the second request skipped it
+    assert script.encode_calls == [(E[0], ("aa", "bb"))] * 2
+    assert [media_sent(r) for _, r in script.prefill_calls] == [[(b"", "aa|fp"), (b"", "bb|fp")]] * 2
+    assert counts == {"rounds": 2, "skips": 0, "observed": 2}
+
+
+def test_media_a_prefill_got_as_bytes_skips_the_round_next_time():
+    script = Script(encodes=[rpc_error(grpc.StatusCode.RESOURCE_EXHAUSTED, "encode queue full")])
+
+    async def body(backend, router):
+        first, second = await tokens(backend), await tokens(backend)
+        other = PrefillRequest("r2", (1, 2, 3), (image("aa", b"one"), image("cc", b"new")))
+        script.encodes.append(EncodeResult((handle("aa"), handle("cc"))))
+        third = await tokens(backend, other)  # cc is new there: a round for the whole request
+        return first, second, third, series(router)
+    first, second, third, counts = run(script, body)
+    assert first == second == third == [7, 8]
+    assert script.encode_calls == [(E[0], ("aa", "bb")), (E[0], ("aa", "cc"))]
     assert [media_sent(r) for _, r in script.prefill_calls] == [
-        [(b"", "aa|fp"), (b"", "bb|fp")], [(b"one", None), (b"two", None)]]
+        [(b"one", None), (b"two", None)], [(b"one", None), (b"two", None)], [(b"", "aa|fp"), (b"", "cc|fp")]]
     assert counts == {"rounds": 1, "skips": 1, "observed": 1}
 
 
@@ -254,16 +273,17 @@ class LayerwiseScript(Script):
         yield PrefillStreamEvent(result=PrefillResult(req.request_id, SampledToken(7), 0, 3, kv))
 
 
-def test_the_layerwise_round_carries_the_handles_and_remembers_the_media():
-    script = LayerwiseScript(encodes=[EncodeResult((handle("aa"), handle("bb")))])
+def test_the_layerwise_round_carries_the_handles_and_remembers_the_form():
+    script = LayerwiseScript(encodes=[EncodeResult((handle("aa"), handle("bb"))),
+                                      rpc_error(grpc.StatusCode.INTERNAL, "tower failed")])
 
     async def body(backend, router):
-        return await tokens(backend), await tokens(backend), series(router)
-    first, second, counts = run(script, body, layerwise=True)
-    assert first == second == [7, 8]
+        return [await tokens(backend) for _ in range(3)], series(router)
+    outs, counts = run(script, body, layerwise=True)
+    assert outs == [[7, 8]] * 3
     assert [media_sent(r) for _, r in script.prefill_calls] == [
-        [(b"", "aa|fp"), (b"", "bb|fp")], [(b"one", None), (b"two", None)]]
-    assert counts == {"rounds": 1, "skips": 1, "observed": 1}
+        [(b"", "aa|fp"), (b"", "bb|fp")], [(b"one", None), (b"two", None)], [(b"one", None), (b"two", None)]]
+    assert counts == {"rounds": 1, "skips": 1, "observed": 1}  # handles, a failed round, then a skip
 
 
 def test_a_continuation_carries_the_original_bytes():
