@@ -4,10 +4,11 @@ the embeddings instead of running the vision tower.
 
 Decisions, in order (docs/ARCHITECTURE.md draws the path):
 - text-only requests, and clusters without a healthy encoder, send the bytes as before;
-- skip: every item was sent to the chosen prefill lately as bytes, so its own encoder and prefix
-  caches hold it under the pixels' hash: bytes again, no round. An item it got as a handle is
-  cached there under the embedding key instead, so it gets a fresh handle (a pool hit on the
-  encoder, a local hit on prefill, no read): switching forms would miss both caches;
+- skip: an item sent to the chosen prefill lately as bytes is in its own encoder and prefix
+  caches under the pixels' hash: it goes as bytes again, and when every item does, no round.
+  An item it got as a handle is cached there under the embedding key instead, so it gets a
+  fresh handle (a pool hit on the encoder, a local hit on prefill, no read): switching forms
+  would miss both caches;
 - the encoder: rendezvous hash of the first item's content hash (Router.pick_encode);
 - any failure of the round (down, late, full, a bad reply) is logged, counted and falls back to
   the bytes: prefill encodes locally, the client never sees it.
@@ -40,12 +41,17 @@ def embeddings_unavailable(e: grpc.aio.AioRpcError) -> bool:
     return e.code() == grpc.StatusCode.FAILED_PRECONDITION and (e.details() or "").startswith(EMBEDDINGS_UNAVAILABLE)
 
 
-def with_embeddings(req: PrefillRequest, handles: Sequence[EmbeddingHandle]) -> PrefillRequest:
-    """req with each item's bytes replaced by its handle (grid, hash and timing kept)."""
-    if len(handles) != len(req.media):
-        raise ValueError(f"the encoder answered {len(handles)} handles for {len(req.media)} media items")
-    media = tuple(dataclasses.replace(m, embedding=h, data=b"", frames=()) for m, h in zip(req.media, handles))
-    return dataclasses.replace(req, media=media)
+def with_embeddings(req: PrefillRequest, handles: Sequence[EmbeddingHandle],
+                    which: Sequence[int] | None = None) -> PrefillRequest:
+    """req with the bytes of items `which` (default all) replaced by their handles, in order
+    (grid, hash and timing kept)."""
+    which = range(len(req.media)) if which is None else which
+    if len(handles) != len(which):
+        raise ValueError(f"the encoder answered {len(handles)} handles for {len(which)} media items")
+    media = list(req.media)
+    for i, h in zip(which, handles):
+        media[i] = dataclasses.replace(media[i], embedding=h, data=b"", frames=())
+    return dataclasses.replace(req, media=tuple(media))
 
 
 class RecentMedia:
@@ -57,10 +63,9 @@ class RecentMedia:
         self.per_instance = per_instance
         self._sent: dict[str, OrderedDict[str, bool]] = {}  # address -> {hash: sent as bytes}
 
-    def as_bytes(self, address: str, hashes: Sequence[str]) -> bool:
-        """Every one of hashes went to `address` as bytes last time."""
-        seen = self._sent.get(address, {})
-        return bool(hashes) and all(seen.get(h) is True for h in hashes)
+    def as_bytes(self, address: str, content_hash: str) -> bool:
+        """The item went to `address` as bytes last time."""
+        return self._sent.get(address, {}).get(content_hash) is True
 
     def add(self, address: str, items: Sequence[tuple[str, bool]]) -> None:
         """items: (content hash, sent as bytes)."""
@@ -80,22 +85,23 @@ class EncodeRound:
 
     async def prepare(self, req: PrefillRequest, prefill: Instance) -> PrefillRequest:
         """What to send `prefill`: req with embedding handles, or req itself (bytes)."""
-        hashes = [m.content_hash for m in req.media]
-        encoder = self.router.pick_encode(hashes[0]) if hashes else None
+        encoder = self.router.pick_encode(req.media[0].content_hash) if req.media else None
         if encoder is None:
             return req
-        if self.recent.as_bytes(prefill.address, hashes):
+        todo = [i for i, m in enumerate(req.media) if not self.recent.as_bytes(prefill.address, m.content_hash)]
+        if not todo:
             self.metrics.encode_skips.inc()
             return req
-        return await self._encode(req, encoder)
+        return await self._encode(req, encoder, todo)
 
-    async def _encode(self, req: PrefillRequest, encoder: Instance) -> PrefillRequest:
+    async def _encode(self, req: PrefillRequest, encoder: Instance, todo: list[int]) -> PrefillRequest:
+        """Handles for items `todo` (the others stay bytes: prefill has them in that form)."""
         start = time.monotonic()
         try:
             with self.router.using(encoder):
-                call = pd_client.encode(encoder, EncodeRequest(req.request_id, req.media), self.timeout_s)
-                result = await unless_lost(encoder, call)
-            sent = with_embeddings(req, result.handles)
+                ereq = EncodeRequest(req.request_id, tuple(req.media[i] for i in todo))
+                result = await unless_lost(encoder, pd_client.encode(encoder, ereq, self.timeout_s))
+            sent = with_embeddings(req, result.handles, todo)
         except (grpc.aio.AioRpcError, ValueError) as e:
             why = e.code().name if isinstance(e, grpc.aio.AioRpcError) else "BAD_REPLY"
             log.warning("encode round of %s on %s failed (%s: %s); prefill encodes the media itself",

@@ -148,10 +148,10 @@ def test_recent_media_keeps_the_latest_form_per_prefill():
     recent.add("p1", [("a", True), ("b", True)])
     recent.add("p1", [("a", True)])  # a is now the most recent
     recent.add("p1", [("c", True)])  # b, the least recent, goes
-    assert [recent.as_bytes("p1", hs) for hs in (["a", "c"], ["b"], ["a"], [])] == [True, False, True, False]
+    assert [recent.as_bytes("p1", h) for h in "abc"] == [True, False, True]
     recent.add("p1", [("c", False)])  # then sent as a handle: prefill keys it by the embedding key
-    assert (recent.as_bytes("p1", ["a", "c"]), recent.as_bytes("p1", ["a"])) == (False, True)
-    assert recent.as_bytes("p2", ["a"]) is False
+    assert [recent.as_bytes("p1", h) for h in "ac"] == [True, False]
+    assert recent.as_bytes("p2", "a") is False
 
 
 def test_with_embeddings_keeps_grid_hash_and_timing_and_drops_bytes():
@@ -165,6 +165,9 @@ def test_with_embeddings_keeps_grid_hash_and_timing_and_drops_bytes():
                    ("video", "vv", (2, 4, 4), b"", (), 1.0, (0.0, 1.0), "vv|fp")]
     with pytest.raises(ValueError, match="1 handles for 2 media items"):
         with_embeddings(req, [handle("aa")])
+    only_video = with_embeddings(req, [handle("vv")], [1])
+    assert [(m.data, m.frames, m.embedding and m.embedding.key) for m in only_video.media] == [
+        (b"png", (), None), (b"", (), "vv|fp")]
 
 
 # --- the round in the request path -----------------------------------------------------------------
@@ -199,14 +202,14 @@ def test_media_a_prefill_got_as_bytes_skips_the_round_next_time():
     async def body(backend, router):
         first, second = await tokens(backend), await tokens(backend)
         other = PrefillRequest("r2", (1, 2, 3), (image("aa", b"one"), image("cc", b"new")))
-        script.encodes.append(EncodeResult((handle("aa"), handle("cc"))))
-        third = await tokens(backend, other)  # cc is new there: a round for the whole request
+        script.encodes.append(EncodeResult((handle("cc"),)))
+        third = await tokens(backend, other)  # cc is new there: a round for cc alone
         return first, second, third, series(router)
     first, second, third, counts = run(script, body)
     assert first == second == third == [7, 8]
-    assert script.encode_calls == [(E[0], ("aa", "bb")), (E[0], ("aa", "cc"))]
+    assert script.encode_calls == [(E[0], ("aa", "bb")), (E[0], ("cc",))]
     assert [media_sent(r) for _, r in script.prefill_calls] == [
-        [(b"one", None), (b"two", None)], [(b"one", None), (b"two", None)], [(b"", "aa|fp"), (b"", "cc|fp")]]
+        [(b"one", None), (b"two", None)], [(b"one", None), (b"two", None)], [(b"one", None), (b"", "cc|fp")]]
     assert counts == {"rounds": 1, "skips": 1, "observed": 1}
 
 
