@@ -22,7 +22,7 @@ import dataclasses
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import grpc
 
@@ -76,6 +76,11 @@ class RecentMedia:
         while len(seen) > self.per_instance:
             seen.popitem(last=False)
 
+    def keep(self, addresses: Collection[str]) -> None:
+        """Forget prefills no longer in the cluster (pods come and go under new addresses)."""
+        for gone in set(self._sent) - set(addresses):
+            del self._sent[gone]
+
 
 class EncodeRound:
     def __init__(self, router: Router, timeout_s: float = 30.0, remember: int = 1024):
@@ -117,6 +122,7 @@ class EncodeRound:
     def sent(self, prefill: Instance, sent: PrefillRequest) -> None:
         """prefill took `sent` (bytes or handles): its caches hold the media in that form now."""
         self.recent.add(prefill.address, [(m.content_hash, m.embedding is None) for m in sent.media])
+        self.recent.keep(self.router.instances["prefill"])
 
     def unread(self, sent: PrefillRequest, e: grpc.aio.AioRpcError | None = None) -> None:
         """The prefill that got `sent` failed (with e, when known): unpin its leases now; a read

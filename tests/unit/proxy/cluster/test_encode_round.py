@@ -152,6 +152,9 @@ def test_recent_media_keeps_the_latest_form_per_prefill():
     recent.add("p1", [("c", False)])  # then sent as a handle: prefill keys it by the embedding key
     assert [recent.as_bytes("p1", h) for h in "ac"] == [True, False]
     assert recent.as_bytes("p2", "a") is False
+    recent.add("p2", [("a", True)])
+    recent.keep(["p2"])  # p1 left the cluster
+    assert (recent.as_bytes("p1", "a"), recent.as_bytes("p2", "a")) == (False, True)
 
 
 def test_with_embeddings_keeps_grid_hash_and_timing_and_drops_bytes():
@@ -350,3 +353,14 @@ def test_instance_connects_for_the_encode_role():
         await inst.channel.close()
         return inst.role, inst.load
     assert asyncio.run(main()) == (ENCODE, 0)
+
+
+def test_proxy_flags_and_config_for_encoders():
+    from qwenvl_pd.cli import build_parser
+    from qwenvl_pd.proxy.config import ProxyConfig, parse_addresses
+    args = build_parser().parse_args(["proxy", "--prefill", "a:1", "--decode", "b:2", "--encode", "c:3,d:4",
+                                      "--encode-timeout", "5"])
+    assert (parse_addresses(args.encode), args.encode_timeout) == (("c:3", "d:4"), 5.0)
+    assert build_parser().parse_args(["proxy"]).encode_timeout == 30.0
+    with pytest.raises(ValueError, match="--encode-timeout must be > 0"):
+        ProxyConfig(prefill=("a:1",), decode=("b:2",), encode=("c:3",), encode_timeout_s=0)
