@@ -8,6 +8,7 @@ The tests with an encoder are skipped until `qwenvl-pd encode` exists on this br
 node lands separately)."""
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import signal
@@ -31,7 +32,11 @@ def _encode_cli_missing() -> str:
     r = subprocess.run([sys.executable, "-m", "qwenvl_pd.cli", "encode", "--help"], capture_output=True,
                        text=True, timeout=120)
     last = (r.stderr.strip().splitlines() or [""])[-1]
-    return "" if r.returncode == 0 else f"`qwenvl-pd encode --help` failed (no encode node on this branch): {last}"
+    if r.returncode:
+        return f"`qwenvl-pd encode --help` failed (no encode node on this branch): {last}"
+    if importlib.util.find_spec("qwenvl_pd.prefill_node.embedding_reader") is None:
+        return "prefill cannot read embedding handles on this branch (prefill_node/embedding_reader.py)"
+    return ""
 
 
 MISSING = _encode_cli_missing()

@@ -21,7 +21,7 @@ import grpc
 
 from qwenvl_pd.messages import KVHandle, PrefillRequest, PrefillResult, TokenEvent
 from qwenvl_pd.proxy.cluster import pd_client
-from qwenvl_pd.proxy.cluster.encode_round import EncodeRound, embeddings_unavailable
+from qwenvl_pd.proxy.cluster.encode_round import EncodeRound, resend_bytes
 from qwenvl_pd.proxy.cluster.layerwise_round import EarlyDecode, early_events, prefill_layerwise
 from qwenvl_pd.proxy.errors import APIError, bad_request, overloaded
 from qwenvl_pd.proxy.cluster.racing import unless_lost
@@ -133,7 +133,7 @@ class PDBackend:
             if sent is req:
                 raise
             self.encode.unread(sent, e)
-            if not embeddings_unavailable(e):
+            if not resend_bytes(e):
                 raise
             sent = req
             result = await unless_lost(state, pd_client.prefill(state, sent, self.prefill_timeout_s))

@@ -12,8 +12,9 @@ Decisions, in order (docs/ARCHITECTURE.md draws the path):
 - the encoder: rendezvous hash of the first item's content hash (Router.pick_encode);
 - any failure of the round (down, late, full, a bad reply) is logged, counted and falls back to
   the bytes: prefill encodes locally, the client never sees it.
-Prefill answering FAILED_PRECONDITION "embeddings unavailable: ..." is the backend's to handle
-(the same prefill again with the bytes); `unread` releases the leases it did not read.
+Prefill answering FAILED_PRECONDITION "embeddings unavailable: ..." (or INVALID_ARGUMENT: a
+prefill older than EPD) is the backend's to handle (the same prefill again with the bytes);
+`unread` releases the leases it did not read.
 """
 from __future__ import annotations
 
@@ -39,6 +40,13 @@ ENCODER_DOWN = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 def embeddings_unavailable(e: grpc.aio.AioRpcError) -> bool:
     return e.code() == grpc.StatusCode.FAILED_PRECONDITION and (e.details() or "").startswith(EMBEDDINGS_UNAVAILABLE)
+
+
+def resend_bytes(e: grpc.aio.AioRpcError) -> bool:
+    """A prefill's refusal of a request with handles that the bytes may pass: it could not read
+    them, or it refused the item itself (a prefill older than EPD sees an empty image). Input that
+    is really bad is refused again with the bytes, and reaches the client then."""
+    return embeddings_unavailable(e) or e.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
 def with_embeddings(req: PrefillRequest, handles: Sequence[EmbeddingHandle],
@@ -127,10 +135,11 @@ class EncodeRound:
     def unread(self, sent: PrefillRequest, e: grpc.aio.AioRpcError | None = None) -> None:
         """The prefill that got `sent` failed (with e, when known): unpin its leases now; a read
         failure is counted as a fallback."""
-        if e is not None and embeddings_unavailable(e):
-            log.warning("prefill could not read the embeddings of %s (%s); sending the media bytes",
-                        sent.request_id, e.details())
-            self.metrics.encode_fallbacks.inc(reason="EMBEDDINGS_UNAVAILABLE")
+        if e is not None and resend_bytes(e):
+            log.warning("prefill did not take the embeddings of %s (%s: %s); sending the media bytes",
+                        sent.request_id, e.code().name, e.details())
+            why = "EMBEDDINGS_UNAVAILABLE" if embeddings_unavailable(e) else e.code().name
+            self.metrics.encode_fallbacks.inc(reason=why)
         by_encoder: dict[tuple[str, str], list[str]] = {}
         for m in sent.media:
             if m.embedding is not None and m.embedding.lease_id:

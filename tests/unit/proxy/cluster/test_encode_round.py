@@ -257,6 +257,25 @@ def test_unreadable_embeddings_resend_the_bytes_to_the_same_prefill_and_release_
     assert script.releases == [(E[0], ("L1", "L2"), "enc-1")]
 
 
+def test_a_prefill_refusing_the_item_gets_the_bytes_and_bad_bytes_stay_a_400():
+    # a prefill older than EPD sees an empty image; really bad input is refused again, then a 400
+    empty = rpc_error(grpc.StatusCode.INVALID_ARGUMENT, "bytes are not a decodable image (0 bytes)")
+    bad = rpc_error(grpc.StatusCode.INVALID_ARGUMENT, "media 0: grid mismatch")
+    script = Script(prefills=[empty, 7, bad, bad],
+                    encodes=[EncodeResult((handle("aa"), handle("bb"))), EncodeResult((handle("cc"),))])
+
+    async def body(backend, router):
+        out = await tokens(backend)
+        with pytest.raises(APIError) as err:  # new media: a round again
+            await tokens(backend, PrefillRequest("r2", (1, 2, 3), (image("aa", b"one"), image("cc", b"bad"))))
+        return out, err.value, router.metrics.encode_fallbacks.value(reason="INVALID_ARGUMENT")
+    out, err, fallbacks = run(script, body)
+    assert out == [7, 8] and (err.status, err.message) == (400, "media 0: grid mismatch") and fallbacks == 2
+    assert [media_sent(r) for _, r in script.prefill_calls] == [
+        [(b"", "aa|fp"), (b"", "bb|fp")], [(b"one", None), (b"two", None)],
+        [(b"one", None), (b"", "cc|fp")], [(b"one", None), (b"bad", None)]]
+
+
 def test_another_failed_precondition_is_the_clients_error():
     script = Script(prefills=[rpc_error(grpc.StatusCode.FAILED_PRECONDITION, "vision fingerprint differs")],
                     encodes=[EncodeResult((handle("aa"), handle("bb")))])
