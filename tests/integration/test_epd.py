@@ -155,6 +155,25 @@ def test_text_only_never_reaches_the_encoder(cluster):
 
 
 @needs_encoder
+def test_a_stopped_encoder_falls_back_and_is_used_again_once_it_answers(cluster):
+    data = _image(128, 96, seed=21)
+    pd = _answer(cluster, "pd", data)
+    rounds = cluster.metric("a", "encode_rounds_total")
+    os.kill(cluster.procs["e0"].pid, signal.SIGSTOP)  # hung: it neither answers nor refuses
+    try:
+        assert _answer(cluster, "a", data) == pd  # given up once it misses health checks
+        assert cluster.metric("a", "encode_fallbacks_total") >= 1
+    finally:
+        os.kill(cluster.procs["e0"].pid, signal.SIGCONT)
+    for seed in range(30, 60):  # back in rotation after a health check passes
+        _answer(cluster, "a", _image(64, 64, seed=seed))
+        if cluster.metric("a", "encode_rounds_total") > rounds:
+            break
+        time.sleep(0.5)
+    assert cluster.metric("a", "encode_rounds_total") > rounds
+
+
+@needs_encoder
 def test_a_killed_encoder_falls_back_to_prefill_encoding(cluster):
     data = _image(160, 112, seed=9)
     pd = _answer(cluster, "pd", data)
