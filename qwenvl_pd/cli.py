@@ -231,7 +231,8 @@ def _proxy(args: argparse.Namespace) -> int:
         parse_discover_dns(args.discover_dns)  # a bad spec fails here, before any start-up work
     cfg = ProxyConfig(
         host=args.host, port=args.port, prefill=parse_addresses(args.prefill),
-        decode=parse_addresses(args.decode), discover_dns=args.discover_dns or "",
+        decode=parse_addresses(args.decode), encode=parse_addresses(args.encode),
+        discover_dns=args.discover_dns or "", encode_timeout_s=args.encode_timeout,
         api_keys=tuple(args.api_key or ()), cache_salt_per_api_key=args.cache_salt_per_api_key,
         cluster_secret=read_secret(args.cluster_secret_file or ""),
         served_model_name=args.served_model_name or "",
@@ -255,7 +256,9 @@ def _add_proxy_parser(sub) -> None:
     p = sub.add_parser("proxy", help="run the OpenAI-compatible HTTP proxy in front of PD instances")
     p.add_argument("--prefill", help="prefill instances, HOST:PORT[,HOST:PORT...]")
     p.add_argument("--decode", help="decode instances, HOST:PORT[,HOST:PORT...]")
-    p.add_argument("--discover-dns", help="prefill=NAME:PORT,decode=NAME:PORT (headless Services)")
+    p.add_argument("--encode", help="encode instances (optional, EPD), HOST:PORT[,HOST:PORT...]")
+    p.add_argument("--discover-dns", help="prefill=NAME:PORT,decode=NAME:PORT[,encode=NAME:PORT] "
+                   "(headless Services)")
     p.add_argument("--host", default="0.0.0.0", help="address to listen on")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", nargs="+", metavar="KEY",
@@ -288,6 +291,8 @@ def _add_proxy_parser(sub) -> None:
                    help="seconds a prefill may take (queueing included) before it is retried elsewhere")
     p.add_argument("--token-timeout", type=float, default=60.0,
                    help="seconds a running request may go without a token before its decode counts as stuck")
+    p.add_argument("--encode-timeout", type=float, default=30.0,
+                   help="seconds an encode round may take before prefill gets the media bytes instead")
     p.add_argument("--kv-transfer-mode", default="whole", choices=["whole", "layerwise"],
                    help="whole: decode pulls the KV after prefill; layerwise: group by group while "
                         "prefill computes (prefill's --kv-layer-group)")
@@ -324,6 +329,8 @@ def _serve(args: argparse.Namespace) -> int:
         kv_transfer_mode=args.kv_transfer_mode,
         cpus_prefill=args.cpus_prefill, cpus_decode=args.cpus_decode, cpus_proxy=args.cpus_proxy,
         pin=not args.no_pin, max_num_batched_tokens=args.max_num_batched_tokens,
+        num_encode=args.num_encode, embedding_cache_gib=args.embedding_cache_gib,
+        embedding_store=args.embedding_store or "", cpus_encode=args.cpus_encode,
         node_args=tuple(engine_flags(args, args.parser, share))))
 
 
@@ -348,6 +355,11 @@ def _add_serve_parser(sub) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--num-prefill", type=int, default=1)
     p.add_argument("--num-decode", type=int, default=1)
+    p.add_argument("--num-encode", type=int, default=0, help="encode instances (EPD): they run the vision "
+                   "tower and prefill reads their embeddings; 0: prefill encodes itself (PD)")
+    p.add_argument("--embedding-cache-gib", type=float, default=1.0, help="each encoder's embedding pool")
+    p.add_argument("--embedding-store", choices=["mooncake"], help="start a Mooncake master on loopback: "
+                   "encoders put embeddings into its store and every prefill can read them")
     p.add_argument("--max-model-len", type=int, default=8192)
     p.add_argument("--kv-cache-gib", type=float, default=1.0)
     p.add_argument("--device", default="auto")
@@ -366,6 +378,7 @@ def _add_serve_parser(sub) -> None:
                    help="prefill chunk budget per step of every engine (prefill nodes, colocated)")
     _add_cpus_arg(p, "every prefill instance", "--cpus-prefill")
     _add_cpus_arg(p, "every decode instance", "--cpus-decode")
+    _add_cpus_arg(p, "every encode instance (default: half of prefill's cores)", "--cpus-encode")
     _add_cpus_arg(p, "the proxy (--colocated: its one process, engine included, gets the union of "
                   "the three lists: the same cores as the PD run)", "--cpus-proxy")
     p.add_argument("--no-pin", action="store_true", help="with no --cpus-* given, leave every role "

@@ -94,3 +94,13 @@ def split_roles(cores: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...
         return (), (), ()
     half = len(cores) // 2
     return cores[half:], cores[:half], cores[half:]
+
+
+def split_encode(prefill: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """serve --num-encode: the encoders' share of prefill's cores -> (prefill, encode): the
+    encoders take the first half (rounded down), prefill keeps the rest; one core (or none) is
+    shared. The vision tower moves off prefill, so its cores go with it."""
+    if len(prefill) < 2:
+        return prefill, prefill
+    half = len(prefill) // 2
+    return prefill[half:], prefill[:half]

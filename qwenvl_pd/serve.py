@@ -1,4 +1,6 @@
-"""`qwenvl-pd serve`: prefill, decode and proxy as separate processes on this machine.
+"""`qwenvl-pd serve`: prefill, decode and proxy as separate processes on this machine, with
+`--num-encode N` encoders too (EPD; serve_epd.py) and `--embedding-store mooncake` a Mooncake
+master on loopback that the encoders and prefills share.
 
 The embedded default: the same three roles a cluster runs, talking over loopback (gRPC, and
 Mooncake TCP for the KV). Children share serve's process group, so a terminal's Ctrl-C reaches
@@ -18,7 +20,8 @@ import urllib.request
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from qwenvl_pd.cpus import check_cpus, format_cpus, split_roles, union
+from qwenvl_pd import serve_epd
+from qwenvl_pd.cpus import check_cpus, format_cpus, split_encode, split_roles, union
 from qwenvl_pd.process import die_with_parent, free_port
 
 STARTUP_S = 900.0  # a large checkpoint takes minutes to load
@@ -51,10 +54,18 @@ class ServeConfig:
     cpus_decode: tuple[int, ...] = ()
     cpus_proxy: tuple[int, ...] = ()
     pin: bool = True  # no cores given: split this process's cores between the roles (split_roles)
+    num_encode: int = 0  # encoders (EPD); 0: prefill runs the vision tower, today's PD
+    embedding_cache_gib: float = 1.0  # each encoder's pool
+    embedding_store: str = ""  # "mooncake": a master on loopback shared by encoders and prefills
+    cpus_encode: tuple[int, ...] = ()
 
     def __post_init__(self):
-        for cpus in (self.cpus_prefill, self.cpus_decode, self.cpus_proxy):
+        for cpus in (self.cpus_prefill, self.cpus_decode, self.cpus_proxy, self.cpus_encode):
             check_cpus(cpus)  # here, not in a child that would die while starting
+        if self.num_encode < 0 or (self.num_encode and self.colocated):
+            raise ValueError("--num-encode must be >= 0, and 0 with --colocated")
+        if self.embedding_store not in serve_epd.STORES or (self.embedding_store and not self.num_encode):
+            raise ValueError("--embedding-store takes mooncake, and needs --num-encode >= 1")
 
     @property
     def cpus_colocated(self) -> tuple[int, ...]:
@@ -62,19 +73,20 @@ class ServeConfig:
 
     def pinned(self) -> "ServeConfig":
         """The default layout where no role's cores were given (explicit lists win)."""
-        if not self.pin or self.cpus_colocated:
+        if not self.pin or self.cpus_colocated or self.cpus_encode:
             return self
         prefill, decode, proxy = split_roles(tuple(os.sched_getaffinity(0)))
-        return replace(self, cpus_prefill=prefill, cpus_decode=decode, cpus_proxy=proxy)
+        prefill, encode = split_encode(prefill) if self.num_encode else (prefill, ())
+        return replace(self, cpus_prefill=prefill, cpus_decode=decode, cpus_proxy=proxy, cpus_encode=encode)
 
     def layout(self) -> str:
-        if not self.cpus_colocated:
+        if not (self.cpus_colocated or self.cpus_encode):
             return "not pinned: every role on every core"
         if self.colocated:
             return f"the colocated engine and proxy on cores {format_cpus(self.cpus_colocated)}"
-        return ", ".join(f"{role} on cores {format_cpus(cpus) if cpus else 'all'}" for role, cpus in
-                         (("prefill", self.cpus_prefill), ("decode", self.cpus_decode),
-                          ("proxy", self.cpus_proxy)))
+        roles = [("prefill", self.cpus_prefill), ("decode", self.cpus_decode), ("proxy", self.cpus_proxy)]
+        roles += [("encode", self.cpus_encode)] if self.num_encode else []
+        return ", ".join(f"{role} on cores {format_cpus(cpus) if cpus else 'all'}" for role, cpus in roles)
 
 
 @dataclass
@@ -120,13 +132,14 @@ def _cpus_args(cpus: tuple[int, ...]) -> list[str]:
     return ["--cpus", format_cpus(cpus)] if cpus else []
 
 
-def _node_args(cfg: ServeConfig, role: str, model: str, port: int) -> list[str]:
+def _node_args(cfg: ServeConfig, role: str, model: str, port: int, store: str = "") -> list[str]:
     tp, cpus = (cfg.prefill_tp, cfg.cpus_prefill) if role == "prefill" else (cfg.decode_tp, cfg.cpus_decode)
     args = ["--model", model, "--port", str(port), "--host", "127.0.0.1", "--bind", "127.0.0.1",
             "--max-model-len", str(cfg.max_model_len), "--kv-cache-gib", str(cfg.kv_cache_gib),
             "--max-num-batched-tokens", str(cfg.max_num_batched_tokens),
             "--device", cfg.device, *_parallel_args(tp, cfg), *_cpus_args(cpus), *cfg.node_args]
     args += ["--allowed-prefills", "127.0.0.1"] if role == "decode" else []  # every prefill is local
+    args += ["--embedding-store", store] if store and role == "prefill" else []
     return args + (["--served-model-name", cfg.served_model_name] if cfg.served_model_name else [])
 
 
@@ -178,13 +191,18 @@ def _start(cfg: ServeConfig, model: str, children: list[Child]) -> Child:
                        *_parallel_args(cfg.prefill_tp, cfg), *_cpus_args(cfg.cpus_colocated)]
     else:
         proxy_args += _cpus_args(cfg.cpus_proxy)
-        nodes = [_spawn(role, _node_args(cfg, role, model, port), f"127.0.0.1:{port}")
+        store = _start_store(cfg, children)
+        nodes = [_spawn(role, _node_args(cfg, role, model, port, store), f"127.0.0.1:{port}")
                  for role, n in (("prefill", cfg.num_prefill), ("decode", cfg.num_decode))
                  for port in [free_port() for _ in range(n)]]
+        nodes += [_spawn("encode", serve_epd.encode_args(model, port, cfg.device, format_cpus(cfg.cpus_encode),
+                                                         cfg.embedding_cache_gib, store), f"127.0.0.1:{port}")
+                  for port in [free_port() for _ in range(cfg.num_encode)]]
         children += nodes
-        _wait(nodes, _grpc_serving, "prefill/decode instances")
-        for role in ("prefill", "decode"):
-            proxy_args += [f"--{role}", ",".join(c.address for c in nodes if c.role == role)]
+        _wait(nodes, _grpc_serving, "prefill/decode/encode instances")
+        for role in ("prefill", "decode", "encode"):
+            addresses = [c.address for c in nodes if c.role == role]
+            proxy_args += [f"--{role}", ",".join(addresses)] if addresses else []
     local = "127.0.0.1" if cfg.host in ("0.0.0.0", "::", "") else cfg.host
     proxy = _spawn("proxy", proxy_args, f"http://{local}:{cfg.port}")
     children.append(proxy)
@@ -192,9 +210,21 @@ def _start(cfg: ServeConfig, model: str, children: list[Child]) -> Child:
     return proxy
 
 
+def _start_store(cfg: ServeConfig, children: list[Child]) -> str:
+    """--embedding-store mooncake: the wheel's master on loopback -> its "host:port" ("": none)."""
+    if not cfg.embedding_store:
+        return ""
+    port = free_port()
+    cmd = [serve_epd.mooncake_master(), *serve_epd.master_args(port, free_port())]
+    master = Child("mooncake_master", subprocess.Popen(cmd, preexec_fn=die_with_parent), f"127.0.0.1:{port}")
+    children.append(master)
+    _wait([master], serve_epd.tcp_open, "the Mooncake master")
+    return master.address
+
+
 def _watch(children: list[Child]) -> int:
     """Until a child dies: a dead node is reported loudly; serving goes on while the proxy and
-    at least one instance of each role live."""
+    at least one prefill and one decode live (without encoders or the store, prefill encodes)."""
     alive = list(children)
     while True:
         time.sleep(0.5)
@@ -202,7 +232,8 @@ def _watch(children: list[Child]) -> int:
             alive.remove(c)
             _banner([f"qwenvl-pd serve: {c.role} at {c.address} (pid {c.proc.pid}) DIED with exit code "
                      f"{c.proc.returncode}"])
-            if c.role == "proxy" or not any(a.role == c.role for a in alive):
+            essential = c.role in ("proxy", "prefill", "decode")
+            if essential and (c.role == "proxy" or not any(a.role == c.role for a in alive)):
                 print(f"qwenvl-pd serve: no {c.role} left; stopping everything", file=sys.stderr)
                 return 1
 
@@ -242,8 +273,9 @@ def main(cfg: ServeConfig) -> int:
     children: list[Child] = []
     try:
         proxy = _start(cfg, model, children)
+        encode = f" + {cfg.num_encode} encode" if cfg.num_encode else ""
         mode = "colocated (one engine)" if cfg.colocated else \
-            f"{cfg.num_prefill} prefill + {cfg.num_decode} decode, KV over Mooncake TCP on loopback"
+            f"{cfg.num_prefill} prefill + {cfg.num_decode} decode{encode}, KV over Mooncake TCP on loopback"
         _banner([f"qwenvl-pd serve: ready at {proxy.address}/v1 ({mode})",
                  f"  curl {proxy.address}/v1/models"])
         return _watch(children)

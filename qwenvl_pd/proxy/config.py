@@ -26,7 +26,8 @@ class ProxyConfig:
     port: int = 8000
     prefill: tuple[str, ...] = ()  # static instances, "host:port" of their gRPC servers
     decode: tuple[str, ...] = ()
-    discover_dns: str = ""  # "prefill=NAME:PORT,decode=NAME:PORT" (proxy/cluster/discovery.py)
+    encode: tuple[str, ...] = ()  # optional encoders (EPD); none: prefill runs the vision tower
+    discover_dns: str = ""  # "prefill=NAME:PORT,decode=NAME:PORT[,encode=NAME:PORT]" (cluster/discovery.py)
     api_keys: tuple[str, ...] = ()  # none: no authentication
     cache_salt_per_api_key: bool = False  # each key's requests share prefix-cache hits only among them
     cluster_secret: bytes = field(default=b"", repr=False)  # sent on every node RPC
@@ -50,6 +51,7 @@ class ProxyConfig:
     model_info_timeout_s: float = 300.0  # how long start-up waits for a prefill to answer
     prefill_timeout_s: float = 600.0
     token_timeout_s: float = 60.0  # a running request without a token this long: decode is stuck
+    encode_timeout_s: float = 30.0  # an encode round this late: prefill gets the bytes instead
     kv_transfer_mode: str = "whole"  # "layerwise": decode reads the KV while prefill computes
     colocated_model: str = ""  # serve --colocated: one in-process engine instead of PD nodes
     cpus: tuple[int, ...] = ()  # cores the proxy (and a colocated engine) is pinned to; (): not pinned
@@ -63,8 +65,8 @@ class ProxyConfig:
             raise ValueError("--max-concurrent-requests and --prefill-load-cap must be >= 1")
         if self.kv_transfer_mode not in ("whole", "layerwise"):
             raise ValueError(f"--kv-transfer-mode must be whole or layerwise, not {self.kv_transfer_mode!r}")
-        if not (self.prefill_timeout_s > 0 and self.token_timeout_s > 0):
-            raise ValueError("--prefill-timeout and --token-timeout must be > 0")
+        if not (self.prefill_timeout_s > 0 and self.token_timeout_s > 0 and self.encode_timeout_s > 0):
+            raise ValueError("--prefill-timeout, --token-timeout and --encode-timeout must be > 0")
 
     @property
     def media_limits(self) -> MediaLimits:

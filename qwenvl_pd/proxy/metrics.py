@@ -23,6 +23,10 @@ ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05,
 E2E_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 60.0, 120.0, 240.0,
                480.0, 960.0)
 Labels = tuple[str, ...]
+# LoadReport totals that only grow while an instance lives: one going down means a restart
+TOTALS = ("kv_transfers_total", "kv_transfer_bytes_total", "requests_total", "embedding_hits",
+          "embedding_store_hits", "embedding_misses", "embedding_reads", "embedding_read_bytes",
+          "embedding_read_failures")
 
 
 def _fmt(v: float) -> str:
@@ -162,7 +166,34 @@ class ProxyMetrics:
         self.success = r.add(Counter(p + "request_success_total", "Finished requests.",
                                      ("finished_reason",)))
         self.kv_bytes = r.add(Counter(p + "kv_transfer_bytes_total", "KV cache bytes transferred.", ri))
+        self._add_epd(p, ri)
         self._last: dict[tuple[str, str], LoadReport] = {}
+
+    def _add_epd(self, p: str, ri: tuple[str, str]) -> None:
+        """The encode round (the proxy's clock) and the encoders' and prefills' embedding counters."""
+        r = self.registry
+        self.encode_round_seconds = r.add(Histogram(p + "encode_round_seconds", "Encode round latency "
+                                                    "(proxy -> encoder -> handles).", LATENCY_BUCKETS))
+        self.encode_rounds = r.add(Counter(p + "encode_rounds_total", "Encode rounds that returned handles."))
+        self.encode_skips = r.add(Counter(p + "encode_round_skips_total", "Encode rounds skipped: the "
+                                          "prefill was sent every item of the request lately."))
+        self.encode_fallbacks = r.add(Counter(p + "encode_fallbacks_total", "Requests whose media went to "
+                                              "prefill as bytes after an encode failure.", ("reason",)))
+        self.embedding_hits = r.add(Counter(p + "embedding_cache_hits_total", "Media items an encoder "
+                                            "served from its pool or the store.", ri))
+        self.embedding_misses = r.add(Counter(p + "embedding_cache_misses_total", "Media items an "
+                                              "encoder encoded.", ri))
+        self.embedding_store_hits = r.add(Counter(p + "embedding_store_hits_total", "Media items an "
+                                                  "encoder got from the Mooncake Store.", ri))
+        self.embedding_hit_rate = r.add(Gauge(p + "embedding_cache_hit_rate", "An encoder's hits / "
+                                              "(hits + misses) since it started.", ri))
+        self.encode_seconds = r.add(Counter(p + "encode_seconds_total", "Seconds in the vision tower.", ri))
+        self.embedding_usage = r.add(Gauge(p + "embedding_cache_usage_perc", "Embedding pool bytes in "
+                                           "use (0-1).", ri))
+        self.embedding_read_bytes = r.add(Counter(p + "embedding_read_bytes_total", "Embedding bytes a "
+                                                  "prefill read from encoders or the store.", ri))
+        self.embedding_read_failures = r.add(Counter(p + "embedding_read_failures_total", "Embedding "
+                                                     "reads that failed on a prefill.", ri))
 
     def render(self) -> str:
         return self.registry.render()
@@ -187,7 +218,7 @@ class ProxyMetrics:
         self.kv_usage.set(report.blocks_used / report.blocks_total if report.blocks_total else 0.0, **labels)
         last = self._last.get((report.role, report.instance_id))
         # totals below the last report mean the instance restarted: everything since is new
-        if last is None or report.kv_transfers_total < last.kv_transfers_total:
+        if last is None or any(getattr(report, f) < getattr(last, f) for f in TOTALS):
             last = LoadReport(report.role, report.instance_id)
         self._last[(report.role, report.instance_id)] = report
         self.kv_bytes.inc(max(0, report.kv_transfer_bytes_total - last.kv_transfer_bytes_total), **labels)
@@ -195,9 +226,30 @@ class ProxyMetrics:
         if n > 0:  # reports carry totals only: each new transfer is counted at the interval's mean
             seconds = report.kv_transfer_seconds_total - last.kv_transfer_seconds_total
             self.kv_seconds.observe(seconds / n, n)
+        self._observe_embeddings(report, last, labels)
+
+    def _observe_embeddings(self, report: LoadReport, last: LoadReport, labels: dict[str, str]) -> None:
+        for metric, f in self._embedding_totals(report.role):
+            metric.inc(max(0, getattr(report, f) - getattr(last, f)), **labels)
+        if report.role == "encode":
+            lookups = report.embedding_hits + report.embedding_misses
+            self.embedding_hit_rate.set(report.embedding_hits / lookups if lookups else 0.0, **labels)
+            total = report.embedding_bytes_total
+            self.embedding_usage.set(report.embedding_bytes_used / total if total else 0.0, **labels)
+
+    def _embedding_totals(self, role: str = ""):
+        """(counter, LoadReport field) of `role`'s embedding totals ("": every role's)."""
+        encode = ((self.embedding_hits, "embedding_hits"), (self.embedding_misses, "embedding_misses"),
+                  (self.embedding_store_hits, "embedding_store_hits"),
+                  (self.encode_seconds, "encode_seconds_total"))
+        prefill = ((self.embedding_read_bytes, "embedding_read_bytes"),
+                   (self.embedding_read_failures, "embedding_read_failures"))
+        return {"encode": encode, "prefill": prefill, "": encode + prefill}.get(role, ())
 
     def forget_instance(self, role: str, instance: str) -> None:
         """Drop a departed instance's series so dashboards stop showing its last values."""
-        for metric in (self.running, self.waiting, self.kv_usage, self.kv_bytes):
+        per_instance = (self.running, self.waiting, self.kv_usage, self.kv_bytes, self.embedding_hit_rate,
+                        self.embedding_usage, *(m for m, _ in self._embedding_totals()))
+        for metric in per_instance:
             metric.remove(role=role, instance=instance)
         self._last.pop((role, instance), None)

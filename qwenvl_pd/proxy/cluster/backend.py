@@ -6,6 +6,8 @@ decode stream, which frees its blocks at once, and aborts a prefill lease nobody
 Failures follow DESIGN.md's table: a prefill that fails before answering is retried once on
 another prefill; decode unreachable before its first event, once on another decode; a decode
 that hands the request back ("preempted") gets it re-prefilled with the tokens so far.
+With encoders (EPD), encode_round.py's round runs once a prefill is picked; a prefill that cannot
+read the embeddings gets the same request again with the media bytes.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import grpc
 
 from qwenvl_pd.messages import KVHandle, PrefillRequest, PrefillResult, TokenEvent
 from qwenvl_pd.proxy.cluster import pd_client
+from qwenvl_pd.proxy.cluster.encode_round import EncodeRound, resend_bytes
 from qwenvl_pd.proxy.cluster.layerwise_round import EarlyDecode, early_events, prefill_layerwise
 from qwenvl_pd.proxy.errors import APIError, bad_request, overloaded
 from qwenvl_pd.proxy.cluster.racing import unless_lost
@@ -49,9 +52,10 @@ def rpc_error(e: grpc.aio.AioRpcError, where: str) -> APIError:
 
 class PDBackend:
     def __init__(self, router: Router, prefill_timeout_s: float = 600.0, token_timeout_s: float = 60.0,
-                 layerwise: bool = False):
+                 layerwise: bool = False, encode_timeout_s: float = 30.0):
         self.router, self.layerwise = router, layerwise  # layerwise: layerwise_round.py's round
         self.prefill_timeout_s, self.token_timeout_s = prefill_timeout_s, token_timeout_s
+        self.encode = EncodeRound(router, encode_timeout_s)
 
     def ready(self) -> bool:
         return self.router.ready()
@@ -110,8 +114,7 @@ class PDBackend:
             state = self.router.pick_prefill(key, exclude=tried)  # 503 once none is left
             with self.router.using(state):
                 try:
-                    call = pd_client.prefill(state, req, self.prefill_timeout_s)
-                    return await unless_lost(state, call), state
+                    return await self._prefill_on(state, req), state
                 except grpc.aio.AioRpcError as e:
                     if e.code() not in PREFILL_ELSEWHERE or tried or not self._others("prefill", state):
                         raise rpc_error(e, f"prefill {state.address}") from None
@@ -121,13 +124,33 @@ class PDBackend:
                         self.router.mark_failed(state)
                     tried.append(state)
 
+    async def _prefill_on(self, state: Instance, req: PrefillRequest) -> PrefillResult:
+        """One prefill on `state`, after the encode round; embeddings it cannot read: the bytes."""
+        sent = await self.encode.prepare(req, state)
+        try:
+            result = await unless_lost(state, pd_client.prefill(state, sent, self.prefill_timeout_s))
+        except grpc.aio.AioRpcError as e:
+            if sent is req:
+                raise
+            self.encode.unread(sent, e)
+            if not resend_bytes(e):
+                raise
+            sent = req
+            result = await unless_lost(state, pd_client.prefill(state, sent, self.prefill_timeout_s))
+        self.encode.sent(state, sent)
+        return result
+
     async def _prefill_layerwise(self, req: PrefillRequest, key: bytes):
         """-> (result, prefill state, EarlyDecode | None); None: the whole-KV round ran instead."""
         state = self.router.pick_prefill(key)
         with self.router.using(state):
-            done = await prefill_layerwise(state, req, self.prefill_timeout_s, self.start_early_decode)
+            sent = await self.encode.prepare(req, state)
+            done = await prefill_layerwise(state, sent, self.prefill_timeout_s, self.start_early_decode)
         if done is not None:
+            self.encode.sent(state, sent)
             return done[0], state, done[1]
+        if sent is not req:  # whatever went wrong, the whole-KV round encodes (or skips) again
+            self.encode.unread(sent)
         result, state = await self.prefill(req, key)
         return result, state, None
 

@@ -1,7 +1,8 @@
-"""DNS discovery of prefill and decode instances for the proxy.
+"""DNS discovery of prefill, decode and encode instances for the proxy.
 
 ``qwenvl-pd proxy --discover-dns SPEC`` with SPEC = ``ROLE=HOST[:PORT][,ROLE=HOST[:PORT]]`` (no spaces),
-parsed by :func:`parse_discover_dns`: ROLE is ``prefill`` or ``decode``, each exactly once; HOST is a
+parsed by :func:`parse_discover_dns`: ROLE is ``prefill`` or ``decode``, each exactly once, and
+optionally ``encode`` (at most once; without it prefill runs the vision tower itself); HOST is a
 DNS name, in Kubernetes the role's headless Service FQDN (``<svc>.<namespace>.svc.cluster.local``),
 or an IP literal (IPv6 in brackets); PORT is the role's gRPC port. Every A/AAAA record of HOST is one
 instance, reached at ADDRESS:PORT. Example::
@@ -30,7 +31,7 @@ import socket
 from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 
-from qwenvl_pd.messages import ROLES
+from qwenvl_pd.messages import ENCODE, ROLES
 
 log = logging.getLogger(__name__)
 
@@ -53,12 +54,14 @@ OnChange = Callable[[str, frozenset[Endpoint]], Awaitable[None] | None]
 
 
 # the node CLIs' default ports, for ROLE=HOST entries without one
-DEFAULT_PORTS = {"prefill": 50051, "decode": 50052}
+DEFAULT_PORTS = {"prefill": 50051, "decode": 50052, ENCODE: 50053}
 
 
-def parse_discover_dns(spec: str, roles: Collection[str] = ROLES) -> dict[str, tuple[str, int]]:
-    """Parse ``ROLE=HOST[:PORT],...``; every role in ``roles`` exactly once. Raises ValueError."""
-    out: dict[str, tuple[str, int]] = {}
+def parse_discover_dns(spec: str, roles: Collection[str] = ROLES,
+                       optional: Collection[str] = (ENCODE,)) -> dict[str, tuple[str, int]]:
+    """Parse ``ROLE=HOST[:PORT],...``; every role in ``roles`` exactly once, those in ``optional``
+    at most once. Raises ValueError."""
+    known, out = (*roles, *optional), {}  # out: role -> (host, port)
     for item in spec.split(","):
         role, sep, hostport = item.partition("=")
         if hostport and ":" not in hostport.strip("[]") and role in DEFAULT_PORTS:
@@ -70,8 +73,8 @@ def parse_discover_dns(spec: str, roles: Collection[str] = ROLES) -> dict[str, t
             host = host[1:-1]
         elif ":" in host:
             raise ValueError(f"--discover-dns entry {item!r}: put an IPv6 address in brackets")
-        if role not in roles or role in out:
-            raise ValueError(f"--discover-dns role {role!r} is unknown or repeated (roles: {', '.join(roles)})")
+        if role not in known or role in out:
+            raise ValueError(f"--discover-dns role {role!r} is unknown or repeated (roles: {', '.join(known)})")
         if not 0 < int(port_s) < 65536:
             raise ValueError(f"--discover-dns entry {item!r}: port out of range")
         out[role] = (host, int(port_s))

@@ -1,4 +1,4 @@
-"""One prefill or decode process as the proxy sees it: its gRPC channel and what the proxy knows
+"""One prefill, decode or encode process as the proxy sees it: its gRPC channel and what the proxy knows
 of it (health, requests in flight, the last load report). The one instance type of the proxy:
 the router keeps them, the backend and pd_client's calls take them."""
 from __future__ import annotations
@@ -19,7 +19,7 @@ RECONNECT_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 500), ("grpc.max_reco
 
 @dataclass(eq=False)
 class Instance:
-    role: str  # one of messages.ROLES
+    role: str  # one of messages.ALL_ROLES
     address: str  # host:port
     channel: grpc.aio.Channel
     healthy: bool = False

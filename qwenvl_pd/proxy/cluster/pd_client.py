@@ -1,10 +1,11 @@
 """The nodes' RPCs as the proxy calls them, typed messages in and out (protos/convert.py maps them
-at this edge): Prefill and PrefillStream on a prefill, Decode on a decode, Abort and GetLoad on
-either. The request flow that strings them together is PDBackend's (backend.py)."""
+at this edge): Prefill and PrefillStream on a prefill, Decode on a decode, Encode and Release on
+an encoder, Abort on prefill or decode and GetLoad on any. The request flow that strings them together is PDBackend's (backend.py)."""
 from collections.abc import AsyncIterator
 
-from qwenvl_pd.messages import (DecodeRequest, KVHandle, LoadReport, PrefillRequest, PrefillResult,
-                                PrefillStreamEvent, SampledToken, TokenEvent)
+from qwenvl_pd.messages import (ENCODE, DecodeRequest, EmbeddingRelease, EncodeRequest, EncodeResult,
+                                KVHandle, LoadReport, PrefillRequest, PrefillResult, PrefillStreamEvent,
+                                SampledToken, TokenEvent)
 from qwenvl_pd.protos import convert, qwenvl_pd_pb2 as pb, qwenvl_pd_pb2_grpc as pb_grpc
 from qwenvl_pd.proxy.cluster.instance import Instance
 
@@ -49,8 +50,17 @@ async def decode(inst: Instance, req: DecodeRequest) -> AsyncIterator[TokenEvent
         call.cancel()  # a consumer that stops early cancels the stream, decode frees at once
 
 
+async def encode(inst: Instance, req: EncodeRequest, timeout: float) -> EncodeResult:
+    return convert.from_proto(await pb_grpc.EncodeStub(inst.channel).Encode(convert.to_proto(req), timeout=timeout))
+
+
+async def release(inst: Instance, release: EmbeddingRelease) -> None:
+    await pb_grpc.EncodeStub(inst.channel).Release(convert.to_proto(release), timeout=10)
+
+
 def _stub(inst: Instance, service: str):
-    return pb_grpc.PrefillStub(inst.channel) if service == "prefill" else pb_grpc.DecodeStub(inst.channel)
+    stubs = {"prefill": pb_grpc.PrefillStub, "decode": pb_grpc.DecodeStub, ENCODE: pb_grpc.EncodeStub}
+    return stubs[service](inst.channel)
 
 
 async def abort(inst: Instance, service: str, request_id: str) -> bool:

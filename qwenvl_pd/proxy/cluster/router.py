@@ -1,11 +1,13 @@
-"""Which prefill and which decode instance serve a request.
+"""Which prefill, decode and (optional) encode instance serve a request.
 
 Instances come from static lists and/or DNS discovery. A health loop (grpc.health.v1) drops dead
 instances and brings them back; a load loop polls GetLoad for routing and metrics. Prefill is
 chosen by rendezvous hashing of an affinity key (the prompt's first block and its image hashes),
 so repeated prefixes and images land where their KV prefix and vision encodings are cached,
 unless that instance is at the load cap; then, and for decode, the least loaded instance wins,
-with ties taken in turn so that an idle cluster still spreads its work.
+with ties taken in turn so that an idle cluster still spreads its work. An encoder is chosen the
+same way by the request's first media content hash, so a repeated image meets its cached
+embeddings. The encode role is optional: the cluster is ready without one.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from qwenvl_pd.messages import ROLES, LoadReport
+from qwenvl_pd.messages import ALL_ROLES, ENCODE, ROLES, LoadReport
 from qwenvl_pd.proxy.cluster import pd_client
 from qwenvl_pd.proxy.cluster.instance import Instance
 from qwenvl_pd.proxy.errors import no_backend
@@ -55,12 +57,12 @@ async def grpc_healthy(instance: Instance) -> bool | None:
 class Router:
     def __init__(self, metrics: ProxyMetrics, prefill_load_cap: int = 8,
                  health_interval_s: float = 2.0, load_interval_s: float = 1.0,
-                 health_check: Callable = grpc_healthy, secret: bytes = b""):
+                 health_check: Callable = grpc_healthy, secret: bytes = b"", encode_load_cap: int = 8):
         self.metrics, self.secret = metrics, secret
-        self.cap = prefill_load_cap
+        self.cap, self.encode_cap = prefill_load_cap, encode_load_cap
         self.health_interval_s, self.load_interval_s = health_interval_s, load_interval_s
         self._check = health_check
-        self.instances: dict[str, dict[str, Instance]] = {r: {} for r in ROLES}
+        self.instances: dict[str, dict[str, Instance]] = {r: {} for r in ALL_ROLES}
         self._turn = itertools.count()  # breaks load ties in turn
         self._tasks: list[asyncio.Task] = []
 
@@ -83,7 +85,7 @@ class Router:
         return [s for s in self.instances[role].values() if s.healthy]
 
     def ready(self) -> bool:
-        return all(self.healthy(role) for role in ROLES)
+        return all(self.healthy(role) for role in ROLES)  # an encoder is optional
 
     def mark_failed(self, state: Instance) -> None:
         """A request saw it fail: route around it until a health check passes again."""
@@ -104,10 +106,17 @@ class Router:
             raise no_backend(role)
         return found
 
-    def pick_prefill(self, key: bytes, exclude: Iterable[Instance] = ()) -> Instance:
-        candidates = self._candidates("prefill", exclude)
+    def _affine(self, candidates: list[Instance], key: bytes, cap: int) -> Instance:
         preferred = max(candidates, key=lambda s: _rendezvous(key, s.address))
-        return preferred if preferred.load < self.cap else self._least_loaded(candidates)
+        return preferred if preferred.load < cap else self._least_loaded(candidates)
+
+    def pick_prefill(self, key: bytes, exclude: Iterable[Instance] = ()) -> Instance:
+        return self._affine(self._candidates("prefill", exclude), key, self.cap)
+
+    def pick_encode(self, content_hash: str) -> Instance | None:
+        """The encoder for media whose first item has this hash; None when none is healthy."""
+        candidates = self.healthy(ENCODE)
+        return self._affine(candidates, content_hash.encode(), self.encode_cap) if candidates else None
 
     def pick_decode(self, exclude: Iterable[Instance] = ()) -> Instance:
         return self._least_loaded(self._candidates("decode", exclude))
@@ -122,7 +131,7 @@ class Router:
 
     # ---- background rounds
     async def health_round(self) -> None:
-        states = [s for role in ROLES for s in self.instances[role].values()]
+        states = [s for role in ALL_ROLES for s in self.instances[role].values()]
         results = await asyncio.gather(*(self._check(s) for s in states))
         for state, ok in zip(states, results):
             if bool(ok) != state.healthy:
@@ -142,7 +151,7 @@ class Router:
             state.lost.clear()
 
     async def load_round(self) -> None:
-        states = [s for role in ROLES for s in self.healthy(role)]
+        states = [s for role in ALL_ROLES for s in self.healthy(role)]
         reports = await asyncio.gather(*(pd_client.load(s, s.role) for s in states),
                                        return_exceptions=True)
         for state, report in zip(states, reports):
@@ -159,7 +168,7 @@ class Router:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        for role in ROLES:
+        for role in ALL_ROLES:
             for state in self.instances[role].values():
                 await state.channel.close()
 

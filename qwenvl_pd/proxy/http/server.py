@@ -1,4 +1,4 @@
-"""`qwenvl-pd proxy`: open the backend (PD instances, static or discovered by DNS; or the one
+"""`qwenvl-pd proxy`: open the backend (PD instances and optional encoders, static or discovered by DNS; or the one
 colocated engine the CLI hands in), fetch the model's info, serve the app with uvicorn."""
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import logging
 
 from qwenvl_pd.proxy.http.app import create_app
 from qwenvl_pd.proxy.cluster.backend import PDBackend
-from qwenvl_pd.messages import ROLES
+from qwenvl_pd.messages import ALL_ROLES
 from qwenvl_pd.proxy.config import ProxyConfig
 from qwenvl_pd.proxy.cluster.discovery import DnsDiscovery, parse_discover_dns
 from qwenvl_pd.proxy.metrics import ProxyMetrics
@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 
 async def _discovery(cfg: ProxyConfig, router: Router) -> DnsDiscovery:
     from qwenvl_pd.proxy.cluster.discovery import grpc_health_check
-    static = {"prefill": cfg.prefill, "decode": cfg.decode}
+    static = {role: getattr(cfg, role) for role in ALL_ROLES}
 
     def on_change(role: str, endpoints) -> None:
         # discovered instances passed a health check just now; static ones stay listed
@@ -35,7 +35,7 @@ async def _discovery(cfg: ProxyConfig, router: Router) -> DnsDiscovery:
 async def open_pd(cfg: ProxyConfig, metrics: ProxyMetrics):
     router = Router(metrics, cfg.prefill_load_cap, cfg.health_interval_s, cfg.load_interval_s,
                     secret=cfg.cluster_secret)
-    for role in ROLES:
+    for role in ALL_ROLES:
         router.set_members(role, getattr(cfg, role))
     disc = await _discovery(cfg, router) if cfg.discover_dns else None
     await router.start()
@@ -48,7 +48,8 @@ async def open_pd(cfg: ProxyConfig, metrics: ProxyMetrics):
 
     async def close() -> None:
         await _close(router, disc)
-    backend = PDBackend(router, cfg.prefill_timeout_s, cfg.token_timeout_s, cfg.kv_transfer_mode == "layerwise")
+    backend = PDBackend(router, cfg.prefill_timeout_s, cfg.token_timeout_s, cfg.kv_transfer_mode == "layerwise",
+                        cfg.encode_timeout_s)
     return backend, info, close
 
 

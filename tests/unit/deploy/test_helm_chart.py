@@ -420,3 +420,76 @@ def test_host_network_engines_need_the_cluster_secret(npu: list[dict[str, Any]])
     values["clusterSecret"]["existingSecret"] = ""
     assert "prefill.hostNetwork puts its ports outside any NetworkPolicy: set clusterSecret.existingSecret" \
         in render_error(values)
+
+
+# --- the encode role (EPD) --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def epd(cpu_values: dict[str, Any]) -> list[dict[str, Any]]:
+    values = copy.deepcopy(cpu_values)
+    values["encode"].update(enabled=True, embeddingCacheGiB=2.5, embeddingStore="mooncake-master.serving:50051",
+                            autoscaling={"enabled": True, "minReplicas": 1, "maxReplicas": 3,
+                                         "targetCPUUtilizationPercentage": 75})
+    values["clusterSecret"] = {"existingSecret": "qwenvl-cluster", "key": "secret"}
+    return render(values)
+
+
+@pytest.mark.parametrize("overlay", ["cpu", "npu"])
+def test_encode_role_is_off_by_default(overlay: str, request: pytest.FixtureRequest) -> None:
+    docs = request.getfixturevalue(overlay)
+    assert [d["metadata"]["name"] for d in docs if d["metadata"]["name"].endswith("-encode")] == []
+    assert "encode=" not in arg(container(docs, "proxy"), "--discover-dns")
+    assert "--embedding-store" not in container(docs, "prefill")["args"]
+
+
+def test_encode_role_when_enabled(epd: list[dict[str, Any]]) -> None:
+    from qwenvl_pd.proxy.cluster.discovery import parse_discover_dns
+
+    assert container(epd, "encode")["args"] == [
+        "encode", "--port", "50053", "--model", "/models/Qwen2.5-VL-3B-Instruct", "--transfer-protocol", "tcp",
+        "--device", "cpu", "--embedding-cache-gib", "2.5", "--embedding-store", "mooncake-master.serving:50051"]
+    assert parse_discover_dns(arg(container(epd, "proxy"), "--discover-dns")) == {
+        "prefill": (fqdn("prefill"), 50051), "decode": (fqdn("decode"), 50052), "encode": (fqdn("encode"), 50053)}
+    assert container(epd, "prefill")["args"][-2:] == ["--embedding-store", "mooncake-master.serving:50051"]
+    assert "--embedding-store" not in container(epd, "decode")["args"]
+    c = container(epd, "encode")
+    for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert c[kind]["grpc"] == {"port": 50053}
+    assert c["ports"] == [{"name": "grpc", "containerPort": 50053, "protocol": "TCP"}]
+    env = {e["name"]: e for e in c["env"]}
+    assert env["QWENVL_PD_CLUSTER_SECRET"]["valueFrom"] == {"secretKeyRef": {"name": "qwenvl-cluster", "key": "secret"}}
+    assert {m["name"] for m in c["volumeMounts"]} == {"model", "dshm"}  # the vision weights are the model's
+    (svc,) = find(epd, "Service", f"{RELEASE}-encode")
+    assert svc["spec"]["clusterIP"] == "None"
+    assert svc["spec"]["ports"] == [{"name": "grpc", "port": 50053, "targetPort": "grpc", "protocol": "TCP"}]
+    assert svc["spec"]["selector"]["app.kubernetes.io/component"] == "encode"
+    (hpa,) = find(epd, "HorizontalPodAutoscaler", f"{RELEASE}-encode")
+    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (1, 3)
+    assert "replicas" not in workload(epd, "encode")["spec"]
+    for doc in epd:
+        if (doc["apiVersion"], doc["kind"]) not in NO_SCHEMA_KINDS:
+            kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
+
+
+def test_encode_admits_the_proxy_on_grpc_and_prefill(epd: list[dict[str, Any]]) -> None:
+    (policy,) = find(epd, "NetworkPolicy", f"{RELEASE}-encode")
+    release = {"app.kubernetes.io/name": "qwenvl-pd", "app.kubernetes.io/instance": RELEASE}
+    assert policy["spec"]["podSelector"]["matchLabels"] == {**release, "app.kubernetes.io/component": "encode"}
+    assert policy["spec"]["ingress"] == [
+        {"from": [{"podSelector": {"matchLabels": {**release, "app.kubernetes.io/component": "proxy"}}}],
+         "ports": [{"port": "grpc", "protocol": "TCP"}]},
+        {"from": [{"podSelector": {"matchLabels": {**release, "app.kubernetes.io/component": "prefill"}}}]}]
+
+
+def test_encode_values_lint_and_bad_ones_fail(cpu_values: dict[str, Any]) -> None:
+    values = copy.deepcopy(cpu_values)
+    values["encode"]["enabled"] = True
+    report = helm.lint(CHART, values, strict=True, namespace=NAMESPACE, kube_version=f"v{KUBE_VERSION}")
+    assert report["errors"] == []
+    for key, value, fragment in (("embeddingCacheGiB", 0, "/encode/embeddingCacheGiB"),
+                                 ("embeddingStore", "no-port", "/encode/embeddingStore"),
+                                 ("tensorParallelSize", 2, "'tensorParallelSize' not allowed")):
+        bad = copy.deepcopy(values)
+        bad["encode"][key] = value
+        assert fragment in render_error(bad)

@@ -125,6 +125,35 @@ def test_instance_restart_and_forget():
     assert not [k for k in parse(m.render()) if k[1] == d]
 
 
+def test_embedding_counters_from_encoder_and_prefill_reports():
+    m = ProxyMetrics()
+    enc, pre = (("role", "encode"), ("instance", "e1")), (("role", "prefill"), ("instance", "p1"))
+    m.observe_load(LoadReport("encode", "e1", embedding_hits=1, embedding_misses=3, encode_seconds_total=0.5,
+                              embedding_bytes_used=256, embedding_bytes_total=1024))
+    m.observe_load(LoadReport("encode", "e1", embedding_hits=3, embedding_store_hits=1, embedding_misses=3,
+                              encode_seconds_total=0.75, embedding_bytes_used=512, embedding_bytes_total=1024))
+    m.observe_load(LoadReport("prefill", "p1", embedding_reads=2, embedding_read_bytes=4096,
+                              embedding_read_failures=1))
+    m.observe_load(LoadReport("encode", "e1", embedding_misses=1))  # restarted: counts from zero
+    m.encode_fallbacks.inc(reason="UNAVAILABLE")
+    s = parse(m.render())
+    assert [s[(P + n, enc)] for n in ("embedding_cache_hits_total", "embedding_cache_misses_total",
+                                      "embedding_store_hits_total", "encode_seconds_total")] == [3, 4, 1, 0.75]
+    assert (s[(P + "embedding_cache_hit_rate", enc)], s[(P + "embedding_cache_usage_perc", enc)]) == (0, 0)
+    assert [s[(P + n, pre)] for n in ("embedding_read_bytes_total", "embedding_read_failures_total")] == [4096, 1]
+    assert (P + "embedding_cache_hits_total", pre) not in s  # a prefill reports no encoder counters
+    assert s[(P + "encode_fallbacks_total", (("reason", "UNAVAILABLE"),))] == 1
+    assert (s[(P + "encode_rounds_total", ())], s[(P + "encode_round_seconds_count", ())]) == (0, 0)
+    m.forget_instance("encode", "e1")
+    assert not [k for k in parse(m.render()) if k[1] == enc]
+
+
+def test_embedding_hit_rate_is_hits_over_lookups():
+    m = ProxyMetrics()
+    m.observe_load(LoadReport("encode", "e1", embedding_hits=3, embedding_misses=1))
+    assert parse(m.render())[(P + "embedding_cache_hit_rate", (("role", "encode"), ("instance", "e1")))] == 0.75
+
+
 def test_registry_primitives_and_escaping():
     c = Counter("t:c_total", "c", ("path",))
     c.inc(2, path='a"b\\c\nd')

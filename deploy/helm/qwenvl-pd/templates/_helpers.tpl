@@ -63,6 +63,11 @@ app.kubernetes.io/part-of: qwenvl-pd
 {{- $r.pullPolicy | default .root.Values.image.pullPolicy -}}
 {{- end -}}
 
+{{/* The engine roles this release runs, space-separated: prefill, decode, and encode when enabled. */}}
+{{- define "qwenvl-pd.engineRoles" -}}
+{{- ternary "prefill decode encode" "prefill decode" .Values.encode.enabled -}}
+{{- end -}}
+
 {{/*
 The proxy's --discover-dns value: comma-separated ROLE=HOST:PORT entries, one per engine role,
 HOST being the role's headless Service FQDN (its A/AAAA records are the ready pods).
@@ -70,7 +75,7 @@ HOST being the role's headless Service FQDN (its A/AAAA records are the ready po
 {{- define "qwenvl-pd.discoverDns" -}}
 {{- $root := . -}}
 {{- $entries := list -}}
-{{- range $role := list "prefill" "decode" -}}
+{{- range $role := splitList " " (include "qwenvl-pd.engineRoles" .) -}}
 {{- $entries = append $entries (printf "%s=%s:%d" $role (include "qwenvl-pd.roleFqdn" (dict "root" $root "role" $role)) (int (index $root.Values $role).port)) -}}
 {{- end -}}
 {{- join "," $entries -}}
@@ -82,6 +87,11 @@ HOST being the role's headless Service FQDN (its A/AAAA records are the ready po
 {{- $args := list .role "--port" (toString (int $v.port)) -}}
 {{- if eq .role "proxy" -}}
 {{- $args = concat $args (list "--discover-dns" (include "qwenvl-pd.discoverDns" .root) "--served-model-name" .root.Values.model.servedModelName) -}}
+{{- else if eq .role "encode" -}}
+{{- $args = concat $args (list "--model" .root.Values.model.path "--transfer-protocol" .root.Values.transfer.protocol "--device" $v.device "--embedding-cache-gib" (toString $v.embeddingCacheGiB)) -}}
+{{- if $v.embeddingStore -}}
+{{- $args = concat $args (list "--embedding-store" $v.embeddingStore) -}}
+{{- end -}}
 {{- else -}}
 {{- $args = concat $args (list "--model" .root.Values.model.path "--transfer-protocol" .root.Values.transfer.protocol "--device" $v.device) -}}
 {{- $tp := int ($v.tensorParallelSize | default 1) -}}
@@ -91,6 +101,10 @@ HOST being the role's headless Service FQDN (its A/AAAA records are the ready po
 {{- $args = concat $args (list "--tensor-parallel-size" (toString $tp)) -}}
 {{- if .root.Values.enableExpertParallel -}}
 {{- $args = append $args "--enable-expert-parallel" -}}
+{{- end -}}
+{{- $enc := .root.Values.encode -}}
+{{- if and (eq .role "prefill") $enc.enabled $enc.embeddingStore -}}
+{{- $args = concat $args (list "--embedding-store" $enc.embeddingStore) -}}
 {{- end -}}
 {{- end -}}
 {{- concat $args ($v.extraArgs | default list) | toYaml -}}

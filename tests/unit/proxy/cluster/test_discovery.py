@@ -72,6 +72,15 @@ def test_parse_discover_dns_names_and_ports() -> None:
         "decode": ("fd00::5", 7), "prefill": ("10.0.0.1", 6)}
 
 
+def test_parse_discover_dns_takes_an_optional_encode_role() -> None:
+    assert parse_discover_dns("prefill=p:1,decode=d:2,encode=e") == {
+        "prefill": ("p", 1), "decode": ("d", 2), "encode": ("e", 50053)}
+    with pytest.raises(ValueError, match="'encode' is unknown or repeated"):
+        parse_discover_dns("prefill=p:1,decode=d:2,encode=e:3,encode=f:3")
+    with pytest.raises(ValueError, match="lacks role\\(s\\): decode"):
+        parse_discover_dns("prefill=p:1,encode=e:3")
+
+
 @pytest.mark.parametrize("spec, fragment", [
     ("prefill=a:1", "lacks role(s): decode"),
     ("prefill=a:1,decode=b:2,prefill=c:3", "'prefill' is unknown or repeated"),

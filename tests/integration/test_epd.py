@@ -1,0 +1,245 @@
+"""EPD end to end on loopback: real `qwenvl-pd encode`, prefill, decode and proxy processes on the
+tiny model, driven by the official openai client. Greedy output through an encoder equals PD's;
+the same image sent through two prefills is encoded once (the encoder's load report: one miss,
+one hit); a killed encoder costs the client nothing (prefill encodes the bytes itself); a proxy
+whose encoder never came up serves as PD.
+
+The tests with an encoder are skipped until `qwenvl-pd encode` exists on this branch (the encode
+node lands separately)."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import httpx
+import openai
+import pytest
+
+from qwenvl_pd.messages import ENCODE
+from qwenvl_pd.model.tiny import make_tiny
+
+from nodes import free_port, stop
+from test_proxy import NODE_ARGS, _cli, _image, _image_messages, _wait_node, start_proxy
+
+
+def _encode_cli_missing() -> str:
+    r = subprocess.run([sys.executable, "-m", "qwenvl_pd.cli", "encode", "--help"], capture_output=True,
+                       text=True, timeout=120)
+    last = (r.stderr.strip().splitlines() or [""])[-1]
+    if r.returncode:
+        return f"`qwenvl-pd encode --help` failed (no encode node on this branch): {last}"
+    if importlib.util.find_spec("qwenvl_pd.prefill_node.embedding_reader") is None:
+        return "prefill cannot read embedding handles on this branch (prefill_node/embedding_reader.py)"
+    return ""
+
+
+MISSING = _encode_cli_missing()
+needs_encoder = pytest.mark.skipif(bool(MISSING), reason=MISSING or "the encode CLI is here")
+GREEDY = dict(model="tiny", max_tokens=8, temperature=0, extra_body={"ignore_eos": True})
+
+
+class EPDCluster:
+    """Nodes by name (p0, p1, d0, e0) and proxies by name, all on loopback."""
+
+    def __init__(self, model: str):
+        self.model, self.procs, self.addr, self.urls = model, {}, {}, {}
+
+    def start(self, roles: tuple[tuple[str, str], ...]) -> None:
+        for name, role in roles:  # all at once: loading overlaps
+            port = free_port()
+            args = NODE_ARGS if role != ENCODE else ["--host", "127.0.0.1", "--embedding-cache-gib", "0.05"]
+            self.procs[name] = _cli(role, "--model", self.model, "--port", str(port), *args)
+            self.addr[name] = f"127.0.0.1:{port}"
+        for name, _ in roles:
+            _wait_node(self.addr[name], self.procs[name])
+
+    def start_proxy(self, name: str, prefill: str, encode: str | None) -> None:
+        extra = ["--encode", self.addr.get(encode, encode)] if encode else []
+        self.procs[f"proxy-{name}"], self.urls[name] = start_proxy(
+            "--prefill", self.addr[prefill], "--decode", self.addr["d0"], "--max-image-pixels", "4000000", *extra)
+
+    def client(self, name: str) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.urls[name] + "/v1", api_key="none", timeout=120, max_retries=0)
+
+    def encoder_load(self):
+        import asyncio
+        from qwenvl_pd.proxy.cluster import pd_client
+        from qwenvl_pd.proxy.cluster.instance import Instance
+
+        async def one():
+            inst = Instance.connect(ENCODE, self.addr["e0"])
+            try:
+                return await pd_client.load(inst, ENCODE)
+            finally:
+                await inst.channel.close()
+        return asyncio.run(one())
+
+    def metric(self, proxy: str, name: str) -> float:
+        text = httpx.get(self.urls[proxy] + "/metrics", timeout=10).text
+        values = re.findall(rf"^qwenvl_pd:{name}(?:{{[^}}]*}})? (\S+)$", text, re.M)
+        return sum(map(float, values))
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            stop(proc)
+
+
+@pytest.fixture(scope="module")
+def pd(tmp_path_factory):
+    """p0, p1, d0 and the PD proxy "pd" (p0, no encoder)."""
+    c = EPDCluster(str(make_tiny("qwen2_5_vl", tmp_path_factory.mktemp("epd") / "tiny")))
+    try:
+        c.start((("p0", "prefill"), ("p1", "prefill"), ("d0", "decode")))
+        c.start_proxy("pd", "p0", None)
+        yield c
+    finally:
+        c.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster(pd):
+    """pd plus the encoder e0 and the EPD proxies "a" (p0 + e0) and "b" (p1 + e0)."""
+    pd.start((("e0", ENCODE),))
+    pd.start_proxy("a", "p0", "e0")
+    pd.start_proxy("b", "p1", "e0")
+    return pd
+
+
+def _answer(cluster: EPDCluster, proxy: str, data: bytes) -> str:
+    r = cluster.client(proxy).chat.completions.create(messages=_image_messages(data), **GREEDY)
+    assert r.choices[0].finish_reason == "length"
+    return r.choices[0].message.content
+
+
+def test_an_encoder_that_never_came_up_leaves_pd_serving(pd):
+    # ready without a healthy encoder (start_proxy waited for /health), and no round is tried
+    pd.start_proxy("dead", "p1", f"127.0.0.1:{free_port()}")
+    data = _image(120, 90, seed=3)
+    assert _answer(pd, "dead", data) == _answer(pd, "pd", data)
+    assert pd.metric("dead", "encode_rounds_total") == pd.metric("dead", "encode_fallbacks_total") == 0
+
+
+@needs_encoder
+def test_epd_equals_pd_and_a_repeated_image_is_encoded_once(cluster):
+    data = _image(224, 168, seed=5)
+    pd = _answer(cluster, "pd", data)
+    assert _answer(cluster, "b", data) == pd  # p1 has never seen it: it reads e0's embeddings
+    first = cluster.encoder_load()
+    assert _answer(cluster, "a", data) == pd  # another prefill, the same image: e0's pool hit
+    second = cluster.encoder_load()
+    assert (first.embedding_misses, first.embedding_hits) == (1, 0)
+    assert (second.embedding_misses, second.embedding_hits) == (1, 1)
+    assert cluster.metric("b", "encode_rounds_total") == 1
+    assert cluster.metric("b", "encode_fallbacks_total") == 0
+    # p1 got it as a handle, so it holds it under the embedding key: a fresh handle again (a pool
+    # hit on e0, a local hit on p1), never the bytes that would miss p1's caches
+    assert _answer(cluster, "b", data) == pd
+    assert cluster.metric("b", "encode_rounds_total") == 2
+    assert cluster.metric("b", "encode_round_skips_total") == 0
+    assert (cluster.encoder_load().embedding_misses, cluster.encoder_load().embedding_hits) == (1, 2)
+
+
+@needs_encoder
+def test_text_only_never_reaches_the_encoder(cluster):
+    before = cluster.encoder_load()
+    r = cluster.client("a").completions.create(prompt="Once upon a", **GREEDY)
+    assert r.usage.completion_tokens == 8
+    after = cluster.encoder_load()
+    assert (after.embedding_hits, after.embedding_misses) == (before.embedding_hits, before.embedding_misses)
+
+
+@needs_encoder
+def test_a_stopped_encoder_falls_back_and_is_used_again_once_it_answers(cluster):
+    data = _image(128, 96, seed=21)
+    pd = _answer(cluster, "pd", data)
+    rounds = cluster.metric("a", "encode_rounds_total")
+    os.kill(cluster.procs["e0"].pid, signal.SIGSTOP)  # hung: it neither answers nor refuses
+    try:
+        assert _answer(cluster, "a", data) == pd  # given up once it misses health checks
+        assert cluster.metric("a", "encode_fallbacks_total") >= 1
+    finally:
+        os.kill(cluster.procs["e0"].pid, signal.SIGCONT)
+    for seed in range(30, 60):  # back in rotation after a health check passes
+        _answer(cluster, "a", _image(64, 64, seed=seed))
+        if cluster.metric("a", "encode_rounds_total") > rounds:
+            break
+        time.sleep(0.5)
+    assert cluster.metric("a", "encode_rounds_total") > rounds
+
+
+@needs_encoder
+def test_a_killed_encoder_falls_back_to_prefill_encoding(cluster):
+    data = _image(160, 112, seed=9)
+    pd = _answer(cluster, "pd", data)
+    cluster.procs["e0"].kill()
+    cluster.procs["e0"].wait(timeout=30)
+    assert _answer(cluster, "a", data) == pd
+    assert _answer(cluster, "b", _image(96, 64, seed=10))  # and again, once the proxy knows
+
+
+def _prefill_lacks_the_store() -> bool:
+    r = subprocess.run([sys.executable, "-m", "qwenvl_pd.cli", "prefill", "--help"], capture_output=True,
+                       text=True, timeout=120)
+    return "--embedding-store" not in r.stdout
+
+
+@needs_encoder
+@pytest.mark.parametrize("store", ["", "mooncake"])
+def test_serve_num_encode_serves_images_and_stops_everything(tmp_path, store):
+    if store and _prefill_lacks_the_store():
+        pytest.skip("prefill has no --embedding-store yet (the store tier's prefill side lands separately)")
+    port = free_port()
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}  # the tiny default model is built here
+    log = tempfile.TemporaryFile("w+")
+    flags = ["--embedding-store", store] if store else []
+    proc = subprocess.Popen([sys.executable, "-m", "qwenvl_pd.cli", "serve", "--port", str(port), "--num-encode",
+                             "1", "--embedding-cache-gib", "0.05", *flags],
+                            env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+    url, children = f"http://127.0.0.1:{port}", []
+    try:
+        deadline = time.monotonic() + 240
+        while proc.poll() is None and time.monotonic() < deadline and not _http_ok(url + "/health"):
+            time.sleep(0.5)
+        log.seek(0)
+        assert proc.poll() is None, log.read()[-5000:]
+        client = openai.OpenAI(base_url=url + "/v1", api_key="x", timeout=120, max_retries=0)
+        data, model = _image(112, 84, seed=4), client.models.list().data[0].id
+        replies = [client.chat.completions.create(messages=_image_messages(data), **{**GREEDY, "model": model})
+                   for _ in range(2)]
+        assert replies[0].choices[0].message.content == replies[1].choices[0].message.content
+        # the same handle key both times: the second prompt's image span is a prefix-cache hit
+        assert replies[1].usage.prompt_tokens_details.cached_tokens > 0
+        metrics = httpx.get(url + "/metrics", timeout=10).text
+        assert "qwenvl_pd:encode_rounds_total 2\n" in metrics  # a miss, then a pool hit
+        assert not re.search(r"^qwenvl_pd:encode_fallbacks_total\{", metrics, re.M)
+        children = [int(p) for p in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
+                                                   text=True).stdout.split()]
+        names = sorted(_name(c) for c in children)
+        assert names == ["decode", "encode", *(["mooncake_master"] if store else []), "prefill", "proxy"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    deadline = time.monotonic() + 15
+    while any(os.path.exists(f"/proc/{c}") for c in children) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [c for c in children if os.path.exists(f"/proc/{c}")]
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _name(pid: int) -> str:
+    """A serve child's role, or the master's binary name."""
+    with open(f"/proc/{pid}/cmdline") as f:
+        argv = f.read().split("\0")
+    return argv[argv.index("qwenvl_pd.cli") + 1] if "qwenvl_pd.cli" in argv else os.path.basename(argv[0])
