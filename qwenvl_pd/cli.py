@@ -331,6 +331,7 @@ def _serve(args: argparse.Namespace) -> int:
         pin=not args.no_pin, max_num_batched_tokens=args.max_num_batched_tokens,
         num_encode=args.num_encode, embedding_cache_gib=args.embedding_cache_gib,
         embedding_store=args.embedding_store or "", cpus_encode=args.cpus_encode,
+        embedding_store_gib=args.embedding_store_gib,
         node_args=tuple(engine_flags(args, args.parser, share))))
 
 
@@ -360,6 +361,8 @@ def _add_serve_parser(sub) -> None:
     p.add_argument("--embedding-cache-gib", type=float, default=1.0, help="each encoder's embedding pool")
     p.add_argument("--embedding-store", choices=["mooncake"], help="start a Mooncake master on loopback: "
                    "encoders put embeddings into its store and every prefill can read them")
+    p.add_argument("--embedding-store-gib", type=float, default=1.0, help="memory the store's own client "
+                   "lends it (--embedding-store mooncake): its entries outlive the encoders")
     p.add_argument("--max-model-len", type=int, default=8192)
     p.add_argument("--kv-cache-gib", type=float, default=1.0)
     p.add_argument("--device", default="auto")

@@ -1,6 +1,7 @@
 """`qwenvl-pd serve`: prefill, decode and proxy as separate processes on this machine, with
 `--num-encode N` encoders too (EPD; serve_epd.py) and `--embedding-store mooncake` a Mooncake
-master on loopback that the encoders and prefills share.
+Store on loopback (a master and a client lending it --embedding-store-gib) that the encoders and
+prefills share.
 
 The embedded default: the same three roles a cluster runs, talking over loopback (gRPC, and
 Mooncake TCP for the KV). Children share serve's process group, so a terminal's Ctrl-C reaches
@@ -57,6 +58,7 @@ class ServeConfig:
     num_encode: int = 0  # encoders (EPD); 0: prefill runs the vision tower, today's PD
     embedding_cache_gib: float = 1.0  # each encoder's pool
     embedding_store: str = ""  # "mooncake": a master on loopback shared by encoders and prefills
+    embedding_store_gib: float = 1.0  # what the store's holder lends it (the encoders lend none)
     cpus_encode: tuple[int, ...] = ()
 
     def __post_init__(self):
@@ -66,6 +68,8 @@ class ServeConfig:
             raise ValueError("--num-encode must be >= 0, and 0 with --colocated")
         if self.embedding_store not in serve_epd.STORES or (self.embedding_store and not self.num_encode):
             raise ValueError("--embedding-store takes mooncake, and needs --num-encode >= 1")
+        if self.embedding_store_gib <= 0:
+            raise ValueError("--embedding-store-gib must be > 0")
 
     @property
     def cpus_colocated(self) -> tuple[int, ...]:
@@ -211,15 +215,24 @@ def _start(cfg: ServeConfig, model: str, children: list[Child]) -> Child:
 
 
 def _start_store(cfg: ServeConfig, children: list[Child]) -> str:
-    """--embedding-store mooncake: the wheel's master on loopback -> its "host:port" ("": none)."""
+    """--embedding-store mooncake: the wheel's master on loopback and the client lending it
+    memory -> the master's "host:port" ("": none)."""
     if not cfg.embedding_store:
         return ""
-    port = free_port()
-    cmd = [serve_epd.mooncake_master(), *serve_epd.master_args(port, free_port())]
-    master = Child("mooncake_master", subprocess.Popen(cmd, preexec_fn=die_with_parent), f"127.0.0.1:{port}")
-    children.append(master)
-    _wait([master], serve_epd.tcp_open, "the Mooncake master")
+    master = _start_binary("mooncake_master", lambda port: serve_epd.master_command(port, free_port()), children)
+    _start_binary("mooncake_client", lambda port: serve_epd.holder_command(
+        master.address, port, cfg.embedding_store_gib), children)
     return master.address
+
+
+def _start_binary(role: str, command, children: list[Child]) -> Child:
+    """command(port) -> argv of a process that is ready once port accepts connections."""
+    port = free_port()
+    argv = command(port)
+    child = Child(role, subprocess.Popen(argv, preexec_fn=die_with_parent), f"127.0.0.1:{port}")
+    children.append(child)
+    _wait([child], serve_epd.tcp_open, f"the {role}")
+    return child
 
 
 def _watch(children: list[Child]) -> int:

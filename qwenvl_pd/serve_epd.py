@@ -1,46 +1,44 @@
 """serve's encode side (`serve --num-encode N`, EPD): the encoders' command lines and the
-Mooncake master of `--embedding-store mooncake` (torch-free: serve imports it)."""
+Mooncake Store of `--embedding-store mooncake` (torch-free: serve imports it).
+
+The store is a mooncake_master plus one mooncake_client that only lends it memory: Mooncake
+Store objects live in the memory their clients lend, so serve's encoders lend none and what they
+put survives an encoder's restart (kv_transfer/embedding_store.py builds both command lines).
+"""
 from __future__ import annotations
 
-import importlib.util
-import shutil
 import socket
-import sys
-from pathlib import Path
 
-MASTER = "mooncake_master"
+from qwenvl_pd.kv_transfer import embedding_store
+
 STORES = ("", "mooncake")  # "": each encoder's own pool only (the P2P path)
 
 
-def mooncake_master() -> str:
-    """The wheel's mooncake_master: the binary in the mooncake package, else the launcher next
-    to this Python (a venv's bin), else one on PATH."""
-    spec = importlib.util.find_spec("mooncake")
-    candidates = [Path(spec.origin).with_name(MASTER)] if spec and spec.origin else []
-    candidates.append(Path(sys.executable).with_name(MASTER))
-    for path in candidates:
-        if path.is_file():
-            return str(path)
-    found = shutil.which(MASTER)
-    if found is None:
-        raise RuntimeError(f"--embedding-store mooncake: no {MASTER} in the mooncake package, beside "
-                           f"{sys.executable} or on PATH (pip install mooncake-transfer-engine)")
-    return found
+def master_command(port: int, metrics_port: int) -> list[str]:
+    """The wheel's mooncake_master on loopback (a missing wheel: one RuntimeError line)."""
+    return _command(embedding_store.master_command, port, metrics_port)
 
 
-def master_args(port: int, metrics_port: int) -> list[str]:
-    """Loopback only: the store's RPC port and its admin/metrics port; no periodic metrics line
-    (it would fill serve's terminal every few seconds)."""
-    return ["-rpc_port", str(port), "-rpc_address", "127.0.0.1", "-metrics_host", "127.0.0.1",
-            "-metrics_port", str(metrics_port), "-enable_metric_reporting=false"]
+def holder_command(master: str, port: int, gib: float) -> list[str]:
+    """The mooncake_client lending the store `gib` of its memory, on loopback."""
+    return _command(embedding_store.holder_command, master, port, int(gib * (1 << 30)))
+
+
+def _command(build, *args) -> list[str]:
+    try:
+        return build(*args)
+    except (ImportError, embedding_store.StoreError) as e:
+        raise RuntimeError(f"--embedding-store mooncake: {e} (pip install mooncake-transfer-engine)") from None
 
 
 def encode_args(model: str, port: int, device: str, cpus: str, cache_gib: float, store: str) -> list[str]:
     """One `qwenvl-pd encode` on loopback; the cluster secret reaches it through the environment
-    (QWENVL_PD_CLUSTER_SECRET), as it reaches prefill and decode."""
+    (QWENVL_PD_CLUSTER_SECRET), as it reaches prefill and decode. With a store it lends none of
+    its memory: the holder does, so its entries outlive it."""
     args = ["--model", model, "--port", str(port), "--host", "127.0.0.1", "--bind", "127.0.0.1",
             "--device", device, "--embedding-cache-gib", str(cache_gib)]
-    return args + (["--cpus", cpus] if cpus else []) + (["--embedding-store", store] if store else [])
+    store_args = ["--embedding-store", store, "--embedding-store-segment-gib", "0"] if store else []
+    return args + (["--cpus", cpus] if cpus else []) + store_args
 
 
 def tcp_open(address: str) -> bool:

@@ -64,9 +64,10 @@ class EmbeddingStore:
 
 def master_command(port: int, metrics_port: int, host: str = "127.0.0.1") -> list[str]:
     """The command line of a mooncake_master (the binary the wheel ships) on host:port; its
-    metrics server needs a port of its own (default 9003 would clash between runs)."""
+    metrics server needs a port of its own (default 9003 would clash between runs), on the same
+    host; no periodic metrics line (it would fill serve's terminal every few seconds)."""
     return [_binary("mooncake_master"), f"--rpc_port={port}", f"--rpc_address={host}",
-            f"--metrics_port={metrics_port}"]
+            f"--metrics_host={host}", f"--metrics_port={metrics_port}", "--enable_metric_reporting=false"]
 
 
 def holder_command(master: str, port: int, segment_bytes: int, host: str = "127.0.0.1") -> list[str]:

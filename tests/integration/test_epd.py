@@ -197,7 +197,7 @@ def test_serve_num_encode_serves_images_and_stops_everything(tmp_path, store):
     port = free_port()
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}  # the tiny default model is built here
     log = tempfile.TemporaryFile("w+")
-    flags = ["--embedding-store", store] if store else []
+    flags = ["--embedding-store", store, "--embedding-store-gib", "0.0625"] if store else []
     proc = subprocess.Popen([sys.executable, "-m", "qwenvl_pd.cli", "serve", "--port", str(port), "--num-encode",
                              "1", "--embedding-cache-gib", "0.05", *flags],
                             env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
@@ -221,7 +221,9 @@ def test_serve_num_encode_serves_images_and_stops_everything(tmp_path, store):
         children = [int(p) for p in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
                                                    text=True).stdout.split()]
         names = sorted(_name(c) for c in children)
-        assert names == ["decode", "encode", *(["mooncake_master"] if store else []), "prefill", "proxy"]
+        # with the store: its master and the client lending it memory (the encoder lends none)
+        assert names == ["decode", "encode", *(["mooncake_client", "mooncake_master"] if store else []), "prefill",
+                         "proxy"]
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)

@@ -1,5 +1,6 @@
 """`serve --num-encode` and `--embedding-store mooncake`: the encoders' cores and command lines,
-the flags' checks, and the wheel's Mooncake master started on loopback (a real process)."""
+the flags' checks, and the wheel's Mooncake master and memory-lending client started on loopback
+(real processes)."""
 from __future__ import annotations
 
 import os
@@ -38,6 +39,7 @@ def test_serve_pins_encoders_only_with_num_encode():
     ({"num_encode": 1, "colocated": True}, "0 with --colocated"),
     ({"embedding_store": "mooncake"}, "needs --num-encode >= 1"),
     ({"num_encode": 1, "embedding_store": "redis"}, "takes mooncake"),
+    ({"num_encode": 1, "embedding_store": "mooncake", "embedding_store_gib": 0}, "--embedding-store-gib must be > 0"),
 ])
 def test_bad_encode_settings_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -46,32 +48,46 @@ def test_bad_encode_settings_are_refused(kwargs, message):
 
 def test_serve_flags_reach_the_config_and_the_command_lines():
     args = build_parser().parse_args(["serve", "--num-encode", "2", "--embedding-cache-gib", "0.5",
-                                      "--embedding-store", "mooncake", "--cpus-encode", "0"])
-    assert (args.num_encode, args.embedding_cache_gib, args.embedding_store, args.cpus_encode) == (
-        2, 0.5, "mooncake", (0,))
+                                      "--embedding-store", "mooncake", "--cpus-encode", "0",
+                                      "--embedding-store-gib", "2"])
+    assert (args.num_encode, args.embedding_cache_gib, args.embedding_store, args.cpus_encode,
+            args.embedding_store_gib) == (2, 0.5, "mooncake", (0,), 2.0)
+    assert build_parser().parse_args(["serve"]).embedding_store_gib == 1.0
     assert serve_epd.encode_args("/m", 7, "cpu", "0-1", 0.5, "127.0.0.1:9") == [
         "--model", "/m", "--port", "7", "--host", "127.0.0.1", "--bind", "127.0.0.1", "--device", "cpu",
-        "--embedding-cache-gib", "0.5", "--cpus", "0-1", "--embedding-store", "127.0.0.1:9"]
+        "--embedding-cache-gib", "0.5", "--cpus", "0-1", "--embedding-store", "127.0.0.1:9",
+        "--embedding-store-segment-gib", "0"]
     assert serve_epd.encode_args("/m", 7, "auto", "", 1.0, "")[-2:] == ["--embedding-cache-gib", "1.0"]
     prefill = _node_args(ServeConfig(num_encode=1), "prefill", "/m", 5, "127.0.0.1:9")
     decode = _node_args(ServeConfig(num_encode=1), "decode", "/m", 6, "127.0.0.1:9")
     assert prefill[-2:] == ["--embedding-store", "127.0.0.1:9"] and "--embedding-store" not in decode
 
 
-def test_the_wheels_mooncake_master_starts_on_loopback_and_stops():
+def test_serve_starts_the_wheels_master_and_a_holder_on_loopback_and_stops_them():
     children = []
     try:
-        address = _start_store(ServeConfig(num_encode=1, embedding_store="mooncake"), children)
-        (master,) = children
-        assert address.startswith("127.0.0.1:") and serve_epd.tcp_open(address)
-        assert os.path.basename(master.proc.args[0]) == "mooncake_master"
+        address = _start_store(ServeConfig(num_encode=1, embedding_store="mooncake", embedding_store_gib=0.0625),
+                               children)
+        master, holder = children
+        assert (master.role, holder.role, master.address) == ("mooncake_master", "mooncake_client", address)
+        assert address.startswith("127.0.0.1:") and serve_epd.tcp_open(address) and serve_epd.tcp_open(holder.address)
+        assert [os.path.basename(c.proc.args[0]) for c in children] == ["mooncake_master", "mooncake_client"]
+        assert f"--master_server_address={address}" in holder.proc.args
+        assert f"--global_segment_size={1 << 26}" in holder.proc.args
     finally:
         _stop(children)
     assert master.proc.returncode is not None and not serve_epd.tcp_open(address)
+    assert holder.proc.returncode is not None and not serve_epd.tcp_open(holder.address)
     assert _start_store(ServeConfig(), []) == ""
 
 
-def test_master_args_bind_loopback():
-    assert serve_epd.master_args(5, 6) == ["-rpc_port", "5", "-rpc_address", "127.0.0.1", "-metrics_host",
-                                           "127.0.0.1", "-metrics_port", "6", "-enable_metric_reporting=false"]
-    assert subprocess.run([serve_epd.mooncake_master(), "--help"], capture_output=True, timeout=60).returncode in (0, 1)
+def test_store_command_lines_bind_loopback_and_the_holder_lends_the_flags_gib():
+    (master, *args) = serve_epd.master_command(5, 6)
+    assert os.path.basename(master) == "mooncake_master" and os.access(master, os.X_OK)
+    assert args == ["--rpc_port=5", "--rpc_address=127.0.0.1", "--metrics_host=127.0.0.1", "--metrics_port=6",
+                    "--enable_metric_reporting=false"]
+    (holder, *args) = serve_epd.holder_command("127.0.0.1:5", 7, 1.5)
+    assert os.path.basename(holder) == "mooncake_client" and os.access(holder, os.X_OK)
+    assert args == ["--master_server_address=127.0.0.1:5", "--host=127.0.0.1", "--port=7",
+                    f"--global_segment_size={3 << 29}", "--metadata_server=P2PHANDSHAKE", "--protocol=tcp"]
+    assert subprocess.run([master, "--help"], capture_output=True, timeout=60).returncode in (0, 1)
