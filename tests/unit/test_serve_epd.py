@@ -11,6 +11,7 @@ import pytest
 from qwenvl_pd import serve_epd
 from qwenvl_pd.cli import build_parser
 from qwenvl_pd.cpus import split_encode, split_roles
+from qwenvl_pd.kv_transfer.embedding_store import EmbeddingStore
 from qwenvl_pd.serve import ServeConfig, _node_args, _start_store, _stop
 
 
@@ -74,6 +75,13 @@ def test_serve_starts_the_wheels_master_and_a_holder_on_loopback_and_stops_them(
         assert [os.path.basename(c.proc.args[0]) for c in children] == ["mooncake_master", "mooncake_client"]
         assert f"--master_server_address={address}" in holder.proc.args
         assert f"--global_segment_size={1 << 26}" in holder.proc.args
+        # an encoder lends nothing: what it puts lives in the holder and outlives the encoder
+        encoder = EmbeddingStore(address, segment_bytes=0, buffer_bytes=1 << 20)
+        assert encoder.put("k", b"embedding" * 100)
+        encoder.close()
+        prefill = EmbeddingStore(address, segment_bytes=0, buffer_bytes=1 << 20)
+        assert prefill.get("k") == b"embedding" * 100
+        prefill.close()
     finally:
         _stop(children)
     assert master.proc.returncode is not None and not serve_epd.tcp_open(address)
