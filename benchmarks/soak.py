@@ -5,6 +5,9 @@ text, images, streaming, n > 1, bad requests, and streams they walk away from; m
 node at a time is SIGKILLed and restarted, SIGSTOPped for a few seconds, or SIGTERMed (drain)
 and restarted; some prompts are far over the context length (a 400, while the rest go on).
 `--kv-transfer-mode layerwise` runs the proxy's layer-wise round instead of the whole-KV one.
+`--encode-faults` adds an encoder (EPD; `--num-encode N` for more) and faults only it: SIGKILL
+and restart, SIGSTOP for a few seconds then SIGCONT; a prefill can always encode, so the client
+must see no error at all (bad requests aside), and the proxy's encode fallbacks are printed.
 Every request is classified by what the client saw:
 
   completed / failed cleanly (an OpenAI error body or stream error event, then [DONE]) /
@@ -13,10 +16,12 @@ Every request is classified by what the client saw:
 
 At the end it prints requests sent, outcomes by reason, the outcomes of the requests sent while
 each fault was under way (from its injection to a few seconds after the node is back), and each
-live node's used KV blocks once leases have run out. Exit code 0 when nothing hung, tore or was unclean and
-every live node is back to 0 blocks.
+live node's used KV blocks (an encoder's pinned embedding leases) once leases have run out. Exit
+code 0 when nothing hung, tore or was unclean and every live node is back to 0 blocks and 0 leases
+(with --encode-faults also: no client-visible error).
 
     python benchmarks/soak.py --duration 120
+    python benchmarks/soak.py --duration 120 --encode-faults
 """
 from __future__ import annotations
 
@@ -27,6 +32,7 @@ import io
 import itertools
 import json
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -48,6 +54,7 @@ FAULTS = "kill", "hang", "drain"
 FAULT_TAIL_S = 3.0  # requests sent this long after a node is back still count under its fault
 CLIENT_ERRORS = ("failed", "stream error")  # what a client sees as an error (bad requests aside)
 ROLES = "prefill", "decode"
+ENCODE_FAULTS = "kill", "hang"  # --encode-faults: drain an encoder is a plain restart, kill covers it
 WORDS = "the sea sky red blue cat dog runs over under a small large house tree river".split()
 
 
@@ -70,10 +77,10 @@ def _bad_body(rng: random.Random, model: str) -> dict:
     ])
 
 
-def make_request(rng: random.Random, model: str) -> tuple[str, dict]:
+def make_request(rng: random.Random, model: str, image_weight: int = 15) -> tuple[str, dict]:
     """(kind, body): kind says what the client expects and how it reads the answer."""
     kind = rng.choices(["text", "stream", "image", "n2", "walk_away", "bad", "huge"],
-                       [30, 20, 15, 10, 10, 12, 3])[0]
+                       [30, 20, image_weight, 10, 10, 12, 3])[0]
     if kind == "bad":
         return kind, _bad_body(rng, model)
     if kind == "huge":  # megabytes of prompt: refused without stalling the other requests
@@ -150,11 +157,11 @@ UNDER_WAY = {"fault": "none"}  # the fault a request sent now runs under
 
 
 async def client_loop(url: str, model: str, seed: int, stop: asyncio.Event, deadline: float, out: Counter,
-                      by_fault: Counter) -> None:
+                      by_fault: Counter, image_weight: int) -> None:
     rng = random.Random(seed)
     async with httpx.AsyncClient(timeout=None) as client:
         while not stop.is_set():
-            kind, body = make_request(rng, model)
+            kind, body = make_request(rng, model, image_weight)
             fault = UNDER_WAY["fault"]
             outcome = await send(client, url, kind, body, deadline)
             out[outcome] += 1
@@ -186,14 +193,15 @@ async def inject(node: Node, fault: str, rng: random.Random) -> None:
 
 
 async def fault_loop(nodes: list[Node], plan: list[tuple[str, str]], seed: int, until: float,
-                     interval: float, out: Counter) -> None:
-    """One fault at a time: each of plan's (fault, role) once, or random ones until `until`."""
+                     interval: float, out: Counter, choices: tuple[tuple[str, ...], tuple[str, ...]]) -> None:
+    """One fault at a time: each of plan's (fault, role) once, or random ones (of choices:
+    (faults, roles)) until `until`."""
     rng = random.Random(seed)
     await asyncio.sleep(interval / 2)
     for i in itertools.count():
         if (plan and i == len(plan)) or (not plan and time.monotonic() >= until):
             return
-        fault, role = plan[i] if plan else (rng.choice(FAULTS), rng.choice(ROLES))
+        fault, role = plan[i] if plan else (rng.choice(choices[0]), rng.choice(choices[1]))
         node = rng.choice([n for n in nodes if n.role == role])
         out[f"{fault} {role}"] += 1
         UNDER_WAY["fault"] = f"{fault} {role}"
@@ -203,11 +211,11 @@ async def fault_loop(nodes: list[Node], plan: list[tuple[str, str]], seed: int, 
         await asyncio.sleep(max(0.0, interval - FAULT_TAIL_S))
 
 
-def parse_plan(spec: str) -> list[tuple[str, str]]:
+def parse_plan(spec: str, roles: tuple[str, ...] = ROLES) -> list[tuple[str, str]]:
     plan = [tuple(item.split(":")) for item in spec.split(",") if item]
     for item in plan:
-        if len(item) != 2 or item[0] not in FAULTS or item[1] not in ROLES:
-            raise SystemExit(f"--faults: {':'.join(item)!r} is not FAULT:ROLE with FAULT in {FAULTS}, ROLE in {ROLES}")
+        if len(item) != 2 or item[0] not in FAULTS or item[1] not in roles:
+            raise SystemExit(f"--faults: {':'.join(item)!r} is not FAULT:ROLE with FAULT in {FAULTS}, ROLE in {roles}")
     return plan
 
 
@@ -215,10 +223,13 @@ async def soak(args, nodes: list[Node], url: str, model: str) -> tuple[Counter, 
     """Load until --duration has passed and the fault plan is done; then each node's blocks."""
     outcomes, faults, by_fault, stop = Counter(), Counter(), Counter(), asyncio.Event()
     until = time.monotonic() + args.duration
-    clients = [client_loop(url, model, args.seed + i, stop, args.deadline, outcomes, by_fault)
+    image_weight = 60 if args.encode_faults else 15  # most requests reach the encoder
+    clients = [client_loop(url, model, args.seed + i, stop, args.deadline, outcomes, by_fault, image_weight)
                for i in range(args.clients)]
     load = asyncio.gather(*clients)
-    await fault_loop(nodes, parse_plan(args.faults), args.seed, until, args.fault_interval, faults)
+    roles = ROLES + ("encode",) if args.num_encode else ROLES
+    choices = (ENCODE_FAULTS, ("encode",)) if args.encode_faults else (FAULTS, ROLES)
+    await fault_loop(nodes, parse_plan(args.faults, roles), args.seed, until, args.fault_interval, faults, choices)
     await asyncio.sleep(max(0.0, until - time.monotonic()))
     stop.set()
     await load
@@ -241,9 +252,19 @@ def _fault_table(by_fault: Counter) -> dict[str, dict[str, int]]:
     return table
 
 
-def report(outcomes: Counter, faults: Counter, by_fault: Counter, blocks: dict, nodes: list[Node]) -> dict:
+def encode_fallbacks(base: str) -> dict[str, float]:
+    """The proxy's encode_fallbacks_total by reason (requests whose media went to prefill as bytes)."""
+    text = httpx.get(base + "/metrics", timeout=10).text
+    return {reason: float(v) for reason, v in
+            re.findall(r'^qwenvl_pd:encode_fallbacks_total\{reason="([^"]*)"\} (\S+)$', text, re.M)}
+
+
+def report(outcomes: Counter, faults: Counter, by_fault: Counter, blocks: dict, nodes: list[Node],
+           fallbacks: dict[str, float], no_errors: bool) -> dict:
+    """no_errors: a client-visible error fails the run too (only encoders were faulted)."""
     sent = outcomes.pop("sent", 0)
-    print(f"\nrequests sent: {sent}")
+    errors = sum(n for reason, n in outcomes.items() if reason.startswith(CLIENT_ERRORS))
+    print(f"\nrequests sent: {sent}; client-visible errors (bad requests aside): {errors}")
     print("| outcome | requests | first message |\n|---|---|---|")
     for reason, count in sorted(outcomes.items(), key=lambda kv: -kv[1]):
         print(f"| {reason} | {count} | {EXAMPLES.get(reason, '')} |")
@@ -251,13 +272,20 @@ def report(outcomes: Counter, faults: Counter, by_fault: Counter, blocks: dict, 
     for fault, count in sorted(faults.items()):
         print(f"| {fault} | {count} |")
     table = _fault_table(by_fault)
-    print("\n| node | used KV blocks at the end |\n|---|---|")
+    if any(n.role == "encode" for n in nodes):
+        print("\n| encode fallback reason | requests |\n|---|---|")
+        for reason, count in sorted(fallbacks.items()) or [("(none)", 0)]:
+            print(f"| {reason} | {count:.0f} |")
+    print("\n| node | used KV blocks (encode: pinned embedding leases) at the end |\n|---|---|")
     for node in nodes:
         print(f"| {node.name} | {blocks.get(node.name, 'down')} |")
-    ok = not any(outcomes.get(b) for b in BAD) and all(v == 0 for v in blocks.values())
-    print(f"\n{'PASS' if ok else 'FAIL'}: nothing hung, tore or was unclean; every live node at 0 blocks")
+    ok = not any(outcomes.get(b) for b in BAD) and all(v == 0 for v in blocks.values()) and \
+        not (no_errors and errors)
+    print(f"\n{'PASS' if ok else 'FAIL'}: nothing hung, tore or was unclean; every live node at 0 blocks "
+          f"and 0 leases{'; no client-visible error' if no_errors else ''}")
     return {"sent": sent, "outcomes": dict(outcomes), "examples": EXAMPLES, "faults": dict(faults),
-            "by_fault": table, "blocks": blocks, "ok": ok}
+            "by_fault": table, "blocks": blocks, "client_errors": errors, "encode_fallbacks": fallbacks,
+            "ok": ok}
 
 
 def main() -> int:
@@ -271,10 +299,14 @@ def main() -> int:
                     "prefill|decode); default: random ones for --duration")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--kv-transfer-mode", default="whole", choices=["whole", "layerwise"])
+    ap.add_argument("--num-encode", type=int, default=0, help="encoders in front of the prefills (EPD)")
+    ap.add_argument("--encode-faults", action="store_true", help="fault only the encoders (kill and "
+                    "restart, SIGSTOP/SIGCONT; at least one encoder): no client-visible error allowed")
     ap.add_argument("--json", help="also write the result here")
     args = ap.parse_args()
+    args.num_encode = max(args.num_encode, 1 if args.encode_faults else 0)
     model = args.model or str(tiny_model_dir())
-    nodes = [Node(name, model) for name in ("p0", "p1", "d0", "d1")]
+    nodes = [Node(name, model) for name in ("p0", "p1", "d0", "d1", *(f"e{i}" for i in range(args.num_encode)))]
     proxy = None
     try:
         for node in nodes:
@@ -284,7 +316,8 @@ def main() -> int:
         proxy = start_proxy(nodes, port, token_timeout=10, kv_transfer_mode=args.kv_transfer_mode)
         url = f"http://127.0.0.1:{port}/v1/chat/completions"
         served = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=10).json()["data"][0]["id"]
-        result = report(*asyncio.run(soak(args, nodes, url, served)), nodes)
+        soaked = asyncio.run(soak(args, nodes, url, served))
+        result = report(*soaked, nodes, encode_fallbacks(f"http://127.0.0.1:{port}"), args.encode_faults)
     finally:
         for node in nodes:
             node.stop()

@@ -1,5 +1,6 @@
-"""The soak's cluster: prefill and decode processes on loopback that can be killed, stopped
-(SIGSTOP), drained (SIGTERM) and restarted on the same port, and the proxy in front of them."""
+"""The soak's cluster: prefill, decode and (optionally) encode processes on loopback that can be
+killed, stopped (SIGSTOP), drained (SIGTERM) and restarted on the same port, and the proxy in
+front of them."""
 from __future__ import annotations
 
 import asyncio
@@ -17,7 +18,10 @@ from qwenvl_pd.serve import _grpc_serving, _http_ok
 
 NODE_ARGS = ["--max-model-len", "2048", "--kv-cache-gib", "0.05", "--threads", "1", "--lease-seconds", "4",
              "--transfer-timeout", "2", "--drain-seconds", "3", "--max-queued-requests", "8"]
+ENCODE_ARGS = ["--embedding-cache-gib", "0.05", "--threads", "1", "--lease-seconds", "4", "--drain-seconds", "3"]
+ENCODE_TIMEOUT_S = 5  # the proxy's --encode-timeout: a stopped encoder costs a request this much
 START_S = 180
+ROLE_OF = {"p": "prefill", "d": "decode", "e": "encode"}
 
 
 def free_port() -> int:
@@ -41,7 +45,7 @@ def tail(proc: subprocess.Popen, n: int = 3000) -> str:
 
 @dataclass
 class Node:
-    name: str  # p0, d1, ...
+    name: str  # p0, d1, e0, ...
     model: str
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen | None = None
@@ -49,7 +53,7 @@ class Node:
 
     @property
     def role(self) -> str:
-        return "prefill" if self.name[0] == "p" else "decode"
+        return ROLE_OF[self.name[0]]
 
     @property
     def address(self) -> str:
@@ -57,7 +61,7 @@ class Node:
 
     def start(self) -> None:
         self.proc = _spawn([self.role, "--model", self.model, "--port", str(self.port), "--host", "127.0.0.1",
-                            "--bind", "127.0.0.1", *NODE_ARGS])
+                            "--bind", "127.0.0.1", *(ENCODE_ARGS if self.role == "encode" else NODE_ARGS)])
         self.stopped = False
 
     def alive(self) -> bool:
@@ -92,11 +96,12 @@ def wait_serving(nodes: list[Node], timeout: float = START_S) -> None:
 
 def start_proxy(nodes: list[Node], port: int, token_timeout: float,
                 kv_transfer_mode: str = "whole") -> subprocess.Popen:
-    addrs = {role: ",".join(n.address for n in nodes if n.role == role) for role in ("prefill", "decode")}
+    addrs = {role: ",".join(n.address for n in nodes if n.role == role) for role in ROLE_OF.values()}
+    encode = ["--encode", addrs["encode"], "--encode-timeout", str(ENCODE_TIMEOUT_S)] if addrs["encode"] else []
     proc = _spawn(["proxy", "--host", "127.0.0.1", "--port", str(port), "--prefill", addrs["prefill"],
                    "--decode", addrs["decode"], "--health-interval", "0.5", "--load-interval", "0.5",
                    "--token-timeout", str(token_timeout), "--prefill-timeout", "30",
-                   "--max-concurrent-requests", "24", "--kv-transfer-mode", kv_transfer_mode])
+                   "--max-concurrent-requests", "24", "--kv-transfer-mode", kv_transfer_mode, *encode])
     deadline = time.monotonic() + START_S
     while time.monotonic() < deadline and proc.poll() is None:
         if _http_ok(f"http://127.0.0.1:{port}/health"):
@@ -105,11 +110,13 @@ def start_proxy(nodes: list[Node], port: int, token_timeout: float,
     raise RuntimeError(f"the proxy did not start:\n{tail(proc)}")
 
 
-async def blocks_used(node: Node) -> int | None:
-    """Used KV blocks as the node reports them; None when it does not answer."""
+async def in_use(node: Node) -> int | None:
+    """What the node holds for requests: used KV blocks, an encoder's pinned embedding leases;
+    None when it does not answer."""
     inst = Instance.connect(node.role, node.address)
     try:
-        return (await pd_client.load(inst, node.role)).blocks_used
+        load = await pd_client.load(inst, node.role)
+        return load.embedding_leases if node.role == "encode" else load.blocks_used
     except Exception:  # noqa: BLE001 - a node that is down has no count to give
         return None
     finally:
@@ -117,10 +124,11 @@ async def blocks_used(node: Node) -> int | None:
 
 
 async def settled_blocks(nodes: list[Node], timeout: float) -> dict[str, int | None]:
-    """Each live node's used blocks, once all are 0 or timeout has passed (leases expire)."""
+    """Each live node's used blocks (an encoder's pinned leases), once all are 0 or timeout has
+    passed (leases expire)."""
     deadline = time.monotonic() + timeout
     while True:
-        used = {n.name: await blocks_used(n) for n in nodes if n.alive()}
+        used = {n.name: await in_use(n) for n in nodes if n.alive()}
         if all(v == 0 for v in used.values()) or time.monotonic() > deadline:
             return used
         await asyncio.sleep(0.5)
