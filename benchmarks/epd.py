@@ -7,9 +7,10 @@ through two workloads (benchmarks/epd_workloads.py, the same requests for every 
   image-light  one request in ten with one image, the rest text only
 
 Printed per workload: p50/p99 TTFT, output tok/s, the embedding cache hit rate (EPD: the
-encoders' hits / lookups during the workload, from the proxy's /metrics), the encode fallbacks
+encoders' hits / lookups during the workload, from the proxy's /metrics), the encode rounds,
+the rounds skipped (the prefill had every item of the request lately) and the fallbacks
 (requests whose media went to prefill as bytes), and failed requests; then the issue's checks:
-EPD's p99 TTFT below PD's on image-heavy, within 5% of PD's on image-light.
+EPD's p99 TTFT below PD's on image-heavy, within 5% of PD's on image-light. --json keeps it all.
 
     python benchmarks/epd.py --quick                    # a few requests: does it all run
     python benchmarks/epd.py --requests 48 --concurrency 4
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import re
 import signal
 import sys
@@ -60,6 +62,7 @@ def one_workload(base: str, model: str, name: str, cfg: WorkloadConfig, concurre
     s["hit_rate"] = delta["embedding_cache_hits_total"] / lookups if lookups else None
     s["fallbacks"] = delta["encode_fallbacks_total"]
     s["encode_rounds"] = delta["encode_rounds_total"]
+    s["skips"] = delta["encode_round_skips_total"]  # the prefill had every item lately: no encoder asked
     return s
 
 
@@ -84,13 +87,14 @@ def one_mode(mode: str, args, cfg: WorkloadConfig, log) -> dict[str, dict]:
 def _row(mode: str, s: dict) -> str:
     hit = "-" if s["hit_rate"] is None else f"{s['hit_rate']:.2f}"
     return (f"| {mode} | {s['median_ttft_ms']:.0f} | {s['p99_ttft_ms']:.0f} | {s['output_throughput']:.1f} | "
-            f"{hit} | {s['fallbacks']:.0f} | {s['completed']} | {s['failed']} |")
+            f"{hit} | {s['encode_rounds']:.0f} / {s['skips']:.0f} / {s['fallbacks']:.0f} | {s['completed']} | "
+            f"{s['failed']} |")
 
 
 def print_tables(results: dict[str, dict[str, dict]], workloads: list[str]) -> None:
     for name in workloads:
         print(f"\n### {name}\n| mode | p50 TTFT ms | p99 TTFT ms | output tok/s | embedding hit rate | "
-              "encode fallbacks | completed | failed |\n|---|---|---|---|---|---|---|---|")
+              "encode rounds / skipped / fallbacks | completed | failed |\n|---|---|---|---|---|---|---|---|")
         for mode, by_workload in results.items():
             print(_row(mode, by_workload[name]))
         for s in (s for r in results.values() for s in [r[name]] if s["errors"]):
@@ -117,6 +121,7 @@ def main() -> int:
     p.add_argument("--serve-arg", action="append", default=[], metavar="ARG", help="pass ARG on to every serve")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log", default="epd_bench.log", help="the servers' output")
+    p.add_argument("--json", help="also write every mode's summaries here")
     args = p.parse_args()
     args.modes, args.workloads = args.modes.split(","), args.workloads.split(",")
     if unknown := set(args.modes) - MODES.keys() | set(args.workloads) - set(WORKLOADS):
@@ -128,6 +133,8 @@ def main() -> int:
     with open(args.log, "w") as log:
         results = {mode: one_mode(mode, args, cfg, log) for mode in args.modes}
     print_tables(results, args.workloads)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
     return 0 if all(s["failed"] == 0 for r in results.values() for s in r.values()) else 1
 
 
