@@ -54,7 +54,7 @@ FAULTS = "kill", "hang", "drain"
 FAULT_TAIL_S = 3.0  # requests sent this long after a node is back still count under its fault
 CLIENT_ERRORS = ("failed", "stream error")  # what a client sees as an error (bad requests aside)
 ROLES = "prefill", "decode"
-ENCODE_FAULTS = "kill", "hang"  # --encode-faults: drain an encoder is a plain restart, kill covers it
+ENCODE_FAULTS = "kill", "hang"  # --encode-faults, in turn (drain: a gentler restart than kill)
 WORDS = "the sea sky red blue cat dog runs over under a small large house tree river".split()
 
 
@@ -193,15 +193,14 @@ async def inject(node: Node, fault: str, rng: random.Random) -> None:
 
 
 async def fault_loop(nodes: list[Node], plan: list[tuple[str, str]], seed: int, until: float,
-                     interval: float, out: Counter, choices: tuple[tuple[str, ...], tuple[str, ...]]) -> None:
-    """One fault at a time: each of plan's (fault, role) once, or random ones (of choices:
-    (faults, roles)) until `until`."""
+                     interval: float, out: Counter) -> None:
+    """One fault at a time: each of plan's (fault, role) once, or random ones until `until`."""
     rng = random.Random(seed)
     await asyncio.sleep(interval / 2)
     for i in itertools.count():
         if (plan and i == len(plan)) or (not plan and time.monotonic() >= until):
             return
-        fault, role = plan[i] if plan else (rng.choice(choices[0]), rng.choice(choices[1]))
+        fault, role = plan[i] if plan else (rng.choice(FAULTS), rng.choice(ROLES))
         node = rng.choice([n for n in nodes if n.role == role])
         out[f"{fault} {role}"] += 1
         UNDER_WAY["fault"] = f"{fault} {role}"
@@ -227,9 +226,10 @@ async def soak(args, nodes: list[Node], url: str, model: str) -> tuple[Counter, 
     clients = [client_loop(url, model, args.seed + i, stop, args.deadline, outcomes, by_fault, image_weight)
                for i in range(args.clients)]
     load = asyncio.gather(*clients)
-    roles = ROLES + ("encode",) if args.num_encode else ROLES
-    choices = (ENCODE_FAULTS, ("encode",)) if args.encode_faults else (FAULTS, ROLES)
-    await fault_loop(nodes, parse_plan(args.faults, roles), args.seed, until, args.fault_interval, faults, choices)
+    plan = parse_plan(args.faults, ROLES + ("encode",) if args.num_encode else ROLES)
+    if args.encode_faults and not plan:  # kill and hang in turn, as many as --duration holds
+        plan = [(ENCODE_FAULTS[i % 2], "encode") for i in range(max(2, int(args.duration // args.fault_interval)))]
+    await fault_loop(nodes, plan, args.seed, until, args.fault_interval, faults)
     await asyncio.sleep(max(0.0, until - time.monotonic()))
     stop.set()
     await load
