@@ -253,10 +253,14 @@ def _fault_table(by_fault: Counter) -> dict[str, dict[str, int]]:
 
 
 def encode_fallbacks(base: str) -> dict[str, float]:
-    """The proxy's encode_fallbacks_total by reason (requests whose media went to prefill as bytes)."""
+    """The proxy's encode_fallbacks_total by reason (requests whose media went to prefill as bytes),
+    and beside them the rounds that gave handles, the skipped ones and prefills' failed reads."""
     text = httpx.get(base + "/metrics", timeout=10).text
-    return {reason: float(v) for reason, v in
-            re.findall(r'^qwenvl_pd:encode_fallbacks_total\{reason="([^"]*)"\} (\S+)$', text, re.M)}
+    out = {reason: float(v) for reason, v in
+           re.findall(r'^qwenvl_pd:encode_fallbacks_total\{reason="([^"]*)"\} (\S+)$', text, re.M)}
+    for name in ("encode_rounds_total", "encode_round_skips_total", "embedding_read_failures_total"):
+        out[f"({name})"] = sum(float(v) for v in re.findall(rf"^qwenvl_pd:{name}(?:{{[^}}]*}})? (\S+)$", text, re.M))
+    return out
 
 
 def report(outcomes: Counter, faults: Counter, by_fault: Counter, blocks: dict, nodes: list[Node],
@@ -273,7 +277,7 @@ def report(outcomes: Counter, faults: Counter, by_fault: Counter, blocks: dict, 
         print(f"| {fault} | {count} |")
     table = _fault_table(by_fault)
     if any(n.role == "encode" for n in nodes):
-        print("\n| encode fallback reason | requests |\n|---|---|")
+        print("\n| encode fallback reason (in parentheses: the proxy's other EPD counters) | requests |\n|---|---|")
         for reason, count in sorted(fallbacks.items()) or [("(none)", 0)]:
             print(f"| {reason} | {count:.0f} |")
     print("\n| node | used KV blocks (encode: pinned embedding leases) at the end |\n|---|---|")
