@@ -54,16 +54,22 @@ class Encoder:
 
 
 @pytest.fixture(scope="module")
-def epd(tiny_dirs):
-    model = str(tiny_dirs["qwen3_vl"])  # deepstack features travel with the embeddings
-    proc, address = start_node("prefill", model, "--lease-seconds", "10", "--transfer-timeout", "2")
-    llm = LLM(model=model, max_model_len=2048)
-    encoder = Encoder(llm)
+def encoder(tiny_dirs):
+    llm = LLM(model=str(tiny_dirs["qwen3_vl"]), max_model_len=2048)  # deepstack features included
+    enc = Encoder(llm)
+    yield enc
+    enc.engine.close()
+
+
+@pytest.fixture(scope="module", params=[1, 2], ids=["tp1", "tp2"])
+def epd(request, tiny_dirs, encoder):
+    """A prefill at TP 1 or 2: rank 0 reads, every rank gets the rows it injects."""
+    proc, address = start_node("prefill", str(tiny_dirs["qwen3_vl"]), "--lease-seconds", "10",
+                               "--transfer-timeout", "2", "--tensor-parallel-size", str(request.param))
     try:
-        yield llm, encoder, address
+        yield encoder.llm, encoder, address
     finally:
         stop(proc)
-        encoder.engine.close()
 
 
 def _request(llm, rid: str, images: list[bytes], encoder=None, embedded=(), key: str = "img",
@@ -78,17 +84,21 @@ def _request(llm, rid: str, images: list[bytes], encoder=None, embedded=(), key:
 
 
 def _kv(engine: KVTransferEngine, handle) -> torch.Tensor:
-    """The request's prompt KV, read out of the prefill: [layers, 2, kv_heads, prompt_len, head_dim]."""
+    """The request's KV read out of every prefill rank: [layers, 2, kv_heads, tokens, head_dim]."""
+    return torch.cat([_rank_kv(engine, handle, r) for r in range(len(handle.segments))], dim=2)
+
+
+def _rank_kv(engine: KVTransferEngine, handle, rank: int) -> torch.Tensor:
     fp, n = handle.fingerprint, len(handle.block_ids)
-    remote = Region.from_handle(handle)
+    remote = Region.from_handle(handle, rank)
     local = torch.empty(fp.num_layers * 2 * n * handle.block_bytes, dtype=torch.uint8)
     base = engine.register(local)
     slices = [(base + ((layer * 2 + plane) * n + j) * handle.block_bytes, remote.address(layer, plane, b),
                handle.block_bytes)
               for layer in range(fp.num_layers) for plane in (0, 1) for j, b in enumerate(handle.block_ids)]
-    engine.read_batch(handle.transfer_address, slices)
-    kv = local.view(torch.float32).view(fp.num_layers, 2, n, fp.num_kv_heads, fp.block_size, fp.head_dim)
-    return kv.permute(0, 1, 3, 2, 4, 5).reshape(fp.num_layers, 2, fp.num_kv_heads, -1, fp.head_dim)
+    engine.read_batch(handle.segments[rank].transfer_address, slices)
+    kv = local.view(torch.float32).view(fp.num_layers, 2, n, fp.heads_per_rank, fp.block_size, fp.head_dim)
+    return kv.permute(0, 1, 3, 2, 4, 5).reshape(fp.num_layers, 2, fp.heads_per_rank, -1, fp.head_dim)
 
 
 async def _prefill_all(address: str, reqs: list[PrefillRequest]):
@@ -134,6 +144,7 @@ BAD = [(dict(vision_fingerprint="0" * 64), "item 0: made by other vision weights
        (dict(lease_expires_unix_ms=1), "item 0: its lease on encode-test has expired")]
 
 
+@pytest.mark.parametrize("epd", [1], indirect=True, ids=["tp1"])
 def test_an_item_that_cannot_be_read_fails_with_embeddings_unavailable(epd):
     llm, encoder, address = epd
     image = png_bytes(_image(70, 70, 9))
