@@ -35,6 +35,7 @@ class NodeConfig:
     cpus: tuple[int, ...] = ()       # cores this node and its ranks are pinned to; (): not pinned
     allowed_prefills: tuple[str, ...] = ()  # decode: the only prefill hosts it reads KV from; (): any
     embedding_read_buffer_mib: int = 256  # prefill: registered once, on the first embedding read
+    embedding_store: str = ""  # prefill: a mooncake_master whose Mooncake Store backs encoder reads
 
     def __post_init__(self):
         if self.max_queued_requests < 1:

@@ -98,17 +98,20 @@ class EmbeddingReader:
         if secret and not auth.is_signed(h, secret):
             raise EmbeddingUnavailable(f"item {i}: the handle is not signed with the cluster secret")
         if h.vision_fingerprint != self.cfg.fingerprint:
-            raise EmbeddingUnavailable(f"item {i}: made by other vision weights (fingerprint "
-                                       f"{h.vision_fingerprint[:12]}, this prefill's {self.cfg.fingerprint[:12]})")
+            theirs, ours = h.vision_fingerprint[:12], self.cfg.fingerprint[:12]
+            raise EmbeddingUnavailable(f"item {i}: made by other vision weights (fingerprint {theirs}, "
+                                       f"this prefill's {ours})")
         if _expired(h):
             raise EmbeddingUnavailable(f"item {i}: its lease on {h.instance_id} has expired")
         t, gh, gw = grid
+        tokens = t * gh * gw // self.cfg.merge_size ** 2
         if h.dtype not in DTYPES or h.hidden_size != self.cfg.hidden_size or \
-                h.element_size != DTYPES[h.dtype].itemsize or h.num_tokens != t * gh * gw // self.cfg.merge_size ** 2:
+                h.element_size != DTYPES[h.dtype].itemsize or h.num_tokens != tokens:
             raise EmbeddingUnavailable(f"item {i}: {h.dtype} [{h.num_tokens}, {h.hidden_size}] in "
                                        f"{h.nbytes} B is not what grid {tuple(grid)} makes with this model")
 
-    async def _fetch(self, todo: list[tuple[int, EmbeddingHandle]], deadline: float) -> dict[int, VisionEmbeds]:
+    async def _fetch(self, todo: list[tuple[int, EmbeddingHandle]],
+                     deadline: float) -> dict[int, VisionEmbeds]:
         scratch = self._scratch_buffer()
         slots: dict[int, int] = {}
         try:

@@ -40,7 +40,7 @@ class PrefillService(pb_grpc.PrefillServicer):
                         if runtime.cfg.kv_layer_group else None)
         self._expiry = asyncio.ensure_future(self._expire_leases())
         self.embeddings = EmbeddingReader(reader_config(runtime), runtime.transfer,
-                                          runtime.engine.encoder_cache.get)
+                                          runtime.engine.encoder_cache.get, _store_get(runtime.cfg))
 
     # ---- engine thread
     def _on_step(self, result: StepResult) -> None:
@@ -248,6 +248,16 @@ def reader_config(rt: Runtime) -> ReaderConfig:
     return ReaderConfig(vision_fingerprint(mc.family, mc.vision, rt.model.vision_tower()),
                         mc.vision.out_hidden_size, mc.vision.spatial_merge_size, rt.cfg.transfer_timeout_s,
                         rt.cfg.embedding_read_buffer_mib << 20, rt.cfg.cluster_secret)
+
+
+def _store_get(cfg: NodeConfig):
+    if not cfg.embedding_store:
+        return None
+    from qwenvl_pd.kv_transfer.embedding_store import EmbeddingStore
+    # a reader lends the store no memory: nothing is placed on a prefill
+    return EmbeddingStore(cfg.embedding_store, cfg.host, segment_bytes=0,
+                          buffer_bytes=cfg.embedding_read_buffer_mib << 20, protocol=cfg.transfer_protocol,
+                          device=cfg.transfer_device).get
 
 
 def main(cfg: NodeConfig) -> int:
