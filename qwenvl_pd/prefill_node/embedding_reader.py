@@ -70,7 +70,9 @@ class EmbeddingReader:
         if not handles:
             return [None] * len(media)
         grids = {i: media[i].grid_thw for i, _ in handles}
-        got = await asyncio.shield(asyncio.ensure_future(self._read_all(handles, grids)))
+        task = asyncio.ensure_future(self._read_all(handles, grids))
+        task.add_done_callback(_retrieved)  # its caller may be gone: no "never retrieved" noise
+        got = await asyncio.shield(task)
         return [got.get(i) for i in range(len(media))]
 
     async def _read_all(self, handles: list[tuple[int, EmbeddingHandle]],
@@ -172,6 +174,11 @@ class EmbeddingReader:
         if self._scratch is None:
             self._scratch = Scratch(self.transfer, self.cfg.buffer_bytes)
         return self._scratch
+
+
+def _retrieved(task: asyncio.Task) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 def _expired(h: EmbeddingHandle) -> bool:
