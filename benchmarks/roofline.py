@@ -4,8 +4,12 @@ Bounds: the GEMM rate (F.linear on an MLP-sized problem, best of 10) in bf16 and
 the memory bandwidth (summing a 256 MiB tensor: read only, as decode's weight reads are). On a
 shared machine both are what the cores gave at that moment (a fraction above 1 says so).
 Work: prefill FLOPs (2 x linear params per token, causal attention, last-token logits; the
-vision tower left out) and decode bytes (every linear weight and lm_head once per step, plus each
-running sequence's KV), so a timing becomes a fraction of what the hardware allows.
+vision tower left out) and decode steps, each bounded by the larger of its bytes over the
+bandwidth (every linear weight and lm_head once, plus each running sequence's KV) and its FLOPs
+over the GEMM rate (from ~16 sequences a step on this CPU does more arithmetic than the
+bandwidth feeds), so a timing becomes a fraction of what the hardware allows. Bounds are
+measured per thread count: a system on one core (vLLM's default worker here, PD's decode) is
+held to what one core gives.
 """
 from __future__ import annotations
 
@@ -22,6 +26,18 @@ import torch.nn.functional as F
 class Bounds:
     gflops: dict[str, float]   # dtype name -> GEMM GFLOP/s
     gbps: float                # read bandwidth, GB/s
+
+
+def measure_per_threads(counts: list[int]) -> dict[int, Bounds]:
+    """Bounds at each torch thread count (the current count restored after)."""
+    before, out = torch.get_num_threads(), {}
+    try:
+        for n in sorted(set(counts)):
+            torch.set_num_threads(n)
+            out[n] = measure()
+    finally:
+        torch.set_num_threads(before)
+    return out
 
 
 def measure(m: int = 1024, k: int = 1024, n: int = 4096, repeats: int = 10) -> Bounds:
@@ -72,25 +88,27 @@ class TextStack:
     def kv_bytes(self, tokens: int, elt: int) -> int:
         return tokens * self.layers * 2 * self.kv_heads * self.head_dim * elt
 
-    def decode_bytes(self, lens: list[int], output: int, elt: int) -> float:
+    def step_seconds(self, contexts: list[int], bounds: Bounds, dtype: str) -> float:
+        """The roofline time of one decode step of sequences at these context lengths."""
+        elt = 2 if dtype != "float32" else 4
+        read = self.weight_bytes(elt) + self.kv_bytes(sum(contexts), elt)
+        flops = len(contexts) * 2 * (self.layers * self.linear_params + self.lm_head) + sum(
+            4 * self.layers * self.heads * self.head_dim * c for c in contexts)
+        return max(read / bounds.gbps, flops / bounds.gflops[dtype]) / 1e9
+
+    def decode_seconds(self, lens: list[int], output: int, bounds: Bounds, dtype: str) -> float:
         """All sequences in one batch, `output - 1` steps after the prefill's token."""
-        steps = max(0, output - 1)
-        kv_tokens = sum(n * steps + steps * (steps + 1) // 2 for n in lens)
-        return float(steps * self.weight_bytes(elt) + self.kv_bytes(kv_tokens, elt))
+        return sum(self.step_seconds([n + i for n in lens], bounds, dtype) for i in range(1, output))
 
 
 def offline_fractions(stack: TextStack, bounds: Bounds, dtype: str, r: dict, output: int) -> tuple[float, float]:
-    """(prefill FLOP/s / GEMM rate, decode bytes/s / bandwidth) of one vs_vllm_offline result."""
-    elt = 2 if dtype != "float32" else 4
+    """(prefill FLOP/s / GEMM rate, decode roofline time / decode time) of one vs_vllm_offline result."""
     prefill = stack.prefill_flops(r["prefill_lens"]) / r["prefill_s"] / 1e9 / bounds.gflops[dtype]
     decode_s = max(1e-9, r["total_s"] - r["prefill_s"])
-    decode = stack.decode_bytes(r["lens"], output, elt) / decode_s / 1e9 / bounds.gbps
-    return prefill, decode
+    return prefill, stack.decode_seconds(r["lens"], output, bounds, dtype) / decode_s
 
 
 def online_decode_fraction(stack: TextStack, bounds: Bounds, dtype: str, tpot_ms: float,
                            concurrency: int, context: int) -> float:
     """One step of `concurrency` sequences at `context` tokens each, every median TPOT."""
-    elt = 2 if dtype != "float32" else 4
-    step = stack.weight_bytes(elt) + stack.kv_bytes(concurrency * context, elt)
-    return step / (tpot_ms / 1e3) / 1e9 / bounds.gbps
+    return stack.step_seconds([context] * concurrency, bounds, dtype) / (tpot_ms / 1e3)

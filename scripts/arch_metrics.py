@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 PACKAGE = "qwenvl_pd"
-NODE_PACKAGES = ("node", "decode_node", "prefill_node")
+NODE_PACKAGES = ("node", "decode_node", "prefill_node", "encode_node")
 ENGINE_INTERNALS = ("scheduler", "blocks", "requests_total")  # what only the engine itself may touch
 ENGINE_THREAD_CALLS = ("submit", "call", "settle", "send")  # what hands work to the engine thread
 OWNER_PARAMS = ("service", "owner")  # an __init__ parameter so named: the helper's owner

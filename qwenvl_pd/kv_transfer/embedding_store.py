@@ -9,14 +9,18 @@ process), `buffer_bytes` is its local staging buffer; get() of an absent key ret
 from __future__ import annotations
 
 import logging
+import shutil
+import socket
 import threading
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 PREFIX = "qwenvl-pd/embedding/"  # the store may be shared with other users of the master
+CONNECT_S = 5.0  # setup() retries an absent master for about 90 s: fail fast and say why
 
 
-class StoreError(RuntimeError):
-    """The store could not be joined."""
+class StoreError(ValueError):
+    """The store could not be joined: a bad --embedding-store, said in one line."""
 
 
 class EmbeddingStore:
@@ -24,6 +28,7 @@ class EmbeddingStore:
                  buffer_bytes: int = 64 << 20, protocol: str = "tcp", device: str = ""):
         from mooncake.store import MooncakeDistributedStore  # optional extra, like the engine
 
+        _check_reachable(master)
         self.master = master
         self._store = MooncakeDistributedStore()
         rc = self._store.setup(host, "P2PHANDSHAKE", segment_bytes, buffer_bytes, protocol, device, master)
@@ -55,3 +60,36 @@ class EmbeddingStore:
             if not self._closed:
                 self._closed = True
                 self._store.close()
+
+
+def master_command(port: int, metrics_port: int, host: str = "127.0.0.1") -> list[str]:
+    """The command line of a mooncake_master (the binary the wheel ships) on host:port; its
+    metrics server needs a port of its own (default 9003 would clash between runs)."""
+    return [_binary("mooncake_master"), f"--rpc_port={port}", f"--rpc_address={host}",
+            f"--metrics_port={metrics_port}"]
+
+
+def holder_command(master: str, port: int, segment_bytes: int, host: str = "127.0.0.1") -> list[str]:
+    """The command line of a `mooncake_client` that only lends segment_bytes to the store: the
+    objects placed there outlive the encoders that put them (an encoder's own segment goes with
+    it). It listens on host:port once ready."""
+    return [_binary("mooncake_client"), f"--master_server_address={master}", f"--host={host}",
+            f"--port={port}", f"--global_segment_size={segment_bytes}", "--metadata_server=P2PHANDSHAKE",
+            "--protocol=tcp"]
+
+
+def _binary(name: str) -> str:
+    import mooncake
+    bundled = Path(mooncake.__file__).parent / name
+    found = str(bundled) if bundled.is_file() else shutil.which(name)
+    if found is None:
+        raise StoreError(f"no {name} binary: install mooncake-transfer-engine")
+    return found
+
+
+def _check_reachable(master: str) -> None:
+    host, _, port = master.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=CONNECT_S).close()
+    except (OSError, ValueError) as e:
+        raise StoreError(f"no mooncake_master answers at {master!r} (--embedding-store HOST:PORT): {e}") from None

@@ -6,6 +6,7 @@ from qwenvl_pd.model_config import ModelConfig
 from qwenvl_pd.model.layers.attention import AttentionMetadata
 from qwenvl_pd.model.layers.linear import Linear, column_linear
 from qwenvl_pd.model.layers.mlp import GatedMLP
+from qwenvl_pd.model.layers.moe import Experts
 from qwenvl_pd.model.parallel import TensorParallel, gather_columns
 from qwenvl_pd.model.text import Attention, TextModel, VisualInjection
 from qwenvl_pd.model.vision import VisionEmbeds, encode
@@ -41,10 +42,11 @@ class VisionLanguageModel(nn.Module):
             self.lm_head.weight = self.language_model().embed_tokens.weight
 
     def pack_weights(self) -> None:
-        """Reorder the text linears once for oneDNN (CPU float32; elsewhere a no-op). Call after
-        loading: the packed copies do not follow later writes to the parameters."""
+        """Reorder the text linears once for oneDNN (CPU float32; elsewhere a no-op) and hold MoE
+        experts as [E, out, in]. Call after loading: the packed copies do not follow later
+        writes to the parameters."""
         for module in self.language_model().modules():
-            if isinstance(module, (Attention, GatedMLP)):
+            if isinstance(module, (Attention, GatedMLP, Experts)):
                 module.pack()
         self.lm_head.pack()
 

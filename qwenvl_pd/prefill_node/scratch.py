@@ -9,7 +9,7 @@ import time
 
 import torch
 
-ALIGN = 64  # every slot starts aligned for any dtype view
+from qwenvl_pd.encode_node.arena import ByteArena  # the encoder's pool allocator: same rules
 
 
 class ScratchFull(Exception):
@@ -20,26 +20,28 @@ class Scratch:
     def __init__(self, transfer, nbytes: int):
         self.tensor = torch.empty(nbytes, dtype=torch.uint8)  # [nbytes]
         self.base = transfer.register(self.tensor)
-        self.size = nbytes
-        self._free = [(0, nbytes)]  # (offset, length), sorted, merged
+        self._arena = ByteArena(nbytes)  # 64-byte aligned: every slot can be viewed as any dtype
         self._lock = threading.Lock()  # settled reads free from Mooncake's worker threads
         self._loop = asyncio.get_running_loop()
         self._freed = asyncio.Event()
 
     @property
+    def size(self) -> int:
+        return self._arena.capacity
+
+    @property
     def free_bytes(self) -> int:
         with self._lock:
-            return sum(n for _, n in self._free)
+            return self._arena.free_bytes
 
     async def take(self, nbytes: int, deadline: float) -> int:
         """A slot of nbytes -> its offset; waits for frees until `deadline` (time.monotonic)."""
-        if nbytes > self.size:
+        if self._arena.rounded(nbytes) > self.size:
             raise ScratchFull(f"{nbytes} B exceed the {self.size} B embedding read buffer")
         while (offset := self._alloc(nbytes)) is None:
             self._freed.clear()
-            left = deadline - time.monotonic()
             try:
-                await asyncio.wait_for(self._freed.wait(), max(left, 0))
+                await asyncio.wait_for(self._freed.wait(), max(deadline - time.monotonic(), 0))
             except asyncio.TimeoutError:
                 raise ScratchFull(f"no {nbytes} B free in the embedding read buffer in time") from None
         return offset
@@ -50,26 +52,12 @@ class Scratch:
     def give(self, offset: int, nbytes: int) -> None:
         """Free a slot (any thread)."""
         with self._lock:
-            spans = sorted(self._free + [(offset, _rounded(nbytes))])
-            merged = [spans[0]]
-            for o, n in spans[1:]:
-                last_o, last_n = merged[-1]
-                merged[-1:] = [(last_o, last_n + n)] if last_o + last_n == o else [merged[-1], (o, n)]
-            self._free = merged
+            self._arena.free(offset, nbytes)
         try:
             self._loop.call_soon_threadsafe(self._freed.set)
         except RuntimeError:  # the loop is gone (shutdown): nobody waits any more
             pass
 
     def _alloc(self, nbytes: int) -> int | None:
-        need = _rounded(nbytes)
         with self._lock:
-            for i, (o, n) in enumerate(self._free):
-                if n >= need:
-                    self._free[i:i + 1] = [(o + need, n - need)] if n > need else []
-                    return o
-        return None
-
-
-def _rounded(nbytes: int) -> int:
-    return -(-nbytes // ALIGN) * ALIGN
+            return self._arena.allocate(nbytes)

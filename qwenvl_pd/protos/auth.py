@@ -1,5 +1,6 @@
 """The roles' shared cluster secret: every node RPC carries it, and prefill signs the KV handles
-it issues so that decode reads KV only from handles a prefill of this cluster wrote.
+it issues so that decode reads KV only from handles a prefill of this cluster wrote (encoders
+sign their embedding handles the same way).
 
 Without a secret (the default of the stand-alone roles) nothing is checked; `serve` makes one
 per run, the chart takes one from a Kubernetes Secret. The gRPC health service stays open:
@@ -12,10 +13,10 @@ import hashlib
 import hmac
 import os
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 
-from qwenvl_pd.kv_transfer.handle import KVHandle
 from qwenvl_pd.protos import convert
 
 METADATA_KEY = "x-qwenvl-pd-secret"
@@ -48,15 +49,18 @@ def token(secret: bytes) -> str:
     return hashlib.sha256(b"qwenvl-pd cluster auth\0" + secret).hexdigest()
 
 
-def sign(handle: KVHandle, secret: bytes) -> KVHandle:
+Handle = TypeVar("Handle")  # a dataclass of convert.PAIRS with a `signature` field (KV, embedding)
+
+
+def sign(handle: Handle, secret: bytes) -> Handle:
     return dataclasses.replace(handle, signature=_mac(handle, secret))
 
 
-def is_signed(handle: KVHandle, secret: bytes) -> bool:
+def is_signed(handle, secret: bytes) -> bool:
     return hmac.compare_digest(_mac(handle, secret), handle.signature)
 
 
-def _mac(handle: KVHandle, secret: bytes) -> bytes:
+def _mac(handle, secret: bytes) -> bytes:
     """HMAC-SHA256 over the handle's wire form without its signature."""
     unsigned = convert.to_proto(dataclasses.replace(handle, signature=b""))
     return hmac.new(secret, unsigned.SerializeToString(deterministic=True), hashlib.sha256).digest()
