@@ -2,6 +2,11 @@
 over real Mooncake from a buffer this test registered with its own transfer engine (what an
 encode instance holds), and prefills exactly what the same request sent with bytes gives."""
 import asyncio
+import dataclasses
+import subprocess
+import sys
+import tempfile
+from contextlib import contextmanager
 
 import grpc
 import numpy as np
@@ -11,15 +16,17 @@ from PIL import Image
 
 from qwenvl_pd import LLM
 from qwenvl_pd.kv_transfer.embedding_handle import EmbeddingHandle
+from qwenvl_pd.kv_transfer.embedding_key import bytes_hash
 from qwenvl_pd.kv_transfer.layout import Region
 from qwenvl_pd.kv_transfer.transfer_engine import KVTransferEngine
-from qwenvl_pd.messages import MediaItem, PrefillRequest
+from qwenvl_pd.messages import EncodeRequest, MediaItem, PrefillRequest
 from qwenvl_pd.model.vision_fingerprint import vision_fingerprint
+from qwenvl_pd.protos import auth, convert, qwenvl_pd_pb2 as pb, qwenvl_pd_pb2_grpc as pb_grpc
 from qwenvl_pd.proxy.cluster import pd_client
 from qwenvl_pd.proxy.cluster.instance import Instance
 from qwenvl_pd.sampling_params import SamplingParams
 
-from nodes import free_port, png_bytes, start_node, stop
+from nodes import free_port, png_bytes, start_node, stop, wait_healthy
 
 IMG = "<|vision_start|><|image_pad|><|vision_end|>"
 PARAMS = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
@@ -76,7 +83,7 @@ def _request(llm, rid: str, images: list[bytes], encoder=None, embedded=(), key:
     body = f"<|im_start|>user\n{IMG * len(images)}Describe.<|im_end|>\n<|im_start|>assistant\n"
     prompt = llm.inputs.process({"prompt": body, "multi_modal_data": {"image": images}})
     media = tuple(MediaItem("image", it.content_hash, it.grid_thw, data=raw) if i not in embedded else
-                  MediaItem("image", it.content_hash, it.grid_thw, embedding=encoder.handle(it, f"{key}{i}", **edits))
+                  MediaItem("image", it.content_hash, it.grid_thw, embedding=encoder.handle(it, key + str(i), **edits))
                   for i, (it, raw) in enumerate(zip(prompt.items, images)))
     # a salt per request: no prefix-cache block is shared, every request computes its own KV
     return PrefillRequest(rid, tuple(prompt.token_ids), media, PARAMS, cache_salt=rid)
@@ -154,3 +161,54 @@ def test_an_item_that_cannot_be_read_fails_with_embeddings_unavailable(epd):
         assert error.details().startswith("embeddings unavailable: " + why), error.details()
         assert (load.blocks_used, load.running, load.waiting) == (0, 0, 0)
         assert load.embedding_read_failures == n + 1
+
+
+@contextmanager
+def _encode_node(model: str):
+    port = free_port()
+    log = tempfile.TemporaryFile("w+")
+    cmd = [sys.executable, "-m", "qwenvl_pd.cli", "encode", "--model", model, "--port", str(port),
+           "--host", "127.0.0.1", "--bind", "127.0.0.1", "--threads", "1", "--embedding-cache-gib", "0.01",
+           "--drain-seconds", "0"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, text=True)
+    proc.log = log
+    try:
+        wait_healthy(f"127.0.0.1:{port}", proc)
+        yield f"127.0.0.1:{port}"
+    finally:
+        stop(proc)
+
+
+async def _through_encoder(encode_addr: str, prefill_addr: str, reqs: list[PrefillRequest]):
+    """Encode the last request's media, send it to prefill with the handles; every result, the
+    prefill's and the encoder's loads once prefill's Releases had time to land."""
+    async with auth.channel(encode_addr) as channel:
+        encoder = pb_grpc.EncodeStub(channel)
+        last = reqs[-1]
+        reply = await encoder.Encode(convert.to_proto(EncodeRequest("e", last.media)), timeout=60)
+        handles = convert.from_proto(reply).handles
+        media = tuple(dataclasses.replace(m, data=b"", embedding=h) for m, h in zip(last.media, handles))
+        results, load = await _prefill_all(prefill_addr, reqs[:-1] + [dataclasses.replace(last, media=media)])
+        for _ in range(50):
+            leases = convert.from_proto(await encoder.GetLoad(pb.LoadRequest(), timeout=5)).embedding_leases
+            if leases == 0:
+                break
+            await asyncio.sleep(0.1)
+        return results, load, leases
+
+
+def _as_the_proxy_sends(req: PrefillRequest, images: list[bytes]) -> PrefillRequest:
+    """Content hashes of the bytes (the encoder checks them); prompt logprobs compare every position."""
+    media = tuple(dataclasses.replace(m, content_hash=bytes_hash(d)) for m, d in zip(req.media, images))
+    return dataclasses.replace(req, media=media, sampling=dataclasses.replace(PARAMS, prompt_logprobs=2))
+
+
+@pytest.mark.parametrize("epd", [1], indirect=True, ids=["tp1"])
+def test_handles_from_a_real_encode_node_prefill_what_the_bytes_do_and_are_released(epd, tiny_dirs):
+    llm, _, address = epd
+    images = [png_bytes(_image(88, 72, 5)), png_bytes(_image(72, 100, 6))]
+    bytes_req, encoded = (_as_the_proxy_sends(_request(llm, rid, images), images) for rid in ("enc-b", "enc-h"))
+    with _encode_node(str(tiny_dirs["qwen3_vl"])) as encode_addr:
+        (want, got), _, leases = asyncio.run(_through_encoder(encode_addr, address, [bytes_req, encoded]))
+    assert got.first_token == want.first_token and got.prompt_logprobs == want.prompt_logprobs
+    assert leases == 0  # prefill's Release unpinned both entries
