@@ -83,7 +83,8 @@ def _request(llm, rid: str, images: list[bytes], encoder=None, embedded=(), key:
     body = f"<|im_start|>user\n{IMG * len(images)}Describe.<|im_end|>\n<|im_start|>assistant\n"
     prompt = llm.inputs.process({"prompt": body, "multi_modal_data": {"image": images}})
     media = tuple(MediaItem("image", it.content_hash, it.grid_thw, data=raw) if i not in embedded else
-                  MediaItem("image", it.content_hash, it.grid_thw, embedding=encoder.handle(it, key + str(i), **edits))
+                  MediaItem("image", it.content_hash, it.grid_thw,
+                            embedding=encoder.handle(it, key + str(i), **edits))
                   for i, (it, raw) in enumerate(zip(prompt.items, images)))
     # a salt per request: no prefix-cache block is shared, every request computes its own KV
     return PrefillRequest(rid, tuple(prompt.token_ids), media, PARAMS, cache_salt=rid)
