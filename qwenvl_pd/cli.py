@@ -82,6 +82,7 @@ def _node(args: argparse.Namespace) -> int:
         lease_seconds=args.lease_seconds, drain_seconds=args.drain_seconds, instance_id=args.instance_id or "",
         cluster_secret=read_secret(args.cluster_secret_file or ""), max_queued_requests=args.max_queued_requests,
         kv_layer_group=args.kv_layer_group, cpus=args.cpus,
+        embedding_read_buffer_mib=args.embedding_read_buffer_mib, embedding_store=args.embedding_store or "",
         allowed_prefills=tuple(a for a in (args.allowed_prefills or "").split(",") if a.strip()))
     pin(cfg.cpus)  # before the ranks start: they inherit it
     _set_threads(stack.threads)
@@ -112,6 +113,10 @@ def _add_node_parser(sub, role: str, default_port: int) -> None:
                    "separated: the proxy's --prefill) it reads KV from; default any a caller names")
     p.add_argument("--drain-seconds", type=float, default=30.0,
                    help="on SIGTERM: report NOT_SERVING, let running streams finish this long")
+    p.add_argument("--embedding-store", metavar="HOST:PORT", help="prefill: the mooncake_master whose "
+                   "Mooncake Store holds encoders' embeddings (read when an encoder cannot be)")
+    p.add_argument("--embedding-read-buffer-mib", type=int, default=256,
+                   help="prefill: registered buffer that embeddings read from encoders land in")
     p.add_argument("--instance-id")
     _add_secret_arg(p)
     p.add_argument("--block-size", type=int, default=16)

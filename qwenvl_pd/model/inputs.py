@@ -11,7 +11,8 @@ from qwenvl_pd.model_config import ModelConfig
 from qwenvl_pd.model.mrope import mrope_positions
 from qwenvl_pd.model.grid import VisionTokenIds, expand_placeholders
 from qwenvl_pd.model.processor import ImageInputs, process_images
-from qwenvl_pd.model.vision_config import VisionPreprocessConfig
+from qwenvl_pd.model.vision import VisionEmbeds
+from qwenvl_pd.model.vision_config import VisionPreprocessConfig, normalize_family
 from qwenvl_pd.model.video import VideoInputs, process_videos
 
 DEFAULT_LIMIT = 999
@@ -23,13 +24,26 @@ class InputError(ValueError):
 
 @dataclass(frozen=True, eq=False)
 class MMItem:
-    """One image or video of a prompt, in the order its placeholders appear."""
+    """One image or video of a prompt, in the order its placeholders appear: its pixels, or the
+    embeddings an encoder already made of them."""
     kind: str                    # "image" | "video"
-    content_hash: str            # sha256 over grid and patches: equal pixels, equal hash
-    pixel_values: torch.Tensor   # [t*h*w, C*T*P*P]
+    # sha256 over grid and patches (equal pixels, equal hash), or an embedded item's key
+    content_hash: str
+    pixel_values: torch.Tensor | None  # [t*h*w, C*T*P*P]; None when embeds are carried
     grid_thw: tuple[int, int, int]
     num_tokens: int              # placeholder tokens it fills
     span: tuple[int, int]        # [first placeholder, last placeholder + 1) in the prompt
+    embeds: VisionEmbeds | None = None  # made elsewhere: the tower is not run for this item
+
+
+@dataclass(frozen=True, eq=False)
+class Embedded:
+    """A media item given as embeddings (read from an encoder) instead of bytes: its grid and
+    time info place it, no pixel is processed."""
+    grid_thw: tuple[int, int, int]
+    key: str                     # the embedding key: the item's prefix-cache hash
+    embeds: VisionEmbeds         # embeds [num_tokens, hidden], deepstack [k, num_tokens, hidden]
+    second_per_grid_t: float | None = None  # Qwen2.5-VL video
 
 
 @dataclass
@@ -46,12 +60,8 @@ class ProcessedPrompt:
         return [(*it.span, it.content_hash) for it in self.items]
 
 
-def _items(token_ids: list[int], images: ImageInputs | None, videos: VideoInputs | None,
-           ids: VisionTokenIds, merge: int) -> list[MMItem]:
-    pending = {ids.image_pad: _split("image", images and images.pixel_values,
-                                     images and images.image_grid_thw, merge),
-               ids.video_pad: _split("video", videos and videos.pixel_values_videos,
-                                     videos and videos.video_grid_thw, merge)}
+def _items(token_ids: list[int], parts: dict[str, list[dict]], ids: VisionTokenIds) -> list[MMItem]:
+    pending = {ids.image_pad: list(parts["image"]), ids.video_pad: list(parts["video"])}
     items, current, left = [], None, 0
     for i, tok in enumerate(token_ids):
         if tok not in pending:
@@ -78,6 +88,38 @@ def _split(kind: str, pixels, grids, merge: int) -> list[dict]:
         out.append(dict(kind=kind, content_hash=digest.hexdigest(), pixel_values=patches,
                         grid_thw=(t, h, w), num_tokens=t * h * w // merge ** 2))
     return out
+
+
+def _merged(kind: str, given: list | None, pixels, grids, merge: int) -> list[dict]:
+    """Each item of `given` in order: a processed one's patches or an Embedded's embeddings
+    (given None: every item was processed)."""
+    processed = _split(kind, pixels, grids, merge)
+    if given is None:
+        return processed
+    rest = iter(processed)
+    return [_embedded(kind, g, merge) if isinstance(g, Embedded) else next(rest) for g in given]
+
+
+def _embedded(kind: str, item: Embedded, merge: int) -> dict:
+    t, h, w = item.grid_thw
+    n = t * h * w // merge ** 2
+    rows = item.embeds.embeds.shape[0]
+    if rows != n or (item.embeds.deepstack is not None and item.embeds.deepstack.shape[1] != n):
+        raise ValueError(f"{kind} embeddings have {rows} rows; grid {tuple(item.grid_thw)} needs {n}")
+    return dict(kind=kind, content_hash=item.key, pixel_values=None, grid_thw=tuple(item.grid_thw),
+                num_tokens=n, embeds=item.embeds)
+
+
+def _seconds(given: list | None, videos: VideoInputs | None, qwen3: bool) -> list | None:
+    """Qwen2.5-VL: seconds per temporal grid step of each video, processed or embedded."""
+    own = list(videos.second_per_grid_ts or ()) if videos else []
+    if given is None or qwen3:
+        return own or None
+    rest = iter(own)
+    secs = [g.second_per_grid_t if isinstance(g, Embedded) else next(rest) for g in given]
+    if any(s is None for s in secs):
+        raise ValueError("an embedded Qwen2.5-VL video needs second_per_grid_t")
+    return secs or None
 
 
 def _as_list(kind: str, value) -> list:
@@ -134,12 +176,17 @@ class InputProcessor:
 
     def process_expanded(self, token_ids: list[int], images: list, videos: list,
                          video_fps: list | None = None) -> ProcessedPrompt:
-        """A prompt whose placeholders a proxy already expanded; media as raw bytes or frames.
-        The runs of placeholders must match the grids the media give here."""
-        mm = {"image": images or None, "video": videos or None}
-        images_in, videos_in = self._media({k: v for k, v in mm.items() if v}, video_fps)
+        """A prompt whose placeholders a proxy already expanded; media as raw bytes or frames, or
+        as Embedded (grid and embeddings only: no pixel is made for those). The runs of
+        placeholders must match the grids the media give here."""
+        fps = video_fps or [None] * len(videos)
+        raw_images = [x for x in images if not isinstance(x, Embedded)]
+        raw = [(v, f) for v, f in zip(videos, fps) if not isinstance(v, Embedded)]
+        mm = {"image": raw_images or None, "video": [v for v, _ in raw] or None}
+        images_in, videos_in = self._media({k: v for k, v in mm.items() if v},
+                                           [f for _, f in raw] if video_fps else None)
         try:
-            return self._finish(list(token_ids), images_in, videos_in)
+            return self._finish(list(token_ids), images_in, videos_in, list(images), list(videos))
         except InputError:
             raise
         except ValueError as e:
@@ -154,20 +201,28 @@ class InputProcessor:
             encode=self.encode, ids=self.ids)
         return self._finish(expanded, images, videos)
 
-    def _finish(self, expanded: list[int], images: ImageInputs | None,
-                videos: VideoInputs | None) -> ProcessedPrompt:
+    def _finish(self, expanded: list[int], images: ImageInputs | None, videos: VideoInputs | None,
+                given_images: list | None = None, given_videos: list | None = None) -> ProcessedPrompt:
         merge = self.config.vision.spatial_merge_size
         if len(expanded) >= self.max_model_len:
             raise InputError(f"prompt is {len(expanded)} tokens (images and videos expanded); "
                              f"max_model_len is {self.max_model_len}")
+        parts = {"image": _merged("image", given_images, images and images.pixel_values,
+                                  images and images.image_grid_thw, merge),
+                 "video": _merged("video", given_videos, videos and videos.pixel_values_videos,
+                                  videos and videos.video_grid_thw, merge)}
+        # M-RoPE needs only the grids (and Qwen2.5-VL's seconds per step): embedded items too
         positions, delta = mrope_positions(
-            expanded, _grid(images and images.image_grid_thw), _grid(videos and videos.video_grid_thw),
-            merge, family=self.family, image_token_id=self.ids.image_pad,
-            video_token_id=self.ids.video_pad,
-            second_per_grid_ts=videos.second_per_grid_ts if videos else None,
+            expanded, _grids(parts["image"]), _grids(parts["video"]), merge, family=self.family,
+            image_token_id=self.ids.image_pad, video_token_id=self.ids.video_pad,
+            second_per_grid_ts=_seconds(given_videos, videos, normalize_family(self.family) == "qwen3_vl"),
             tokens_per_second=self.config.vision.tokens_per_second)
-        items = _items(expanded, images, videos, self.ids, merge)
+        items = _items(expanded, parts, self.ids)
         return ProcessedPrompt(expanded, positions, delta, items, images, videos)
+
+
+def _grids(parts: list[dict]) -> torch.Tensor:
+    return torch.tensor([p["grid_thw"] for p in parts], dtype=torch.long).view(-1, 3)
 
 
 def _grid(grid: torch.Tensor | None) -> torch.Tensor:

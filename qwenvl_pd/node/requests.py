@@ -2,6 +2,8 @@
 media) -> the engine's Sequence, and a Sequence's latest token -> its TokenEvent (prompt
 logprobs included); the same for the prefill node, the decode node and the colocated engine."""
 import io
+from collections.abc import Sequence as Sequence_
+from itertools import zip_longest
 
 from PIL import Image
 
@@ -9,17 +11,21 @@ from qwenvl_pd.engine import prompt_logprobs as prompt_rows
 from qwenvl_pd.engine.grammar import Grammars
 from qwenvl_pd.engine.sequence import Sequence
 from qwenvl_pd.finish_reason import FinishReason
-from qwenvl_pd.messages import PrefillRequest, PromptLogprobs, SampledToken, TokenEvent
-from qwenvl_pd.model.inputs import InputProcessor
+from qwenvl_pd.messages import MediaItem, PrefillRequest, PromptLogprobs, SampledToken, TokenEvent
+from qwenvl_pd.model.inputs import Embedded, InputProcessor
+from qwenvl_pd.model.vision import VisionEmbeds
 from qwenvl_pd.sampling_params import SamplingParams
 
 
 def sequence_from_request(inputs: InputProcessor, req: PrefillRequest, max_model_len: int,
-                          grammars: Grammars | None = None) -> Sequence:
-    """Media re-processed from their bytes; raises ValueError/InputError naming what is wrong."""
+                          grammars: Grammars | None = None,
+                          embeds: Sequence_[VisionEmbeds | None] = ()) -> Sequence:
+    """Media re-processed from their bytes, or placed by their grids where embeds[i] (item i's,
+    read from an encoder) is given; raises ValueError/InputError naming what is wrong."""
     check_grammar(grammars, req.sampling)
-    images = [m.data for m in req.media if m.kind == "image"]
-    videos = [list(_frames(m)) if m.frames else m.data for m in req.media if m.kind == "video"]
+    given = [_given(m, e) for m, e in zip_longest(req.media, embeds[:len(req.media)])]
+    images = [g for m, g in zip(req.media, given) if m.kind == "image"]
+    videos = [g for m, g in zip(req.media, given) if m.kind == "video"]
     fps = [m.fps for m in req.media if m.kind == "video"]
     prompt = inputs.process_expanded(list(req.prompt_token_ids), images, videos, fps or None)
     _check_grids(req, prompt)
@@ -66,6 +72,18 @@ def check_grammar(grammars: Grammars | None, params: SamplingParams) -> None:
     error = grammars.error(spec)
     if error:
         raise ValueError(f"structured_outputs: {error}")
+
+
+def _given(item: MediaItem, embeds: VisionEmbeds | None):
+    if embeds is not None:
+        return Embedded(item.grid_thw, item.embedding.key if item.embedding else item.content_hash,
+                        embeds, item.second_per_grid_t)
+    if item.embedding is not None and not (item.data or item.frames):
+        raise ValueError(f"media item {item.content_hash[:16]} comes as an embedding handle that "
+                         "was not read")
+    if item.kind == "video" and item.frames:
+        return list(_frames(item))
+    return item.data
 
 
 def _frames(item) -> list[Image.Image]:

@@ -34,10 +34,14 @@ class NodeConfig:
     kv_layer_group: int = 4  # prefill: layers per layer-wise KV report; 0 refuses layer-wise
     cpus: tuple[int, ...] = ()       # cores this node and its ranks are pinned to; (): not pinned
     allowed_prefills: tuple[str, ...] = ()  # decode: the only prefill hosts it reads KV from; (): any
+    embedding_read_buffer_mib: int = 256  # prefill: registered once, on the first embedding read
+    embedding_store: str = ""  # prefill: a mooncake_master whose Mooncake Store backs encoder reads
 
     def __post_init__(self):
         if self.max_queued_requests < 1:
             raise ValueError("--max-queued-requests must be >= 1")
+        if self.embedding_read_buffer_mib < 1:
+            raise ValueError("--embedding-read-buffer-mib must be >= 1")
         if self.kv_layer_group < 0:
             raise ValueError("--kv-layer-group must be >= 0 (0: no layer-wise KV streaming)")
 

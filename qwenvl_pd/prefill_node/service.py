@@ -16,6 +16,9 @@ from qwenvl_pd.kv_transfer.handle import KVHandle
 from qwenvl_pd.engine.kv_streams import LayerProgress
 from qwenvl_pd.messages import PrefillRequest, PrefillResult, PrefillStreamEvent
 from qwenvl_pd.model.inputs import InputError
+from qwenvl_pd.model.vision_fingerprint import vision_fingerprint
+from qwenvl_pd.prefill_node.embedding_reader import (UNAVAILABLE, EmbeddingReader, EmbeddingUnavailable,
+                                                     ReaderConfig)
 from qwenvl_pd.prefill_node.kv_watch import Watched
 from qwenvl_pd.prefill_node.leases import LeaseTable, lease_seconds
 from qwenvl_pd.protos import auth, convert, qwenvl_pd_pb2 as pb, qwenvl_pd_pb2_grpc as pb_grpc
@@ -36,6 +39,8 @@ class PrefillService(pb_grpc.PrefillServicer):
         self.streams = (runtime.engine.stream_layers(runtime.cfg.kv_layer_group, self._on_layers)
                         if runtime.cfg.kv_layer_group else None)
         self._expiry = asyncio.ensure_future(self._expire_leases())
+        self.embeddings = EmbeddingReader(reader_config(runtime), runtime.transfer,
+                                          runtime.engine.encoder_cache.get, _store_get(runtime.cfg))
 
     # ---- engine thread
     def _on_step(self, result: StepResult) -> None:
@@ -103,13 +108,25 @@ class PrefillService(pb_grpc.PrefillServicer):
         await self.host.refuse_if_draining(context)
         try:
             req: PrefillRequest = convert.from_proto(request)
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        embeds = await self._embeddings(req, context)
+        try:
             seq = await asyncio.to_thread(sequence_from_request, self.rt.inputs, req, self.rt.max_model_len,
-                                          self.rt.engine.grammars)
+                                          self.rt.engine.grammars, embeds)
         except (ValueError, InputError) as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         if req.request_id in self.waiters:
             await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"request {req.request_id} is in flight")
         return req, seq
+
+    async def _embeddings(self, req: PrefillRequest, context) -> list:
+        """Items sent as embedding handles, read (None for items sent as bytes); one that cannot
+        be had fails the request so that the proxy resends it with the media bytes."""
+        try:
+            return await self.embeddings.read(req.media)
+        except EmbeddingUnavailable as e:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, UNAVAILABLE + str(e))
 
     def _wait_for(self, req: PrefillRequest) -> asyncio.Future:
         fut = self.waiters[req.request_id] = asyncio.get_running_loop().create_future()
@@ -216,10 +233,31 @@ class PrefillService(pb_grpc.PrefillServicer):
         return pb.AbortResponse(found=await self._abort(request.request_id))
 
     async def GetLoad(self, request, context):
-        return convert.to_proto(load_report(self.rt, "prefill"))
+        read = self.embeddings.counters
+        return convert.to_proto(load_report(self.rt, "prefill", embedding_reads=read.reads,
+                                            embedding_read_bytes=read.read_bytes,
+                                            embedding_read_failures=read.failures))
 
     async def GetModelInfo(self, request, context):
         return convert.to_proto(self.rt.model_info())
+
+
+def reader_config(rt: Runtime) -> ReaderConfig:
+    """Computed once at start: handles made by other vision weights are refused."""
+    mc = rt.model_config
+    return ReaderConfig(vision_fingerprint(mc.family, mc.vision, rt.model.vision_tower()),
+                        mc.vision.out_hidden_size, mc.vision.spatial_merge_size, rt.cfg.transfer_timeout_s,
+                        rt.cfg.embedding_read_buffer_mib << 20, rt.cfg.cluster_secret)
+
+
+def _store_get(cfg: NodeConfig):
+    if not cfg.embedding_store:
+        return None
+    from qwenvl_pd.kv_transfer.embedding_store import EmbeddingStore
+    # a reader lends the store no memory: nothing is placed on a prefill
+    return EmbeddingStore(cfg.embedding_store, cfg.host, segment_bytes=0,
+                          buffer_bytes=cfg.embedding_read_buffer_mib << 20, protocol=cfg.transfer_protocol,
+                          device=cfg.transfer_device).get
 
 
 def main(cfg: NodeConfig) -> int:
