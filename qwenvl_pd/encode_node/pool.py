@@ -15,7 +15,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable
 
-from qwenvl_pd.encode_node.arena import ALIGN, ByteArena
+from qwenvl_pd.kv_transfer.arena import ALIGN, ByteArena
 
 
 class PoolError(RuntimeError):

@@ -40,6 +40,7 @@ class EncoderCache:
         with self._lock:
             return self._touch(key) if key in self._entries else None
 
+    @torch.no_grad()  # cached outputs must hold no autograd graph (the tower's activations)
     def _run(self, model, items: list[MMItem]) -> dict[str, VisionEmbeds]:
         pixels = torch.cat([it.pixel_values for it in items])
         grid = torch.tensor([it.grid_thw for it in items])

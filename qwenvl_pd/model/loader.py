@@ -48,7 +48,9 @@ def load_model(model_dir: str | Path, config: ModelConfig, dtype: torch.dtype,
     check_quantised(model)
     model.quantization = desc.label if desc else "none"
     model.pack_weights()
-    return model.eval()
+    # serving never trains: without this, a forward outside inference mode (the vision tower's)
+    # records its graph, and a cached embedding then holds every activation of its tower pass
+    return model.eval().requires_grad_(False)
 
 
 def load_weights(model: VisionLanguageModel, model_dir: Path, renames) -> None:

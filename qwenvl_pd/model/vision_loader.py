@@ -28,7 +28,7 @@ def load_vision_tower(model_dir: str | Path, config: ModelConfig, dtype: torch.d
     if missing:
         shown = ", ".join(f"{n} {tuple(params[n].shape)}" for n in missing[:8])
         raise WeightError(f"{model_dir}: {len(missing)} vision tensors missing from the checkpoint: {shown}")
-    return tower.eval()
+    return tower.eval().requires_grad_(False)
 
 
 def _load(tower: nn.Module, params: dict, model_dir: Path, renames) -> set[str]:

@@ -9,7 +9,7 @@ import time
 
 import torch
 
-from qwenvl_pd.encode_node.arena import ByteArena  # the encoder's pool allocator: same rules
+from qwenvl_pd.kv_transfer.arena import ByteArena
 
 
 class ScratchFull(Exception):

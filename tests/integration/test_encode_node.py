@@ -106,21 +106,6 @@ def cluster(tiny_dirs):
     c.close()
 
 
-def mp4(frames=8, w=64, h=48) -> bytes:
-    import av
-    import numpy as np
-    buf = io.BytesIO()
-    with av.open(buf, "w", format="mp4") as c:
-        s = c.add_stream("mpeg4", rate=4)
-        s.width, s.height, s.pix_fmt = w, h, "yuv420p"
-        for i in range(frames):
-            for p in s.encode(av.VideoFrame.from_ndarray(np.full((h, w, 3), i * 20, np.uint8), format="rgb24")):
-                c.mux(p)
-        for p in s.encode():
-            c.mux(p)
-    return buf.getvalue()
-
-
 @pytest.fixture(scope="module")
 def vision(tiny_dirs):
     return VisionPreprocessConfig.from_dir(tiny_dirs["qwen3_vl"])
@@ -200,7 +185,7 @@ def test_concurrent_requests_for_one_new_image_encode_it_once(cluster):
     assert len({h.key for r in replies for h in r.handles}) == 1
 
 
-def test_a_video_is_encoded_once_and_reads_back_exactly(cluster, vision, reference):
+def test_a_video_is_encoded_once_and_reads_back_exactly(cluster, vision, reference, mp4):
     data = mp4()
     want = process_videos([data], vision, "qwen3_vl")
     item = MediaItem(kind="video", content_hash=bytes_hash(data), data=data,

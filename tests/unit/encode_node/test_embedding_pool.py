@@ -1,6 +1,6 @@
 import pytest
 
-from qwenvl_pd.encode_node.arena import ByteArena
+from qwenvl_pd.kv_transfer.arena import ByteArena
 from qwenvl_pd.encode_node.pool import EmbeddingPool, PoolError
 
 

@@ -9,7 +9,10 @@ from PIL import Image
 from qwenvl_pd import LLM, SamplingParams
 from qwenvl_pd.engine.model_runner import ScheduledChunk
 from qwenvl_pd.engine.sequence import Sequence
+from qwenvl_pd.model.inputs import Embedded
 from qwenvl_pd.model.tiny import make_tiny
+from qwenvl_pd.model.vision import encode as encode_vision
+from qwenvl_pd.model.vision_loader import load_vision_tower
 
 ARCHS = ["qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"]
 IMG = "<|vision_start|><|image_pad|><|vision_end|>"
@@ -138,3 +141,32 @@ def test_bf16_prefill_and_greedy_tokens_match_within_bf16_noise(bf16_trio, case)
         logits = gen.logits[first][0].float()
         gap = (logits[expected[first]] - logits[got[first]]).item()
         assert gap <= theirs.abs().max().item(), f"{arch}/{case}: token {first} differs by {gap}"
+
+
+@pytest.mark.parametrize("case", ["one_image", "two_images", "video"])
+def test_embeddings_of_the_vision_only_tower_generate_what_the_pixels_do(pair, case, tiny_dirs):
+    """EPD's chain in one process, on every family: the encode role's vision-only tower makes
+    each item's embeddings, prefill places them from their grids alone (no pixels), and the
+    greedy tokens equal the pixel path's (which equal transformers', above)."""
+    arch, ours, _ = pair
+    text, mm = CASES[case]
+    request = {"prompt": _chat(text), "multi_modal_data": mm}
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    want = ours.generate([request], params)[0].outputs[0].token_ids
+    tower = load_vision_tower(tiny_dirs[arch], ours.config, torch.float32)
+    prompt = ours.inputs.process(request)
+    spans = prompt.videos.second_per_grid_ts if prompt.videos is not None else None
+    given = {"image": [], "video": []}
+    for i, it in enumerate(prompt.items):
+        with torch.inference_mode():
+            made = encode_vision(tower, it.pixel_values, torch.tensor([it.grid_thw]))
+        second = spans[len(given["video"])] if it.kind == "video" and spans else None
+        given[it.kind].append(Embedded(it.grid_thw, f"{case}-{i}", made, second))
+    placed = ours.inputs.process_expanded(prompt.token_ids, given["image"], given["video"])
+    assert placed.token_ids == prompt.token_ids and torch.equal(placed.positions, prompt.positions)
+    seq = Sequence(f"epd-{case}", list(placed.token_ids), placed.positions, placed.mrope_delta, params,
+                   items=placed.items)
+    ours.engine.add(seq)
+    while ours.engine.has_work():
+        ours.engine.step()
+    assert seq.output_ids == want

@@ -299,25 +299,10 @@ def test_health_metrics_version_and_unknown_route(client):
     assert r.status_code == 404 and "error" in r.json()
 
 
-def _mp4(frames=8, w=64, h=48) -> bytes:
-    import av
-    import numpy as np
-    buf = io.BytesIO()
-    with av.open(buf, "w", format="mp4") as c:
-        s = c.add_stream("mpeg4", rate=4)
-        s.width, s.height, s.pix_fmt = w, h, "yuv420p"
-        for i in range(frames):
-            for p in s.encode(av.VideoFrame.from_ndarray(np.full((h, w, 3), i * 20, np.uint8), format="rgb24")):
-                c.mux(p)
-        for p in s.encode():
-            c.mux(p)
-    return buf.getvalue()
-
-
-def test_video_part_gets_the_processors_grid(info, qwen_tokenizer):
+def test_video_part_gets_the_processors_grid(info, qwen_tokenizer, mp4):
     from qwenvl_pd.model.vision_config import config_from_dicts
     from qwenvl_pd.model.video import process_videos
-    data = _mp4()
+    data = mp4()
     c, backend = make_client(info, qwen_tokenizer.encode(ANSWER))
     url = "data:video/mp4;base64," + base64.b64encode(data).decode()
     with c:
@@ -338,9 +323,9 @@ def test_video_part_gets_the_processors_grid(info, qwen_tokenizer):
     ({"max_image_pixels": 64 * 48 - 1}, "video frames are 64x48 = 3072 pixels; the limit is 3071 per frame"),
     ({"max_video_frames": 7}, "the video declares 8 frames; the limit is 7"),
 ])
-def test_a_video_over_the_limits_is_a_400_before_any_decoding(info, qwen_tokenizer, limit, message):
+def test_a_video_over_the_limits_is_a_400_before_any_decoding(info, qwen_tokenizer, limit, message, mp4):
     c, backend = make_client(info, qwen_tokenizer.encode(ANSWER), **limit)
-    url = "data:video/mp4;base64," + base64.b64encode(_mp4()).decode()
+    url = "data:video/mp4;base64," + base64.b64encode(mp4()).decode()
     with c:
         r = c.post("/v1/chat/completions", json=chat([{"type": "video_url", "video_url": {"url": url}}]))
     assert r.status_code == 400, r.text
