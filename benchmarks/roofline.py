@@ -101,10 +101,15 @@ class TextStack:
         return sum(self.step_seconds([n + i for n in lens], bounds, dtype) for i in range(1, output))
 
 
-def offline_fractions(stack: TextStack, bounds: Bounds, dtype: str, r: dict, output: int) -> tuple[float, float]:
-    """(prefill FLOP/s / GEMM rate, decode roofline time / decode time) of one vs_vllm_offline result."""
+def offline_fractions(stack: TextStack, bounds: Bounds, dtype: str, r: dict, output: int
+                      ) -> tuple[float, float | None]:
+    """(prefill FLOP/s / GEMM rate, decode roofline time / decode time) of one vs_vllm_offline
+    result. Decode time is the whole run less the prefill-only pass over other prompts of the
+    workload; None where that pass took longer (images of other sizes: no estimate)."""
     prefill = stack.prefill_flops(r["prefill_lens"]) / r["prefill_s"] / 1e9 / bounds.gflops[dtype]
-    decode_s = max(1e-9, r["total_s"] - r["prefill_s"])
+    decode_s = r["total_s"] - r["prefill_s"]
+    if decode_s <= 0.05 * r["total_s"]:
+        return prefill, None
     return prefill, stack.decode_seconds(r["lens"], output, bounds, dtype) / decode_s
 
 

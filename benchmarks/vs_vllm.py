@@ -137,7 +137,8 @@ def report(w: Workload, res: dict[str, dict], stack: roofline.TextStack, per_thr
     def offline(system: str, r: dict, base: float | None) -> str:
         bounds = per_threads[system_threads(system, vllm_cores, cores)]
         pf, df = roofline.offline_fractions(stack, bounds, dtype, r, w.output)
-        return f"{r['tok_s']:10.1f} {_ratio(r['tok_s'], base):>7} {pf:13.2f} {df:10.2f} {r['startup_s']:8.0f}"
+        decode = "-" if df is None else f"{df:.2f}"
+        return f"{r['tok_s']:10.1f} {_ratio(r['tok_s'], base):>7} {pf:13.2f} {decode:>10} {r['startup_s']:8.0f}"
 
     def online(system: str, r: dict, base: float | None) -> str:
         bounds = per_threads[system_threads(system, vllm_cores, cores)]
