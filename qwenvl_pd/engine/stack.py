@@ -70,7 +70,7 @@ def build_stack(cfg: StackConfig, rank_setup: Callable[[RankContext], object] | 
     ranks = _start_ranks(cfg, config, tp, device, dtype, engine_cfg, rank_setup)
     try:
         model = load_model(cfg.model, config, dtype, rank_device(device.type, 0) if ranks else device, tp,
-                           cfg.quantization, pack=not engine_cfg.finish_after_prefill)
+                           cfg.quantization)
         grammars = Grammars(tokenizer, config.text.vocab_size, config.eos_token_ids)
         engine = LLMEngine(model, config, engine_cfg, dtype, tp, ranks and ranks.channel, grammars)
         context = RankContext(tp, engine.kv_cache, ranks and ranks.aux_group)
@@ -103,5 +103,5 @@ def build_rank_runner(spec: RankSpec) -> ModelRunner:
     config = ModelConfig.from_hf(spec.model_dir)
     dtype = getattr(torch, spec.dtype)
     model = load_model(spec.model_dir, config, dtype, rank_device(spec.device_type, spec.tp.rank),
-                       spec.tp, spec.quantization, pack=not spec.engine.finish_after_prefill)
+                       spec.tp, spec.quantization)
     return build_runner(model, config, spec.engine, dtype, spec.tp)

@@ -41,16 +41,14 @@ class VisionLanguageModel(nn.Module):
         if self.config.text.tie_word_embeddings:
             self.lm_head.weight = self.language_model().embed_tokens.weight
 
-    def pack_weights(self, linears: bool = True) -> None:
-        """Hold MoE experts as [E, out, in] and, with linears, reorder the text linears once for
-        oneDNN (CPU float32 and native bf16; elsewhere a no-op). Call after loading: the packed
-        copies do not follow later writes to the parameters."""
-        kinds = (Attention, GatedMLP, Experts) if linears else (Experts,)
+    def pack_weights(self) -> None:
+        """Reorder the text linears once for oneDNN (CPU float32 and native bf16; elsewhere a
+        no-op) and hold MoE experts as [E, out, in]. Call after loading: the packed copies do not
+        follow later writes to the parameters."""
         for module in self.language_model().modules():
-            if isinstance(module, kinds):
+            if isinstance(module, (Attention, GatedMLP, Experts)):
                 module.pack()
-        if linears:
-            self.lm_head.pack()
+        self.lm_head.pack()
 
 
 def lm_head(config: ModelConfig, tp: TensorParallel) -> Linear:

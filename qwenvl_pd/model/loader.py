@@ -34,10 +34,9 @@ def checkpoint_files(model_dir: Path) -> list[Path]:
 
 def load_model(model_dir: str | Path, config: ModelConfig, dtype: torch.dtype,
                device: torch.device | str = "cpu", tp: TensorParallel = TensorParallel(),
-               quantization: str | None = None, pack: bool = True) -> VisionLanguageModel:
+               quantization: str | None = None) -> VisionLanguageModel:
     """The model with this rank's shard of every weight (all of them at tensor_parallel 1).
-    quantization: "ascend" (msModelSlim W8A8), "none", or None to detect it. pack: reorder the
-    linears for decode-sized calls (model.pack_weights); a prefill-only engine does not."""
+    quantization: "ascend" (msModelSlim W8A8), "none", or None to detect it."""
     check_divisible(config.text, tp)
     cls, renames = MODELS[config.family]
     desc = read_description(model_dir, resolve_method(model_dir, quantization), renames)
@@ -48,7 +47,7 @@ def load_model(model_dir: str | Path, config: ModelConfig, dtype: torch.dtype,
     load_weights(model, Path(model_dir), renames)
     check_quantised(model)
     model.quantization = desc.label if desc else "none"
-    model.pack_weights(linears=pack)
+    model.pack_weights()
     # serving never trains: without this, a forward outside inference mode (the vision tower's)
     # records its graph, and a cached embedding then holds every activation of its tower pass
     return model.eval().requires_grad_(False)

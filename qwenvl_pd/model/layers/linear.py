@@ -19,7 +19,7 @@ DENSE_FROM = 256
 def can_pack(weight: torch.Tensor) -> bool:
     """bf16 too on AVX512-BF16/AMX (benchmarks/linear_packing.py --dtype bfloat16, 2 cores: 1.5-2.5x
     at 8 tokens, 1.35-1.5x at 32, the lm_head 26.7 -> 13.1 ms at 8; prefill-sized calls lose 5-20%
-    to the unpacking, so prefill-only engines do not pack: loader.load_model(pack=False))."""
+    to the unpacking, but every role packs alike: PD's tokens must equal colocated's)."""
     native = weight.dtype == torch.float32 or (weight.dtype == torch.bfloat16 and _native_bf16())
     return weight.device.type == "cpu" and native and torch.backends.mkldnn.is_available()
 

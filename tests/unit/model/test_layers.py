@@ -105,12 +105,13 @@ def test_bf16_linears_pack_where_the_cpu_computes_bf16(tokens):
     torch.testing.assert_close(layer(x), expected, rtol=1e-2, atol=1e-2)
 
 
-def test_a_prefill_only_engine_leaves_its_linears_unpacked(tiny_dirs):
-    """Prefill-sized calls lose 5-20% to unpacking a packed weight: only decoding engines pack."""
+def test_a_prefill_engine_packs_as_a_decoding_one(tiny_dirs):
+    """PD's tokens equal colocated's only if both sides run the same GEMM paths; MoE experts are
+    transposed on every role (x @ w on the released layout is slow in bf16)."""
     prefill = LLM(model=str(tiny_dirs["qwen3_vl_moe"]), max_model_len=256, finish_after_prefill=True)
-    assert prefill.model.lm_head.packed is None
+    assert prefill.model.lm_head.packed is not None
     experts = next(m for m in prefill.model.modules() if isinstance(m, Experts))
-    assert experts.linear_layout  # experts are transposed whatever the role: x @ w is slow in bf16
+    assert experts.linear_layout and experts.gate_up_proj.shape == (8, 96, 128)
 
 
 def test_packed_group_splits_one_gemm_into_each_linears_output():

@@ -72,12 +72,15 @@ def test_expert_shards_tp_and_ep(tiny_dirs):
     name = "model.language_model.layers.0.mlp.experts."
     gate_up, down = _tensor(path, name + "gate_up_proj"), _tensor(path, name + "down_proj")
     tp = load_model(path, cfg, torch.float32, tp=TensorParallel(1, 2)).model.language_model.layers[0].mlp.experts
-    assert torch.equal(tp.gate_up_proj, torch.cat([gate_up[..., 24:48], gate_up[..., 72:96]], dim=-1))
-    assert torch.equal(tp.down_proj, down[:, 24:48])
+    # held as [E, out, in] after loading (Experts.pack): the shard, transposed
+    assert torch.equal(tp.gate_up_proj.transpose(1, 2),
+                       torch.cat([gate_up[..., 24:48], gate_up[..., 72:96]], dim=-1))
+    assert torch.equal(tp.down_proj.transpose(1, 2), down[:, 24:48])
     ep = load_model(path, cfg, torch.float32,
                     tp=TensorParallel(1, 2, expert_parallel=True)).model.language_model.layers[0].mlp.experts
     assert (ep.first, ep.stop) == (4, 8)
-    assert torch.equal(ep.gate_up_proj, gate_up[4:]) and torch.equal(ep.down_proj, down[4:])
+    assert torch.equal(ep.gate_up_proj.transpose(1, 2), gate_up[4:])
+    assert torch.equal(ep.down_proj.transpose(1, 2), down[4:])
 
 
 def test_a_rank_holds_about_half_of_the_text_weights(tiny_dirs):
