@@ -189,6 +189,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--kv-cache-gib", type=float, help="each engine's (VLLM_CPU_KVCACHE_SPACE); "
                    "default 4, 1 with --quick")
     p.add_argument("--vllm-arg", action="append", default=[], help="passed on to vllm serve")
+    p.add_argument("--serve-arg", action="append", default=[], help="passed on to qwenvl-pd serve "
+                   "(PD and colocated), e.g. --serve-arg=--max-num-batched-tokens=512")
     p.add_argument("--vllm-cores", choices=["default", "all"], default="default",
                    help="default: vLLM's own OpenMP binding (it reserves a core for its front end); "
                         "all: its threads on every core this process may use, as ours are")

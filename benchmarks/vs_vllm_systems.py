@@ -56,7 +56,8 @@ def _server_cmd(system: str, model: Path, port: int, args) -> list[str]:
         return [str(args.vllm_python.parent / "vllm"), "serve", str(model), *common,
                 "--limit-mm-per-prompt", limit, *args.vllm_arg]
     return [sys.executable, "-m", "qwenvl_pd.cli", "serve", "--model", str(model), *common,
-            "--kv-cache-gib", str(args.kv_cache_gib), *(["--colocated"] if system == "colocated" else [])]
+            "--kv-cache-gib", str(args.kv_cache_gib), *(["--colocated"] if system == "colocated" else []),
+            *args.serve_arg]
 
 
 def _ready(port: int) -> bool:
