@@ -1,8 +1,9 @@
 """epd_parity's cluster for one checkpoint, all on loopback: a Mooncake Store (mooncake_master
 plus a mooncake_client lending it memory), prefills and decodes at TP 1 and 2, an encoder without
-the store (e0) and one with it (es), and one proxy per route (EPD and EPD with the store go
-through different prefills, so each prefill reads its handles rather than hitting its cache) (a proxy per prefill/encoder pair:
-the route, not the router, decides which prefill and encoder a request meets)."""
+the store (e0) and one with it (es), and one proxy per route (a proxy per prefill/encoder pair:
+the route, not the router, decides which prefill and encoder a request meets). EPD and EPD with
+the store go through different prefills, so each prefill reads its handles (the two encoders'
+handles share a key: one prefill would read the first and hit its own cache for the second)."""
 from __future__ import annotations
 
 import asyncio
