@@ -42,6 +42,7 @@ def _encode_cli_missing() -> str:
 MISSING = _encode_cli_missing()
 needs_encoder = pytest.mark.skipif(bool(MISSING), reason=MISSING or "the encode CLI is here")
 GREEDY = dict(model="tiny", max_tokens=8, temperature=0, extra_body={"ignore_eos": True})
+SEEDED = dict(GREEDY, temperature=0.8, top_p=0.9, seed=1234)
 
 
 class EPDCluster:
@@ -111,8 +112,8 @@ def cluster(pd):
     return pd
 
 
-def _answer(cluster: EPDCluster, proxy: str, data: bytes) -> str:
-    r = cluster.client(proxy).chat.completions.create(messages=_image_messages(data), **GREEDY)
+def _answer(cluster: EPDCluster, proxy: str, data: bytes, params: dict = GREEDY) -> str:
+    r = cluster.client(proxy).chat.completions.create(messages=_image_messages(data), **params)
     assert r.choices[0].finish_reason == "length"
     return r.choices[0].message.content
 
@@ -143,6 +144,16 @@ def test_epd_equals_pd_and_a_repeated_image_is_encoded_once(cluster):
     assert cluster.metric("b", "encode_rounds_total") == 2
     assert cluster.metric("b", "encode_round_skips_total") == 0
     assert (cluster.encoder_load().embedding_misses, cluster.encoder_load().embedding_hits) == (1, 2)
+
+
+@needs_encoder
+def test_a_seeded_request_through_epd_equals_pd(cluster):
+    # the sampler's seeded stream must not depend on where the image's rows came from
+    data = _image(144, 108, seed=13)
+    rounds = cluster.metric("b", "encode_rounds_total")
+    assert _answer(cluster, "b", data, SEEDED) == _answer(cluster, "pd", data, SEEDED)
+    assert cluster.metric("b", "encode_rounds_total") == rounds + 1  # it went through e0
+    assert cluster.metric("b", "encode_fallbacks_total") == 0
 
 
 @needs_encoder
