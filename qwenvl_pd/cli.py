@@ -63,7 +63,7 @@ def _node(args: argparse.Namespace) -> int:
         finish_after_prefill=args.command == "prefill", recompute_on_preempt=args.command != "decode",
         block_size=args.block_size, kv_cache_bytes=int(args.kv_cache_gib * (1 << 30)),
         num_kv_blocks=args.num_kv_blocks, max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_num_batched_tokens=args.max_num_batched_tokens, step_fill_tokens=args.step_fill_tokens,
         enable_prefix_caching=not args.no_prefix_caching, seed=args.seed,
         max_model_len=args.max_model_len, decode_graphs=args.decode_graphs,
         gpu_memory_utilization=args.gpu_memory_utilization)
@@ -214,6 +214,7 @@ def _colocated_opener(args: argparse.Namespace):
     from qwenvl_pd.node.colocated import colocated_opener
     engine = EngineConfig(kv_cache_bytes=int(args.kv_cache_gib * (1 << 30)),
                           max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
+                          step_fill_tokens=args.step_fill_tokens,
                           enable_prefix_caching=not args.no_prefix_caching, seed=args.seed,
                           gpu_memory_utilization=args.gpu_memory_utilization)
     threads = threads_for(args.cpus, 0, args.tensor_parallel_size)

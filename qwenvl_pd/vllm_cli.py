@@ -89,6 +89,10 @@ def add_engine_args(p, hidden: bool = False) -> None:
     p.add_argument("--enable-prefix-caching", dest="no_prefix_caching", action="store_false",
                    help=h("the default"))
     p.add_argument("--seed", type=int, default=0, help=h("the engine's sampling seed"))
+    p.add_argument("--step-fill-tokens", type=int, help=h(
+        "prompts join a step only while it holds fewer tokens than this (default: 256 on a CPU prefill "
+        "node, where one prompt already runs the GEMMs at full rate and a step's prompts all wait for "
+        "its end; the whole --max-num-batched-tokens elsewhere)"))
     p.add_argument("--gpu-memory-utilization", type=_fraction, default=None, help=h(
         "on an accelerator, the share of device memory this instance's weights and KV pool take "
         "(the KV pool gets what the weights leave); overrides --kv-cache-gib there"))
@@ -149,7 +153,8 @@ def data_parallel_instances(args: argparse.Namespace, parser: argparse.ArgumentP
 
 # (flag, dest): add_engine_args' flags, then the others of serve's that a node takes as they are
 _ENGINE_FLAGS = (("--dtype", "dtype"), ("--max-num-seqs", "max_num_seqs"),
-                 ("--no-enable-prefix-caching", "no_prefix_caching"), ("--seed", "seed"))
+                 ("--no-enable-prefix-caching", "no_prefix_caching"), ("--seed", "seed"),
+                 ("--step-fill-tokens", "step_fill_tokens"))
 _NODE_FLAGS = _ENGINE_FLAGS + (
     ("--max-model-len", "max_model_len"), ("--tensor-parallel-size", "tensor_parallel_size"),
     ("--enable-expert-parallel", "enable_expert_parallel"), ("--quantization", "quantization"),

@@ -6,7 +6,7 @@ import torch
 from qwenvl_pd.model_config import ModelConfig
 from qwenvl_pd.engine.block_manager import BlockManager
 from qwenvl_pd.engine.commands import DuplicateRequest, EngineLoad, QueueFull, StepResult
-from qwenvl_pd.engine.engine_config import EngineConfig
+from qwenvl_pd.engine.engine_config import EngineConfig, fill_tokens_for
 from qwenvl_pd.engine.encoder_cache import EncoderCache
 from qwenvl_pd.engine.grammar import Grammars
 from qwenvl_pd.engine.graphs import DecodeGraphs
@@ -60,7 +60,8 @@ class LLMEngine:
         self.blocks = BlockManager(self.kv_cache.shape[2] - 1, cfg.block_size, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(SchedulerConfig(
             cfg.max_num_seqs, cfg.max_num_batched_tokens,
-            recompute_on_preempt=cfg.recompute_on_preempt), self.blocks)
+            recompute_on_preempt=cfg.recompute_on_preempt,
+            fill_tokens=fill_tokens_for(cfg, self.kv_cache.device.type)), self.blocks)
         self.encoder_cache = EncoderCache(cfg.encoder_cache_bytes)
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.requests_total = 0

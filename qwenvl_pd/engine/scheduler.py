@@ -13,6 +13,14 @@ class SchedulerConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
     recompute_on_preempt: bool = True  # False on decode nodes: they cannot prefill again
+    # waiting prompts join a step only while it holds fewer tokens than this (0: the budget):
+    # a step's prompts finish together, so past the size where GEMMs run at full rate more
+    # prompts only delay the first ones' tokens
+    fill_tokens: int = 0
+
+    @property
+    def admit_below(self) -> int:
+        return self.fill_tokens or self.max_num_batched_tokens
 
 
 class Scheduler:
@@ -50,7 +58,8 @@ class Scheduler:
             if end <= len(seq.block_ids) * size or self._grow(seq, end):
                 chunks.append(ScheduledChunk(seq, n))
                 budget -= n
-        while self.waiting and budget > 0 and len(self.running) < self.cfg.max_num_seqs:
+        full = self.cfg.max_num_batched_tokens - self.cfg.admit_below
+        while self.waiting and budget > full and len(self.running) < self.cfg.max_num_seqs:
             chunk = self._admit(self.waiting[0], budget)
             if chunk is None:
                 break

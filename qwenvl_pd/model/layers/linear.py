@@ -10,10 +10,13 @@ from qwenvl_pd.model.parallel import TensorParallel, all_reduce, shard
 
 # oneDNN picks its blocked weight layout for this many rows. Measured on 2 AVX2 cores
 # (benchmarks/linear_packing.py), the packed GEMM beats F.linear 1.3-3.4x from 8 to 32 tokens
-# (the lm_head at 19: 62 ms against 149 ms) but loses ~10% from 512 tokens up. Past DENSE_FROM
-# tokens the weight is unpacked again for the call (to_dense: ~2 ms for 23 MB, exact).
+# (the lm_head at 19: 62 ms against 149 ms) but loses ~10% from 512 tokens up, so there the
+# weight is unpacked again for calls past AVX2_DENSE_FROM tokens (to_dense, exact). With AVX-512
+# the packed GEMM keeps up at every size (1 core, bf16 and float32, 256-2048 tokens: 0.95-0.87x
+# of F.linear's time), while to_dense costs 2-5 ms per MLP weight per call: 10-15% of a
+# 256-token prefill step.
 PACK_HINT = 32
-DENSE_FROM = 256
+AVX2_DENSE_FROM = 256
 
 
 def can_pack(weight: torch.Tensor) -> bool:
@@ -22,6 +25,13 @@ def can_pack(weight: torch.Tensor) -> bool:
     to the unpacking, but every role packs alike: PD's tokens must equal colocated's)."""
     native = weight.dtype == torch.float32 or (weight.dtype == torch.bfloat16 and _native_bf16())
     return weight.device.type == "cpu" and native and torch.backends.mkldnn.is_available()
+
+
+@functools.cache
+def dense_from() -> int | None:
+    """Tokens past which a packed linear unpacks its weight for the call; None: never."""
+    from qwenvl_pd.platform import cpu_flags
+    return None if "avx512f" in cpu_flags() else AVX2_DENSE_FROM
 
 
 @functools.cache
@@ -48,7 +58,7 @@ class PackedWeights:
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """x [..., in] -> one [..., out_i] view per linear."""
         flat = x.reshape(-1, x.shape[-1])
-        if flat.shape[0] > DENSE_FROM:  # prefill-sized: plain MKL is faster there
+        if dense_from() is not None and flat.shape[0] > dense_from():
             out = F.linear(flat, self.weight.to_dense(), self.bias)
         else:
             out = torch.ops.mkldnn._linear_pointwise(flat, self.weight, self.bias, "none", [], "")

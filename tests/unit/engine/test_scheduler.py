@@ -129,3 +129,23 @@ def test_token_span_reads_the_list_in_place():
         span[2]
     tokens.append(9)  # the span keeps the length it was made with
     assert list(TokenSpan(tokens, 2)) == [7, 8, 9] and len(span) == 2
+
+
+def test_prompts_join_a_step_only_while_it_is_below_the_fill():
+    # fill 8 of a 20-token budget: prompts join while the step holds < 8 tokens; a long one
+    # still gets the whole budget, and running decodes count toward the fill
+    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=20, fill_tokens=8), BlockManager(64, 4))
+    for name, n in (("a", 3), ("b", 4), ("c", 5), ("d", 30), ("e", 2)):
+        sched.add(_seq(name, n, first=100 * ord(name)))
+    first = sched.schedule()
+    assert _plan(first) == [("a", 3), ("b", 4), ("c", 5)]  # 7 < 8 lets c in; 12 stops d
+    _advance(first)
+    assert _plan(sched.schedule()) == [("a", 1), ("b", 1), ("c", 1), ("d", 17)]
+    assert [s.request_id for s in sched.waiting] == ["e"]
+
+
+def test_without_a_fill_prompts_join_up_to_the_budget():
+    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=20), BlockManager(64, 4))
+    for name, n in (("a", 3), ("b", 4), ("c", 5), ("d", 30)):
+        sched.add(_seq(name, n, first=100 * ord(name)))
+    assert _plan(sched.schedule()) == [("a", 3), ("b", 4), ("c", 5), ("d", 8)]

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from qwenvl_pd.model.layers.attention import (AttentionMetadata, DecodeGroup, PrefillSpan,
                                               paged_attention, write_kv)
-from qwenvl_pd.model.layers.linear import DENSE_FROM, Linear, LinearGroup, pack_group
+from qwenvl_pd.model.layers.linear import AVX2_DENSE_FROM, Linear, dense_from, LinearGroup, pack_group
 from qwenvl_pd.model.layers.norm import RMSNorm
 from qwenvl_pd.model.layers.moe import Experts
 from qwenvl_pd.platform import cpu_flags
@@ -77,7 +77,7 @@ def test_decode_groups_and_a_prefill_chunk_match_dense_attention(buffered):
                                rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("tokens", [1, 7, 300])  # 300: past DENSE_FROM, the unpacked path
+@pytest.mark.parametrize("tokens", [1, 7, 300])  # 300: past AVX2_DENSE_FROM (unpacked there)
 @pytest.mark.parametrize("bias", [False, True])
 def test_packed_linear_matches_f_linear(tokens, bias):
     torch.manual_seed(tokens)
@@ -87,10 +87,15 @@ def test_packed_linear_matches_f_linear(tokens, bias):
     layer.pack()
     assert layer.packed is not None and layer.packed.weight.is_mkldnn
     assert layer.weight is None and layer.bias is None  # the dense copy is gone
-    assert (tokens > DENSE_FROM) == (tokens == 300)
     out = layer(x)
     assert out.shape == (tokens, 48)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    # AVX2 unpacks past 256 tokens; with AVX-512 every size runs the packed GEMM
+    unpacks = "avx512f" not in cpu_flags() and tokens > AVX2_DENSE_FROM
+    assert dense_from() == (None if "avx512f" in cpu_flags() else AVX2_DENSE_FROM)
+    w, b = layer.packed.weight, layer.packed.bias
+    same = F.linear(x, w.to_dense(), b) if unpacks else torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+    assert torch.equal(out, same)
 
 
 @pytest.mark.skipif(not {"avx512_bf16", "amx_bf16"} & cpu_flags(), reason="no native bf16 on this CPU")
