@@ -78,11 +78,14 @@ class PrefillService(pb_grpc.PrefillServicer):
         return await self._free_lease(request_id)
 
     async def _free_lease(self, request_id: str) -> bool:
+        """The lease ends here and now; its blocks are freed at the engine's next step boundary.
+        Waiting for that would hold Release for as long as the step runs (tens of seconds for an
+        image prompt on one core), and decode drops a read it cannot confirm in time."""
         blocks = self.leases.pop(request_id)
         if blocks is None:
             return False
         self.watched.pop(request_id, None)
-        await self.host.settle(FreeBlocks(blocks))
+        self.host.send(FreeBlocks(blocks))
         return True
 
     def _resolve(self, request_id: str, seq: Sequence) -> None:

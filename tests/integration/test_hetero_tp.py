@@ -19,6 +19,7 @@ from qwenvl_pd import LLM, SamplingParams
 from qwenvl_pd.model.tiny import make_tiny
 from qwenvl_pd.proxy.cluster import pd_client
 from qwenvl_pd.proxy.cluster.instance import Instance
+from qwenvl_pd.protos import qwenvl_pd_pb2 as pb, qwenvl_pd_pb2_grpc as pb_grpc
 
 from nodes import pd_generate, rank_children, spawn_node, stop, wait_healthy
 from test_pd import IMG, _chat, _image, _pd_request, _run, _settled_loads
@@ -237,3 +238,37 @@ async def _decode_with_rank_killed(p_addr: str, d_addr: str, req, pid: int) -> t
     await p.channel.close()
     await d.channel.close()
     return err.value, received
+
+
+def test_release_answers_while_the_engine_is_mid_step(cluster_of):
+    """Release ends a lease without waiting for the step under way: here prefill rank 1 is
+    stopped, so rank 0's next step cannot end; a Release that waited for it would time out
+    and decode would throw the read away."""
+    cluster = cluster_of("qwen2_5_vl_two_kv_heads")
+    p_proc, p_addr = cluster.nodes["prefill", 2]
+    llm = LLM(model=cluster.model, max_model_len=2048)
+    sp = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    held, stuck = (_pd_request(llm, rid, {"prompt": _chat(f"{rid} " * 30)}, sp) for rid in ("held", "stuck"))
+    llm.close()
+    rank1, = rank_children(p_proc.pid)
+    released = asyncio.run(_release_during_a_stopped_step(p_addr, held, stuck, rank1))
+    assert released
+    pl, _ = asyncio.run(_settled_loads(p_addr, cluster.address("decode", 1), timeout=30))
+    assert (pl.blocks_used, pl.running) == (0, 0)
+
+
+async def _release_during_a_stopped_step(p_addr: str, held, stuck, rank1: int) -> bool:
+    p = Instance.connect("prefill", p_addr)
+    result = await pd_client.prefill(p, held)  # its blocks now sit under a lease
+    os.kill(rank1, signal.SIGSTOP)
+    try:
+        step = asyncio.create_task(pd_client.prefill(p, stuck))  # its step waits on rank 1
+        await asyncio.sleep(1.0)
+        reply = await pb_grpc.PrefillStub(p.channel).Release(
+            pb.ReleaseRequest(request_id=held.request_id, instance_id=result.handle.instance_id), timeout=3)
+    finally:
+        os.kill(rank1, signal.SIGCONT)
+    await step  # the step ends once rank 1 runs again; its lease goes with the abort
+    await pd_client.abort(p, "prefill", stuck.request_id)
+    await p.channel.close()
+    return reply.released
