@@ -22,10 +22,9 @@ import openai
 import pytest
 
 from qwenvl_pd.messages import ENCODE
-from qwenvl_pd.model.tiny import make_tiny
 
 from nodes import free_port, stop
-from test_proxy import NODE_ARGS, _cli, _image, _image_messages, _wait_node, start_proxy
+from test_proxy import NODE_ARGS, _cli, _image, _image_messages, _wait_http, _wait_node, spawn_proxy
 
 
 def _encode_cli_missing() -> str:
@@ -51,19 +50,24 @@ class EPDCluster:
     def __init__(self, model: str):
         self.model, self.procs, self.addr, self.urls = model, {}, {}, {}
 
-    def start(self, roles: tuple[tuple[str, str], ...]) -> None:
-        for name, role in roles:  # all at once: loading overlaps
+    def spawn(self, roles: tuple[tuple[str, str], ...]) -> None:
+        """Start nodes without waiting: wait() waits for everything spawned."""
+        for name, role in roles:
             port = free_port()
             args = NODE_ARGS if role != ENCODE else ["--host", "127.0.0.1", "--embedding-cache-gib", "0.05"]
             self.procs[name] = _cli(role, "--model", self.model, "--port", str(port), *args)
             self.addr[name] = f"127.0.0.1:{port}"
-        for name, _ in roles:
-            _wait_node(self.addr[name], self.procs[name])
 
-    def start_proxy(self, name: str, prefill: str, encode: str | None) -> None:
+    def spawn_proxy(self, name: str, prefill: str, encode: str | None) -> None:
         extra = ["--encode", self.addr.get(encode, encode)] if encode else []
-        self.procs[f"proxy-{name}"], self.urls[name] = start_proxy(
+        self.procs[f"proxy-{name}"], self.urls[name] = spawn_proxy(
             "--prefill", self.addr[prefill], "--decode", self.addr["d0"], "--max-image-pixels", "4000000", *extra)
+
+    def wait(self) -> None:
+        for name, address in self.addr.items():
+            _wait_node(address, self.procs[name])
+        for name, url in self.urls.items():
+            _wait_http(url, self.procs[f"proxy-{name}"])
 
     def client(self, name: str) -> openai.OpenAI:
         return openai.OpenAI(base_url=self.urls[name] + "/v1", api_key="none", timeout=120, max_retries=0)
@@ -92,24 +96,18 @@ class EPDCluster:
 
 
 @pytest.fixture(scope="module")
-def pd(tmp_path_factory):
-    """p0, p1, d0 and the PD proxy "pd" (p0, no encoder)."""
-    c = EPDCluster(str(make_tiny("qwen2_5_vl", tmp_path_factory.mktemp("epd") / "tiny")))
+def cluster(tiny_model):
+    """p0, p1, d0, the encoder e0, the PD proxy "pd" (p0, no encoder) and the EPD proxies "a"
+    (p0 + e0) and "b" (p1 + e0), all started at once: loading overlaps."""
+    c = EPDCluster(tiny_model)
     try:
-        c.start((("p0", "prefill"), ("p1", "prefill"), ("d0", "decode")))
-        c.start_proxy("pd", "p0", None)
+        c.spawn((("p0", "prefill"), ("p1", "prefill"), ("d0", "decode"), ("e0", ENCODE)))
+        for name, prefill, encode in (("pd", "p0", None), ("a", "p0", "e0"), ("b", "p1", "e0")):
+            c.spawn_proxy(name, prefill, encode)
+        c.wait()
         yield c
     finally:
         c.stop()
-
-
-@pytest.fixture(scope="module")
-def cluster(pd):
-    """pd plus the encoder e0 and the EPD proxies "a" (p0 + e0) and "b" (p1 + e0)."""
-    pd.start((("e0", ENCODE),))
-    pd.start_proxy("a", "p0", "e0")
-    pd.start_proxy("b", "p1", "e0")
-    return pd
 
 
 def _answer(cluster: EPDCluster, proxy: str, data: bytes, params: dict = GREEDY) -> str:
@@ -118,9 +116,11 @@ def _answer(cluster: EPDCluster, proxy: str, data: bytes, params: dict = GREEDY)
     return r.choices[0].message.content
 
 
-def test_an_encoder_that_never_came_up_leaves_pd_serving(pd):
-    # ready without a healthy encoder (start_proxy waited for /health), and no round is tried
-    pd.start_proxy("dead", "p1", f"127.0.0.1:{free_port()}")
+def test_an_encoder_that_never_came_up_leaves_pd_serving(cluster):
+    # ready without a healthy encoder (wait() waits for /health), and no round is tried
+    pd = cluster
+    pd.spawn_proxy("dead", "p1", f"127.0.0.1:{free_port()}")
+    pd.wait()
     data = _image(120, 90, seed=3)
     assert _answer(pd, "dead", data) == _answer(pd, "pd", data)
     assert pd.metric("dead", "encode_rounds_total") == pd.metric("dead", "encode_fallbacks_total") == 0
@@ -194,23 +194,16 @@ def test_a_killed_encoder_falls_back_to_prefill_encoding(cluster):
     assert _answer(cluster, "b", _image(96, 64, seed=10))  # and again, once the proxy knows
 
 
-def _prefill_lacks_the_store() -> bool:
-    r = subprocess.run([sys.executable, "-m", "qwenvl_pd.cli", "prefill", "--help"], capture_output=True,
-                       text=True, timeout=120)
-    return "--embedding-store" not in r.stdout
-
-
 @needs_encoder
-@pytest.mark.parametrize("store", ["", "mooncake"])
-def test_serve_num_encode_serves_images_and_stops_everything(tmp_path, store):
-    if store and _prefill_lacks_the_store():
-        pytest.skip("prefill has no --embedding-store yet (the store tier's prefill side lands separately)")
+def test_serve_num_encode_with_the_store_serves_images_and_stops_everything(serve_cache):
+    # with the store only: it starts all the run without it does, plus the store's master and
+    # holder; serve without --embedding-store starting no store is tests/unit/test_serve_epd.py's
     port = free_port()
-    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}  # the tiny default model is built here
+    env = {**os.environ, "XDG_CACHE_HOME": str(serve_cache)}  # the tiny default model, built
     log = tempfile.TemporaryFile("w+")
-    flags = ["--embedding-store", store, "--embedding-store-gib", "0.0625"] if store else []
     proc = subprocess.Popen([sys.executable, "-m", "qwenvl_pd.cli", "serve", "--port", str(port), "--num-encode",
-                             "1", "--embedding-cache-gib", "0.05", *flags],
+                             "1", "--embedding-cache-gib", "0.05", "--embedding-store", "mooncake",
+                             "--embedding-store-gib", "0.0625"],
                             env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
     url, children = f"http://127.0.0.1:{port}", []
     try:
@@ -232,9 +225,8 @@ def test_serve_num_encode_serves_images_and_stops_everything(tmp_path, store):
         children = [int(p) for p in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
                                                    text=True).stdout.split()]
         names = sorted(_name(c) for c in children)
-        # with the store: its master and the client lending it memory (the encoder lends none)
-        assert names == ["decode", "encode", *(["mooncake_client", "mooncake_master"] if store else []), "prefill",
-                         "proxy"]
+        # the store's master and the client lending it memory (the encoder lends none)
+        assert names == ["decode", "encode", "mooncake_client", "mooncake_master", "prefill", "proxy"]
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)

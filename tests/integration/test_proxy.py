@@ -21,7 +21,6 @@ import pytest
 from PIL import Image
 
 from qwenvl_pd import LLM, SamplingParams
-from qwenvl_pd.model.tiny import make_tiny
 from qwenvl_pd.proxy.cluster.router import _rendezvous, affinity_key
 from qwenvl_pd.serve import _grpc_serving
 
@@ -68,11 +67,16 @@ def _wait_node(address: str, proc: subprocess.Popen) -> None:
         time.sleep(0.2)
 
 
-def start_proxy(*args: str) -> tuple[subprocess.Popen, str]:
+def spawn_proxy(*args: str) -> tuple[subprocess.Popen, str]:
+    """start_proxy without waiting for /health: spawn it with its nodes, then _wait_http."""
     port = free_port()
     proc = _cli("proxy", "--host", "127.0.0.1", "--port", str(port), "--health-interval", "0.5",
                 "--load-interval", "0.5", *args)
-    url = f"http://127.0.0.1:{port}"
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def start_proxy(*args: str) -> tuple[subprocess.Popen, str]:
+    proc, url = spawn_proxy(*args)
     try:
         _wait_http(url, proc)
     except BaseException:
@@ -91,11 +95,12 @@ class Cluster:
             role = "prefill" if name[0] == "p" else "decode"
             self.procs[name] = _cli(role, "--model", self.model, "--port", str(port), *NODE_ARGS)
             self.addr[name] = f"127.0.0.1:{port}"
-        for name, proc in self.procs.items():
-            _wait_node(self.addr[name], proc)
-        self.proxy, self.url = start_proxy(
+        self.proxy, self.url = spawn_proxy(  # it too: its start-up overlaps the nodes'
             "--prefill", f"{self.addr['p0']},{self.addr['p1']}", "--decode", f"{self.addr['d0']},{self.addr['d1']}",
             "--api-key", KEY, "--prefill-load-cap", "1", "--max-image-pixels", "4000000")
+        for name, proc in self.procs.items():
+            _wait_node(self.addr[name], proc)
+        _wait_http(self.url, self.proxy)
 
     def loads(self) -> dict:
         return loads({n: self.addr[n] for n, p in self.procs.items() if p.poll() is None})
@@ -107,8 +112,8 @@ class Cluster:
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return str(make_tiny("qwen2_5_vl", tmp_path_factory.mktemp("proxy") / "tiny"))
+def model_dir(tiny_model):
+    return tiny_model
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ multi-node data-parallel lines are refused with the commands that deploy the sam
 import base64
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -124,10 +125,14 @@ def _curl(url: str, model: str) -> dict:
 
 
 @pytest.mark.parametrize("seed", ["000", "001"])
-def test_the_guides_serve_lines_start_and_answer_the_guides_curl(tmp_path, seed):
-    arch, quantize, line = ("qwen3_vl", "none", SEED_000) if seed == "000" else \
-        ("qwen2_5_vl", "w8a8", SEED_001)
-    model = str(make_tiny(arch, tmp_path / "tiny", quantize=quantize))
+def test_the_guides_serve_lines_start_and_answer_the_guides_curl(tmp_path, tiny_dirs, seed):
+    model = str(tmp_path / "tiny")
+    if seed == "000":  # a copy of the session's float checkpoint: only its directory's name differs
+        line = SEED_000
+        shutil.copytree(tiny_dirs["qwen3_vl"], model)
+    else:
+        line = SEED_001
+        make_tiny("qwen2_5_vl", model, quantize="w8a8")
     port = free_port()
     proc, log = _serve(_argv(line, model, port), {**os.environ, "XDG_CACHE_HOME": str(tmp_path)})
     url = f"http://127.0.0.1:{port}"

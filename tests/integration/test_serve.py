@@ -65,9 +65,11 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.mark.parametrize("tp", [1, 2])
-def test_serve_answers_the_openai_client_and_stops_everything(tmp_path, tp):
+def test_serve_answers_the_openai_client_and_stops_everything(request, tmp_path, tp):
     port = free_port()
-    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}  # the tiny default model is built here
+    # TP 1 builds the tiny default model into an empty cache; TP 2 finds it built
+    cache = tmp_path if tp == 1 else request.getfixturevalue("serve_cache")
+    env = {**os.environ, "XDG_CACHE_HOME": str(cache)}
     log = tempfile.TemporaryFile("w+")
     pin_args, pinned = _pinning(tp)
     proc = subprocess.Popen([sys.executable, "-m", "qwenvl_pd.cli", "serve", "--port", str(port),

@@ -1,6 +1,7 @@
 """LLM(tensor_parallel_size=2) over gloo against transformers' greedy tokens on every family,
 expert parallel, and a checkpoint with fewer KV heads than ranks; seeded sampling and logit_bias at
 TP 1 and 2."""
+import functools
 import sys
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from qwenvl_pd.model.parallel import TPError
 from qwenvl_pd.model.tiny import make_tiny
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "unit" / "model"))
-from test_parity_transformers import CASES, _chat, _ref_inputs  # noqa: E402
+from test_parity_transformers import CASES, _chat, transformers_greedy  # noqa: E402
 
 CHECKPOINTS = {  # name -> (arch, text overrides, enable_expert_parallel)
     "qwen2_5_vl": ("qwen2_5_vl", {}, False),
@@ -41,12 +42,11 @@ def test_tp2_gives_transformers_greedy_tokens(checkpoints, name):
     got = [o.outputs[0].token_ids for o in llm.generate(requests, GREEDY)]
     prompts = [llm.inputs.process(r) for r in requests]
     llm.close()
-    ref = transformers.AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
+    # transformers' tokens are shared with the parity tests (and EP's with the plain MoE's)
+    load_ref = functools.cache(lambda: transformers.AutoModelForImageTextToText.from_pretrained(
+        path, dtype=torch.float32).eval())
     for case, prompt, tokens in zip(CASES, prompts, got):
-        with torch.inference_mode():
-            gen = ref.generate(**_ref_inputs(prompt), max_new_tokens=24, do_sample=False,
-                               eos_token_id=None, pad_token_id=151643)
-        assert tokens == gen[0, len(prompt.token_ids):].tolist(), f"{name}/{case}"
+        assert tokens == transformers_greedy(path, case, prompt, GREEDY.max_tokens, load_ref), f"{name}/{case}"
 
 
 def test_seeded_sampling_and_prompt_logprobs_are_the_same_at_tp1_and_tp2(tiny_dirs):

@@ -61,6 +61,23 @@ def _ref_inputs(prompt):
     return kw
 
 
+REF_TOKENS = 32
+_GREEDY: dict[tuple[str, str], list[int]] = {}  # (checkpoint, case) -> transformers' greedy tokens
+
+
+def transformers_greedy(path, case: str, prompt, n: int, load_ref) -> list[int]:
+    """transformers' first n (<= REF_TOKENS) greedy float32 tokens for CASES[case] on the
+    checkpoint at path, computed once a session: this file and the TP tests compare with the same
+    ones. load_ref() -> the checkpoint's transformers model, called only when not yet computed."""
+    key = (str(path), case)
+    if key not in _GREEDY:
+        with torch.inference_mode():
+            gen = load_ref().generate(**_ref_inputs(prompt), max_new_tokens=REF_TOKENS, do_sample=False,
+                                      eos_token_id=None, pad_token_id=151643)
+        _GREEDY[key] = gen[0, len(prompt.token_ids):].tolist()
+    return _GREEDY[key][:n]
+
+
 def _our_prefill_logits(llm: LLM, prompt) -> torch.Tensor:
     engine = llm.engine
     seq = Sequence("t", list(prompt.token_ids), prompt.positions, prompt.mrope_delta,
@@ -77,7 +94,7 @@ def _our_prefill_logits(llm: LLM, prompt) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_prefill_logits_and_greedy_tokens_match(pair, case):
+def test_prefill_logits_and_greedy_tokens_match(pair, case, tiny_dirs):
     arch, ours, ref = pair
     body, mm = CASES[case]
     request = {"prompt": _chat(body), "multi_modal_data": mm}
@@ -88,11 +105,8 @@ def test_prefill_logits_and_greedy_tokens_match(pair, case):
     diff = (_our_prefill_logits(ours, prompt) - ref_logits).abs().max().item()
     assert diff <= 1e-4, f"{arch}/{case}: max abs logit diff {diff}"
 
-    out = ours.generate([request], SamplingParams(max_tokens=32, temperature=0, ignore_eos=True))
-    with torch.inference_mode():
-        gen = ref.generate(**_ref_inputs(prompt), max_new_tokens=32, do_sample=False,
-                           eos_token_id=None, pad_token_id=151643)
-    expected = gen[0, len(prompt.token_ids):].tolist()
+    out = ours.generate([request], SamplingParams(max_tokens=REF_TOKENS, temperature=0, ignore_eos=True))
+    expected = transformers_greedy(tiny_dirs[arch], case, prompt, REF_TOKENS, lambda: ref)
     assert out[0].outputs[0].token_ids == expected
 
 
@@ -101,13 +115,21 @@ BF16_CASES = [(a, c) for a in ARCHS for c in CASES if a != "qwen3_vl_moe" or c i
 
 
 @pytest.fixture(scope="module")
-def bf16_trio(request, tmp_path_factory):
-    """A bf16 checkpoint; ours in bf16, transformers in bf16 and in float32 (the truth)."""
-    path = make_tiny(request.param, tmp_path_factory.mktemp("bf16") / request.param, dtype="bfloat16")
-    ours = LLM(model=str(path), max_model_len=2048, dtype="bfloat16")
-    load = transformers.AutoModelForImageTextToText.from_pretrained
-    return (request.param, ours, load(path, dtype=torch.bfloat16).eval(),
-            load(path, dtype=torch.float32).eval())
+def bf16_trio_of(tmp_path_factory):
+    """arch -> a bf16 checkpoint's (arch, ours in bf16, transformers in bf16, transformers in
+    float32: the truth), built once per family (the cases come family by family); the previous
+    family's models are dropped when the next one is asked for."""
+    made = {}
+
+    def get(arch: str):
+        if arch not in made:
+            made.clear()
+            path = make_tiny(arch, tmp_path_factory.mktemp("bf16") / arch, dtype="bfloat16")
+            ours = LLM(model=str(path), max_model_len=2048, dtype="bfloat16")
+            load = transformers.AutoModelForImageTextToText.from_pretrained
+            made[arch] = (arch, ours, load(path, dtype=torch.bfloat16).eval(), load(path, dtype=torch.float32).eval())
+        return made[arch]
+    return get
 
 
 def _float32_inputs(prompt):
@@ -115,9 +137,9 @@ def _float32_inputs(prompt):
     return {k: v.float() if k.startswith("pixel_values") else v for k, v in kw.items()}
 
 
-@pytest.mark.parametrize("bf16_trio, case", BF16_CASES, indirect=["bf16_trio"])
-def test_bf16_prefill_and_greedy_tokens_match_within_bf16_noise(bf16_trio, case):
-    arch, ours, ref, ref32 = bf16_trio
+@pytest.mark.parametrize("arch, case", BF16_CASES)
+def test_bf16_prefill_and_greedy_tokens_match_within_bf16_noise(bf16_trio_of, arch, case):
+    arch, ours, ref, ref32 = bf16_trio_of(arch)
     body, mm = CASES[case]
     request = {"prompt": _chat(body), "multi_modal_data": mm}
     prompt = ours.inputs.process(request)
