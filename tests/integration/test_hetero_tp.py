@@ -130,6 +130,40 @@ async def _decode_with_rank_stopped(p_addr: str, d_addr: str, req, pid: int) -> 
     return err.value
 
 
+def test_release_answers_while_the_engine_is_mid_step(cluster_of):
+    """Release ends a lease without waiting for the step under way: here prefill rank 1 is
+    stopped, so rank 0's next step cannot end; a Release that waited for it would time out
+    and decode would throw the read away."""
+    cluster = cluster_of("qwen2_5_vl")
+    p_proc, p_addr = cluster.nodes["prefill", 2]
+    llm = LLM(model=cluster.model, max_model_len=2048)
+    sp = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    held, stuck = (_pd_request(llm, rid, {"prompt": _chat(f"{rid} " * 30)}, sp) for rid in ("held", "stuck"))
+    llm.close()
+    rank1, = rank_children(p_proc.pid)
+    released = asyncio.run(_release_during_a_stopped_step(p_addr, held, stuck, rank1))
+    assert released
+    pl, _ = asyncio.run(_settled_loads(p_addr, cluster.address("decode", 1), timeout=30))
+    assert (pl.blocks_used, pl.running) == (0, 0)
+
+
+async def _release_during_a_stopped_step(p_addr: str, held, stuck, rank1: int) -> bool:
+    p = Instance.connect("prefill", p_addr)
+    result = await pd_client.prefill(p, held)  # its blocks now sit under a lease
+    os.kill(rank1, signal.SIGSTOP)
+    try:
+        step = asyncio.create_task(pd_client.prefill(p, stuck))  # its step waits on rank 1
+        await asyncio.sleep(1.0)
+        reply = await pb_grpc.PrefillStub(p.channel).Release(
+            pb.ReleaseRequest(request_id=held.request_id, instance_id=result.handle.instance_id), timeout=3)
+    finally:
+        os.kill(rank1, signal.SIGCONT)
+    await step  # the step ends once rank 1 runs again; its lease goes with the abort
+    await pd_client.abort(p, "prefill", stuck.request_id)
+    await p.channel.close()
+    return reply.released
+
+
 @pytest.mark.parametrize("name", list(CHECKPOINTS))
 def test_pd_across_tp_sizes_equals_colocated_greedy_and_seeded(cluster_of, name):
     """Every pair greedy and seeded, the requests in turn over the pairs (each runs on some pair);
@@ -240,36 +274,3 @@ async def _decode_with_rank_killed(p_addr: str, d_addr: str, req, pid: int) -> t
     await d.channel.close()
     return err.value, received
 
-
-def test_release_answers_while_the_engine_is_mid_step(cluster_of):
-    """Release ends a lease without waiting for the step under way: here prefill rank 1 is
-    stopped, so rank 0's next step cannot end; a Release that waited for it would time out
-    and decode would throw the read away."""
-    cluster = cluster_of("qwen2_5_vl_two_kv_heads")
-    p_proc, p_addr = cluster.nodes["prefill", 2]
-    llm = LLM(model=cluster.model, max_model_len=2048)
-    sp = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
-    held, stuck = (_pd_request(llm, rid, {"prompt": _chat(f"{rid} " * 30)}, sp) for rid in ("held", "stuck"))
-    llm.close()
-    rank1, = rank_children(p_proc.pid)
-    released = asyncio.run(_release_during_a_stopped_step(p_addr, held, stuck, rank1))
-    assert released
-    pl, _ = asyncio.run(_settled_loads(p_addr, cluster.address("decode", 1), timeout=30))
-    assert (pl.blocks_used, pl.running) == (0, 0)
-
-
-async def _release_during_a_stopped_step(p_addr: str, held, stuck, rank1: int) -> bool:
-    p = Instance.connect("prefill", p_addr)
-    result = await pd_client.prefill(p, held)  # its blocks now sit under a lease
-    os.kill(rank1, signal.SIGSTOP)
-    try:
-        step = asyncio.create_task(pd_client.prefill(p, stuck))  # its step waits on rank 1
-        await asyncio.sleep(1.0)
-        reply = await pb_grpc.PrefillStub(p.channel).Release(
-            pb.ReleaseRequest(request_id=held.request_id, instance_id=result.handle.instance_id), timeout=3)
-    finally:
-        os.kill(rank1, signal.SIGCONT)
-    await step  # the step ends once rank 1 runs again; its lease goes with the abort
-    await pd_client.abort(p, "prefill", stuck.request_id)
-    await p.channel.close()
-    return reply.released
