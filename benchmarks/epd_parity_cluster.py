@@ -18,7 +18,7 @@ import httpx
 import openai
 
 from qwenvl_pd import serve_epd
-from qwenvl_pd.process import die_with_parent, free_port
+from qwenvl_pd.process import die_with_parent, free_port, terminate
 from qwenvl_pd.proxy.cluster import pd_client
 from qwenvl_pd.proxy.cluster.instance import Instance
 from qwenvl_pd.serve import _grpc_serving, _http_ok
@@ -60,13 +60,8 @@ class Proc:
             time.sleep(0.3)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+        if self.proc is not None:
+            terminate(self.proc)
 
 
 class Cluster:

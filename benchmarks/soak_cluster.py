@@ -12,6 +12,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
+from qwenvl_pd.process import terminate
 from qwenvl_pd.proxy.cluster import pd_client
 from qwenvl_pd.proxy.cluster.instance import Instance
 from qwenvl_pd.serve import _grpc_serving, _http_ok
@@ -77,12 +78,7 @@ class Node:
         if not self.alive():
             return
         self.signal(signal.SIGCONT)
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
+        terminate(self.proc)
 
 
 def wait_serving(nodes: list[Node], timeout: float = START_S) -> None:

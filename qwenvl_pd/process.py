@@ -2,6 +2,7 @@
 imports it)."""
 import signal
 import socket
+import subprocess
 
 
 def free_port() -> int:
@@ -17,3 +18,15 @@ def die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except OSError:
         pass  # not Linux: the process group still carries Ctrl-C
+
+
+def terminate(proc: subprocess.Popen, grace: float = 20) -> None:
+    """SIGTERM (a role drains and exits), SIGKILL if it is still there after `grace` seconds."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
