@@ -27,7 +27,7 @@ from epd_parity_cluster import Cluster  # noqa: E402
 
 from qwenvl_pd import LLM, SamplingParams  # noqa: E402
 from qwenvl_pd.model.tiny import make_tiny  # noqa: E402
-from qwenvl_pd.serve import _grpc_serving  # noqa: E402
+from qwenvl_pd.serve import grpc_serving  # noqa: E402
 
 FAMILIES = ("qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
 SAMPLING = {"greedy": dict(temperature=0), "seeded": dict(temperature=0.8, top_p=0.9, seed=1234)}
@@ -181,7 +181,7 @@ def restart_encoder(c: Cluster, node: str, proxy: str) -> str:
     old.proc.kill()
     old.proc.wait(timeout=30)
     old.start()
-    old.wait(lambda: _grpc_serving(old.address), node, time.monotonic() + 300)
+    old.wait(lambda: grpc_serving(old.address), node, time.monotonic() + 300)
     new_id = c.load(node).instance_id
     deadline = time.monotonic() + 60
     while f'instance="{new_id}"' not in c.metrics_text(proxy):

@@ -21,7 +21,7 @@ from qwenvl_pd import serve_epd
 from qwenvl_pd.process import die_with_parent, free_port, terminate
 from qwenvl_pd.proxy.cluster import pd_client
 from qwenvl_pd.proxy.cluster.instance import Instance
-from qwenvl_pd.serve import _grpc_serving, _http_ok
+from qwenvl_pd.serve import grpc_serving, http_ok
 
 START_S = 600  # eleven torch processes load at once on a shared 2-core machine
 NODE_ARGS = ["--max-model-len", "2048", "--kv-cache-gib", "0.05", "--threads", "1"]
@@ -93,7 +93,7 @@ class Cluster:
     def wait_nodes(self) -> None:
         deadline = time.monotonic() + START_S
         for name, node in self.nodes.items():
-            node.wait(lambda: _grpc_serving(node.address), name, deadline)
+            node.wait(lambda: grpc_serving(node.address), name, deadline)
 
     def start_proxies(self) -> None:
         for name, (p, d, e) in PROXIES.items():
@@ -104,7 +104,7 @@ class Cluster:
             self.proxies[name].start()
         deadline = time.monotonic() + START_S
         for name, proxy in self.proxies.items():
-            proxy.wait(lambda: _http_ok(self.url(name) + "/health"), name, deadline)
+            proxy.wait(lambda: http_ok(self.url(name) + "/health"), name, deadline)
         self.served = self.client("pd1").models.list().data[0].id
 
     def url(self, proxy: str) -> str:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from qwenvl_pd.process import terminate
 from qwenvl_pd.proxy.cluster import pd_client
 from qwenvl_pd.proxy.cluster.instance import Instance
-from qwenvl_pd.serve import _grpc_serving, _http_ok
+from qwenvl_pd.serve import grpc_serving, http_ok
 
 NODE_ARGS = ["--max-model-len", "2048", "--kv-cache-gib", "0.05", "--threads", "1", "--lease-seconds", "4",
              "--transfer-timeout", "2", "--drain-seconds", "3", "--max-queued-requests", "8"]
@@ -84,7 +84,7 @@ class Node:
 def wait_serving(nodes: list[Node], timeout: float = START_S) -> None:
     deadline = time.monotonic() + timeout
     for node in nodes:
-        while not _grpc_serving(node.address):
+        while not grpc_serving(node.address):
             if not node.alive() or time.monotonic() > deadline:
                 raise RuntimeError(f"{node.name} did not start:\n{tail(node.proc)}")
             time.sleep(0.2)
@@ -100,7 +100,7 @@ def start_proxy(nodes: list[Node], port: int, token_timeout: float,
                    "--max-concurrent-requests", "24", "--kv-transfer-mode", kv_transfer_mode, *encode])
     deadline = time.monotonic() + START_S
     while time.monotonic() < deadline and proc.poll() is None:
-        if _http_ok(f"http://127.0.0.1:{port}/health"):
+        if http_ok(f"http://127.0.0.1:{port}/health"):
             return proc
         time.sleep(0.3)
     raise RuntimeError(f"the proxy did not start:\n{tail(proc)}")

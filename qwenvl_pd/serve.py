@@ -147,7 +147,8 @@ def _node_args(cfg: ServeConfig, role: str, model: str, port: int, store: str = 
     return args + (["--served-model-name", cfg.served_model_name] if cfg.served_model_name else [])
 
 
-def _grpc_serving(address: str) -> bool:
+def grpc_serving(address: str) -> bool:
+    """Whether the gRPC health service at address answers SERVING."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
     with grpc.insecure_channel(address) as channel:
@@ -158,7 +159,8 @@ def _grpc_serving(address: str) -> bool:
     return reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
-def _http_ok(url: str) -> bool:
+def http_ok(url: str) -> bool:
+    """Whether a GET of url answers 200 within 2 s."""
     try:
         with urllib.request.urlopen(url, timeout=2) as resp:
             return resp.status == 200
@@ -203,14 +205,14 @@ def _start(cfg: ServeConfig, model: str, children: list[Child]) -> Child:
                                                          cfg.embedding_cache_gib, store), f"127.0.0.1:{port}")
                   for port in [free_port() for _ in range(cfg.num_encode)]]
         children += nodes
-        _wait(nodes, _grpc_serving, "prefill/decode/encode instances")
+        _wait(nodes, grpc_serving, "prefill/decode/encode instances")
         for role in ("prefill", "decode", "encode"):
             addresses = [c.address for c in nodes if c.role == role]
             proxy_args += [f"--{role}", ",".join(addresses)] if addresses else []
     local = "127.0.0.1" if cfg.host in ("0.0.0.0", "::", "") else cfg.host
     proxy = _spawn("proxy", proxy_args, f"http://{local}:{cfg.port}")
     children.append(proxy)
-    _wait([proxy], lambda url: _http_ok(url + "/health"), "the proxy")
+    _wait([proxy], lambda url: http_ok(url + "/health"), "the proxy")
     return proxy
 
 

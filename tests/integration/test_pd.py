@@ -16,7 +16,7 @@ from qwenvl_pd import LLM, SamplingParams
 from qwenvl_pd.messages import MediaItem, PrefillRequest
 from qwenvl_pd.proxy.cluster import pd_client
 from qwenvl_pd.proxy.cluster.instance import Instance
-from qwenvl_pd.serve import _grpc_serving
+from qwenvl_pd.serve import grpc_serving
 
 from nodes import (free_port, pd_backend, pd_generate, pd_pair, png_bytes, run_backend, spawn_node, start_node,
                    stop, wait_healthy)
@@ -233,7 +233,7 @@ def test_sigterm_drains_a_running_stream_then_exits_0(shared):
             if len(events) == 3:
                 node.send_signal(signal.SIGTERM)
                 await asyncio.sleep(0.5)
-                serving = await asyncio.to_thread(_grpc_serving, addr)
+                serving = await asyncio.to_thread(grpc_serving, addr)
         await p.channel.close()
         await d.channel.close()
         return events, serving
@@ -476,7 +476,7 @@ def test_with_the_cluster_secret_unsigned_calls_and_handles_are_refused(shared, 
         assert unsigned.code() == grpc.StatusCode.PERMISSION_DENIED
         assert "was not signed by a prefill of this cluster" in unsigned.details()
         assert events[-1].finish_reason == "length"  # the signed handle decodes
-        assert _grpc_serving(p_addr) and _grpc_serving(d_addr)  # health stays open for kubelet
+        assert grpc_serving(p_addr) and grpc_serving(d_addr)  # health stays open for kubelet
 
 
 def test_w8a8_through_pd_equals_offline_and_refuses_a_float_decode(tiny_dirs, tmp_path_factory):

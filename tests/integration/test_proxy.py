@@ -22,7 +22,7 @@ from PIL import Image
 
 from qwenvl_pd import LLM, SamplingParams
 from qwenvl_pd.proxy.cluster.router import _rendezvous, affinity_key
-from qwenvl_pd.serve import _grpc_serving
+from qwenvl_pd.serve import grpc_serving
 
 from nodes import free_port, loads, png_bytes, stop
 
@@ -61,7 +61,7 @@ def _wait_http(url: str, proc: subprocess.Popen) -> None:
 
 def _wait_node(address: str, proc: subprocess.Popen) -> None:
     deadline = time.monotonic() + HTTP_WAIT_S
-    while not _grpc_serving(address):
+    while not grpc_serving(address):
         if proc.poll() is not None or time.monotonic() > deadline:
             raise RuntimeError(f"{address} did not start (exit {proc.poll()}):\n{_log(proc)[-5000:]}")
         time.sleep(0.2)
