@@ -22,6 +22,7 @@ import openai
 import pytest
 
 from qwenvl_pd.messages import ENCODE
+from qwenvl_pd.serve import http_ok
 
 from nodes import free_port, stop
 from test_proxy import NODE_ARGS, _cli, _image, _image_messages, _wait_http, _wait_node, spawn_proxy
@@ -208,7 +209,7 @@ def test_serve_num_encode_with_the_store_serves_images_and_stops_everything(serv
     url, children = f"http://127.0.0.1:{port}", []
     try:
         deadline = time.monotonic() + 240
-        while proc.poll() is None and time.monotonic() < deadline and not _http_ok(url + "/health"):
+        while proc.poll() is None and time.monotonic() < deadline and not http_ok(url + "/health"):
             time.sleep(0.5)
         log.seek(0)
         assert proc.poll() is None, log.read()[-5000:]
@@ -234,13 +235,6 @@ def test_serve_num_encode_with_the_store_serves_images_and_stops_everything(serv
     while any(os.path.exists(f"/proc/{c}") for c in children) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not [c for c in children if os.path.exists(f"/proc/{c}")]
-
-
-def _http_ok(url: str) -> bool:
-    try:
-        return httpx.get(url, timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 def _name(pid: int) -> str:

@@ -21,8 +21,8 @@ AVX2_DENSE_FROM = 256
 
 def can_pack(weight: torch.Tensor) -> bool:
     """bf16 too on AVX512-BF16/AMX (benchmarks/linear_packing.py --dtype bfloat16, 2 cores: 1.5-2.5x
-    at 8 tokens, 1.35-1.5x at 32, the lm_head 26.7 -> 13.1 ms at 8; prefill-sized calls lose 5-20%
-    to the unpacking, but every role packs alike: PD's tokens must equal colocated's)."""
+    at 8 tokens, 1.35-1.5x at 32, the lm_head 26.7 -> 13.1 ms at 8); every role packs alike: PD's
+    tokens must equal colocated's."""
     native = weight.dtype == torch.float32 or (weight.dtype == torch.bfloat16 and _native_bf16())
     return weight.device.type == "cpu" and native and torch.backends.mkldnn.is_available()
 
@@ -52,13 +52,14 @@ class PackedWeights:
         self.bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
         self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, PACK_HINT)
         self.sizes = [lin.out_features for lin in linears]
+        self.dense_from = dense_from()
         for lin in linears:
             lin.weight = lin.bias = None
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """x [..., in] -> one [..., out_i] view per linear."""
         flat = x.reshape(-1, x.shape[-1])
-        if dense_from() is not None and flat.shape[0] > dense_from():
+        if self.dense_from is not None and flat.shape[0] > self.dense_from:
             out = F.linear(flat, self.weight.to_dense(), self.bias)
         else:
             out = torch.ops.mkldnn._linear_pointwise(flat, self.weight, self.bias, "none", [], "")
