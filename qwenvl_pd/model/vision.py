@@ -7,8 +7,13 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from qwenvl_pd.model.layers import cpu_prefill
 from qwenvl_pd.model_config import VisionConfig
+
+ATTENTION = "qwenvl_pd_sdpa"
 
 
 @dataclass
@@ -34,8 +39,26 @@ def build_vision_tower(family: str, cfg: VisionConfig) -> nn.Module:
         from transformers import Qwen3VLConfig
         from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionModel as Tower
         hf_cfg = Qwen3VLConfig(vision_config=cfg.raw).vision_config
-    hf_cfg._attn_implementation = "sdpa"
+    hf_cfg._attn_implementation = ATTENTION
     return Tower(hf_cfg)
+
+
+def _attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               attention_mask: torch.Tensor | None, dropout: float = 0.0,
+               scaling: float | None = None, is_causal: bool | None = None, **kwargs):
+    """transformers' SDPA for the towers, but bf16 on CPU runs cpu_prefill's kernel (twice
+    torch's rate there): query, key, value [1, heads, n, d] -> ([1, n, heads, d], None)."""
+    if (attention_mask is None and not is_causal and not dropout and query.shape[0] == 1
+            and cpu_prefill.supports(query)):
+        scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+        out = cpu_prefill.dense(query[0], key[0], value[0], scale)
+        if out is not None:
+            return out[None], None
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                  scaling=scaling, is_causal=is_causal, **kwargs)
+
+
+AttentionInterface.register(ATTENTION, _attention)
 
 
 def encode(tower: nn.Module, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> VisionEmbeds:

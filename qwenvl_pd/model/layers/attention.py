@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from qwenvl_pd.model.layers import cpu_paged
+from qwenvl_pd.model.layers import cpu_paged, cpu_prefill
 from qwenvl_pd.model.layers.npu_attention import npu_paged_decode
 
 
@@ -63,7 +63,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: to
                     meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """q [T, heads, d], this step's k, v [T, kv_heads, d] (already in the cache) -> [T, heads, d].
     Torch reference on every device; decode groups with context_lens go to torch_npu's kernel,
-    those with lens on CPU to cpu_paged's, which reads the cache in place."""
+    those with lens on CPU to cpu_paged's, which reads the cache in place; bf16 prefill chunks on
+    CPU to cpu_prefill's."""
     out = torch.empty_like(q)
     buffer = meta.gather_buffer
     for group in meta.decode_groups:
@@ -105,6 +106,10 @@ def _gather(cache: torch.Tensor, block_ids: torch.Tensor, buffer: torch.Tensor |
 
 
 def _prefill(q, k, v, cache, span: PrefillSpan, scale: float, buffer: torch.Tensor | None):
+    if cpu_prefill.supports(q) and cache.dtype == q.dtype:
+        out = cpu_prefill.paged(q, cache, span.block_table, span.context_len, scale)
+        if out is not None:
+            return out
     n, ctx = q.shape[0], span.context_len
     if ctx == n:  # nothing cached before this chunk: its own K/V are the whole context
         keys, values, mask, causal = k.transpose(0, 1), v.transpose(0, 1), None, True
