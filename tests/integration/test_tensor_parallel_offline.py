@@ -11,10 +11,11 @@ import transformers
 
 from qwenvl_pd import LLM, SamplingParams
 from qwenvl_pd.model.parallel import TPError
+from qwenvl_pd.model.parity import CASES, case_request, greedy, near_tie_failure, own_error
 from qwenvl_pd.model.tiny import make_tiny
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "unit" / "model"))
-from test_parity_transformers import CASES, _chat, transformers_greedy  # noqa: E402
+from test_parity_transformers import transformers_greedy  # noqa: E402
 
 CHECKPOINTS = {  # name -> (arch, text overrides, enable_expert_parallel)
     "qwen2_5_vl": ("qwen2_5_vl", {}, False),
@@ -38,7 +39,7 @@ def test_tp2_gives_transformers_greedy_tokens(checkpoints, name):
     path, expert_parallel = checkpoints[name], CHECKPOINTS[name][2]
     llm = LLM(str(path), max_model_len=2048, tensor_parallel_size=2,
               enable_expert_parallel=expert_parallel)
-    requests = [{"prompt": _chat(body), "multi_modal_data": mm} for body, mm in CASES.values()]
+    requests = [case_request(case) for case in CASES]
     got = [o.outputs[0].token_ids for o in llm.generate(requests, GREEDY)]
     prompts = [llm.inputs.process(r) for r in requests]
     llm.close()
@@ -49,12 +50,25 @@ def test_tp2_gives_transformers_greedy_tokens(checkpoints, name):
         assert tokens == transformers_greedy(path, case, prompt, GREEDY.max_tokens, load_ref), f"{name}/{case}"
 
 
+def test_tp2_in_bf16_gives_transformers_bf16_greedy_tokens_near_ties_allowed(tmp_path):
+    path = make_tiny("qwen3_vl", tmp_path / "bf16", dtype="bfloat16")
+    llm = LLM(str(path), max_model_len=2048, tensor_parallel_size=2, dtype="bfloat16")
+    got = llm.generate([case_request("one_image")], GREEDY)[0].outputs[0].token_ids
+    prompt = llm.inputs.process(case_request("one_image"))
+    llm.close()
+    load = transformers.AutoModelForImageTextToText.from_pretrained
+    ref, ref32 = load(path, dtype=torch.bfloat16).eval(), load(path, dtype=torch.float32).eval()
+    noise = own_error(ref, ref32, prompt)[1].abs().max().item()
+    failure = near_tie_failure(got, greedy(ref, prompt, GREEDY.max_tokens), noise)
+    assert failure is None, failure
+
+
 def test_seeded_sampling_and_prompt_logprobs_are_the_same_at_tp1_and_tp2(tiny_dirs):
     path = str(tiny_dirs["qwen2_5_vl"])
     params = [SamplingParams(max_tokens=16, temperature=1.5, top_p=0.95, seed=s,
                              prompt_logprobs=3 if s == 1 else None) for s in (1, 2, 3)]
     params.append(SamplingParams(max_tokens=4, temperature=0, logit_bias={1000: 100.0}))  # on rank 0's logits
-    prompt = {"prompt": _chat(CASES["one_image"][0]), "multi_modal_data": CASES["one_image"][1]}
+    prompt = case_request("one_image")
     runs, scores = [], []
     for tp in (1, 2):
         # 32-token chunks: each chunk's prompt rows go through the vocab-parallel gather

@@ -10,7 +10,7 @@ from safetensors import safe_open
 
 from qwenvl_pd import LLM, SamplingParams
 from qwenvl_pd.model.expert_layout import RELEASED, TRANSFORMERS5, which_layout
-from test_parity_transformers import CASES, _chat, _ref_inputs
+from qwenvl_pd.model.parity import CASES, chat, greedy
 
 ARCHS = ["qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"]
 GREEDY = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
@@ -43,13 +43,10 @@ def test_save_pretrained_checkpoint_gives_transformers_tokens(saved, case):
     arch, path, ref = saved
     llm = LLM(model=str(path), max_model_len=1024)
     body, mm = CASES[case]
-    request = {"prompt": _chat(body), "multi_modal_data": mm}
+    request = {"prompt": chat(body), "multi_modal_data": mm}
     prompt = llm.inputs.process(request)
     got = llm.generate([request], GREEDY)[0].outputs[0].token_ids
-    with torch.inference_mode():
-        gen = ref.generate(**_ref_inputs(prompt), max_new_tokens=16, do_sample=False,
-                           eos_token_id=None, pad_token_id=151643)
-    assert got == gen[0, len(prompt.token_ids):].tolist()
+    assert got == greedy(ref, prompt, 16).tokens
     assert llm.model.expert_layout == (TRANSFORMERS5 if arch == "qwen3_vl_moe" else None)
 
 

@@ -2,8 +2,6 @@
 reference of the quantised math, tensor-parallel shards, and clear errors for what is not run."""
 import json
 import shutil
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,13 +12,11 @@ from qwenvl_pd.model_config import ModelConfig
 from qwenvl_pd.kv_transfer.layout import fingerprint_for
 from qwenvl_pd.model.loader import WeightError, load_model
 from qwenvl_pd.model.parallel import TensorParallel
+from qwenvl_pd.model.parity import case_request
 from qwenvl_pd.model.quant.experts import QuantExperts
 from qwenvl_pd.model.quant.linear import W8A8DynamicLinear, W8A8Linear
 from qwenvl_pd.model.tiny import make_tiny
 from w8a8_reference import checkpoint_tensors, use_reference
-
-sys.path.insert(0, str(Path(__file__).parents[1]))
-from test_parity_transformers import CASES, _chat  # noqa: E402
 
 QUANTISED = {  # name -> (arch, make-tiny --quantize)
     "qwen2_5_vl_w8a8": ("qwen2_5_vl", "w8a8"),           # static, with q/k/v biases
@@ -37,7 +33,7 @@ def quant_dirs(tmp_path_factory):
 
 
 def _requests():
-    return [{"prompt": _chat(CASES[c][0]), "multi_modal_data": CASES[c][1]} for c in ("text", "one_image")]
+    return [case_request(c) for c in ("text", "one_image")]
 
 
 @pytest.mark.parametrize("name", list(QUANTISED))
