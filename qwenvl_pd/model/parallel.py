@@ -77,10 +77,12 @@ def all_reduce(x: torch.Tensor, tp: TensorParallel) -> torch.Tensor:
     itself at size 1."""
     if tp.size == 1:
         return x
-    if tp.size == 2 or x.dtype not in (torch.bfloat16, torch.float16):
+    if tp.size == 2 or x.dtype not in (torch.bfloat16, torch.float16) or x.device.type != "cpu":
         dist.all_reduce(x)  # two halves: the one addition is rounded once already
         return x
-    # a ring in bf16 rounds after every hop (at 4 ranks 30% of the sums off the once-rounded one)
+    # gloo's bf16 ring rounds after every hop (at 4 ranks 30% of the sums off the once-rounded
+    # one); on accelerators HCCL/NCCL keep their own reduction, as other servers do, rather than
+    # double the bytes of every decode step's all-reduce
     wide = x.float()
     dist.all_reduce(wide)
     return wide.to(x.dtype)
