@@ -1,6 +1,6 @@
 """PD (`qwenvl-pd serve`) against colocated (`qwenvl-pd serve --colocated`) at the same load:
-start one, run the benchmark, stop it, start the other, run it again, print both tables and
-the ratios (PD / colocated). Same proxy, tokenizer and protocol path in both: only where the
+start one, run the benchmark, stop it, start the other, run it again, --rounds times (3), print
+each key's median over the rounds and the ratios (PD / colocated). Same proxy, tokenizer and protocol path in both: only where the
 tokens are computed differs.
 
 Both scenarios run with serve's default pins (cpus.split_roles; --no-pin, passed on to serve,
@@ -28,6 +28,7 @@ import asyncio
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -64,18 +65,30 @@ def _serve(model: str | None, colocated: bool, port: int, log, extra: list[str])
 
 
 def _each_mode(args, extra: list[str], run_one) -> dict[str, dict]:
-    summaries = {}
+    """Rounds of PD then colocated; each key's median over the rounds. On a shared machine
+    one pair is mostly the load's drift between its two runs; alternating rounds even it out."""
+    rounds: dict[str, list[dict]] = {"pd": [], "colocated": []}
     with open(args.log, "w") as log:
-        for mode in ("pd", "colocated"):
-            port = free_port()
-            proc = _serve(args.model, mode == "colocated", port, log, extra)
-            try:
-                print(f"\n##### {mode}", flush=True)
-                summaries[mode] = run_one(mode, port)
-            finally:
-                proc.send_signal(signal.SIGTERM)
-                proc.wait(timeout=60)
-    return summaries
+        for r in range(args.rounds):
+            for mode in rounds:
+                rounds[mode].append(_one_run(args, mode, f"{mode} (round {r + 1})", log, extra, run_one))
+    return {mode: _medians(runs) for mode, runs in rounds.items()}
+
+
+def _one_run(args, mode: str, label: str, log, extra: list[str], run_one) -> dict:
+    port = free_port()
+    proc = _serve(args.model, mode == "colocated", port, log, extra)
+    try:
+        print(f"\n##### {label}", flush=True)
+        return run_one(mode, port)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+
+
+def _medians(runs: list[dict]) -> dict:
+    numbers = [k for k, v in runs[0].items() if isinstance(v, (int, float))]
+    return {k: (sum if k == "failed" else statistics.median)([r[k] for r in runs]) for k in numbers}
 
 
 def _pins(args) -> list[str]:
@@ -119,6 +132,7 @@ def main() -> int:
     p.add_argument("--long-interval", type=float, default=mixed.MixedConfig.long_interval_s,
                    help="prefill-heavy: seconds between long prompts")
     p.add_argument("--no-pin", action="store_true", help="leave every role on every core")
+    p.add_argument("--rounds", type=int, default=3, help="PD/colocated pairs; medians over them")
     p.add_argument("--log", default="pd_vs_colocated.log")
     args, rest = p.parse_known_args()
     summaries = (_prefill_heavy if args.scenario == "prefill-heavy" else _default)(args, rest)
