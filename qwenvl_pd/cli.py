@@ -73,7 +73,7 @@ def _node(args: argparse.Namespace) -> int:
         tensor_parallel_size=args.tensor_parallel_size, enable_expert_parallel=args.enable_expert_parallel,
         threads=threads_for(args.cpus, args.threads, args.tensor_parallel_size),
         limit_mm_per_prompt={"image": args.limit_images, "video": args.limit_videos}, engine=engine,
-        quantization=args.quantization)
+        quantization=args.quantization, vision=args.command != "decode")
     cfg = NodeConfig(
         # the served name defaults to the model argument as given, as vLLM's does
         role=args.command, port=args.port, stack=stack, host=args.host, bind=args.bind,

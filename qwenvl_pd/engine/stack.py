@@ -36,6 +36,7 @@ class StackConfig:
     limit_mm_per_prompt: dict = field(default_factory=dict, hash=False)
     engine: EngineConfig = EngineConfig()
     quantization: str | None = None   # "ascend" | "none"; None: detected from the checkpoint
+    vision: bool = True               # False on decode nodes: they never encode an image
 
 
 @dataclass
@@ -70,7 +71,7 @@ def build_stack(cfg: StackConfig, rank_setup: Callable[[RankContext], object] | 
     ranks = _start_ranks(cfg, config, tp, device, dtype, engine_cfg, rank_setup)
     try:
         model = load_model(cfg.model, config, dtype, rank_device(device.type, 0) if ranks else device, tp,
-                           cfg.quantization)
+                           cfg.quantization, cfg.vision)
         grammars = Grammars(tokenizer, config.text.vocab_size, config.eos_token_ids)
         engine = LLMEngine(model, config, engine_cfg, dtype, tp, ranks and ranks.channel, grammars)
         context = RankContext(tp, engine.kv_cache, ranks and ranks.aux_group)

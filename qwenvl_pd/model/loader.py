@@ -34,14 +34,15 @@ def checkpoint_files(model_dir: Path) -> list[Path]:
 
 def load_model(model_dir: str | Path, config: ModelConfig, dtype: torch.dtype,
                device: torch.device | str = "cpu", tp: TensorParallel = TensorParallel(),
-               quantization: str | None = None) -> VisionLanguageModel:
+               quantization: str | None = None, vision: bool = True) -> VisionLanguageModel:
     """The model with this rank's shard of every weight (all of them at tensor_parallel 1).
-    quantization: "ascend" (msModelSlim W8A8), "none", or None to detect it."""
+    quantization: "ascend" (msModelSlim W8A8), "none", or None to detect it. vision=False: no
+    vision tower (a decode node never encodes), its weights left unread."""
     check_divisible(config.text, tp)
     cls, renames = MODELS[config.family]
     desc = read_description(model_dir, resolve_method(model_dir, quantization), renames)
     with torch.device(device):
-        model = cls(config, tp).to(dtype)
+        model = cls(config, tp, vision).to(dtype)
     if desc is not None:
         quantise_modules(model, desc, tp)
     load_weights(model, Path(model_dir), renames)

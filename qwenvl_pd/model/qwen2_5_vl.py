@@ -9,12 +9,12 @@ from qwenvl_pd.model.vision import build_vision_tower
 
 
 class Qwen2_5_VLForConditionalGeneration(VisionLanguageModel):
-    def __init__(self, config: ModelConfig, tp: TensorParallel = TensorParallel()):
+    def __init__(self, config: ModelConfig, tp: TensorParallel = TensorParallel(), vision: bool = True):
         super().__init__()
         self.config, self.tp = config, tp
         self.model = TextModel(config.text, tp)
         # rank 0 alone encodes images; the other ranks receive the embeddings with the step
-        self.visual = build_vision_tower(config.family, config.vision) if tp.rank == 0 else None
+        self.visual = build_vision_tower(config.family, config.vision) if tp.rank == 0 and vision else None
         self.lm_head = lm_head(config, tp)
 
     def language_model(self) -> TextModel:

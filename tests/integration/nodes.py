@@ -10,8 +10,7 @@ import time
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from qwenvl_pd.serve import grpc_serving
 
 STARTUP_S = 120
 
@@ -23,18 +22,16 @@ def free_port() -> int:
 
 
 def wait_healthy(address: str, proc: subprocess.Popen, timeout: float = STARTUP_S) -> None:
+    # a fresh channel each try: one kept across failed connects backs off (1 s, 1.6 s, 2.6 s, ...)
+    # and would notice a node that came up seconds after it did
     deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                proc.log.seek(0)
-                raise RuntimeError(f"{address} exited with {proc.returncode}:\n{proc.log.read()[-5000:]}")
-            try:
-                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == 1:
-                    return
-            except grpc.RpcError:
-                time.sleep(0.2)
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            proc.log.seek(0)
+            raise RuntimeError(f"{address} exited with {proc.returncode}:\n{proc.log.read()[-5000:]}")
+        if grpc_serving(address):
+            return
+        time.sleep(0.2)
     raise TimeoutError(f"{address} not healthy after {timeout}s")
 
 
@@ -67,6 +64,15 @@ def stop(proc: subprocess.Popen) -> None:
             proc.wait(timeout=15)
 
 
+def stop_all(procs) -> None:
+    """SIGTERM every one first, then wait for each: their shutdowns overlap."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+    for proc in procs:
+        stop(proc)
+
+
 @contextmanager
 def pd_pair(model: str, prefill_args=(), decode_args=()):
     procs = []
@@ -77,8 +83,24 @@ def pd_pair(model: str, prefill_args=(), decode_args=()):
         wait_healthy(d_addr, d)
         yield (p, p_addr), (d, d_addr)
     finally:
-        for proc in procs:
-            stop(proc)
+        stop_all(procs)
+
+
+class Spares:
+    """Nodes that a module's tests each use once, all spawned when the module starts: their
+    start-ups overlap one another's and the earlier tests' instead of each adding its own.
+    specs: name -> (role, model, extra args)."""
+
+    def __init__(self, specs: dict[str, tuple[str, str, tuple]]):
+        self.nodes = {name: spawn_node(role, model, *extra) for name, (role, model, extra) in specs.items()}
+
+    def take(self, name: str) -> tuple[subprocess.Popen, str]:
+        proc, address = self.nodes[name]
+        wait_healthy(address, proc)
+        return proc, address
+
+    def stop(self) -> None:
+        stop_all([proc for proc, _ in self.nodes.values()])
 
 
 def rank_children(pid: int) -> list[int]:

@@ -24,7 +24,7 @@ import pytest
 from qwenvl_pd.messages import ENCODE
 from qwenvl_pd.serve import http_ok
 
-from nodes import free_port, stop
+from nodes import free_port, stop_all
 from test_proxy import NODE_ARGS, _cli, _image, _image_messages, _wait_http, _wait_node, spawn_proxy
 
 
@@ -92,8 +92,7 @@ class EPDCluster:
         return sum(map(float, values))
 
     def stop(self) -> None:
-        for proc in self.procs.values():
-            stop(proc)
+        stop_all(self.procs.values())
 
 
 @pytest.fixture(scope="module")

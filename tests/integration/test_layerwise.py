@@ -20,7 +20,7 @@ from qwenvl_pd.model.tiny import make_tiny
 from qwenvl_pd.proxy.cluster import pd_client
 from qwenvl_pd.proxy.cluster.instance import Instance
 
-from nodes import pd_generate, png_bytes, spawn_node, stop, wait_healthy
+from nodes import pd_generate, png_bytes, spawn_node, stop, stop_all, wait_healthy
 from test_proxy import _log, start_proxy
 
 IMG = "<|vision_start|><|image_pad|><|vision_end|>"
@@ -65,8 +65,7 @@ def cluster(tmp_path_factory):
     try:
         yield c
     finally:
-        for proc in c.procs:
-            stop(proc)
+        stop_all(c.procs)
 
 
 def _image(w, h, seed):

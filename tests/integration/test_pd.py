@@ -3,8 +3,6 @@ import asyncio
 import dataclasses
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import grpc
@@ -18,8 +16,8 @@ from qwenvl_pd.proxy.cluster import pd_client
 from qwenvl_pd.proxy.cluster.instance import Instance
 from qwenvl_pd.serve import grpc_serving
 
-from nodes import (free_port, pd_backend, pd_generate, pd_pair, png_bytes, run_backend, spawn_node, start_node,
-                   stop, wait_healthy)
+from nodes import Spares, free_port, pd_backend, pd_generate, pd_pair, png_bytes, run_backend, spawn_node, stop, \
+    wait_healthy
 
 IMG = "<|vision_start|><|image_pad|><|vision_end|>"
 
@@ -65,8 +63,29 @@ async def _settled_loads(p_addr, d_addr, timeout=20):
         await asyncio.sleep(0.2)
 
 
+# name -> (role, extra args): the nodes single tests start (each is used once), spawned with the
+# shared pair; start-up is most of this file's time, and one start-up leaves a core idle
+SPARES = {"block_size_32": ("decode", ("--block-size", "32")), "sigterm": ("decode", ()),
+          "drain": ("prefill", ("--drain-seconds", "20")),
+          "allowed": ("decode", ("--allowed-prefills", "10.255.255.1")), "victim": ("decode", ()),
+          "retry_prefill": ("prefill", ()), "retry_decode": ("decode", ()),
+          "queue": ("prefill", ("--max-queued-requests", "1", "--max-num-seqs", "1")),
+          # 0.0001 GiB holds 4 blocks of the tiny model: 64 tokens, far below max_model_len 2048
+          "pool_too_small": ("prefill", ("--kv-cache-gib", "0.0001"))}
+
+
 @pytest.fixture(scope="module")
-def shared(tiny_dirs):
+def spares(tiny_dirs):
+    model = str(tiny_dirs["qwen2_5_vl"])
+    nodes = Spares({name: (role, model, extra) for name, (role, extra) in SPARES.items()})
+    try:
+        yield nodes
+    finally:
+        nodes.stop()
+
+
+@pytest.fixture(scope="module")
+def shared(tiny_dirs, spares):
     """One prefill and one decode for the fault tests; the test that kills the prefill runs last."""
     model = str(tiny_dirs["qwen2_5_vl"])
     with pd_pair(model, prefill_args=("--lease-seconds", "4", "--transfer-timeout", "2")) as (p, d):
@@ -99,15 +118,15 @@ async def _decode_refused(p_addr, d_addr, req, edit):
         async for _ in pd_client.decode(d, pd_client.decode_request(req, result)):
             pass
     await pd_client.abort(p, "prefill", req.request_id)
-    loads = await pd_client.load(p, "prefill"), await pd_client.load(d, "decode")
     await p.channel.close()
     await d.channel.close()
-    return err.value, loads
+    # an aborted lease's blocks are freed at the engine's next step boundary, not before Abort answers
+    return err.value, await _settled_loads(p_addr, d_addr)
 
 
-def test_fingerprint_mismatch_names_the_field(shared):
-    llm, model, (_, p_addr), _ = shared
-    other, other_addr = start_node("decode", model, "--block-size", "32")
+def test_fingerprint_mismatch_names_the_field(shared, spares):
+    llm, _, (_, p_addr), _ = shared
+    other, other_addr = spares.take("block_size_32")
     req = _pd_request(llm, "f1", {"prompt": _chat("hi")}, SamplingParams(max_tokens=8, temperature=0))
 
     try:
@@ -218,9 +237,9 @@ def test_decode_streams_cancelled_at_any_moment_leave_no_block_behind(shared):
 
 
 
-def test_sigterm_drains_a_running_stream_then_exits_0(shared):
-    llm, model, (_, p_addr), _ = shared
-    node, addr = start_node("decode", model)
+def test_sigterm_drains_a_running_stream_then_exits_0(shared, spares):
+    llm, _, (_, p_addr), _ = shared
+    node, addr = spares.take("sigterm")
     req = _pd_request(llm, "t1", {"prompt": _chat("drain me")},
                       SamplingParams(max_tokens=300, temperature=0, ignore_eos=True))
 
@@ -246,9 +265,9 @@ def test_sigterm_drains_a_running_stream_then_exits_0(shared):
     finally:
         stop(node)
 
-def test_a_draining_prefill_keeps_serving_the_kv_it_leased_then_exits_0(shared):
-    llm, model, _, (_, d_addr) = shared
-    node, addr = start_node("prefill", model, "--drain-seconds", "20")
+def test_a_draining_prefill_keeps_serving_the_kv_it_leased_then_exits_0(shared, spares):
+    llm, _, _, (_, d_addr) = shared
+    node, addr = spares.take("drain")
     req = _pd_request(llm, "dr1", {"prompt": _chat("lease me " * 30)},
                       SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
     expected = llm.generate({"prompt": _chat("lease me " * 30)},
@@ -282,9 +301,9 @@ def test_a_draining_prefill_keeps_serving_the_kv_it_leased_then_exits_0(shared):
         stop(node)
 
 
-def test_a_decode_with_allowed_prefills_reads_from_no_other_address(shared):
-    llm, model, (_, p_addr), _ = shared
-    node, addr = start_node("decode", model, "--allowed-prefills", "10.255.255.1")
+def test_a_decode_with_allowed_prefills_reads_from_no_other_address(shared, spares):
+    llm, _, (_, p_addr), _ = shared
+    node, addr = spares.take("allowed")
     req = _pd_request(llm, "al1", {"prompt": _chat("whose KV is this?")},
                       SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
 
@@ -310,9 +329,9 @@ def test_a_decode_with_allowed_prefills_reads_from_no_other_address(shared):
         stop(node)
 
 
-def test_decode_killed_mid_transfer_lease_frees_prefill_blocks(shared):
-    llm, model, (p_proc, p_addr), _ = shared
-    victim, victim_addr = start_node("decode", model)
+def test_decode_killed_mid_transfer_lease_frees_prefill_blocks(shared, spares):
+    llm, _, (p_proc, p_addr), _ = shared
+    victim, victim_addr = spares.take("victim")
     req = _pd_request(llm, "k1", {"prompt": _chat("hello " * 40)},
                       SamplingParams(max_tokens=500, temperature=0, ignore_eos=True))
 
@@ -347,12 +366,12 @@ def test_decode_killed_mid_transfer_lease_frees_prefill_blocks(shared):
     assert after == 0
 
 
-def test_pd_backend_retries_a_dead_prefill_and_a_dead_decode_on_the_live_ones(shared):
+def test_pd_backend_retries_a_dead_prefill_and_a_dead_decode_on_the_live_ones(shared, spares):
     """The proxy's own retries with real processes: a prefill and a decode that die after the
     health round (their calls fail UNAVAILABLE) hand the request to the live ones and leave
     rotation. The first request prefers the dead prefill; the two requests take both decodes."""
-    llm, model, (_, p_addr), (_, d_addr) = shared
-    (vp, vp_addr), (vd, vd_addr) = spawn_node("prefill", model), spawn_node("decode", model)
+    llm, _, (_, p_addr), (_, d_addr) = shared
+    (vp, vp_addr), (vd, vd_addr) = spares.take("retry_prefill"), spares.take("retry_decode")
     sp = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
     prompts = [{"prompt": _chat(f"retry number {i}")} for i in range(2)]
 
@@ -366,8 +385,6 @@ def test_pd_backend_retries_a_dead_prefill_and_a_dead_decode_on_the_live_ones(sh
             healthy = [[s.address for s in backend.router.healthy(role)] for role in ("prefill", "decode")]
             return got, healthy
     try:
-        for proc, address in ((vp, vp_addr), (vd, vd_addr)):
-            wait_healthy(address, proc)
         got, healthy = asyncio.run(scenario())
     finally:
         stop(vp)
@@ -400,10 +417,9 @@ def test_prefill_killed_after_answering_decode_fails_cleanly(shared):
     assert used == 0
 
 
-def test_a_full_waiting_queue_refuses_with_resource_exhausted(tiny_dirs):
-    model = str(tiny_dirs["qwen2_5_vl"])
-    llm = LLM(model=model, max_model_len=2048)
-    proc, addr = start_node("prefill", model, "--max-queued-requests", "1", "--max-num-seqs", "1")
+def test_a_full_waiting_queue_refuses_with_resource_exhausted(shared, spares):
+    llm = shared[0]
+    proc, addr = spares.take("queue")
     reqs = [_pd_request(llm, f"q{i}", {"prompt": _chat("word " * 300)},
                         SamplingParams(max_tokens=4, temperature=0)) for i in range(8)]
 
@@ -427,14 +443,12 @@ def test_a_full_waiting_queue_refuses_with_resource_exhausted(tiny_dirs):
     assert used == 0
 
 
-def test_a_pool_smaller_than_max_model_len_refuses_to_start(tiny_dirs):
-    # 0.0001 GiB holds 4 blocks of the tiny model: 64 tokens, far below max_model_len 2048
-    out = subprocess.run([sys.executable, "-m", "qwenvl_pd.cli", "prefill", "--model", str(tiny_dirs["qwen2_5_vl"]),
-                          "--port", str(free_port()), "--max-model-len", "2048", "--kv-cache-gib", "0.0001"],
-                         capture_output=True, text=True, timeout=120)
-    assert out.returncode == 1
+def test_a_pool_smaller_than_max_model_len_refuses_to_start(spares):
+    proc, _ = spares.nodes["pool_too_small"]  # --max-model-len 2048, --kv-cache-gib 0.0001
+    assert proc.wait(timeout=120) == 1
+    proc.log.seek(0)
     assert ("the KV pool holds 64 tokens (4 blocks), less than max_model_len 2048: raise --kv-cache-gib "
-            "or lower --max-model-len") in out.stderr
+            "or lower --max-model-len") in proc.log.read()
 
 
 def test_with_the_cluster_secret_unsigned_calls_and_handles_are_refused(shared, tmp_path):
