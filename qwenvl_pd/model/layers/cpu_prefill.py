@@ -25,7 +25,7 @@ class _Args(ctypes.Structure):
 
 def supports(q: torch.Tensor) -> bool:
     return (q.device.type == "cpu" and q.dtype == torch.bfloat16 and cpu_kernels.enabled()
-            and _kernel() is not None)
+            and _runs_here())
 
 
 def paged(q: torch.Tensor, cache: torch.Tensor, table: torch.Tensor, ctx: int,
@@ -65,3 +65,13 @@ def _run(q, keys, values, table, ctx, kv_heads, block_size, causal, scale) -> to
 @functools.cache
 def _kernel():
     return cpu_kernels.function("prefill_attention", _Args)
+
+
+@functools.cache
+def _runs_here() -> bool:
+    """Built without the bf16 dot instruction the kernel declines every call: probe once."""
+    if _kernel() is None:
+        return False
+    x = torch.zeros(1, 1, 2, dtype=torch.bfloat16)
+    return dense(x, x, x, 1.0) is not None
+
