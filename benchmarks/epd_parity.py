@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from epd_parity_cluster import Cluster  # noqa: E402
 
 from qwenvl_pd import LLM, SamplingParams  # noqa: E402
+from qwenvl_pd.model import parity  # noqa: E402
 from qwenvl_pd.model.tiny import make_tiny  # noqa: E402
 from qwenvl_pd.serve import grpc_serving  # noqa: E402
 
@@ -80,20 +81,8 @@ def offline_request(llm: LLM, items) -> dict:
 
 
 def transformers_greedy(ref, llm: LLM, request: dict) -> list[int]:
-    """transformers' greedy tokens for the prompt our processor made (tests/unit/model/test_parity_transformers.py)."""
-    prompt = llm.inputs.process(request)
-    ids = torch.tensor([prompt.token_ids])
-    kw = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
-          "mm_token_type_ids": (ids == 151655).long() + 2 * (ids == 151656).long()}
-    if prompt.images is not None:
-        kw.update(pixel_values=prompt.images.pixel_values, image_grid_thw=prompt.images.image_grid_thw)
-    if prompt.videos is not None:
-        kw.update(pixel_values_videos=prompt.videos.pixel_values_videos, video_grid_thw=prompt.videos.video_grid_thw)
-        if prompt.videos.second_per_grid_ts is not None:
-            kw["second_per_grid_ts"] = torch.tensor(prompt.videos.second_per_grid_ts)
-    with torch.inference_mode():
-        out = ref.generate(**kw, max_new_tokens=MAX_TOKENS, do_sample=False, eos_token_id=None, pad_token_id=151643)
-    return out[0, len(prompt.token_ids):].tolist()
+    """transformers' greedy tokens for the prompt our processor made (qwenvl_pd.model.parity)."""
+    return parity.greedy(ref, llm.inputs.process(request), MAX_TOKENS).tokens
 
 
 def references(model: str) -> dict:

@@ -13,6 +13,9 @@ import torch
 from qwenvl_pd.model.layers import cpu_kernels
 
 
+_ONE_BLOCK = torch.zeros(1, dtype=torch.int64)  # the table of keys held as one block
+
+
 class _Args(ctypes.Structure):
     _fields_ = [*[(n, ctypes.c_void_p) for n in ("q", "k", "v", "out", "table")],
                 *[(n, ctypes.c_int64) for n in ("q_row", "q_head", "o_row", "o_head", "k_block",
@@ -45,7 +48,7 @@ def dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> to
     n = k.shape[1]
     # all n keys as one block: block stride 0, then the head and token strides
     return _run(q.transpose(0, 1), (k, (0, *k.stride()[:2])), (v, (0, *v.stride()[:2])),
-                torch.zeros(1, dtype=torch.int64), n, k.shape[0], n, False, scale)
+                _ONE_BLOCK, n, k.shape[0], n, False, scale)
 
 
 def _run(q, keys, values, table, ctx, kv_heads, block_size, causal, scale) -> torch.Tensor | None:
