@@ -33,7 +33,7 @@ def linear_bytes(model) -> int:
         for value in vars(module).values():  # the packed q/k/v and gate/up live off-module
             if isinstance(value, PackedWeights) and id(value) not in seen:
                 seen.add(id(value))
-                total += value.weight.to_dense().numel() * 4
+                total += value.dense().numel() * value.dense().element_size()
         if isinstance(module, (QuantLinear, Experts, Linear)):  # packed linears hold None here
             total += sum(p.numel() * p.element_size() for p in module.parameters(recurse=False))
     return total

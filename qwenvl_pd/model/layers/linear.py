@@ -1,11 +1,12 @@
-"""nn.Linear, plus one-time oneDNN weight packing on CPU (fused where inputs are shared): float32,
-and bf16 where the processor computes it natively."""
+"""nn.Linear, plus one-time weight packing on CPU (fused where inputs are shared): float32 for
+oneDNN, bf16 for the bf16 dot kernel (csrc/bf16_linear.c) where the processor has it."""
 import functools
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qwenvl_pd.model.layers import bf16_linear
 from qwenvl_pd.model.parallel import TensorParallel, all_reduce, shard
 
 # oneDNN picks its blocked weight layout for this many rows. Measured on 2 AVX2 cores
@@ -42,28 +43,47 @@ def _native_bf16() -> bool:
 
 class PackedWeights:
     """The weights of linears that read the same input, concatenated on the output axis and
-    reordered once into oneDNN's blocked layout: one GEMM then serves q/k/v or gate/up. The
-    linears drop their dense parameters, so packing does not double the weights' memory (a
-    weight shared with another module, the tied lm_head's, lives on there)."""
+    reordered once for the CPU: one GEMM then serves q/k/v or gate/up. bf16 goes to the dot
+    kernel's tiles where the CPU has the instruction (decode's few rows: 1.4x oneDNN's blocked
+    layout over a whole step, prefill sizes alike, benchmarks/linear_packing.py), the rest to
+    oneDNN's blocked layout. The linears drop their dense parameters, so packing does not double
+    the weights' memory (a weight shared with another module, the tied lm_head's, lives on there)."""
 
     def __init__(self, *linears: nn.Linear):
         weight = torch.cat([lin.weight.detach() for lin in linears])  # [sum(out), in]
         biases = [lin.bias for lin in linears]
         self.bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
-        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, PACK_HINT)
         self.sizes = [lin.out_features for lin in linears]
+        self.dot = _dot_kernel(weight)
+        if self.dot:
+            self.weight = bf16_linear.pack(weight)  # [tiles, in / 2, 32, 2]
+            self.bias = None if self.bias is None else self.bias.float()
+        else:
+            self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, PACK_HINT)
         self.dense_from = dense_from()
         for lin in linears:
             lin.weight = lin.bias = None
 
+    def dense(self) -> torch.Tensor:
+        """The concatenated weight as F.linear takes it: [sum(out), in]."""
+        return bf16_linear.unpack(self.weight, sum(self.sizes)) if self.dot else self.weight.to_dense()
+
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """x [..., in] -> one [..., out_i] view per linear."""
-        flat = x.reshape(-1, x.shape[-1])
-        if self.dense_from is not None and flat.shape[0] > self.dense_from:
-            out = F.linear(flat, self.weight.to_dense(), self.bias)
-        else:
-            out = torch.ops.mkldnn._linear_pointwise(flat, self.weight, self.bias, "none", [], "")
+        out = self._gemm(x.reshape(-1, x.shape[-1]))
         return out.view(*x.shape[:-1], out.shape[-1]).split(self.sizes, dim=-1)
+
+    def _gemm(self, flat: torch.Tensor) -> torch.Tensor:
+        if self.dot:
+            return bf16_linear.linear(flat, self.weight, sum(self.sizes), self.bias)
+        if self.dense_from is not None and flat.shape[0] > self.dense_from:
+            return F.linear(flat, self.weight.to_dense(), self.bias)
+        return torch.ops.mkldnn._linear_pointwise(flat, self.weight, self.bias, "none", [], "")
+
+
+def _dot_kernel(weight: torch.Tensor) -> bool:
+    return (weight.dtype == torch.bfloat16 and weight.shape[1] % 2 == 0
+            and bf16_linear.available())
 
 
 class Linear(nn.Linear):
