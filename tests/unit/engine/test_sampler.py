@@ -8,7 +8,8 @@ import torch
 
 from qwenvl_pd.engine import sampler
 from qwenvl_pd.engine.sampler import (SampleResult, SamplerInput, apply_logit_bias, apply_penalties,
-                                      filtered_probs, mask_min_tokens, sample, top_k_top_p_mask)
+                                      filtered_probs, inverse_cdf, mask_min_tokens, sample,
+                                      top_k_top_p_mask)
 from qwenvl_pd.sampling_params import SamplingParams
 
 INF = float("inf")
@@ -192,6 +193,23 @@ def test_draws_stay_in_the_support_and_follow_the_probabilities():
     expected = torch.tensor(PROBS[:4] + [0.0] * 4) / sum(PROBS[:4])
     assert set(drawn) == {0, 1, 2, 3}
     assert (freq - expected).abs().max() < 0.015
+
+
+def test_the_draw_takes_the_first_token_whose_running_sum_passes_u_across_blocks():
+    """2500 tokens: two full blocks of 1024 and a tail of 452; mass at 5, 1500 and 2499 only."""
+    probs = torch.zeros(6, 2500)
+    probs[:, 5], probs[:, 1500], probs[:, 2499] = 0.25, 0.25, 0.5
+    u = torch.tensor([0.0, 0.2499, 0.25, 0.4999, 0.5, 1 - 1e-12], dtype=torch.float64)
+    assert inverse_cdf(probs, u).tolist() == [5, 5, 1500, 1500, 2499, 2499]
+
+
+def test_the_draw_never_takes_a_token_without_mass_and_keeps_a_tiny_tail_token():
+    probs = torch.zeros(3, 3000)
+    probs[0, 0] = 1.0                                  # u near 1: still token 0, not the zeros after it
+    probs[1, 1024] = 1.0                               # the first token of a later block
+    probs[2, :2048], probs[2, 2999] = 1.0, 1e-7 * 2048  # 1e-7 of the row's mass in the tail
+    u = torch.tensor([1 - 1e-12, 0.0, 1 - 5e-8], dtype=torch.float64)
+    assert inverse_cdf(probs, u).tolist() == [0, 1024, 2999]
 
 
 # ---- seeded draws ----------------------------------------------------------------------------
