@@ -28,7 +28,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 from qwenvl_pd import LLM, SamplingParams
 from qwenvl_pd.engine.sequence import FinishReason, Sequence
-from qwenvl_pd.model.layers import cpu_paged
+from qwenvl_pd.model.layers import bf16_linear, cpu_paged
 from qwenvl_pd.model.tiny import make_tiny
 
 MODEL_0_7B = dict(hidden_size=1024, intermediate_size=4864, num_hidden_layers=24,
@@ -38,7 +38,8 @@ CATEGORIES = [
     ("attention gather", ("index_select",)),
     ("attention compute", ("scaled_dot_product", "flash_attention", "flex_attention", "paged")),
     ("kv write", ("index_copy",)),
-    ("linear", ("aten::mm", "aten::addmm", "aten::linear", "aten::matmul", "aten::bmm")),
+    ("linear", ("aten::mm", "aten::addmm", "aten::linear", "aten::matmul", "aten::bmm",
+                "mkldnn::_linear_pointwise", "bf16_linear")),
 ]
 
 
@@ -94,18 +95,24 @@ def run_steps(llm: LLM, steps: int) -> float:
     return time.perf_counter() - t
 
 
+def labelled(fn, name: str):
+    """fn named for the profiler: a ctypes call is no torch op."""
+    def call(*a, **k):
+        with record_function(name):
+            return fn(*a, **k)
+    return call
+
+
 def op_shares(llm: LLM) -> dict[str, float]:
     """Self CPU ms per category over one step."""
-    kernel = cpu_paged.paged_decode
-
-    def labelled(*a, **k):  # a ctypes call is no torch op: name it for the profiler
-        with record_function("cpu_paged_decode"):
-            return kernel(*a, **k)
-
-    cpu_paged.paged_decode = labelled
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        llm.engine.step()
-    cpu_paged.paged_decode = kernel
+    kernels = cpu_paged.paged_decode, bf16_linear.linear
+    cpu_paged.paged_decode = labelled(kernels[0], "cpu_paged_decode")
+    bf16_linear.linear = labelled(kernels[1], "bf16_linear")
+    try:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            llm.engine.step()
+    finally:
+        cpu_paged.paged_decode, bf16_linear.linear = kernels
     shares, other = defaultdict(float), {}
     for ev in prof.key_averages():
         name = next((c for c, keys in CATEGORIES if any(k in ev.key for k in keys)), "other ops")
