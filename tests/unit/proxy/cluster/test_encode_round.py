@@ -315,6 +315,21 @@ def test_a_prefill_refusing_the_item_gets_the_bytes_and_bad_bytes_stay_a_400():
         [(b"one", None), (b"", "cc|fp")], [(b"one", None), (b"bad", None)]]
 
 
+def test_a_prefill_not_allowed_to_read_from_the_encoder_gets_the_bytes_and_the_leases_go_back():
+    denied = rpc_error(grpc.StatusCode.PERMISSION_DENIED, "item 0's embedding handle names 127.0.0.1, not an "
+                       "encoder this prefill reads from (--allowed-encoders 10.255.255.1)")
+    script = Script(prefills=[denied, 7], encodes=[EncodeResult((handle("aa", "L1"), handle("bb", "L2")))])
+
+    async def body(backend, router):
+        out = await tokens(backend)
+        await asyncio.sleep(0)  # the release runs beside the request
+        return out, router.metrics.encode_fallbacks.value(reason="PERMISSION_DENIED")
+    assert run(script, body) == ([7, 8], 1)
+    assert [media_sent(r) for _, r in script.prefill_calls] == [
+        [(b"", "aa|fp"), (b"", "bb|fp")], [(b"one", None), (b"two", None)]]
+    assert script.releases == [(E[0], ("L1", "L2"), "enc-1")]
+
+
 def test_another_failed_precondition_is_the_clients_error():
     script = Script(prefills=[rpc_error(grpc.StatusCode.FAILED_PRECONDITION, "vision fingerprint differs")],
                     encodes=[EncodeResult((handle("aa"), handle("bb")))])
