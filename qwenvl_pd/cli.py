@@ -304,7 +304,8 @@ def _add_proxy_parser(sub) -> None:
     p.add_argument("--token-timeout", type=float, default=60.0,
                    help="seconds a running request may go without a token before its decode counts as stuck")
     p.add_argument("--encode-timeout", type=float, default=30.0,
-                   help="seconds an encode round may take before prefill gets the media bytes instead")
+                   help="seconds an encode round may take, a retry on another encoder included, before "
+                   "prefill gets the media bytes instead")
     p.add_argument("--kv-transfer-mode", default="whole", choices=["whole", "layerwise"],
                    help="whole: decode pulls the KV after prefill; layerwise: group by group while "
                         "prefill computes (prefill's --kv-layer-group)")
