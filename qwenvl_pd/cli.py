@@ -83,7 +83,7 @@ def _node(args: argparse.Namespace) -> int:
         cluster_secret=read_secret(args.cluster_secret_file or ""), max_queued_requests=args.max_queued_requests,
         kv_layer_group=args.kv_layer_group, cpus=args.cpus,
         embedding_read_buffer_mib=args.embedding_read_buffer_mib, embedding_store=args.embedding_store or "",
-        allowed_prefills=tuple(a for a in (args.allowed_prefills or "").split(",") if a.strip()))
+        allowed_prefills=_hosts(args.allowed_prefills), allowed_encoders=_hosts(args.allowed_encoders))
     pin(cfg.cpus)  # before the ranks start: they inherit it
     _set_threads(stack.threads)
     if args.command == "prefill":
@@ -91,6 +91,10 @@ def _node(args: argparse.Namespace) -> int:
     else:
         from qwenvl_pd.decode_node.service import main as run
     return run(cfg)
+
+
+def _hosts(flag: str | None) -> tuple[str, ...]:
+    return tuple(a for a in (flag or "").split(",") if a.strip())
 
 
 def _add_node_parser(sub, role: str, default_port: int) -> None:
@@ -111,6 +115,8 @@ def _add_node_parser(sub, role: str, default_port: int) -> None:
                    help="prefill: report layer-wise KV progress every N layers (0: refuse layer-wise)")
     p.add_argument("--allowed-prefills", help="decode: the prefills (host[:port] or DNS names, comma-"
                    "separated: the proxy's --prefill) it reads KV from; default any a caller names")
+    p.add_argument("--allowed-encoders", help="prefill: the encoders (host[:port] or DNS names, comma-"
+                   "separated: the proxy's --encode) it reads embeddings from; default any a caller names")
     p.add_argument("--drain-seconds", type=float, default=30.0,
                    help="on SIGTERM: report NOT_SERVING, let running streams finish this long")
     p.add_argument("--embedding-store", metavar="HOST:PORT", help="prefill: the mooncake_master whose "
@@ -298,7 +304,8 @@ def _add_proxy_parser(sub) -> None:
     p.add_argument("--token-timeout", type=float, default=60.0,
                    help="seconds a running request may go without a token before its decode counts as stuck")
     p.add_argument("--encode-timeout", type=float, default=30.0,
-                   help="seconds an encode round may take before prefill gets the media bytes instead")
+                   help="seconds an encode round may take, a retry on another encoder included, before "
+                   "prefill gets the media bytes instead")
     p.add_argument("--kv-transfer-mode", default="whole", choices=["whole", "layerwise"],
                    help="whole: decode pulls the KV after prefill; layerwise: group by group while "
                         "prefill computes (prefill's --kv-layer-group)")

@@ -142,7 +142,8 @@ def _node_args(cfg: ServeConfig, role: str, model: str, port: int, store: str = 
             "--max-model-len", str(cfg.max_model_len), "--kv-cache-gib", str(cfg.kv_cache_gib),
             "--max-num-batched-tokens", str(cfg.max_num_batched_tokens),
             "--device", cfg.device, *_parallel_args(tp, cfg), *_cpus_args(cpus), *cfg.node_args]
-    args += ["--allowed-prefills", "127.0.0.1"] if role == "decode" else []  # every prefill is local
+    # every peer is local: nothing else may be named in a KV or embedding handle
+    args += ["--allowed-prefills" if role == "decode" else "--allowed-encoders", "127.0.0.1"]
     args += ["--embedding-store", store] if store and role == "prefill" else []
     return args + (["--served-model-name", cfg.served_model_name] if cfg.served_model_name else [])
 

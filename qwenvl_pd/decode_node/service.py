@@ -11,7 +11,7 @@ import grpc
 from qwenvl_pd.decode_node.kv_pull import KVPull, TransferStats
 from qwenvl_pd.decode_node.layerwise_pull import LayerwisePull
 from qwenvl_pd.decode_node.prefill_peers import PrefillPeers
-from qwenvl_pd.decode_node.prefill_allowlist import PrefillAllowList
+from qwenvl_pd.decode_node.prefill_allowlist import handle_addresses, prefill_allowlist
 from qwenvl_pd.engine.block_manager import OutOfBlocks
 from qwenvl_pd.engine.commands import Abort, QueueFull, StepResult
 from qwenvl_pd.kv_transfer.transfer_engine import TransferError
@@ -32,7 +32,7 @@ class DecodeService(pb_grpc.DecodeServicer):
         self.streams: dict[str, asyncio.Queue] = {}  # a request's events, until its stream ends
         self.pulls: dict[str, KVPull] = {}  # requests whose KV is being read
         self.peers = PrefillPeers(runtime.cfg.cluster_secret)
-        self.allowed = PrefillAllowList(runtime.cfg.allowed_prefills)
+        self.allowed = prefill_allowlist(runtime.cfg.allowed_prefills)
         if not (self.allowed or runtime.cfg.cluster_secret):
             log.warning("no cluster secret and no --allowed-prefills: this decode reads KV from any "
                         "prefill address a caller names")
@@ -140,7 +140,7 @@ class DecodeService(pb_grpc.DecodeServicer):
         if secret and not h.control_address:
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, "the KV handle names no prefill to "
                                 "release it at, so its lease cannot be confirmed")
-        if self.allowed and (why := await self.allowed.refusal(h)):
+        if self.allowed and (why := await self.allowed.refusal("the KV handle", handle_addresses(h))):
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, why)
         if h.num_tokens != req.prompt_len:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,

@@ -34,6 +34,7 @@ class NodeConfig:
     kv_layer_group: int = 4  # prefill: layers per layer-wise KV report; 0 refuses layer-wise
     cpus: tuple[int, ...] = ()       # cores this node and its ranks are pinned to; (): not pinned
     allowed_prefills: tuple[str, ...] = ()  # decode: the only prefill hosts it reads KV from; (): any
+    allowed_encoders: tuple[str, ...] = ()  # prefill: the only encoder hosts it reads embeddings from
     embedding_read_buffer_mib: int = 256  # prefill: registered once, on the first embedding read
     embedding_store: str = ""  # prefill: a mooncake_master whose Mooncake Store backs encoder reads
 

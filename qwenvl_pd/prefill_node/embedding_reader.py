@@ -1,7 +1,9 @@
 """Prefill's side of EPD: the vision embeddings an encoder made for a request's items, before
 the sequence goes to the engine (never on the engine thread).
 
-Per embedded item, in order: refuse a handle not signed with the cluster secret (when one is
+First, with --allowed-encoders, a handle naming an address outside those hosts fails the request
+with EmbeddingRefused (PERMISSION_DENIED) before anything is read or released. Then per embedded
+item, in order: refuse a handle not signed with the cluster secret (when one is
 set), made by vision weights other than ours, expired, or not the shape the grid needs; take it
 from the local encoder cache by key; else one Mooncake read into a slot of a scratch buffer
 registered once (all items of one encoder in one batched read), or the Mooncake Store when the
@@ -24,6 +26,7 @@ from qwenvl_pd.kv_transfer.embedding_handle import EmbeddingHandle
 from qwenvl_pd.kv_transfer.transfer_engine import TransferError, TransferTimeout
 from qwenvl_pd.messages import MediaItem
 from qwenvl_pd.model.vision import VisionEmbeds
+from qwenvl_pd.prefill_node.encoder_allowlist import encoder_allowlist, handle_addresses
 from qwenvl_pd.prefill_node.encoder_release import EncoderReleases
 from qwenvl_pd.prefill_node.scratch import Scratch, ScratchFull
 from qwenvl_pd.protos import auth
@@ -37,6 +40,10 @@ class EmbeddingUnavailable(Exception):
     """An embedded item cannot be had; str(e) says which and why."""
 
 
+class EmbeddingRefused(Exception):
+    """A handle names an address this prefill may not contact (--allowed-encoders)."""
+
+
 @dataclass(frozen=True)
 class ReaderConfig:
     fingerprint: str      # of this prefill's own vision tower (model/vision_fingerprint.py)
@@ -45,13 +52,14 @@ class ReaderConfig:
     timeout_s: float      # bounds one request's reads (the node's transfer timeout)
     buffer_bytes: int     # the scratch buffer reads land in
     cluster_secret: bytes = b""
+    allowed_encoders: tuple[str, ...] = ()  # hosts a handle's addresses must resolve to; (): any
 
 
 @dataclass
 class ReadCounters:
     reads: int = 0        # items read from an encoder or the store
     read_bytes: int = 0
-    failures: int = 0     # requests refused with EmbeddingUnavailable
+    failures: int = 0     # requests refused with EmbeddingUnavailable or EmbeddingRefused
 
 
 class EmbeddingReader:
@@ -62,18 +70,32 @@ class EmbeddingReader:
         self.counters = ReadCounters()
         self.releases = EncoderReleases(cfg.cluster_secret)
         self._scratch: Scratch | None = None  # registered on the first read
+        self.allowed = encoder_allowlist(cfg.allowed_encoders)
+        if not (self.allowed or cfg.cluster_secret):
+            log.warning("no cluster secret and no --allowed-encoders: this prefill reads embeddings from "
+                        "any encoder address a caller names")
 
     async def read(self, media: Sequence[MediaItem]) -> list[VisionEmbeds | None]:
-        """Item i's embeddings at [i] (None: it came as bytes); raises EmbeddingUnavailable. A
-        caller cancelled meanwhile leaves the reads to finish (and free their slots) alone."""
+        """Item i's embeddings at [i] (None: it came as bytes); raises EmbeddingUnavailable or
+        EmbeddingRefused. A caller cancelled meanwhile leaves the reads to finish (and free their
+        slots) alone."""
         handles = [(i, m.embedding) for i, m in enumerate(media) if m.embedding is not None]
         if not handles:
             return [None] * len(media)
+        await self._refuse_outsiders(handles)
         grids = {i: media[i].grid_thw for i, _ in handles}
         task = asyncio.ensure_future(self._read_all(handles, grids))
         task.add_done_callback(_retrieved)  # its caller may be gone: no "never retrieved" noise
         got = await asyncio.shield(task)
         return [got.get(i) for i in range(len(media))]
+
+    async def _refuse_outsiders(self, handles: list[tuple[int, EmbeddingHandle]]) -> None:
+        """--allowed-encoders: nothing is read from, or released at, an address outside it."""
+        for i, h in handles if self.allowed else ():
+            if why := await self.allowed.refusal(f"item {i}'s embedding handle", handle_addresses(h)):
+                self.counters.failures += 1
+                log.warning("refused: %s", why)
+                raise EmbeddingRefused(why)
 
     async def _read_all(self, handles: list[tuple[int, EmbeddingHandle]],
                         grids: dict[int, tuple[int, int, int]]) -> dict[int, VisionEmbeds]:

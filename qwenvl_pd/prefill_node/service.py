@@ -17,7 +17,8 @@ from qwenvl_pd.engine.kv_streams import LayerProgress
 from qwenvl_pd.messages import PrefillRequest, PrefillResult, PrefillStreamEvent
 from qwenvl_pd.model.inputs import InputError
 from qwenvl_pd.model.vision_fingerprint import vision_fingerprint
-from qwenvl_pd.prefill_node.embedding_reader import (UNAVAILABLE, EmbeddingReader, EmbeddingUnavailable,
+from qwenvl_pd.prefill_node.embedding_reader import (UNAVAILABLE, EmbeddingReader, EmbeddingRefused,
+                                                     EmbeddingUnavailable,
                                                      ReaderConfig)
 from qwenvl_pd.prefill_node.kv_watch import Watched
 from qwenvl_pd.prefill_node.leases import LeaseTable, lease_seconds
@@ -130,6 +131,8 @@ class PrefillService(pb_grpc.PrefillServicer):
             return await self.embeddings.read(req.media)
         except EmbeddingUnavailable as e:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, UNAVAILABLE + str(e))
+        except EmbeddingRefused as e:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(e))
 
     def _wait_for(self, req: PrefillRequest) -> asyncio.Future:
         fut = self.waiters[req.request_id] = asyncio.get_running_loop().create_future()
@@ -250,7 +253,8 @@ def reader_config(rt: Runtime) -> ReaderConfig:
     mc = rt.model_config
     return ReaderConfig(vision_fingerprint(mc.family, mc.vision, rt.model.vision_tower()),
                         mc.vision.out_hidden_size, mc.vision.spatial_merge_size, rt.cfg.transfer_timeout_s,
-                        rt.cfg.embedding_read_buffer_mib << 20, rt.cfg.cluster_secret)
+                        rt.cfg.embedding_read_buffer_mib << 20, rt.cfg.cluster_secret,
+                        rt.cfg.allowed_encoders)
 
 
 def _store_get(cfg: NodeConfig):

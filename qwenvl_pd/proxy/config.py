@@ -51,7 +51,7 @@ class ProxyConfig:
     model_info_timeout_s: float = 300.0  # how long start-up waits for a prefill to answer
     prefill_timeout_s: float = 600.0
     token_timeout_s: float = 60.0  # a running request without a token this long: decode is stuck
-    encode_timeout_s: float = 30.0  # an encode round this late: prefill gets the bytes instead
+    encode_timeout_s: float = 30.0  # bounds an encode round, its one retry included; then the bytes
     kv_transfer_mode: str = "whole"  # "layerwise": decode reads the KV while prefill computes
     colocated_model: str = ""  # serve --colocated: one in-process engine instead of PD nodes
     cpus: tuple[int, ...] = ()  # cores the proxy (and a colocated engine) is pinned to; (): not pinned

@@ -179,6 +179,8 @@ class ProxyMetrics:
                                           "prefill was sent every item of the request lately."))
         self.encode_fallbacks = r.add(Counter(p + "encode_fallbacks_total", "Requests whose media went to "
                                               "prefill as bytes after an encode failure.", ("reason",)))
+        self.encode_retries = r.add(Counter(p + "encode_retries_total", "Encodes tried again on another "
+                                            "encoder after one failed.", ("reason",)))
         self.embedding_hits = r.add(Counter(p + "embedding_cache_hits_total", "Media items an encoder "
                                             "served from its pool or the store.", ri))
         self.embedding_misses = r.add(Counter(p + "embedding_cache_misses_total", "Media items an "

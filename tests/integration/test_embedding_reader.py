@@ -19,7 +19,7 @@ from qwenvl_pd.kv_transfer.embedding_store import EmbeddingStore
 from qwenvl_pd.kv_transfer.transfer_engine import KVTransferEngine
 from qwenvl_pd.messages import MediaItem
 from qwenvl_pd.model.vision import VisionEmbeds
-from qwenvl_pd.prefill_node.embedding_reader import EmbeddingReader, EmbeddingUnavailable, ReaderConfig
+from qwenvl_pd.prefill_node.embedding_reader import EmbeddingReader, EmbeddingRefused, EmbeddingUnavailable, ReaderConfig
 from qwenvl_pd.protos import auth
 
 from nodes import free_port
@@ -90,8 +90,10 @@ def _item(handle: EmbeddingHandle) -> MediaItem:
     return MediaItem("image", "h", (1, 4, 4), embedding=handle)
 
 
-def _reader(transfer, cache=None, store_get=None, buffer_bytes=1 << 20, secret=b"") -> EmbeddingReader:
-    cfg = ReaderConfig(FP, D, 2, timeout_s=1, buffer_bytes=buffer_bytes, cluster_secret=secret)
+def _reader(transfer, cache=None, store_get=None, buffer_bytes=1 << 20, secret=b"",
+            allowed=()) -> EmbeddingReader:
+    cfg = ReaderConfig(FP, D, 2, timeout_s=1, buffer_bytes=buffer_bytes, cluster_secret=secret,
+                       allowed_encoders=allowed)
     return EmbeddingReader(cfg, transfer, (cache or EncoderCache(1 << 20)).get, store_get)
 
 
@@ -148,6 +150,19 @@ def test_with_the_cluster_secret_only_signed_handles_are_read(encoder, transfer)
     with pytest.raises(EmbeddingUnavailable, match="not signed with the cluster secret"):
         _read(reader, _item(_handle(session, address)))
     _assert_values(_read(reader, _item(auth.sign(_handle(session, address), b"s3cret")))[0])
+
+
+def test_with_allowed_encoders_a_handle_naming_another_host_is_refused_before_any_read_or_release(
+        encoder, transfer):
+    _, session, address = encoder
+    reader = _reader(transfer, allowed=("localhost",))
+    _assert_values(_read(reader, _item(_handle(session, address)))[0])
+    outside = _handle(session, address, control_address="10.255.255.9:50053", lease_id="L1")
+    with pytest.raises(EmbeddingRefused) as refused:
+        _read(reader, _item(_handle(session, address, key="k2")), _item(outside))
+    assert str(refused.value) == ("item 1's embedding handle names 10.255.255.9, not an encoder this prefill "
+                                  "reads from (--allowed-encoders localhost)")
+    assert (reader.counters.reads, reader.counters.failures, reader.releases.pending) == (1, 1, 0)
 
 
 def test_an_item_larger_than_the_read_buffer_is_refused(encoder, transfer):

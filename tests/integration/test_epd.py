@@ -1,8 +1,9 @@
 """EPD end to end on loopback: real `qwenvl-pd encode`, prefill, decode and proxy processes on the
 tiny model, driven by the official openai client. Greedy output through an encoder equals PD's;
 the same image sent through two prefills is encoded once (the encoder's load report: one miss,
-one hit); a killed encoder costs the client nothing (prefill encodes the bytes itself); a proxy
-whose encoder never came up serves as PD.
+one hit); a killed encoder costs the client nothing (prefill encodes the bytes itself); a stopped
+one is replaced by the next encoder; a prefill that may not read from the encoder
+(--allowed-encoders) gets the bytes; a proxy whose encoder never came up serves as PD.
 
 The tests with an encoder are skipped until `qwenvl-pd encode` exists on this branch (the encode
 node lands separately)."""
@@ -46,21 +47,22 @@ SEEDED = dict(GREEDY, temperature=0.8, top_p=0.9, seed=1234)
 
 
 class EPDCluster:
-    """Nodes by name (p0, p1, d0, e0) and proxies by name, all on loopback."""
+    """Nodes by name (p0, p1, p2, d0, e0, e1) and proxies by name, all on loopback."""
 
     def __init__(self, model: str):
         self.model, self.procs, self.addr, self.urls = model, {}, {}, {}
 
     def spawn(self, roles: tuple[tuple[str, str], ...]) -> None:
         """Start nodes without waiting: wait() waits for everything spawned."""
-        for name, role in roles:
+        for name, role, *extra in roles:
             port = free_port()
             args = NODE_ARGS if role != ENCODE else ["--host", "127.0.0.1", "--embedding-cache-gib", "0.05"]
-            self.procs[name] = _cli(role, "--model", self.model, "--port", str(port), *args)
+            self.procs[name] = _cli(role, "--model", self.model, "--port", str(port), *args, *extra)
             self.addr[name] = f"127.0.0.1:{port}"
 
     def spawn_proxy(self, name: str, prefill: str, encode: str | None) -> None:
-        extra = ["--encode", self.addr.get(encode, encode)] if encode else []
+        encoders = ",".join(self.addr.get(e, e) for e in encode.split(",")) if encode else ""
+        extra = ["--encode", encoders] if encode else []
         self.procs[f"proxy-{name}"], self.urls[name] = spawn_proxy(
             "--prefill", self.addr[prefill], "--decode", self.addr["d0"], "--max-image-pixels", "4000000", *extra)
 
@@ -73,22 +75,24 @@ class EPDCluster:
     def client(self, name: str) -> openai.OpenAI:
         return openai.OpenAI(base_url=self.urls[name] + "/v1", api_key="none", timeout=120, max_retries=0)
 
-    def encoder_load(self):
+    def encoder_load(self, name: str = "e0"):
         import asyncio
         from qwenvl_pd.proxy.cluster import pd_client
         from qwenvl_pd.proxy.cluster.instance import Instance
 
         async def one():
-            inst = Instance.connect(ENCODE, self.addr["e0"])
+            inst = Instance.connect(ENCODE, self.addr[name])
             try:
                 return await pd_client.load(inst, ENCODE)
             finally:
                 await inst.channel.close()
         return asyncio.run(one())
 
-    def metric(self, proxy: str, name: str) -> float:
+    def metric(self, proxy: str, name: str, labels: str = "") -> float:
+        """The sum over the series of `name`, or the one with exactly these `labels` ('{...}')."""
         text = httpx.get(self.urls[proxy] + "/metrics", timeout=10).text
-        values = re.findall(rf"^qwenvl_pd:{name}(?:{{[^}}]*}})? (\S+)$", text, re.M)
+        series = re.escape(labels) if labels else r"(?:{[^}]*})?"
+        values = re.findall(rf"^qwenvl_pd:{name}{series} (\S+)$", text, re.M)
         return sum(map(float, values))
 
     def stop(self) -> None:
@@ -97,12 +101,15 @@ class EPDCluster:
 
 @pytest.fixture(scope="module")
 def cluster(tiny_model):
-    """p0, p1, d0, the encoder e0, the PD proxy "pd" (p0, no encoder) and the EPD proxies "a"
-    (p0 + e0) and "b" (p1 + e0), all started at once: loading overlaps."""
+    """p0, p1, d0, the encoders e0 and e1, p2 (reads embeddings only from 10.255.255.1), the PD
+    proxy "pd" (p0, no encoder) and the EPD proxies "a" (p0 + e0), "b" (p1 + e0), "two" (p1 +
+    e0, e1) and "deny" (p2 + e0), all started at once: loading overlaps."""
     c = EPDCluster(tiny_model)
     try:
-        c.spawn((("p0", "prefill"), ("p1", "prefill"), ("d0", "decode"), ("e0", ENCODE)))
-        for name, prefill, encode in (("pd", "p0", None), ("a", "p0", "e0"), ("b", "p1", "e0")):
+        c.spawn((("p0", "prefill"), ("p1", "prefill"), ("d0", "decode"), ("e0", ENCODE), ("e1", ENCODE),
+                 ("p2", "prefill", "--allowed-encoders", "10.255.255.1")))
+        for name, prefill, encode in (("pd", "p0", None), ("a", "p0", "e0"), ("b", "p1", "e0"),
+                                      ("two", "p1", "e0,e1"), ("deny", "p2", "e0")):
             c.spawn_proxy(name, prefill, encode)
         c.wait()
         yield c
@@ -166,6 +173,21 @@ def test_text_only_never_reaches_the_encoder(cluster):
 
 
 @needs_encoder
+def test_a_prefill_that_may_not_read_from_the_encoder_gets_the_bytes(cluster):
+    # p2's --allowed-encoders names another host: PERMISSION_DENIED before any read, then the
+    # bytes to the same prefill; the leases the proxy got are released at once
+    data = _image(136, 102, seed=17)
+    assert _answer(cluster, "deny", data) == _answer(cluster, "pd", data)
+    assert cluster.metric("deny", "encode_rounds_total") == 1
+    assert cluster.metric("deny", "encode_fallbacks_total", '{reason="PERMISSION_DENIED"}') == 1
+    assert cluster.metric("deny", "encode_fallbacks_total") == 1
+    deadline = time.monotonic() + 10
+    while cluster.encoder_load().embedding_leases and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert cluster.encoder_load().embedding_leases == 0
+
+
+@needs_encoder
 def test_a_stopped_encoder_falls_back_and_is_used_again_once_it_answers(cluster):
     data = _image(128, 96, seed=21)
     pd = _answer(cluster, "pd", data)
@@ -182,6 +204,36 @@ def test_a_stopped_encoder_falls_back_and_is_used_again_once_it_answers(cluster)
             break
         time.sleep(0.5)
     assert cluster.metric("a", "encode_rounds_total") > rounds
+
+
+def _preferring(cluster: EPDCluster, encoder: str, others: tuple[str, ...]) -> bytes:
+    """A fresh image whose content hash ranks `encoder` first among `others` (the proxy's
+    rendezvous order), so that the round tries it first."""
+    from qwenvl_pd.proxy.cluster.router import _rendezvous
+    from qwenvl_pd.proxy.prompt.media import content_hash
+    for seed in range(100, 200):
+        data = _image(152, 114, seed=seed)
+        rank = {e: _rendezvous(content_hash(data).encode(), cluster.addr[e]) for e in (encoder, *others)}
+        if max(rank, key=rank.get) == encoder:
+            return data
+    raise AssertionError(f"no image prefers {encoder}")
+
+
+@needs_encoder
+def test_a_stopped_encoder_is_replaced_by_the_next_one_without_a_fallback(cluster):
+    data = _preferring(cluster, "e1", ("e0",))
+    pd = _answer(cluster, "pd", data)
+    before = cluster.encoder_load("e0")
+    os.kill(cluster.procs["e1"].pid, signal.SIGSTOP)  # hung: lost after two unanswered health checks
+    try:
+        assert _answer(cluster, "two", data) == pd  # e1 tried first, then e0: p1 read e0's rows
+    finally:
+        os.kill(cluster.procs["e1"].pid, signal.SIGCONT)
+    after = cluster.encoder_load("e0")
+    assert (after.embedding_misses, after.embedding_hits) == (before.embedding_misses + 1, before.embedding_hits)
+    assert cluster.metric("two", "encode_retries_total", '{reason="UNAVAILABLE"}') == 1
+    assert cluster.metric("two", "encode_rounds_total") == 1
+    assert cluster.metric("two", "encode_fallbacks_total") == 0
 
 
 @needs_encoder

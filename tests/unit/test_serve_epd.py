@@ -62,6 +62,9 @@ def test_serve_flags_reach_the_config_and_the_command_lines():
     prefill = _node_args(ServeConfig(num_encode=1), "prefill", "/m", 5, "127.0.0.1:9")
     decode = _node_args(ServeConfig(num_encode=1), "decode", "/m", 6, "127.0.0.1:9")
     assert prefill[-2:] == ["--embedding-store", "127.0.0.1:9"] and "--embedding-store" not in decode
+    # every peer is loopback: neither node reads from an address a handle names elsewhere
+    assert prefill[prefill.index("--allowed-encoders") + 1] == decode[decode.index("--allowed-prefills") + 1] \
+        == "127.0.0.1"
 
 
 def test_serve_starts_the_wheels_master_and_a_holder_on_loopback_and_stops_them():

@@ -10,8 +10,10 @@ Decisions, in order (docs/ARCHITECTURE.md draws the path):
   fresh handle (a pool hit on the encoder, a local hit on prefill, no read): switching forms
   would miss both caches;
 - the encoder: rendezvous hash of the first item's content hash (Router.pick_encode);
-- any failure of the round (down, late, full, a bad reply) is logged, counted and falls back to
-  the bytes: prefill encodes locally, the client never sees it.
+- a failed Encode (down, late, full, a bad reply) is logged and counted; the next healthy encoder
+  in rendezvous order gets one more try within what is left of the round's budget
+  (--encode-timeout bounds both tries together); when that fails too, or there is no other
+  encoder, the round falls back to the bytes: prefill encodes locally, the client never sees it.
 Prefill answering FAILED_PRECONDITION "embeddings unavailable: ..." (or INVALID_ARGUMENT: a
 prefill older than EPD) is the backend's to handle (the same prefill again with the bytes);
 `unread` releases the leases it did not read.
@@ -36,6 +38,9 @@ from qwenvl_pd.proxy.cluster.router import Router
 log = logging.getLogger(__name__)
 EMBEDDINGS_UNAVAILABLE = "embeddings unavailable: "  # prefill's FAILED_PRECONDITION details prefix
 ENCODER_DOWN = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+BYTES_MAY_PASS = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED)
+MAX_RETRIES = 1   # tries on other encoders after the first fails
+RETRY_MIN_S = 1.0  # of the round's budget (--encode-timeout), left for a retry to be worth it
 
 
 def embeddings_unavailable(e: grpc.aio.AioRpcError) -> bool:
@@ -44,9 +49,10 @@ def embeddings_unavailable(e: grpc.aio.AioRpcError) -> bool:
 
 def resend_bytes(e: grpc.aio.AioRpcError) -> bool:
     """A prefill's refusal of a request with handles that the bytes may pass: it could not read
-    them, or it refused the item itself (a prefill older than EPD sees an empty image). Input that
-    is really bad is refused again with the bytes, and reaches the client then."""
-    return embeddings_unavailable(e) or e.code() == grpc.StatusCode.INVALID_ARGUMENT
+    them, it may not read from that encoder (PERMISSION_DENIED: --allowed-encoders), or it refused
+    the item itself (a prefill older than EPD sees an empty image). Input that is really bad is
+    refused again with the bytes, and reaches the client then."""
+    return embeddings_unavailable(e) or e.code() in BYTES_MAY_PASS
 
 
 def with_embeddings(req: PrefillRequest, handles: Sequence[EmbeddingHandle],
@@ -108,24 +114,47 @@ class EncodeRound:
         return await self._encode(req, encoder, todo)
 
     async def _encode(self, req: PrefillRequest, encoder: Instance, todo: list[int]) -> PrefillRequest:
-        """Handles for items `todo` (the others stay bytes: prefill has them in that form)."""
-        start = time.monotonic()
+        """Handles for items `todo` (the others stay bytes: prefill has them in that form); a
+        failed try gets one more on the next encoder while the round's budget lasts, then bytes."""
+        start, tried = time.monotonic(), []
+        while True:
+            got = await self._try(req, encoder, todo, start + self.timeout_s - time.monotonic())
+            if not isinstance(got, str):
+                self.metrics.encode_rounds.inc()
+                self.metrics.encode_round_seconds.observe(time.monotonic() - start)
+                return got
+            tried.append(encoder)
+            encoder = self._retry_on(req, tried, start)
+            if encoder is None:
+                log.warning("encode round of %s failed; prefill encodes the media itself", req.request_id)
+                self.metrics.encode_fallbacks.inc(reason=got)
+                return req
+            self.metrics.encode_retries.inc(reason=got)
+
+    def _retry_on(self, req: PrefillRequest, tried: list[Instance], start: float) -> Instance | None:
+        """The encoder for one more try: the next healthy one in rendezvous order, once, and only
+        while RETRY_MIN_S of the round's budget is left (a shorter try would most likely be late too)."""
+        if len(tried) > MAX_RETRIES or time.monotonic() - start > self.timeout_s - RETRY_MIN_S:
+            return None
+        return self.router.pick_encode(req.media[0].content_hash, exclude=tried)
+
+    async def _try(self, req: PrefillRequest, encoder: Instance, todo: list[int],
+                   timeout_s: float) -> PrefillRequest | str:
+        """req with `encoder`'s handles for items `todo`, or why not (a down or late encoder is
+        out of rotation until a health check passes)."""
         try:
             with self.router.using(encoder):
                 ereq = EncodeRequest(req.request_id, tuple(req.media[i] for i in todo))
-                result = await unless_lost(encoder, pd_client.encode(encoder, ereq, self.timeout_s))
-            sent = with_embeddings(req, result.handles, todo)
-        except (grpc.aio.AioRpcError, ValueError) as e:
-            why = e.code().name if isinstance(e, grpc.aio.AioRpcError) else "BAD_REPLY"
-            log.warning("encode round of %s on %s failed (%s: %s); prefill encodes the media itself",
-                        req.request_id, encoder.address, why, e.details() if why != "BAD_REPLY" else e)
-            self.metrics.encode_fallbacks.inc(reason=why)
-            if isinstance(e, grpc.aio.AioRpcError) and e.code() in ENCODER_DOWN:
+                result = await unless_lost(encoder, pd_client.encode(encoder, ereq, timeout_s))
+            return with_embeddings(req, result.handles, todo)
+        except grpc.aio.AioRpcError as e:
+            why, details = e.code().name, e.details()
+            if e.code() in ENCODER_DOWN:
                 self.router.mark_failed(encoder)
-            return req
-        self.metrics.encode_rounds.inc()
-        self.metrics.encode_round_seconds.observe(time.monotonic() - start)
-        return sent
+        except ValueError as e:
+            why, details = "BAD_REPLY", str(e)
+        log.warning("Encode of %s on %s failed (%s: %s)", req.request_id, encoder.address, why, details)
+        return why
 
     def sent(self, prefill: Instance, sent: PrefillRequest) -> None:
         """prefill took `sent` (bytes or handles): its caches hold the media in that form now."""

@@ -113,9 +113,11 @@ class Router:
     def pick_prefill(self, key: bytes, exclude: Iterable[Instance] = ()) -> Instance:
         return self._affine(self._candidates("prefill", exclude), key, self.cap)
 
-    def pick_encode(self, content_hash: str) -> Instance | None:
-        """The encoder for media whose first item has this hash; None when none is healthy."""
-        candidates = self.healthy(ENCODE)
+    def pick_encode(self, content_hash: str, exclude: Iterable[Instance] = ()) -> Instance | None:
+        """The encoder for media whose first item has this hash (with `exclude` tried: the next in
+        rendezvous order); None when no other is healthy."""
+        skip = set(map(id, exclude))
+        candidates = [s for s in self.healthy(ENCODE) if id(s) not in skip]
         return self._affine(candidates, content_hash.encode(), self.encode_cap) if candidates else None
 
     def pick_decode(self, exclude: Iterable[Instance] = ()) -> Instance:

@@ -233,6 +233,45 @@ def test_an_encoder_failure_sends_the_bytes(code, marked):
     assert counts == {"rounds": 0, "skips": 0, "observed": 0}
 
 
+def rendezvous_order(content_hash: str, addresses) -> list[str]:
+    from qwenvl_pd.proxy.cluster.router import _rendezvous
+    return sorted(addresses, key=lambda a: _rendezvous(content_hash.encode(), a), reverse=True)
+
+
+@pytest.mark.parametrize("failure,marked", [(rpc_error(grpc.StatusCode.UNAVAILABLE), True),
+                                            (rpc_error(grpc.StatusCode.DEADLINE_EXCEEDED), True),
+                                            (rpc_error(grpc.StatusCode.RESOURCE_EXHAUSTED), False),
+                                            (rpc_error(grpc.StatusCode.INTERNAL), False),
+                                            (EncodeResult((handle("aa"),)), False)])
+def test_a_failed_encode_is_tried_once_more_on_the_next_encoder_in_rendezvous_order(failure, marked):
+    script = Script(encodes=[failure, EncodeResult((handle("aa"), handle("bb")))])
+    why = failure.code().name if isinstance(failure, grpc.aio.AioRpcError) else "BAD_REPLY"
+
+    async def body(backend, router):
+        out = await tokens(backend)
+        m = router.metrics
+        return (out, m.encode_retries.value(reason=why), m.encode_fallbacks.value(reason=why),
+                router.instances[ENCODE][first].healthy, series(router))
+    first, second, _ = rendezvous_order("aa", E)
+    out, retries, fallbacks, healthy, counts = run(script, body, encoders=E)
+    assert out == [7, 8] and (retries, fallbacks) == (1, 0) and healthy is (not marked)
+    assert script.encode_calls == [(first, ("aa", "bb")), (second, ("aa", "bb"))]
+    assert media_sent(script.prefill_calls[0][1]) == [(b"", "aa|fp"), (b"", "bb|fp")]
+    assert counts == {"rounds": 1, "skips": 0, "observed": 1}
+
+
+def test_a_second_failure_sends_the_bytes_and_a_third_encoder_is_not_tried():
+    script = Script(encodes=[rpc_error(grpc.StatusCode.UNAVAILABLE), rpc_error(grpc.StatusCode.INTERNAL)])
+
+    async def body(backend, router):
+        out = await tokens(backend)
+        m = router.metrics
+        return out, m.encode_retries.value(reason="UNAVAILABLE"), m.encode_fallbacks.value(reason="INTERNAL")
+    assert run(script, body, encoders=E) == ([7, 8], 1, 1)
+    assert script.encode_calls == [(a, ("aa", "bb")) for a in rendezvous_order("aa", E)[:2]]
+    assert media_sent(script.prefill_calls[0][1]) == [(b"one", None), (b"two", None)]
+
+
 def test_a_short_reply_sends_the_bytes():
     script = Script(encodes=[EncodeResult((handle("aa"),))])
 
@@ -274,6 +313,21 @@ def test_a_prefill_refusing_the_item_gets_the_bytes_and_bad_bytes_stay_a_400():
     assert [media_sent(r) for _, r in script.prefill_calls] == [
         [(b"", "aa|fp"), (b"", "bb|fp")], [(b"one", None), (b"two", None)],
         [(b"one", None), (b"", "cc|fp")], [(b"one", None), (b"bad", None)]]
+
+
+def test_a_prefill_not_allowed_to_read_from_the_encoder_gets_the_bytes_and_the_leases_go_back():
+    denied = rpc_error(grpc.StatusCode.PERMISSION_DENIED, "item 0's embedding handle names 127.0.0.1, not an "
+                       "encoder this prefill reads from (--allowed-encoders 10.255.255.1)")
+    script = Script(prefills=[denied, 7], encodes=[EncodeResult((handle("aa", "L1"), handle("bb", "L2")))])
+
+    async def body(backend, router):
+        out = await tokens(backend)
+        await asyncio.sleep(0)  # the release runs beside the request
+        return out, router.metrics.encode_fallbacks.value(reason="PERMISSION_DENIED")
+    assert run(script, body) == ([7, 8], 1)
+    assert [media_sent(r) for _, r in script.prefill_calls] == [
+        [(b"", "aa|fp"), (b"", "bb|fp")], [(b"one", None), (b"two", None)]]
+    assert script.releases == [(E[0], ("L1", "L2"), "enc-1")]
 
 
 def test_another_failed_precondition_is_the_clients_error():
@@ -364,6 +418,28 @@ def test_encode_over_grpc_and_its_deadline(delay_s, expect):
     calls, sent, rendered = asyncio.run(main())
     assert calls == 1 and sent == expect
     assert 'qwenvl_pd:embedding_cache_hit_rate{role="encode",instance="enc-1"} 0.75' in rendered
+
+
+def test_a_late_encoder_leaves_no_budget_for_a_retry():
+    # --encode-timeout bounds the round, both tries together: the first one spent it all
+    async def main():
+        encoders = [Encoder(delay_s=2.0) for _ in range(2)]
+        servers = [await _serve(e) for e in encoders]
+        router = Router(ProxyMetrics(), health_check=lambda inst: asyncio.sleep(0, True))
+        router.set_members(ENCODE, [a for _, a in servers])
+        router.set_members("prefill", [PREFILL])
+        await router.health_round()
+        try:
+            sent = await PDBackend(router, encode_timeout_s=0.3).encode.prepare(
+                REQ, router.instances["prefill"][PREFILL])
+            m = router.metrics
+            return (media_sent(sent), sum(e.calls for e in encoders),
+                    m.encode_retries.value(reason="DEADLINE_EXCEEDED"), m.encode_fallbacks.value(reason="DEADLINE_EXCEEDED"))
+        finally:
+            await router.stop()
+            for server, _ in servers:
+                await server.stop(None)
+    assert asyncio.run(main()) == ([(b"one", None), (b"two", None)], 1, 0, 1)
 
 
 def test_instance_connects_for_the_encode_role():
