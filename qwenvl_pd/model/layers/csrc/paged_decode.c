@@ -112,20 +112,41 @@ static inline __m512i load32(const uint16_t *row, int i, int NP, __mmask32 last)
                        : _mm512_loadu_si512(row + 32 * i);
 }
 
-/* s[g][t] = scale * q[g] . key t, for a tile's 16 keys; q zero-padded to NP * 32 */
+/* sum16 of x[j * n + t] = q[j] . key t, for H heads (1 or 2) and n = 16 / H keys */
+static inline __attribute__((always_inline)) __m512 dots(
+    const __m512bh (*q)[MAXD / 32], int H, const uint16_t *const *key, int NP, __mmask32 last) {
+    __m512 x[TILE];
+    int n = TILE / H;
+    for (int t = 0; t < n; t++) {
+        for (int j = 0; j < H; j++) x[j * n + t] = _mm512_setzero_ps();
+        for (int i = 0; i < NP; i++) {
+            __m512bh k = (__m512bh)load32(key[t], i, NP, last);
+            for (int j = 0; j < H; j++) x[j * n + t] = _mm512_dpbf16_ps(x[j * n + t], q[j][i], k);
+        }
+    }
+    return sum16(x);
+}
+
+/* s[g][t] = scale * q[g] . key t, for a tile's 16 keys; q zero-padded to NP * 32. Heads go in
+ * pairs where their q fits in registers, so each K piece is loaded once for both */
 static inline __attribute__((always_inline)) void score_tile(
     const uint16_t (*qb)[MAXD], const uint16_t *const *key, int G, int NP, __mmask32 last,
     float scale, float *s) {
-    for (int g = 0; g < G; g++) {
-        __m512bh q[MAXD / 32];
-        __m512 x[TILE];
-        for (int i = 0; i < NP; i++) q[i] = (__m512bh)_mm512_loadu_si512(qb[g] + 32 * i);
-        for (int t = 0; t < TILE; t++) {
-            x[t] = _mm512_setzero_ps();
-            for (int i = 0; i < NP; i++)
-                x[t] = _mm512_dpbf16_ps(x[t], q[i], (__m512bh)load32(key[t], i, NP, last));
+    __m512 sc = _mm512_set1_ps(scale);
+    for (int g = 0; g < G;) {
+        int H = NP <= 4 && g + 1 < G ? 2 : 1;
+        __m512bh q[2][MAXD / 32];
+        for (int j = 0; j < H; j++)
+            for (int i = 0; i < NP; i++) q[j][i] = (__m512bh)_mm512_loadu_si512(qb[g + j] + 32 * i);
+        if (H == 2) { /* lanes 0-7 head g, 8-15 head g + 1; keys 0-7 then 8-15 */
+            __m512 a = dots((const __m512bh (*)[MAXD / 32])q, 2, key, NP, last);
+            __m512 b = dots((const __m512bh (*)[MAXD / 32])q, 2, key + 8, NP, last);
+            _mm512_storeu_ps(s + g * CHUNK, _mm512_mul_ps(_mm512_shuffle_f32x4(a, b, 0x44), sc));
+            _mm512_storeu_ps(s + (g + 1) * CHUNK, _mm512_mul_ps(_mm512_shuffle_f32x4(a, b, 0xee), sc));
+        } else {
+            _mm512_storeu_ps(s + g * CHUNK, _mm512_mul_ps(dots((const __m512bh (*)[MAXD / 32])q, 1, key, NP, last), sc));
         }
-        _mm512_storeu_ps(s + g * CHUNK, _mm512_mul_ps(sum16(x), _mm512_set1_ps(scale)));
+        g += H;
     }
 }
 
@@ -144,13 +165,17 @@ static inline __attribute__((always_inline)) void pv_tile(
         }
         for (int g = 0; g < G; g++) {
             __m512 l = _mm512_loadu_ps(acc[g] + 32 * c), h = _mm512_loadu_ps(acc[g] + 32 * c + 16);
-            for (int j = 0; j < TILE / 2; j++) {
+            __m512 l2 = _mm512_setzero_ps(), h2 = _mm512_setzero_ps();
+            for (int j = 0; j < TILE / 2; j += 2) {
                 __m512bh p = (__m512bh)_mm512_set1_epi32((int)w[g][t0 / 2 + j]);
+                __m512bh p2 = (__m512bh)_mm512_set1_epi32((int)w[g][t0 / 2 + j + 1]);
                 l = _mm512_dpbf16_ps(l, p, lo[j]);
                 h = _mm512_dpbf16_ps(h, p, hi[j]);
+                l2 = _mm512_dpbf16_ps(l2, p2, lo[j + 1]);
+                h2 = _mm512_dpbf16_ps(h2, p2, hi[j + 1]);
             }
-            _mm512_storeu_ps(acc[g] + 32 * c, l);
-            _mm512_storeu_ps(acc[g] + 32 * c + 16, h);
+            _mm512_storeu_ps(acc[g] + 32 * c, _mm512_add_ps(l, l2));
+            _mm512_storeu_ps(acc[g] + 32 * c + 16, _mm512_add_ps(h, h2));
         }
     }
 }
