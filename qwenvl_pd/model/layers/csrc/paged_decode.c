@@ -112,6 +112,28 @@ static inline __m512i load32(const uint16_t *row, int i, int NP, __mmask32 last)
                        : _mm512_loadu_si512(row + 32 * i);
 }
 
+/* The keys PF_TILES tiles past those being worked on, whose K and V rows are fetched into L2 a
+ * few keys at a time, spread over a tile's work: a whole tile's lines at once (128 for head_dim
+ * 128) wait on the core's few outstanding-miss slots and stall the work */
+#define PF_TILES 8
+typedef struct {
+    Cursor at;
+    int64_t left; /* keys not yet fetched */
+    const uint16_t *k, *v;
+    int64_t k_block, k_token;
+    int bytes, per; /* bytes of a row; keys per call */
+} Ahead;
+
+static inline void fetch(Ahead *f, int keys) {
+    for (; keys > 0 && f->left > 0; keys--, f->left--) {
+        int64_t o = next_key(&f->at, f->k_block, f->k_token);
+        for (int i = 0; i < f->bytes; i += 64) {
+            __builtin_prefetch((const char *)(f->k + o) + i, 0, 2);
+            __builtin_prefetch((const char *)(f->v + o) + i, 0, 2);
+        }
+    }
+}
+
 /* sum16 of x[j * n + t] = q[j] . key t, for H heads (1 or 2) and n = 16 / H keys */
 static inline __attribute__((always_inline)) __m512 dots(
     const __m512bh (*q)[MAXD / 32], int H, const uint16_t *const *key, int NP, __mmask32 last) {
@@ -131,15 +153,17 @@ static inline __attribute__((always_inline)) __m512 dots(
  * pairs where their q fits in registers, so each K piece is loaded once for both */
 static inline __attribute__((always_inline)) void score_tile(
     const uint16_t (*qb)[MAXD], const uint16_t *const *key, int G, int NP, __mmask32 last,
-    float scale, float *s) {
+    float scale, float *s, Ahead *f) {
     __m512 sc = _mm512_set1_ps(scale);
     for (int g = 0; g < G;) {
         int H = NP <= 4 && g + 1 < G ? 2 : 1;
         __m512bh q[2][MAXD / 32];
         for (int j = 0; j < H; j++)
             for (int i = 0; i < NP; i++) q[j][i] = (__m512bh)_mm512_loadu_si512(qb[g + j] + 32 * i);
+        fetch(f, f->per);
         if (H == 2) { /* lanes 0-7 head g, 8-15 head g + 1; keys 0-7 then 8-15 */
             __m512 a = dots((const __m512bh (*)[MAXD / 32])q, 2, key, NP, last);
+            fetch(f, f->per);
             __m512 b = dots((const __m512bh (*)[MAXD / 32])q, 2, key + 8, NP, last);
             _mm512_storeu_ps(s + g * CHUNK, _mm512_mul_ps(_mm512_shuffle_f32x4(a, b, 0x44), sc));
             _mm512_storeu_ps(s + (g + 1) * CHUNK, _mm512_mul_ps(_mm512_shuffle_f32x4(a, b, 0xee), sc));
@@ -155,9 +179,10 @@ static inline __attribute__((always_inline)) void score_tile(
  * put back in order on output (dim_at) */
 static inline __attribute__((always_inline)) void pv_tile(
     float (*acc)[MAXD], const uint32_t (*w)[CHUNK / 2], int t0, const uint16_t *const *val,
-    int G, int NP, __mmask32 last) {
+    int G, int NP, __mmask32 last, Ahead *f) {
     for (int c = 0; c < NP; c++) {
         __m512bh lo[TILE / 2], hi[TILE / 2];
+        fetch(f, f->per);
         for (int j = 0; j < TILE / 2; j++) {
             __m512i a = load32(val[2 * j], c, NP, last), b = load32(val[2 * j + 1], c, NP, last);
             lo[j] = (__m512bh)_mm512_unpacklo_epi16(a, b);
@@ -220,25 +245,6 @@ static void softmax_tiles(float (*s)[CHUNK], int n, int G, int D, float *m, floa
     }
 }
 
-#ifndef PF_TILES
-#define PF_TILES 8
-#endif
-#ifndef PF_HINT
-#define PF_HINT 2
-#endif
-/* K and V rows of the next TILE keys not yet fetched: issued PF_TILES tiles ahead of their use */
-static inline int64_t prefetch_tile(Cursor *c, int64_t fetched, int64_t n, const uint16_t *kbase,
-                                    const uint16_t *vbase, const Args *a, int D) {
-    for (int t = 0; t < TILE && fetched < n; t++, fetched++) {
-        int64_t o = next_key(c, a->k_block, a->k_token);
-        for (int i = 0; i < 2 * D; i += 64) {
-            __builtin_prefetch((const char *)(kbase + o) + i, 0, PF_HINT);
-            __builtin_prefetch((const char *)(vbase + o) + i, 0, PF_HINT);
-        }
-    }
-    return fetched;
-}
-
 /* one (row, KV head) task with NP pieces of 32 dims, a constant where it is inlined */
 static inline __attribute__((always_inline)) void attend_tiles(const Args *a, int row, int h,
                                                                int NP) {
@@ -257,10 +263,10 @@ static inline __attribute__((always_inline)) void attend_tiles(const Args *a, in
     }
     const uint16_t *kbase = (const uint16_t *)a->k + h * a->k_head;
     const uint16_t *vbase = (const uint16_t *)a->v + h * a->k_head;
-    Cursor at = {a->tables + row * a->table_row, 0, 0, a->block_size}, ahead = at;
-    int64_t fetched = 0;
-    for (int i = 1; i < PF_TILES; i++)
-        fetched = prefetch_tile(&ahead, fetched, a->lens[row], kbase, vbase, a, D);
+    Cursor at = {a->tables + row * a->table_row, 0, 0, a->block_size};
+    int calls = (NP <= 4 ? G / 2 * 2 + G % 2 : G) + NP; /* fetch calls a tile makes */
+    Ahead f = {at, a->lens[row], kbase, vbase, a->k_block, a->k_token, 2 * D, (TILE + calls - 1) / calls};
+    fetch(&f, PF_TILES * TILE);
     for (int64_t start = 0; start < a->lens[row]; start += CHUNK) {
         int cnt = a->lens[row] - start < CHUNK ? (int)(a->lens[row] - start) : CHUNK;
         int n = (cnt + TILE - 1) / TILE * TILE;
@@ -268,15 +274,13 @@ static inline __attribute__((always_inline)) void attend_tiles(const Args *a, in
             int64_t o = t < cnt ? next_key(&at, a->k_block, a->k_token) : key[0] - kbase;
             key[t] = kbase + o, val[t] = vbase + o;
         }
-        for (int t = 0; t < n; t += TILE) {
-            fetched = prefetch_tile(&ahead, fetched, a->lens[row], kbase, vbase, a, D);
-            score_tile((const uint16_t (*)[MAXD])qb, key + t, G, NP, last, a->scale, &s[0][t]);
-        }
+        for (int t = 0; t < n; t += TILE)
+            score_tile((const uint16_t (*)[MAXD])qb, key + t, G, NP, last, a->scale, &s[0][t], &f);
         for (int g = 0; g < G; g++)
             for (int t = cnt; t < n; t++) s[g][t] = -INFINITY;
         softmax_tiles(s, n, G, 32 * NP, m, l, acc, w);
         for (int t = 0; t < n; t += TILE)
-            pv_tile(acc, (const uint32_t (*)[CHUNK / 2])w, t, val + t, G, NP, last);
+            pv_tile(acc, (const uint32_t (*)[CHUNK / 2])w, t, val + t, G, NP, last, &f);
     }
     uint16_t *os = (uint16_t *)a->out + row * a->o_row + (int64_t)h * G * a->o_head;
     for (int g = 0; g < G; g++) {
