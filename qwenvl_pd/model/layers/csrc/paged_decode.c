@@ -106,10 +106,10 @@ static inline __m512 sum16(const __m512 *x) {
                          _mm512_shuffle_f32x4(w[0], w[1], 0xdd));
 }
 
-/* 32 bf16 of a row: piece i of NP, the last one masked to the row's end */
+/* 32 bf16 of a row: piece i of NP, the last one masked to the row's end (one masked load for
+ * all: a choice of two load intrinsics made gcc 12 copy each load through the stack) */
 static inline __m512i load32(const uint16_t *row, int i, int NP, __mmask32 last) {
-    return i == NP - 1 ? _mm512_maskz_loadu_epi16(last, row + 32 * i)
-                       : _mm512_loadu_si512(row + 32 * i);
+    return _mm512_maskz_loadu_epi16(i == NP - 1 ? last : ~(__mmask32)0, row + 32 * i);
 }
 
 /* The keys PF_TILES tiles past those being worked on, whose K and V rows are fetched into L2 a
