@@ -12,9 +12,7 @@
 
 #define MAXG 16   /* query heads per KV head */
 #define MAXD 256  /* head_dim */
-#ifndef CHUNK
 #define CHUNK 128 /* keys scored before their softmax update */
-#endif
 
 typedef struct {
     const void *q, *k, *v;
@@ -87,6 +85,7 @@ static inline int64_t next_key(Cursor *c, int64_t k_block, int64_t k_token) {
 #include <immintrin.h>
 #define HAVE_TILED_BF16 1
 #define TILE 16
+#define SPAN 256 /* keys scored before their softmax update: measured better than 128 */
 
 /* out lane t = sum of x[t]'s lanes */
 static inline __m512 sum16(const __m512 *x) {
@@ -113,8 +112,8 @@ static inline __m512i load32(const uint16_t *row, int i, int NP, __mmask32 last)
 }
 
 /* The keys PF_TILES tiles past those being worked on, whose K and V rows are fetched into L2 a
- * few keys at a time, spread over a tile's work: a whole tile's lines at once (128 for head_dim
- * 128) wait on the core's few outstanding-miss slots and stall the work */
+ * few keys at a time over a tile's work: a tile's 128 lines at once (head_dim 128) wait on the
+ * core's few outstanding-miss slots and stall the work; fetched into L1 they crowd it */
 #define PF_TILES 8
 typedef struct {
     Cursor at;
@@ -136,7 +135,7 @@ static inline void fetch(Ahead *f, int keys) {
 
 /* sum16 of x[j * n + t] = q[j] . key t, for H heads (1 or 2) and n = 16 / H keys */
 static inline __attribute__((always_inline)) __m512 dots(
-    const __m512bh (*q)[MAXD / 32], int H, const uint16_t *const *key, int NP, __mmask32 last) {
+    __m512bh (*q)[MAXD / 32], int H, const uint16_t *const *key, int NP, __mmask32 last) {
     __m512 x[TILE];
     int n = TILE / H;
     for (int t = 0; t < n; t++) {
@@ -162,13 +161,14 @@ static inline __attribute__((always_inline)) void score_tile(
             for (int i = 0; i < NP; i++) q[j][i] = (__m512bh)_mm512_loadu_si512(qb[g + j] + 32 * i);
         fetch(f, f->per);
         if (H == 2) { /* lanes 0-7 head g, 8-15 head g + 1; keys 0-7 then 8-15 */
-            __m512 a = dots((const __m512bh (*)[MAXD / 32])q, 2, key, NP, last);
+            __m512 a = dots(q, 2, key, NP, last);
             fetch(f, f->per);
-            __m512 b = dots((const __m512bh (*)[MAXD / 32])q, 2, key + 8, NP, last);
-            _mm512_storeu_ps(s + g * CHUNK, _mm512_mul_ps(_mm512_shuffle_f32x4(a, b, 0x44), sc));
-            _mm512_storeu_ps(s + (g + 1) * CHUNK, _mm512_mul_ps(_mm512_shuffle_f32x4(a, b, 0xee), sc));
+            __m512 b = dots(q, 2, key + 8, NP, last);
+            __m512 s0 = _mm512_shuffle_f32x4(a, b, 0x44), s1 = _mm512_shuffle_f32x4(a, b, 0xee);
+            _mm512_storeu_ps(s + g * SPAN, _mm512_mul_ps(s0, sc));
+            _mm512_storeu_ps(s + (g + 1) * SPAN, _mm512_mul_ps(s1, sc));
         } else {
-            _mm512_storeu_ps(s + g * CHUNK, _mm512_mul_ps(dots((const __m512bh (*)[MAXD / 32])q, 1, key, NP, last), sc));
+            _mm512_storeu_ps(s + g * SPAN, _mm512_mul_ps(dots(q, 1, key, NP, last), sc));
         }
         g += H;
     }
@@ -178,7 +178,7 @@ static inline __attribute__((always_inline)) void score_tile(
  * accumulators of each 32 dims hold dims {0-3, 8-11, 16-19, 24-27} then {4-7, ..., 28-31}:
  * put back in order on output (dim_at) */
 static inline __attribute__((always_inline)) void pv_tile(
-    float (*acc)[MAXD], const uint32_t (*w)[CHUNK / 2], int t0, const uint16_t *const *val,
+    float (*acc)[MAXD], const uint32_t (*w)[SPAN / 2], int t0, const uint16_t *const *val,
     int G, int NP, __mmask32 last, Ahead *f) {
     for (int c = 0; c < NP; c++) {
         __m512bh lo[TILE / 2], hi[TILE / 2];
@@ -226,8 +226,8 @@ static inline __m512 exp16(__m512 x) {
 
 /* online softmax over one chunk: s[g][:n] (n a multiple of 16) become bf16 weight pairs in w;
  * m, l and acc follow the new max */
-static void softmax_tiles(float (*s)[CHUNK], int n, int G, int D, float *m, float *l,
-                          float (*acc)[MAXD], uint32_t (*w)[CHUNK / 2]) {
+static void softmax_tiles(float (*s)[SPAN], int n, int G, int D, float *m, float *l,
+                          float (*acc)[MAXD], uint32_t (*w)[SPAN / 2]) {
     for (int g = 0; g < G; g++) {
         __m512 mx = _mm512_set1_ps(m[g]), sum = _mm512_setzero_ps();
         for (int t = 0; t < n; t += TILE) mx = _mm512_max_ps(mx, _mm512_loadu_ps(s[g] + t));
@@ -251,9 +251,9 @@ static inline __attribute__((always_inline)) void attend_tiles(const Args *a, in
     int G = a->heads / a->kv_heads, D = a->dim;
     __mmask32 last = D % 32 ? ((__mmask32)1 << (D % 32)) - 1 : ~(__mmask32)0;
     uint16_t qb[MAXG][MAXD];
-    float acc[MAXG][MAXD], s[MAXG][CHUNK], m[MAXG], l[MAXG];
-    uint32_t w[MAXG][CHUNK / 2];
-    const uint16_t *key[CHUNK], *val[CHUNK];
+    float acc[MAXG][MAXD], s[MAXG][SPAN], m[MAXG], l[MAXG];
+    uint32_t w[MAXG][SPAN / 2];
+    const uint16_t *key[SPAN], *val[SPAN];
     const uint16_t *qs = (const uint16_t *)a->q + row * a->q_row + (int64_t)h * G * a->q_head;
     for (int g = 0; g < G; g++) {
         memset(qb[g], 0, 64 * NP);
@@ -265,10 +265,11 @@ static inline __attribute__((always_inline)) void attend_tiles(const Args *a, in
     const uint16_t *vbase = (const uint16_t *)a->v + h * a->k_head;
     Cursor at = {a->tables + row * a->table_row, 0, 0, a->block_size};
     int calls = (NP <= 4 ? G / 2 * 2 + G % 2 : G) + NP; /* fetch calls a tile makes */
-    Ahead f = {at, a->lens[row], kbase, vbase, a->k_block, a->k_token, 2 * D, (TILE + calls - 1) / calls};
+    Ahead f = {at, a->lens[row], kbase, vbase, a->k_block, a->k_token, 2 * D,
+               (TILE + calls - 1) / calls};
     fetch(&f, PF_TILES * TILE);
-    for (int64_t start = 0; start < a->lens[row]; start += CHUNK) {
-        int cnt = a->lens[row] - start < CHUNK ? (int)(a->lens[row] - start) : CHUNK;
+    for (int64_t start = 0; start < a->lens[row]; start += SPAN) {
+        int cnt = a->lens[row] - start < SPAN ? (int)(a->lens[row] - start) : SPAN;
         int n = (cnt + TILE - 1) / TILE * TILE;
         for (int t = 0; t < n; t++) { /* past the row: a real key again, its score set to -inf */
             int64_t o = t < cnt ? next_key(&at, a->k_block, a->k_token) : key[0] - kbase;
@@ -280,7 +281,7 @@ static inline __attribute__((always_inline)) void attend_tiles(const Args *a, in
             for (int t = cnt; t < n; t++) s[g][t] = -INFINITY;
         softmax_tiles(s, n, G, 32 * NP, m, l, acc, w);
         for (int t = 0; t < n; t += TILE)
-            pv_tile(acc, (const uint32_t (*)[CHUNK / 2])w, t, val + t, G, NP, last, &f);
+            pv_tile(acc, (const uint32_t (*)[SPAN / 2])w, t, val + t, G, NP, last, &f);
     }
     uint16_t *os = (uint16_t *)a->out + row * a->o_row + (int64_t)h * G * a->o_head;
     for (int g = 0; g < G; g++) {
