@@ -54,7 +54,7 @@ def test_kernel_equals_the_reference_on_random_paged_caches(dtype, heads, kv_hea
                          [(16, 2, 64, 16), (4, 2, 128, 32), (2, 2, 64, 5), (8, 1, 80, 16),
                           (4, 1, 256, 16)])
 def test_bf16_tiles_equal_the_reference(heads, kv_heads, dim, block):
-    lens = [15, 16, 17, 31, 147, 300]  # short and full tiles, partial blocks, past a 128-key chunk
+    lens = [15, 16, 17, 31, 147, 300]  # short and full tiles, partial blocks, past a 256-key span
     q, cache, tables, mask = _case(lens, heads, kv_heads, dim, block, torch.bfloat16, seed=block)
     out = _attend(q, cache, tables, mask, lens=torch.tensor(lens))
     torch.testing.assert_close(out, _attend(q, cache, tables, mask, lens=None),
