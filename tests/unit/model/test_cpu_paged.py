@@ -48,8 +48,22 @@ def test_kernel_equals_the_reference_on_random_paged_caches(dtype, heads, kv_hea
     torch.testing.assert_close(out, expected, **TOLERANCE[dtype])
 
 
-def test_kernel_ignores_keys_past_each_rows_length():
-    q, cache, tables, mask = _case([20, 3], 4, 2, 32, 16, torch.float32, seed=1)
+# bf16 on AVX512-BF16 scores keys in tiles of 16 and reads 32 dims at a time: 1-8 heads per KV
+# head, head_dim a multiple of 32 or not (80), up to the largest (256), blocks that tiles cross (5)
+@pytest.mark.parametrize("heads,kv_heads,dim,block",
+                         [(16, 2, 64, 16), (4, 2, 128, 32), (2, 2, 64, 5), (8, 1, 80, 16),
+                          (4, 1, 256, 16)])
+def test_bf16_tiles_equal_the_reference(heads, kv_heads, dim, block):
+    lens = [15, 16, 17, 31, 147, 300]  # short and full tiles, partial blocks, past a 256-key span
+    q, cache, tables, mask = _case(lens, heads, kv_heads, dim, block, torch.bfloat16, seed=block)
+    out = _attend(q, cache, tables, mask, lens=torch.tensor(lens))
+    torch.testing.assert_close(out, _attend(q, cache, tables, mask, lens=None),
+                               **TOLERANCE[torch.bfloat16])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_ignores_keys_past_each_rows_length(dtype):
+    q, cache, tables, mask = _case([20, 3], 4, 2, 32, 16, dtype, seed=1)
     before = _attend(q, cache, tables, mask, torch.tensor([20, 3]))
     cache[:, tables[1, 0], :, 3:] = float("nan")  # beyond row 1's three keys
     cache[:, tables[0, 1], :, 4:] = float("nan")  # beyond row 0's twenty
