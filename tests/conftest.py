@@ -1,6 +1,25 @@
 import pytest
+import torch
 
 from qwenvl_pd.model.tiny import ARCHS, make_tiny
+
+# torch's own count (the cores), for the tests of the kernels' multi-threaded paths
+DEFAULT_THREADS = torch.get_num_threads()
+
+
+def pytest_configure(config):
+    # one torch thread in the test process: the checkpoints are tiny, and on a 2-core runner that
+    # also runs the nodes a test starts, a second OpenMP thread waits for its core at every op
+    # (test_parity_transformers.py on a loaded machine: 343 s at 2 threads, 38 s at 1)
+    torch.set_num_threads(1)
+
+
+@pytest.fixture
+def default_threads():
+    """torch's default thread count for this test (the kernels split their work across threads)."""
+    torch.set_num_threads(DEFAULT_THREADS)
+    yield DEFAULT_THREADS
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

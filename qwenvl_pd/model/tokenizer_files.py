@@ -8,6 +8,7 @@ downloaded checkpoint without needing network access to the Hub.
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import pathlib
 from importlib import resources
@@ -139,17 +140,27 @@ def write_tokenizer(out_dir: pathlib.Path, family: str) -> None:
         raise ValueError(f"unknown tokenizer family {family!r}")
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    for name, text in _files(family).items():
+        (out_dir / name).write_text(text, encoding="utf-8")
+
+
+@functools.cache
+def _bpe() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """The vocabulary and merges both families share."""
     ranks = _load_ranks()
     # Ranks double as token ids, so they must be exactly 0..FIRST_ADDED_ID-1.
     if sorted(ranks.values()) != list(range(FIRST_ADDED_ID)):
         raise ValueError(f"qwen.tiktoken ranks are not 0..{FIRST_ADDED_ID - 1}")
-    vocab, merges = _vocab_and_merges(ranks)
-    added = [AddedToken(c, special=s, normalized=False) for c, s in ADDED_TOKENS[family]]
+    return _vocab_and_merges(ranks)
 
-    (out_dir / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    merges_text = "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges)
-    (out_dir / "merges.txt").write_text(merges_text, encoding="utf-8")
-    _build_fast(vocab, merges, added).save(str(out_dir / "tokenizer.json"))
-    config = _tokenizer_config(family, added)
-    (out_dir / "tokenizer_config.json").write_text(
-        json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+@functools.cache
+def _files(family: str) -> dict[str, str]:
+    """file name -> text. Cached: deriving the merges takes seconds, and a process that writes
+    several checkpoints (the test suite writes ~20) writes the same files each time."""
+    vocab, merges = _bpe()
+    added = [AddedToken(c, special=s, normalized=False) for c, s in ADDED_TOKENS[family]]
+    return {"vocab.json": json.dumps(vocab, ensure_ascii=False),
+            "merges.txt": "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges),
+            "tokenizer.json": _build_fast(vocab, merges, added).to_str(pretty=True),
+            "tokenizer_config.json": json.dumps(_tokenizer_config(family, added), indent=2, ensure_ascii=False) + "\n"}

@@ -10,7 +10,8 @@ from qwenvl_pd import LLM, SamplingParams
 from qwenvl_pd.model.layers import cpu_paged
 from tests.unit.engine.test_engine import _ref_greedy, _request
 
-pytestmark = pytest.mark.skipif(not cpu_paged.available(), reason="no C compiler here")
+pytestmark = [pytest.mark.skipif(not cpu_paged.available(), reason="no C compiler here"),
+              pytest.mark.usefixtures("default_threads")]  # the kernel's threaded path
 
 
 @pytest.fixture(scope="module")

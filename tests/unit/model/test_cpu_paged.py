@@ -6,7 +6,8 @@ import torch
 from qwenvl_pd.model.layers import cpu_paged
 from qwenvl_pd.model.layers.attention import AttentionMetadata, DecodeGroup, paged_attention
 
-pytestmark = pytest.mark.skipif(not cpu_paged.available(), reason="no C compiler here")
+pytestmark = [pytest.mark.skipif(not cpu_paged.available(), reason="no C compiler here"),
+              pytest.mark.usefixtures("default_threads")]  # the kernel's threaded path
 TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.bfloat16: dict(rtol=1.6e-2, atol=1e-2)}
 
 

@@ -7,8 +7,9 @@ import torch.nn.functional as F
 from qwenvl_pd.model.layers import cpu_prefill
 from qwenvl_pd.model.layers.attention import AttentionMetadata, PrefillSpan, paged_attention
 
-pytestmark = pytest.mark.skipif(not cpu_prefill.supports(torch.zeros(1, dtype=torch.bfloat16)),
-                                reason="no C compiler or no bf16 dot instruction here")
+pytestmark = [pytest.mark.skipif(not cpu_prefill.supports(torch.zeros(1, dtype=torch.bfloat16)),
+                                 reason="no C compiler or no bf16 dot instruction here"),
+              pytest.mark.usefixtures("default_threads")]  # the kernel's threaded path
 BF16 = torch.bfloat16
 
 
