@@ -3,12 +3,11 @@
 Parity with the reference is the point of reusing them; several images or videos go through
 one forward (the towers attend within each item via cu_seqlens).
 """
+import functools
 from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from qwenvl_pd.model.layers import cpu_prefill
 from qwenvl_pd.model_config import VisionConfig
@@ -39,6 +38,7 @@ def build_vision_tower(family: str, cfg: VisionConfig) -> nn.Module:
         from transformers import Qwen3VLConfig
         from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionModel as Tower
         hf_cfg = Qwen3VLConfig(vision_config=cfg.raw).vision_config
+    _register_attention()
     hf_cfg._attn_implementation = ATTENTION
     return Tower(hf_cfg)
 
@@ -54,11 +54,17 @@ def _attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value:
         out = cpu_prefill.dense(query[0], key[0], value[0], scale)
         if out is not None:
             return out[None], None
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                   scaling=scaling, is_causal=is_causal, **kwargs)
 
 
-AttentionInterface.register(ATTENTION, _attention)
+@functools.cache
+def _register_attention() -> None:
+    """On the first tower built, not at import: transformers' attention registry pulls in its
+    model-loading modules (~1 s a start), which a decode node, holding no tower, never needs."""
+    from transformers import AttentionInterface
+    AttentionInterface.register(ATTENTION, _attention)
 
 
 def encode(tower: nn.Module, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> VisionEmbeds:
