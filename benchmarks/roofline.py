@@ -4,7 +4,7 @@ Bounds: the GEMM rate (F.linear on an MLP-sized problem, best of 10) in bf16 and
 the memory bandwidth (summing a 256 MiB tensor: read only, as decode's weight reads are). On a
 shared machine both are what the cores gave at that moment (a fraction above 1 says so).
 Work: prefill FLOPs (2 x linear params per token, causal attention, last-token logits; the
-vision tower left out) and decode steps, each bounded by the larger of its bytes over the
+vision tower's apart: patch embedding, blocks with full or windowed attention, merger) and decode steps, each bounded by the larger of its bytes over the
 bandwidth (every linear weight and lm_head once, plus each running sequence's KV) and its FLOPs
 over the GEMM rate (from ~16 sequences a step on this CPU does more arithmetic than the
 bandwidth feeds), so a timing becomes a fraction of what the hardware allows. Bounds are
@@ -101,12 +101,48 @@ class TextStack:
         return sum(self.step_seconds([n + i for n in lens], bounds, dtype) for i in range(1, output))
 
 
-def offline_fractions(stack: TextStack, bounds: Bounds, dtype: str, r: dict, output: int
-                      ) -> tuple[float, float | None]:
+@dataclass(frozen=True)
+class VisionStack:
+    """A Qwen2.5-VL / Qwen3-VL vision tower's shape, for its FLOPs per image."""
+    depth: int
+    hidden: int
+    intermediate: int
+    patch_in: int        # channels x temporal patch x patch x patch: one patch's inputs
+    patch: int           # px
+    merge: int           # patches per merged token, per side
+    out_hidden: int
+    window: int          # patches per attention window, per side (0: every block attends fully)
+    full_blocks: tuple[int, ...]
+
+    @staticmethod
+    def from_checkpoint(model_dir: str | Path) -> "VisionStack":
+        c = json.loads((Path(model_dir) / "config.json").read_text())["vision_config"]
+        patch, merge = c["patch_size"], c["spatial_merge_size"]
+        window = c.get("window_size", 0) // patch
+        full = tuple(c.get("fullatt_block_indexes", range(c["depth"]))) if window else tuple(range(c["depth"]))
+        return VisionStack(c["depth"], c["hidden_size"], c["intermediate_size"],
+                           c.get("in_chans", c.get("in_channels", 3)) * c.get("temporal_patch_size", 2) * patch ** 2,
+                           patch, merge, c.get("out_hidden_size", c["hidden_size"]), window, full)
+
+    def flops(self, px: int) -> float:
+        """One square image of px sides (a multiple of patch x merge)."""
+        n, h = (px // self.patch) ** 2, self.hidden
+        linear = 2 * n * (self.patch_in * h + self.depth * (4 * h * h + 3 * h * self.intermediate))
+        keys = [n if b in self.full_blocks else min(n, self.window ** 2) for b in range(self.depth)]
+        attention = sum(4 * n * k * h for k in keys)
+        wide = h * self.merge ** 2
+        merger = 2 * (n // self.merge ** 2) * (wide * wide + wide * self.out_hidden)
+        return float(linear + attention + merger)
+
+
+def offline_fractions(stack: TextStack, bounds: Bounds, dtype: str, r: dict, output: int,
+                      vision_flops: float = 0.0) -> tuple[float, float | None]:
     """(prefill FLOP/s / GEMM rate, decode roofline time / decode time) of one vs_vllm_offline
-    result. Decode time is the whole run less the prefill-only pass over other prompts of the
-    workload; None where that pass took longer (images of other sizes: no estimate)."""
-    prefill = stack.prefill_flops(r["prefill_lens"]) / r["prefill_s"] / 1e9 / bounds.gflops[dtype]
+    result; vision_flops: the prefill pass's images through the tower. Decode time is the whole
+    run less the prefill-only pass over other prompts of the workload; None where that pass took
+    longer (images of other sizes: no estimate)."""
+    flops = stack.prefill_flops(r["prefill_lens"]) + vision_flops
+    prefill = flops / r["prefill_s"] / 1e9 / bounds.gflops[dtype]
     decode_s = r["total_s"] - r["prefill_s"]
     if decode_s <= 0.05 * r["total_s"]:
         return prefill, None

@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import roofline  # noqa: E402
 import vllm_cpu_env  # noqa: E402
+import vs_vllm_offline  # noqa: E402
 import vs_vllm_systems as systems  # noqa: E402
 from qwenvl_pd.platform import choose_dtype, cpu_flags  # noqa: E402
 
@@ -126,19 +127,31 @@ def system_threads(system: str, vllm_cores: str, cores: int) -> int:
     return max(1, cores // 2) if system == "pd" else cores
 
 
+def prefill_image_sides(w: Workload) -> list[int]:
+    """The image sides (px) of the offline prefill-only pass: its requests rebuilt from the seed."""
+    spec = {**dataclasses.asdict(w), "sizes": list(w.sizes)}
+    reqs = vs_vllm_offline.requests(spec, vs_vllm_offline.PREFILL_SEED) if w.images_hi else []
+    return [im.size[0] for r in reqs for im in r["multi_modal_data"]["image"]]
+
+
 def report(w: Workload, res: dict[str, dict], stack: roofline.TextStack, per_threads: dict,
-           dtype: str, vllm_cores: str) -> str:
+           dtype: str, vllm_cores: str, vision: roofline.VisionStack) -> str:
     cores = max(per_threads)
     text = f"{w.input_lo}-{w.input_hi}" if w.input_lo != w.input_hi else f"{w.input_lo}"
     images = f" + {w.images_lo}-{w.images_hi} images of {'/'.join(map(str, w.sizes))} px" if w.images_hi else ""
     lines = [f"== {w.name}: {w.prompts} prompts of {text} text tokens{images}, {w.output} out; "
              f"online concurrency {w.concurrency} ==",
-             f"{'offline':32} {'out tok/s':>10} {'x vLLM':>7} {'prefill/GEMM':>13} {'decode/BW':>10} {'start s':>8}"]
+             f"{'offline':32} {'out tok/s':>10} {'x vLLM':>7} {'prefill/GEMM':>13} {'+vision':>8} "
+             f"{'decode/BW':>10} {'start s':>8}"]
+    vision_flops = sum(vision.flops(px) for px in prefill_image_sides(w))
+
     def offline(system: str, r: dict, base: float | None) -> str:
         bounds = per_threads[system_threads(system, vllm_cores, cores)]
         pf, df = roofline.offline_fractions(stack, bounds, dtype, r, w.output)
+        pv, _ = roofline.offline_fractions(stack, bounds, dtype, r, w.output, vision_flops)
         decode = "-" if df is None else f"{df:.2f}"
-        return f"{r['tok_s']:10.1f} {_ratio(r['tok_s'], base):>7} {pf:13.2f} {decode:>10} {r['startup_s']:8.0f}"
+        return (f"{r['tok_s']:10.1f} {_ratio(r['tok_s'], base):>7} {pf:13.2f} {pv:8.2f} {decode:>10} "
+                f"{r['startup_s']:8.0f}")
 
     def online(system: str, r: dict, base: float | None) -> str:
         bounds = per_threads[system_threads(system, vllm_cores, cores)]
@@ -215,7 +228,7 @@ def main() -> int:
     dtype = choose_dtype("auto", ckpt_dtype, "cpu", cpu_flags())[0]
     cores = len(os.sched_getaffinity(0))
     per_threads = roofline.measure_per_threads([1, cores])
-    stack = roofline.TextStack.from_checkpoint(model)
+    stack, vision = roofline.TextStack.from_checkpoint(model), roofline.VisionStack.from_checkpoint(model)
     if args.report:  # a finished run's results, printed again with bounds measured now
         results = json.loads((Path(args.report) / "results.json").read_text())
         args.workloads = [w for w in args.workloads if w.name in results]
@@ -230,10 +243,10 @@ def main() -> int:
         print(f"\nroofline on {n} core(s): GEMM {b.gflops['bfloat16']:.0f} GFLOP/s bf16, "
               f"{b.gflops['float32']:.0f} fp32; read bandwidth {b.gbps:.1f} GB/s", end="")
     print(f"\nfractions at {dtype}, each system against the bounds of the cores it computes on "
-          "(prefill: text FLOPs / GEMM rate; decode: roofline step time (bytes / bandwidth or "
+          "(prefill: text FLOPs / GEMM rate, +vision: the vision tower's FLOPs counted too; decode: roofline step time (bytes / bandwidth or "
           "FLOPs / GEMM rate, the larger) / step time)")
     for w in args.workloads:
-        print("\n" + report(w, results[w.name], stack, per_threads, dtype, args.vllm_cores))
+        print("\n" + report(w, results[w.name], stack, per_threads, dtype, args.vllm_cores, vision))
     return 0
 
 
