@@ -2,9 +2,8 @@
 a tensor op over the batch, never a Python loop over the vocabulary.
 
 Order (vLLM's): grammar bitmask -> raw logprobs -> min_tokens mask, logit_bias -> penalties -> greedy argmax, or temperature ->
-top_k -> top_p -> min_p -> one uniform draw per row through the row's cumulative probabilities. A
-seeded row's draw is a function of (seed, position) alone, so its tokens never depend on what
-else is in the batch. The grammar
+top_k -> top_p -> min_p -> exponential race. A seeded row's noise is a function of
+(seed, position) alone, so its tokens never depend on what else is in the batch. The grammar
 bitmask comes first, as vLLM applies it to the logits before its sampler: logprobs are those of
 the masked distribution (disallowed tokens -inf, the allowed ones renormalised)."""
 import hashlib
@@ -13,12 +12,12 @@ from typing import Sequence
 
 import torch
 
+from qwenvl_pd.engine.race import race
 from qwenvl_pd.sampling_params import SamplingParams
 
 _MASK = float("-inf")
 _BITS = (1 << torch.arange(8)).to(torch.uint8)  # bit j of a mask byte
 _PREFIX = 1024  # top_p first looks only at this many best tokens; see top_k_top_p_mask
-_BLOCK = 1024  # tokens per first-level sum of the draw; see inverse_cdf
 
 
 @dataclass
@@ -191,53 +190,23 @@ def _sorted_drop(vals, top_k, top_p, row_lse):
 
 
 def _draw(probs: torch.Tensor, inputs: list[SamplerInput], generator) -> torch.Tensor:
-    """One token per row, token i with probability probs[i] / sum(probs): the first token whose
-    cumulative probability passes u * sum, u uniform in [0, 1). One uniform a row instead of one
-    per vocabulary entry (an exponential race): 8 rows of 152k cost ~2 ms instead of 13."""
-    u = torch.empty(len(inputs), dtype=torch.float64)
+    """One token per row, token i with probability probs[i] / sum(probs): an exponential race
+    whose noise is a hash of the row's key and the token (engine/race.py), one pass over the
+    row. Free rows take their keys from `generator`; a seeded row's key is (seed, position)'s."""
+    keys = torch.empty(len(inputs), dtype=torch.int64)
     free = [i for i, inp in enumerate(inputs) if inp.params.seed is None]
     if free:
-        u[free] = torch.rand(len(free), generator=generator, dtype=torch.float64)
+        keys[free] = torch.randint(0, 1 << 62, (len(free),), generator=generator)
     for i, inp in enumerate(inputs):
         if inp.params.seed is not None:
-            u[i] = torch.rand(1, generator=_seeded_generator(inp.params.seed, inp.position),
-                              dtype=torch.float64)[0]
-    return inverse_cdf(probs, u.to(probs.device))
+            keys[i] = _seeded_key(inp.params.seed, inp.position)
+    return race(probs, keys).to(probs.device)
 
 
-def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """probs [B, vocab] >= 0, u [B] in [0, 1) -> [B] token ids. Two levels, so that no running
-    sum goes over the whole vocabulary (a float32 one near 1 drops the tail's small
-    probabilities, a float64 one costs 10x): pick a block of _BLOCK tokens by the blocks' sums,
-    then the token inside it, the running sums in float64."""
-    rows, vocab = probs.shape
-    full = vocab // _BLOCK * _BLOCK
-    sums = [probs[:, :full].reshape(rows, -1, _BLOCK).sum(-1)] + ([probs[:, full:].sum(-1, keepdim=True)]
-                                                                  if full < vocab else [])
-    cdf = torch.cat(sums, 1).double().cumsum(-1)  # [B, blocks]
-    target = u * cdf[:, -1]
-    block = _first_above(cdf, target)
-    target = target - torch.where(block > 0, cdf.gather(1, (block - 1).clamp_min(0)[:, None])[:, 0], 0)
-    ids = block[:, None] * _BLOCK + torch.arange(_BLOCK, device=probs.device)  # [B, _BLOCK]
-    inside = probs.gather(1, ids.clamp_max(vocab - 1)).masked_fill_(ids >= vocab, 0)
-    token_ids = ids.gather(1, _first_above(inside.double().cumsum(-1), target)[:, None])[:, 0]
-    token_ids.clamp_max_(vocab - 1)
-    # float rounding at a block's end can land past the last token with mass: take the best then
-    lost = probs.gather(1, token_ids[:, None])[:, 0] <= 0
-    return torch.where(lost, probs.argmax(-1), token_ids) if lost.any() else token_ids
-
-
-def _first_above(cdf: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Per row, the first index whose running sum is above target (so never a 0-mass entry)."""
-    found = torch.searchsorted(cdf, target[:, None].to(cdf.dtype), right=True)[:, 0]
-    return found.clamp_max_(cdf.shape[1] - 1)
-
-
-def _seeded_generator(seed: int, position: int) -> torch.Generator:
-    # A hash, not seed * k + position: the CPU generator keeps only 32 seed bits, and arithmetic
-    # mixes collide along lines of (seed, position) pairs
+def _seeded_key(seed: int, position: int) -> int:
+    # A hash, not seed * k + position: arithmetic mixes collide along lines of (seed, position)
     digest = hashlib.blake2b(f"{seed}:{position}".encode(), digest_size=8).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest, "little"))
+    return int.from_bytes(digest, "little", signed=True)
 
 
 def _results(raw: torch.Tensor, token_ids: torch.Tensor,

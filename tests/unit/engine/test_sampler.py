@@ -6,10 +6,9 @@ import math
 import pytest
 import torch
 
-from qwenvl_pd.engine import sampler
+from qwenvl_pd.engine import race, sampler
 from qwenvl_pd.engine.sampler import (SampleResult, SamplerInput, apply_logit_bias, apply_penalties,
-                                      filtered_probs, inverse_cdf, mask_min_tokens, sample,
-                                      top_k_top_p_mask)
+                                      filtered_probs, mask_min_tokens, sample, top_k_top_p_mask)
 from qwenvl_pd.sampling_params import SamplingParams
 
 INF = float("inf")
@@ -195,21 +194,23 @@ def test_draws_stay_in_the_support_and_follow_the_probabilities():
     assert (freq - expected).abs().max() < 0.015
 
 
-def test_the_draw_takes_the_first_token_whose_running_sum_passes_u_across_blocks():
-    """2500 tokens: two full blocks of 1024 and a tail of 452; mass at 5, 1500 and 2499 only."""
-    probs = torch.zeros(6, 2500)
-    probs[:, 5], probs[:, 1500], probs[:, 2499] = 0.25, 0.25, 0.5
-    u = torch.tensor([0.0, 0.2499, 0.25, 0.4999, 0.5, 1 - 1e-12], dtype=torch.float64)
-    assert inverse_cdf(probs, u).tolist() == [5, 5, 1500, 1500, 2499, 2499]
+@pytest.mark.parametrize("vocab", [1000, 1013])  # 16-token vectors, then a scalar tail
+def test_the_cpu_race_picks_what_the_torch_race_picks_and_never_a_token_without_mass(vocab):
+    g = torch.Generator().manual_seed(vocab)
+    probs = torch.rand(64, vocab, generator=g) ** 4
+    probs[:, ::3] = 0.0  # every third token has no mass
+    keys = torch.randint(0, 1 << 62, (64,), generator=g)
+    fast = race.race(probs, keys)
+    assert fast.tolist() == race.race_torch(probs, keys).tolist()
+    assert (fast % 3 != 0).all() and fast.max() < vocab
 
 
-def test_the_draw_never_takes_a_token_without_mass_and_keeps_a_tiny_tail_token():
-    probs = torch.zeros(3, 3000)
-    probs[0, 0] = 1.0                                  # u near 1: still token 0, not the zeros after it
-    probs[1, 1024] = 1.0                               # the first token of a later block
-    probs[2, :2048], probs[2, 2999] = 1.0, 1e-7 * 2048  # 1e-7 of the row's mass in the tail
-    u = torch.tensor([1 - 1e-12, 0.0, 1 - 5e-8], dtype=torch.float64)
-    assert inverse_cdf(probs, u).tolist() == [0, 1024, 2999]
+def test_the_race_is_a_function_of_the_key_alone():
+    probs = torch.ones(3, 5000)
+    keys = torch.tensor([7, 7, 8])
+    first = race.race(probs, keys).tolist()
+    assert first[0] == first[1] != first[2]
+    assert race.race(probs[:1], keys[:1]).tolist() == first[:1]  # the batch around it is irrelevant
 
 
 # ---- seeded draws ----------------------------------------------------------------------------
