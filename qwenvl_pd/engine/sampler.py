@@ -48,13 +48,14 @@ def sample(logits: torch.Tensor, inputs: list[SamplerInput],
         x = raw.clone(memory_format=torch.contiguous_format)
         x = apply_penalties(apply_logit_bias(mask_min_tokens(x, inputs), inputs), inputs)
     rows = [i for i, inp in enumerate(inputs) if not inp.params.greedy]
+    if not rows:
+        return _results(raw, x.argmax(-1), inputs)
+    sub = [inputs[i] for i in rows]
+    drawn = _draw(filtered_probs(_take(x, rows), [s.params for s in sub]), sub, generator)
     if len(rows) == len(inputs):  # all sampled: no argmax over the vocabulary
-        token_ids = _draw(filtered_probs(x, [i.params for i in inputs]), inputs, generator)
-    else:
-        token_ids = x.argmax(-1)  # the greedy rows' answer; sampled rows overwrite theirs
-    if rows and len(rows) < len(inputs):
-        sub = [inputs[i] for i in rows]
-        token_ids[rows] = _draw(filtered_probs(x[rows], [s.params for s in sub]), sub, generator)
+        return _results(raw, drawn, inputs)
+    token_ids = x.argmax(-1)  # the greedy rows' answer; the sampled rows take their draws
+    token_ids[rows] = drawn
     return _results(raw, token_ids, inputs)
 
 
@@ -200,7 +201,7 @@ def _draw(probs: torch.Tensor, inputs: list[SamplerInput], generator) -> torch.T
     for i, inp in enumerate(inputs):
         if inp.params.seed is not None:
             keys[i] = _seeded_key(inp.params.seed, inp.position)
-    return race(probs, keys).to(probs.device)
+    return race(probs, keys)
 
 
 def _seeded_key(seed: int, position: int) -> int:

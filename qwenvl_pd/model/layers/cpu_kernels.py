@@ -1,8 +1,9 @@
-"""C kernels for CPU attention (csrc/), built on first use for this very CPU.
+"""C kernels for CPU attention, bf16 linears and sampling (csrc/), built on first use for this
+very CPU.
 
 Each source is compiled with the system C compiler (-march=native) into
 ~/.cache/qwenvl-pd/kernels, keyed by source, compiler and CPU, so later starts load it at once.
-Without a compiler (or with QWENVL_PD_CPU_KERNEL=0) attention keeps the torch reference.
+Without a compiler (or with QWENVL_PD_CPU_KERNEL=0) each caller keeps its torch path.
 """
 import ctypes
 import functools
@@ -51,7 +52,7 @@ def _library(name: str) -> ctypes.CDLL | None:
     try:
         return ctypes.CDLL(str(_build(SOURCES / f"{name}.c")))
     except (OSError, subprocess.SubprocessError) as e:
-        log.warning("CPU attention kernel %s unavailable (%s): using the torch reference", name, e)
+        log.warning("CPU kernel %s unavailable (%s): using the torch path", name, e)
         return None
 
 
